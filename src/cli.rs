@@ -1,0 +1,163 @@
+//! The command line: what `main` parses and runs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{LogFormat, Settings, DEFAULT_CONFIG_PATH};
+use crate::state::{RecordedRow, RedbStore, StateStore};
+
+/// Exit code when leadsync cannot start (config, state file, credentials).
+pub const EXIT_START_FAILED: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(name = "leadsync", version, about = "Marketplace leads from an Azure table into your CRM, nothing lost, nothing doubled.")]
+pub struct Cli {
+    /// Config file (TOML). `LEADSYNC__SECTION__KEY` variables override its keys.
+    #[arg(long, short, global = true, env = "LEADSYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Log format; overrides `log.format`.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Poll the table and deliver leads until SIGTERM/SIGINT.
+    Run {
+        /// Drain what is new once and exit: 0 all settled, 2 leads pending, 3 the poll failed.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Check the config file and print the effective settings (secrets redacted).
+    Config,
+    /// List rows rejected (with reasons) or skipped by policy, one JSON object per line.
+    Rows {
+        #[arg(value_enum, default_value = "rejected")]
+        which: RowsArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RowsArg {
+    Rejected,
+    Skipped,
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub async fn main(cli: Cli) -> ExitCode {
+    let settings = match Settings::load(&cli.config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("leadsync: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let format = match cli.log_format {
+        Some(LogFormatArg::Json) => LogFormat::Json,
+        Some(LogFormatArg::Text) => LogFormat::Text,
+        None => settings.log.format,
+    };
+    crate::telemetry::init(format, &settings.log.level);
+
+    match cli.command {
+        Command::Run { once } => run(&settings, once).await,
+        Command::Config => {
+            println!("{settings:#?}");
+            ExitCode::SUCCESS
+        }
+        Command::Rows { which } => list_rows(&settings, which).await,
+    }
+}
+
+async fn run(settings: &Settings, once: bool) -> ExitCode {
+    let cancel = CancellationToken::new();
+    let grace = settings.run.shutdown_grace;
+    tokio::spawn(watch_signals(cancel.clone(), grace));
+    match crate::run(settings, crate::RunOptions { once }, cancel).await {
+        Ok(report) => {
+            let code = report.exit_code();
+            if once {
+                eprintln!(
+                    "leadsync: {} rows read, {} delivered, {} skipped, {} rejected, {} pending{}",
+                    report.totals.rows_read,
+                    report.totals.delivered,
+                    report.totals.skipped,
+                    report.totals.rejected,
+                    report.pending,
+                    report
+                        .last_error
+                        .as_deref()
+                        .map(|e| format!("; last poll failed: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+            ExitCode::from(code)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "leadsync cannot start.");
+            eprintln!("leadsync: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+/// Cancels on SIGTERM or SIGINT; if the batch in flight takes longer than `grace`, exits anyway
+/// (nothing is lost: unsettled rows are read again on the next start).
+async fn watch_signals(cancel: CancellationToken, grace: std::time::Duration) {
+    shutdown_signal().await;
+    tracing::info!("Shutdown requested; finishing the batch in flight.");
+    cancel.cancel();
+    tokio::time::sleep(grace).await;
+    tracing::warn!(grace = %humantime::format_duration(grace), "Shutdown took longer than run.shutdown_grace; exiting now.");
+    std::process::exit(i32::from(EXIT_START_FAILED));
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn list_rows(settings: &Settings, which: RowsArg) -> ExitCode {
+    let store = match RedbStore::open(&settings.state.dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("leadsync: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let rows: Result<Vec<RecordedRow>, _> = match which {
+        RowsArg::Rejected => store.rejected().await,
+        RowsArg::Skipped => store.skipped().await,
+    };
+    match rows {
+        Ok(rows) => {
+            for row in rows {
+                match serde_json::to_string(&row) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => eprintln!("leadsync: cannot print {}: {e}", row.row.id),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("leadsync: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}

@@ -1,0 +1,539 @@
+//! Typed settings: one TOML file layered with `LEADSYNC__SECTION__KEY` variables,
+//! validated before any I/O.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Where the daemon looks for its file when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/leadsync/leadsync.toml";
+/// The environment prefix: `LEADSYNC__SOURCE__TABLE=...` sets `source.table`.
+pub const ENV_PREFIX: &str = "LEADSYNC";
+
+/// Everything that can go wrong while loading settings. Each names the key and where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or is not valid TOML.
+    #[error("cannot read config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    /// A key is unknown, missing or has the wrong type.
+    #[error("config key `{key}` ({origin}): {message}")]
+    Key {
+        key: String,
+        origin: String,
+        message: String,
+    },
+    /// A value has the right type but is not acceptable.
+    #[error("config key `{key}` ({origin}): {message}")]
+    Invalid {
+        key: String,
+        origin: String,
+        message: String,
+    },
+    /// A secret named by the config could not be read.
+    #[error("config key `{key}`: {message}")]
+    Secret { key: String, message: String },
+}
+
+/// The whole settings tree.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The Azure table the marketplace writes leads into.
+    pub source: SourceSettings,
+    /// Where leadsync keeps its checkpoint and the rows it has handled.
+    #[serde(default)]
+    pub state: StateSettings,
+    /// Where leads are delivered.
+    #[serde(default)]
+    pub sink: SinkSettings,
+    /// What happens to test leads and do-not-contact leads.
+    #[serde(default)]
+    pub policy: PolicySettings,
+    /// Log format and level.
+    #[serde(default)]
+    pub log: LogSettings,
+    /// Poll loop behaviour.
+    #[serde(default)]
+    pub run: RunSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// Table name. The marketplace has always used `MarketplaceLeads`, but never documented it.
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// A full storage connection string (`UseDevelopmentStorage=true` works too).
+    pub connection_string: Option<SecretSource>,
+    /// Storage account name, with `account_key` or `sas_token`.
+    pub account: Option<String>,
+    /// Storage account key.
+    pub account_key: Option<SecretSource>,
+    /// Shared access signature (query string, with or without the leading `?`).
+    pub sas_token: Option<SecretSource>,
+    /// Table endpoint URL, for sovereign clouds or emulators (default: the public cloud URL of `account`).
+    pub endpoint: Option<String>,
+    /// Look-back window re-read on every poll, because Timestamps are not ordered across partitions.
+    #[serde(default = "default_overlap", with = "humantime_serde")]
+    pub overlap: Duration,
+    /// Entities per page requested from the service (the service caps it at 1000).
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// Timeout of one request to the table service.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Retries of one page request on timeouts, 5xx and throttling.
+    #[serde(default)]
+    pub retry: RetrySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Attempts per request before the poll gives up (and the next poll tries again).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// First back-off; doubles per attempt, with full jitter.
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Cap of one back-off.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    /// Directory of the state file `leadsync.redb`.
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// Which sink receives leads.
+    #[serde(default = "default_sink_kind")]
+    pub kind: SinkKind,
+    /// Leads per delivery call.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub jsonl: JsonlSettings,
+}
+
+impl Default for SinkSettings {
+    fn default() -> Self {
+        Self {
+            kind: default_sink_kind(),
+            batch_size: default_batch_size(),
+            jsonl: JsonlSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlSettings {
+    /// File to append one JSON object per lead to; `-` is standard output.
+    #[serde(default = "default_jsonl_path")]
+    pub path: PathBuf,
+}
+
+impl Default for JsonlSettings {
+    fn default() -> Self {
+        Self {
+            path: default_jsonl_path(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TestLeadPolicy {
+    /// Record and log the test lead, do not deliver it.
+    Skip,
+    /// Deliver it like any other lead.
+    Deliver,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DoNotContactPolicy {
+    /// Record it, do not deliver it.
+    Skip,
+    /// Deliver it with the do-not-contact flag set.
+    Flag,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    #[serde(default = "default_test_lead_policy")]
+    pub test_leads: TestLeadPolicy,
+    #[serde(default = "default_dnc_policy")]
+    pub do_not_contact: DoNotContactPolicy,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        Self {
+            test_leads: default_test_lead_policy(),
+            do_not_contact: default_dnc_policy(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `leadsync=debug,info`. `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSettings {
+    /// Time between two polls.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long SIGTERM waits for the batch in flight before exiting anyway.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval: default_poll_interval(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+fn default_table() -> String {
+    "MarketplaceLeads".into()
+}
+fn default_overlap() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+fn default_page_size() -> u32 {
+    1000
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_attempts() -> u32 {
+    6
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/leadsync")
+}
+fn default_sink_kind() -> SinkKind {
+    SinkKind::Jsonl
+}
+fn default_batch_size() -> usize {
+    200
+}
+fn default_jsonl_path() -> PathBuf {
+    PathBuf::from("-")
+}
+fn default_test_lead_policy() -> TestLeadPolicy {
+    TestLeadPolicy::Skip
+}
+fn default_dnc_policy() -> DoNotContactPolicy {
+    DoNotContactPolicy::Skip
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(20)
+}
+
+/// A secret named in the config: read from a variable, a file, a systemd credential, or given inline.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SecretSource {
+    /// The name of an environment variable holding the secret.
+    Env(String),
+    /// A file whose content (trimmed) is the secret.
+    File(PathBuf),
+    /// A systemd credential name, read from `$CREDENTIALS_DIRECTORY/<name>`.
+    Credential(String),
+    /// The secret itself (prefer the others: config files get copied around).
+    Value(SecretString),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Env(name) => write!(f, "Env({name:?})"),
+            Self::File(path) => write!(f, "File({path:?})"),
+            Self::Credential(name) => write!(f, "Credential({name:?})"),
+            Self::Value(_) => f.write_str("Value([redacted])"),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret. `key` names the config key in errors; the secret never appears in them.
+    pub fn resolve(&self, key: &str) -> Result<SecretString, ConfigError> {
+        let err = |message: String| ConfigError::Secret {
+            key: key.to_owned(),
+            message,
+        };
+        let value = match self {
+            Self::Value(secret) => secret.expose_secret().to_owned(),
+            Self::Env(name) => std::env::var(name)
+                .map_err(|_| err(format!("environment variable {name} is not set")))?,
+            Self::File(path) => read_secret_file(path).map_err(err)?,
+            Self::Credential(name) => {
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                    err(format!(
+                        "credential {name:?} requested but CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)"
+                    ))
+                })?;
+                read_secret_file(&Path::new(&dir).join(name)).map_err(err)?
+            }
+        };
+        let value = value.trim().to_owned();
+        if value.is_empty() {
+            return Err(err("the secret is empty".into()));
+        }
+        Ok(SecretString::from(value))
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))
+}
+
+impl Settings {
+    /// Loads `path` layered with `LEADSYNC__SECTION__KEY` variables of the process, then validates.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (tests use this).
+    pub fn load_with_env(
+        path: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml_with_env(&text, path, env)
+    }
+
+    /// Parses TOML text (named `path` in errors) layered with `env`, then validates.
+    pub fn from_toml_with_env(
+        text: &str,
+        path: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
+        let ours: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let layered = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(ours.clone())),
+            )
+            .build()
+            .map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        let origin = |key: &str| origin_of(key, path, &ours);
+        let settings: Settings = serde_path_to_error::deserialize(layered).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Key {
+                origin: origin(&key),
+                message: e.inner().to_string(),
+                key,
+            }
+        })?;
+        settings.validate().map_err(|(key, message)| ConfigError::Invalid {
+            origin: origin(&key),
+            key,
+            message,
+        })?;
+        Ok(settings)
+    }
+
+    /// Checks what types cannot express. Returns the offending key and why.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
+        let s = &self.source;
+        if s.table.trim().is_empty() {
+            return bad("source.table", "the table name must not be empty");
+        }
+        // Azure table names: 3-63 alphanumerics, not starting with a digit.
+        let valid_name = s.table.len() >= 3
+            && s.table.len() <= 63
+            && s.table.chars().all(|c| c.is_ascii_alphanumeric())
+            && s.table.starts_with(|c: char| c.is_ascii_alphabetic());
+        if !valid_name {
+            return bad(
+                "source.table",
+                "a table name is 3 to 63 letters and digits, starting with a letter",
+            );
+        }
+        let credentials = [
+            s.connection_string.is_some(),
+            s.account_key.is_some(),
+            s.sas_token.is_some(),
+        ]
+        .iter()
+        .filter(|set| **set)
+        .count();
+        if credentials != 1 {
+            return bad(
+                "source.connection_string",
+                "set exactly one of source.connection_string, source.account_key or source.sas_token",
+            );
+        }
+        if (s.account_key.is_some() || s.sas_token.is_some())
+            && s.account.as_deref().is_none_or(|a| a.trim().is_empty())
+        {
+            return bad(
+                "source.account",
+                "the storage account name is required with account_key or sas_token",
+            );
+        }
+        if let Some(endpoint) = &s.endpoint {
+            if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+                return bad("source.endpoint", "must be an http(s) URL");
+            }
+        }
+        if s.overlap.is_zero() {
+            return bad(
+                "source.overlap",
+                "must be greater than zero: late-visible rows would be lost",
+            );
+        }
+        if s.page_size == 0 || s.page_size > 1000 {
+            return bad("source.page_size", "must be between 1 and 1000");
+        }
+        if s.request_timeout.is_zero() {
+            return bad("source.request_timeout", "must be greater than zero");
+        }
+        if s.retry.max_attempts == 0 {
+            return bad("source.retry.max_attempts", "must be at least 1");
+        }
+        if s.retry.initial_backoff.is_zero() {
+            return bad("source.retry.initial_backoff", "must be greater than zero");
+        }
+        if s.retry.max_backoff < s.retry.initial_backoff {
+            return bad(
+                "source.retry.max_backoff",
+                "must not be smaller than source.retry.initial_backoff",
+            );
+        }
+        if self.state.dir.as_os_str().is_empty() {
+            return bad("state.dir", "must not be empty");
+        }
+        if self.sink.batch_size == 0 {
+            return bad("sink.batch_size", "must be at least 1");
+        }
+        if self.sink.jsonl.path.as_os_str().is_empty() {
+            return bad("sink.jsonl.path", "must not be empty (use \"-\" for stdout)");
+        }
+        if self.run.poll_interval.is_zero() {
+            return bad("run.poll_interval", "must be greater than zero");
+        }
+        if self.run.shutdown_grace.is_zero() {
+            return bad("run.shutdown_grace", "must be greater than zero");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad("log.level", "is not a valid filter (e.g. `info`, `leadsync=debug`)");
+        }
+        Ok(())
+    }
+}
+
+/// Says whether a key's value came from an environment variable or the file.
+fn origin_of(key: &str, path: &Path, env: &config::Map<String, String>) -> String {
+    let var = format!(
+        "{ENV_PREFIX}__{}",
+        key.split('.')
+            .take_while(|part| !part.is_empty())
+            .collect::<Vec<_>>()
+            .join("__")
+            .to_uppercase()
+    );
+    if env.contains_key(&var) {
+        format!("from environment variable {var}")
+    } else {
+        format!("in {}", path.display())
+    }
+}

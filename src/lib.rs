@@ -1,0 +1,173 @@
+//! leadsync: Microsoft commercial marketplace leads from an Azure table into a CRM,
+//! with nothing lost and nothing doubled.
+//!
+//! Data flows one way: [`source`] rows -> [`lead`] events -> [`sink`] outcomes ->
+//! [`state`] settlements and checkpoint, driven by [`pipeline`].
+
+pub mod cli;
+pub mod config;
+pub mod lead;
+pub mod pipeline;
+pub mod retry;
+pub mod row;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod telemetry;
+pub mod timestamp;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Settings, SinkKind};
+use crate::pipeline::{log_summary, Pipeline, PollError, PollSummary};
+use crate::sink::{JsonlSink, LeadSink};
+use crate::source::{SourceError, TableSource};
+use crate::state::{RedbStore, StateError, StateStore};
+
+/// How `run` behaves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Drain what is new once and return, instead of polling until shutdown.
+    pub once: bool,
+}
+
+/// Failures that stop leadsync from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// What a run did, for the exit code and the final summary.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    pub polls: u64,
+    pub failed_polls: u64,
+    pub totals: PollSummary,
+    /// Leads still not delivered after the last poll.
+    pub pending: u64,
+    pub last_error: Option<String>,
+}
+
+impl RunReport {
+    /// 0: every row settled. 2: some leads are still pending. 3: the last poll failed.
+    pub fn exit_code(&self) -> u8 {
+        if self.last_error.is_some() {
+            3
+        } else if self.pending > 0 {
+            2
+        } else {
+            0
+        }
+    }
+
+    fn add(&mut self, s: &PollSummary) {
+        let t = &mut self.totals;
+        t.rows_read += s.rows_read;
+        t.already_handled += s.already_handled;
+        t.delivered += s.delivered;
+        t.skipped += s.skipped;
+        t.rejected += s.rejected;
+        t.pages += s.pages;
+        t.duration += s.duration;
+        t.checkpoint = s.checkpoint;
+        self.pending = s.pending;
+    }
+}
+
+/// Builds the sink named by the settings.
+pub fn build_sink(settings: &Settings) -> Arc<dyn LeadSink> {
+    match settings.sink.kind {
+        SinkKind::Jsonl => Arc::new(JsonlSink::new(&settings.sink.jsonl.path)),
+    }
+}
+
+/// Opens the state and the table client, and builds the pipeline.
+pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
+    let source = TableSource::connect(&settings.source)?;
+    let state: Arc<dyn StateStore> = Arc::new(RedbStore::open(&settings.state.dir)?);
+    Ok(Pipeline {
+        source,
+        state,
+        sink: build_sink(settings),
+        policy: settings.policy.clone(),
+        overlap: settings.source.overlap,
+        batch_size: settings.sink.batch_size,
+    })
+}
+
+/// Polls until `cancel` fires (or once, with `options.once`). A failed poll is logged and
+/// retried at the next interval; only a failure to start is returned as an error.
+pub async fn run(
+    settings: &Settings,
+    options: RunOptions,
+    cancel: CancellationToken,
+) -> Result<RunReport, StartError> {
+    let pipeline = build_pipeline(settings)?;
+    run_pipeline(&pipeline, settings, options, cancel).await
+}
+
+/// As [`run`], with a pipeline already built (tests swap parts of it).
+pub async fn run_pipeline(
+    pipeline: &Pipeline,
+    settings: &Settings,
+    options: RunOptions,
+    cancel: CancellationToken,
+) -> Result<RunReport, StartError> {
+    tracing::info!(
+        table = pipeline.source.table_name(),
+        sink = pipeline.sink.name(),
+        once = options.once,
+        poll_interval = %humantime::format_duration(settings.run.poll_interval),
+        overlap = %humantime::format_duration(settings.source.overlap),
+        "leadsync started."
+    );
+    let mut report = RunReport::default();
+    let mut interval = tokio::time::interval(settings.run.poll_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = cancel.cancelled() => break,
+        }
+        report.polls += 1;
+        match pipeline.poll(&cancel).await {
+            Ok(summary) => {
+                log_summary(&summary);
+                report.add(&summary);
+                report.last_error = None;
+            }
+            Err(PollError::Interrupted { pages }) => {
+                tracing::info!(pages, "Shutdown requested during a poll; the checkpoint stays where it was.");
+                break;
+            }
+            Err(e) => {
+                report.failed_polls += 1;
+                match &e {
+                    PollError::Source(s) if s.is_transient() => {
+                        tracing::warn!(error = %e, "Poll failed; trying again at the next interval.")
+                    }
+                    _ => tracing::error!(error = %e, "Poll failed; trying again at the next interval."),
+                }
+                report.last_error = Some(e.to_string());
+            }
+        }
+        if options.once || cancel.is_cancelled() {
+            break;
+        }
+    }
+    tracing::info!(
+        polls = report.polls,
+        failed_polls = report.failed_polls,
+        delivered = report.totals.delivered,
+        skipped = report.totals.skipped,
+        rejected = report.totals.rejected,
+        pending = report.pending,
+        "leadsync stopped."
+    );
+    Ok(report)
+}

@@ -1,0 +1,493 @@
+//! The Azure table: pages of raw rows since a point in time, with continuation and retries.
+//!
+//! A `Timestamp` filter is a full scan on the service side, pages hold at most 1,000
+//! entities, a page may be empty and still carry a continuation, and continuation
+//! happens at partition boundaries. So every page is followed to the end, one page at
+//! a time, and a failed page is retried from its own continuation, not from the start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use azure_core::error::ErrorKind;
+use azure_core::prelude::Continuable;
+use azure_core::{RetryOptions, StatusCode, TransportOptions};
+use azure_data_tables::clients::TableServiceClientBuilder;
+use azure_data_tables::prelude::*;
+use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
+use futures::StreamExt;
+use secrecy::ExposeSecret;
+use serde_json::{Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{RetrySettings, SourceSettings};
+use crate::retry::backoff;
+use crate::row::{RawRow, RowId};
+use crate::timestamp;
+
+/// Failures of the table source. Each says which request or row.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The settings cannot make a client (bad connection string, bad SAS, bad endpoint).
+    #[error("cannot set up the table client ({key}): {message}")]
+    Setup { key: &'static str, message: String },
+    /// The table does not exist (yet): the marketplace creates it with the first lead.
+    #[error("table {table} does not exist in the storage account yet")]
+    TableNotFound { table: String },
+    /// The service refused the request for good (authentication, permissions, bad request).
+    #[error("table {table}: {operation} failed: {message}")]
+    Permanent {
+        table: String,
+        operation: &'static str,
+        message: String,
+    },
+    /// Timeouts, 5xx or throttling that outlasted every retry.
+    #[error("table {table}: {operation} still failing after {attempts} attempts: {message}")]
+    Exhausted {
+        table: String,
+        operation: &'static str,
+        attempts: u32,
+        message: String,
+    },
+    /// An entity came back without the system columns every entity has.
+    #[error("table {table}: malformed entity ({row}): {message}")]
+    Malformed {
+        table: String,
+        row: String,
+        message: String,
+    },
+    /// Shutdown was requested while waiting to retry.
+    #[error("shutdown requested")]
+    Cancelled,
+}
+
+impl SourceError {
+    /// True when the next poll may well succeed without anyone acting.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Exhausted { .. } | Self::TableNotFound { .. })
+    }
+}
+
+/// Where to resume a query: the service's `NextPartitionKey` and `NextRowKey`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Continuation {
+    pub next_partition_key: String,
+    pub next_row_key: Option<String>,
+}
+
+/// One page of a query.
+#[derive(Debug)]
+pub struct Page {
+    pub rows: Vec<RawRow>,
+    /// `None` only when the service said there is nothing more.
+    pub next: Option<Continuation>,
+}
+
+/// A client of the lead table.
+#[derive(Clone)]
+pub struct TableSource {
+    table: TableClient,
+    name: String,
+    page_size: u32,
+    retry: RetrySettings,
+}
+
+impl std::fmt::Debug for TableSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableSource")
+            .field("table", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TableSource {
+    /// Builds the client. Reads the configured secrets, makes no request.
+    pub fn connect(settings: &SourceSettings) -> Result<Self, SourceError> {
+        let (location, credentials) = location_and_credentials(settings)?;
+        let http = reqwest::Client::builder()
+            .timeout(settings.request_timeout)
+            .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| SourceError::Setup {
+                key: "source",
+                message: format!("cannot build the HTTP client: {e}"),
+            })?;
+        // Retries are ours (see `fetch_page`): one jittered policy that also honours
+        // shutdown. The SDK default (8 retries up to 30 s each) would hide an outage for minutes.
+        let service = TableServiceClientBuilder::with_location(location, credentials)
+            .retry(RetryOptions::none())
+            .transport(TransportOptions::new(Arc::new(http)))
+            .build();
+        Ok(Self {
+            table: service.table_client(settings.table.clone()),
+            name: settings.table.clone(),
+            page_size: settings.page_size,
+            retry: settings.retry.clone(),
+        })
+    }
+
+    pub fn table_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one page of rows whose Timestamp is at or after `since` (all rows when `None`).
+    /// Transient failures are retried with jittered back-off, from this page's continuation.
+    pub async fn fetch_page(
+        &self,
+        since: Option<OffsetDateTime>,
+        continuation: Option<&Continuation>,
+        cancel: &CancellationToken,
+    ) -> Result<Page, SourceError> {
+        let filter = since.map(|t| format!("Timestamp ge datetime'{}'", timestamp::format(t)));
+        self.with_retries("query", cancel, || async {
+            let mut query = self.table.query().top(self.page_size);
+            if let Some(filter) = &filter {
+                query = query.filter(filter.clone());
+            }
+            if let Some(c) = continuation {
+                query = query.initial_partition_key(c.next_partition_key.clone());
+                if let Some(rk) = &c.next_row_key {
+                    query = query.initial_row_key(rk.clone());
+                }
+            }
+            let response = query
+                .into_stream::<Map<String, Value>>()
+                .next()
+                .await
+                .ok_or_else(|| {
+                    azure_core::Error::message(ErrorKind::Other, "the query returned no page")
+                })??;
+            Ok(response)
+        })
+        .await
+        .and_then(|response| {
+            let next = response.continuation().map(|(pk, rk)| Continuation {
+                next_partition_key: pk,
+                next_row_key: rk,
+            });
+            let rows = response
+                .entities
+                .into_iter()
+                .map(|entity| raw_row(entity).map_err(|(row, message)| self.malformed(row, message)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Page { rows, next })
+        })
+    }
+
+    /// Creates the table when it does not exist (tests, the demo and `check` use it;
+    /// in production the marketplace creates it).
+    pub async fn create_table_if_missing(&self) -> Result<(), SourceError> {
+        match self.table.create().await {
+            Ok(_) => Ok(()),
+            Err(e) if status_of(&e) == Some(StatusCode::Conflict) => Ok(()),
+            Err(e) => Err(self.permanent("create table", &e)),
+        }
+    }
+
+    /// Writes (inserts or replaces) one entity. `columns` must hold `PartitionKey` and `RowKey`.
+    pub async fn upsert_entity(&self, columns: &Map<String, Value>) -> Result<(), SourceError> {
+        let key = |name: &str| {
+            columns
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| SourceError::Setup {
+                    key: "entity",
+                    message: format!("the entity has no string {name}"),
+                })
+        };
+        let (pk, rk) = (key("PartitionKey")?, key("RowKey")?);
+        let cancel = CancellationToken::new();
+        self.with_retries("upsert entity", &cancel, || async {
+            self.table
+                .partition_key_client(escape_key(&pk))
+                .entity_client(escape_key(&rk))
+                .insert_or_replace(columns)?
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn with_retries<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        cancel: &CancellationToken,
+        mut attempt_once: F,
+    ) -> Result<T, SourceError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = azure_core::Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match attempt_once().await {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            };
+            if status_of(&error) == Some(StatusCode::NotFound) {
+                return Err(SourceError::TableNotFound {
+                    table: self.name.clone(),
+                });
+            }
+            if !is_transient(&error) {
+                return Err(self.permanent(operation, &error));
+            }
+            if attempt >= self.retry.max_attempts {
+                return Err(SourceError::Exhausted {
+                    table: self.name.clone(),
+                    operation,
+                    attempts: attempt,
+                    message: describe(&error),
+                });
+            }
+            let delay = backoff(
+                attempt - 1,
+                self.retry.initial_backoff,
+                self.retry.max_backoff,
+                &mut rand::thread_rng(),
+            );
+            tracing::warn!(
+                table = %self.name,
+                operation,
+                attempt,
+                delay_ms = delay.as_millis() as u64,
+                error = %describe(&error),
+                "Table request failed; retrying."
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return Err(SourceError::Cancelled),
+            }
+        }
+    }
+
+    fn permanent(&self, operation: &'static str, error: &azure_core::Error) -> SourceError {
+        SourceError::Permanent {
+            table: self.name.clone(),
+            operation,
+            message: describe(error),
+        }
+    }
+
+    fn malformed(&self, row: String, message: String) -> SourceError {
+        SourceError::Malformed {
+            table: self.name.clone(),
+            row,
+            message,
+        }
+    }
+}
+
+/// The SDK does not escape `'` when it builds `(PartitionKey='..',RowKey='..')`.
+fn escape_key(key: &str) -> String {
+    key.replace('\'', "''")
+}
+
+fn status_of(error: &azure_core::Error) -> Option<StatusCode> {
+    match error.kind() {
+        ErrorKind::HttpResponse { status, .. } => Some(*status),
+        _ => None,
+    }
+}
+
+/// Timeouts, connection failures, 408, 429 and 5xx are worth retrying; the rest is not.
+fn is_transient(error: &azure_core::Error) -> bool {
+    match error.kind() {
+        ErrorKind::HttpResponse { status, .. } => {
+            let code = u16::from(*status);
+            code == 408 || code == 429 || code >= 500
+        }
+        ErrorKind::Io => true,
+        _ => false,
+    }
+}
+
+/// The error's own text, plus its source chain; never includes credentials
+/// (the SDK's messages carry status, error code and URL path, and the SAS is not in them).
+fn describe(error: &azure_core::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    redact_sas(&text)
+}
+
+/// Removes a `sig=` value if a URL with a SAS ever makes it into an error text.
+fn redact_sas(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("sig=") {
+        out.push_str(&rest[..i + 4]);
+        out.push_str("[redacted]");
+        rest = &rest[i + 4..];
+        let end = rest
+            .find(|c: char| c == '&' || c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(rest.len());
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Splits the system columns off an entity returned with `odata=fullmetadata`.
+fn raw_row(mut entity: Map<String, Value>) -> Result<RawRow, (String, String)> {
+    let take = |entity: &mut Map<String, Value>, name: &str| match entity.remove(name) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let pk = take(&mut entity, "PartitionKey");
+    let rk = take(&mut entity, "RowKey");
+    let (pk, rk) = match (pk, rk) {
+        (Some(pk), Some(rk)) => (pk, rk),
+        (pk, rk) => {
+            return Err((
+                format!("PartitionKey={pk:?} RowKey={rk:?}"),
+                "PartitionKey or RowKey missing".into(),
+            ))
+        }
+    };
+    let id = RowId::new(pk, rk);
+    let etag = take(&mut entity, "odata.etag")
+        .ok_or_else(|| (id.to_string(), "no odata.etag".to_owned()))?;
+    let timestamp = take(&mut entity, "Timestamp")
+        .ok_or_else(|| (id.to_string(), "no Timestamp".to_owned()))
+        .and_then(|t| {
+            OffsetDateTime::parse(&t, &Rfc3339)
+                .map_err(|e| (id.to_string(), format!("Timestamp {t:?} is not RFC 3339: {e}")))
+        })?;
+    entity.retain(|k, _| !k.starts_with("odata.") && !k.contains("@odata."));
+    Ok(RawRow {
+        id,
+        etag,
+        timestamp,
+        columns: entity,
+    })
+}
+
+fn location_and_credentials(
+    s: &SourceSettings,
+) -> Result<(CloudLocation, StorageCredentials), SourceError> {
+    let setup = |key: &'static str, message: String| SourceError::Setup { key, message };
+    if let Some(secret) = &s.connection_string {
+        let secret = secret
+            .resolve("source.connection_string")
+            .map_err(|e| setup("source.connection_string", e.to_string()))?;
+        let cs = ConnectionString::new(secret.expose_secret()).map_err(|_| {
+            setup(
+                "source.connection_string",
+                "not a valid storage connection string (expected Key=Value pairs separated by ';')"
+                    .into(),
+            )
+        })?;
+        if cs.use_development_storage == Some(true) {
+            return Ok((
+                CloudLocation::Emulator {
+                    address: "127.0.0.1".into(),
+                    port: 10002,
+                },
+                StorageCredentials::emulator(),
+            ));
+        }
+        let account = cs
+            .account_name
+            .map(str::to_owned)
+            .or_else(|| s.account.clone())
+            .ok_or_else(|| {
+                setup(
+                    "source.connection_string",
+                    "the connection string has no AccountName".into(),
+                )
+            })?;
+        let credentials = cs.storage_credentials().map_err(|_| {
+            setup(
+                "source.connection_string",
+                "the connection string has neither AccountKey nor SharedAccessSignature".into(),
+            )
+        })?;
+        let endpoint = s.endpoint.as_deref().or(cs.table_endpoint);
+        let location = match endpoint {
+            Some(endpoint) => CloudLocation::Custom {
+                account,
+                uri: endpoint.trim_end_matches('/').to_owned(),
+            },
+            None => match cs.endpoint_suffix {
+                Some(suffix) => CloudLocation::Custom {
+                    uri: format!("https://{account}.table.{suffix}"),
+                    account,
+                },
+                None => CloudLocation::Public { account },
+            },
+        };
+        return Ok((location, credentials));
+    }
+    let account = s.account.clone().unwrap_or_default();
+    let credentials = if let Some(key) = &s.account_key {
+        let key = key
+            .resolve("source.account_key")
+            .map_err(|e| setup("source.account_key", e.to_string()))?;
+        StorageCredentials::access_key(account.clone(), key.expose_secret().to_owned())
+    } else if let Some(sas) = &s.sas_token {
+        let sas = sas
+            .resolve("source.sas_token")
+            .map_err(|e| setup("source.sas_token", e.to_string()))?;
+        StorageCredentials::sas_token(sas.expose_secret().trim_start_matches('?')).map_err(
+            |_| setup("source.sas_token", "not a valid shared access signature".into()),
+        )?
+    } else {
+        return Err(setup(
+            "source.connection_string",
+            "no credentials configured".into(),
+        ));
+    };
+    let location = match &s.endpoint {
+        Some(endpoint) => CloudLocation::Custom {
+            account,
+            uri: endpoint.trim_end_matches('/').to_owned(),
+        },
+        None => CloudLocation::Public { account },
+    };
+    Ok((location, credentials))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sas_signature_in_an_error_text_is_redacted() {
+        let text = "GET https://a.table.core.windows.net/T()?sv=2020&sig=abc%2Fdef&se=x failed";
+        let redacted = redact_sas(text);
+        assert!(!redacted.contains("abc%2Fdef"), "{redacted}");
+        assert!(redacted.contains("sig=[redacted]&se=x"), "{redacted}");
+    }
+
+    #[test]
+    fn an_entity_keeps_its_columns_and_drops_odata_annotations() {
+        let entity: Map<String, Value> = serde_json::from_str(
+            r#"{"odata.etag":"W/\"1\"","PartitionKey":"p","RowKey":"r",
+                "Timestamp":"2024-05-01T10:00:00.1234567Z","Timestamp@odata.type":"Edm.DateTime",
+                "LeadSource":"AzureMarketplace-INS | a.b"}"#,
+        )
+        .unwrap();
+        let row = raw_row(entity).unwrap();
+        assert_eq!(row.id, RowId::new("p", "r"));
+        assert_eq!(row.timestamp.nanosecond(), 123_456_700);
+        assert_eq!(row.columns.len(), 1);
+        assert!(row.columns.contains_key("LeadSource"));
+    }
+
+    #[test]
+    fn an_entity_without_a_timestamp_is_malformed_and_named() {
+        let entity: Map<String, Value> =
+            serde_json::from_str(r#"{"odata.etag":"x","PartitionKey":"p","RowKey":"r"}"#).unwrap();
+        let (row, message) = raw_row(entity).unwrap_err();
+        assert!(row.contains("\"r\""), "{row}");
+        assert!(message.contains("Timestamp"));
+    }
+}

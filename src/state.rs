@@ -1,0 +1,425 @@
+//! What leadsync remembers between polls and restarts: the checkpoint, the row
+//! versions already handled inside the overlap window, and the rows it rejected or
+//! skipped, with their reasons.
+//!
+//! [`StateStore`] is the boundary; [`RedbStore`] keeps it all in one file under the
+//! state directory. A table-backed store for jobs without a disk can implement the same trait.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::row::RowId;
+use crate::timestamp::serde_ticks;
+
+/// Failures of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The state file could not be opened (missing directory permissions, or another process has it).
+    #[error("cannot open state file {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    /// A read or write of the state failed.
+    #[error("state {operation} failed: {message}")]
+    Io {
+        operation: &'static str,
+        message: String,
+    },
+    /// A stored record could not be decoded (written by a newer leadsync?).
+    #[error("state record {key} is unreadable: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+/// A row at one version: the unit of "already handled".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowVersion {
+    pub id: RowId,
+    pub etag: String,
+    #[serde(with = "serde_ticks")]
+    pub timestamp: OffsetDateTime,
+}
+
+/// How a row's outcome was settled.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Settled {
+    /// The sink acknowledged it.
+    Delivered { sink: String },
+    /// Deliberately not sent, by a stated policy.
+    Skipped { policy: String },
+    /// It cannot become a lead, or the sink refused it for good.
+    Rejected { reason: String },
+}
+
+/// One row's settled outcome, as handed to [`StateStore::settle`].
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub row: RowVersion,
+    pub outcome: Settled,
+    /// The row's columns (kept for rejected and skipped rows, so a person can see and retry them).
+    pub columns: Option<Map<String, Value>>,
+}
+
+/// A row that was rejected or skipped, as kept for people to inspect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedRow {
+    pub row: RowVersion,
+    pub outcome: Settled,
+    #[serde(default)]
+    pub columns: Option<Map<String, Value>>,
+    #[serde(with = "serde_ticks")]
+    pub recorded_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointRecord {
+    version: u32,
+    #[serde(with = "serde_ticks")]
+    timestamp: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct HandledRecord {
+    etag: String,
+    #[serde(with = "serde_ticks")]
+    timestamp: OffsetDateTime,
+}
+
+/// The state leadsync keeps. Every method is one atomic read or write.
+#[async_trait::async_trait]
+pub trait StateStore: Send + Sync {
+    /// The newest Timestamp up to which every row's outcome is settled.
+    async fn checkpoint(&self) -> Result<Option<OffsetDateTime>, StateError>;
+    /// Moves the checkpoint. Callers only move it past settled rows.
+    async fn set_checkpoint(&self, timestamp: OffsetDateTime) -> Result<(), StateError>;
+    /// For each row version, whether it was handled already (same row, same ETag).
+    async fn handled(&self, rows: &[RowVersion]) -> Result<Vec<bool>, StateError>;
+    /// Records settled outcomes, all or none.
+    async fn settle(&self, settlements: &[Settlement]) -> Result<(), StateError>;
+    /// Forgets handled row versions stamped before `before` (they fall outside every future read).
+    async fn prune_handled(&self, before: OffsetDateTime) -> Result<usize, StateError>;
+    /// How many row versions are remembered as handled.
+    async fn handled_len(&self) -> Result<u64, StateError>;
+    /// Rejected rows with their reasons.
+    async fn rejected(&self) -> Result<Vec<RecordedRow>, StateError>;
+    /// Rows skipped by policy.
+    async fn skipped(&self) -> Result<Vec<RecordedRow>, StateError>;
+}
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const HANDLED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("handled");
+const REJECTED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rejected");
+const SKIPPED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("skipped");
+const CHECKPOINT_KEY: &str = "checkpoint";
+const CHECKPOINT_VERSION: u32 = 1;
+
+/// The embedded store: one redb file, `leadsync.redb`, in the state directory.
+///
+/// redb commits are durable (fsync) and atomic, and it holds an exclusive lock on the
+/// file, so a second leadsync pointed at the same directory fails to start instead of
+/// processing the same rows.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    pub const FILE_NAME: &'static str = "leadsync.redb";
+
+    /// Opens (or creates) the store in `dir`, creating the directory if needed.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let path = dir.join(Self::FILE_NAME);
+        let open_err = |message: String| StateError::Open {
+            path: path.clone(),
+            message,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create directory: {e}")))?;
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
+                "another leadsync process is using this state directory".into(),
+            ),
+            other => open_err(other.to_string()),
+        })?;
+        let txn = db.begin_write().map_err(io("open"))?;
+        for table in [HANDLED, REJECTED, SKIPPED] {
+            txn.open_table(table).map_err(io("open"))?;
+        }
+        txn.open_table(META).map_err(io("open"))?;
+        txn.commit().map_err(io("open"))?;
+        Ok(Self { db })
+    }
+
+    fn recorded(&self, table: TableDefinition<(&str, &str), &[u8]>) -> Result<Vec<RecordedRow>, StateError> {
+        let txn = self.db.begin_read().map_err(io("read"))?;
+        let table = txn.open_table(table).map_err(io("read"))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(io("read"))? {
+            let (key, value) = entry.map_err(io("read"))?;
+            let (pk, rk) = key.value();
+            out.push(decode(&format!("{}", RowId::new(pk, rk)), value.value())?);
+        }
+        Ok(out)
+    }
+}
+
+fn io<E: std::fmt::Display>(operation: &'static str) -> impl Fn(E) -> StateError {
+    move |e| StateError::Io {
+        operation,
+        message: e.to_string(),
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("state records serialise to JSON")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        key: key.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[async_trait::async_trait]
+impl StateStore for RedbStore {
+    async fn checkpoint(&self) -> Result<Option<OffsetDateTime>, StateError> {
+        let txn = self.db.begin_read().map_err(io("read checkpoint"))?;
+        let meta = txn.open_table(META).map_err(io("read checkpoint"))?;
+        let Some(bytes) = meta.get(CHECKPOINT_KEY).map_err(io("read checkpoint"))? else {
+            return Ok(None);
+        };
+        let record: CheckpointRecord = decode(CHECKPOINT_KEY, bytes.value())?;
+        if record.version > CHECKPOINT_VERSION {
+            return Err(StateError::Corrupt {
+                key: CHECKPOINT_KEY.into(),
+                message: format!(
+                    "written by a newer leadsync (format {}, this one reads {CHECKPOINT_VERSION})",
+                    record.version
+                ),
+            });
+        }
+        Ok(Some(record.timestamp))
+    }
+
+    async fn set_checkpoint(&self, timestamp: OffsetDateTime) -> Result<(), StateError> {
+        let record = CheckpointRecord {
+            version: CHECKPOINT_VERSION,
+            timestamp,
+        };
+        let txn = self.db.begin_write().map_err(io("write checkpoint"))?;
+        {
+            let mut meta = txn.open_table(META).map_err(io("write checkpoint"))?;
+            meta.insert(CHECKPOINT_KEY, encode(&record).as_slice())
+                .map_err(io("write checkpoint"))?;
+        }
+        txn.commit().map_err(io("write checkpoint"))
+    }
+
+    async fn handled(&self, rows: &[RowVersion]) -> Result<Vec<bool>, StateError> {
+        let txn = self.db.begin_read().map_err(io("read handled rows"))?;
+        let table = txn.open_table(HANDLED).map_err(io("read handled rows"))?;
+        rows.iter()
+            .map(|row| {
+                let key = (row.id.partition_key.as_str(), row.id.row_key.as_str());
+                match table.get(key).map_err(io("read handled rows"))? {
+                    None => Ok(false),
+                    Some(bytes) => {
+                        let record: HandledRecord = decode(&row.id.to_string(), bytes.value())?;
+                        Ok(record.etag == row.etag)
+                    }
+                }
+            })
+            .collect()
+    }
+
+    async fn settle(&self, settlements: &[Settlement]) -> Result<(), StateError> {
+        let now = OffsetDateTime::now_utc();
+        let txn = self.db.begin_write().map_err(io("settle rows"))?;
+        {
+            let mut handled = txn.open_table(HANDLED).map_err(io("settle rows"))?;
+            let mut rejected = txn.open_table(REJECTED).map_err(io("settle rows"))?;
+            let mut skipped = txn.open_table(SKIPPED).map_err(io("settle rows"))?;
+            for s in settlements {
+                let key = (s.row.id.partition_key.as_str(), s.row.id.row_key.as_str());
+                let record = HandledRecord {
+                    etag: s.row.etag.clone(),
+                    timestamp: s.row.timestamp,
+                };
+                handled
+                    .insert(key, encode(&record).as_slice())
+                    .map_err(io("settle rows"))?;
+                let recorded = || RecordedRow {
+                    row: s.row.clone(),
+                    outcome: s.outcome.clone(),
+                    columns: s.columns.clone(),
+                    recorded_at: now,
+                };
+                // A row's latest version decides where it is listed.
+                match &s.outcome {
+                    Settled::Delivered { .. } => {
+                        rejected.remove(key).map_err(io("settle rows"))?;
+                        skipped.remove(key).map_err(io("settle rows"))?;
+                    }
+                    Settled::Rejected { .. } => {
+                        skipped.remove(key).map_err(io("settle rows"))?;
+                        rejected
+                            .insert(key, encode(&recorded()).as_slice())
+                            .map_err(io("settle rows"))?;
+                    }
+                    Settled::Skipped { .. } => {
+                        rejected.remove(key).map_err(io("settle rows"))?;
+                        skipped
+                            .insert(key, encode(&recorded()).as_slice())
+                            .map_err(io("settle rows"))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(io("settle rows"))
+    }
+
+    async fn prune_handled(&self, before: OffsetDateTime) -> Result<usize, StateError> {
+        let txn = self.db.begin_write().map_err(io("prune handled rows"))?;
+        let mut pruned = 0;
+        {
+            let mut handled = txn.open_table(HANDLED).map_err(io("prune handled rows"))?;
+            handled
+                .retain(|_, bytes| {
+                    // An unreadable record is kept: pruning must never cause a re-delivery.
+                    let keep = serde_json::from_slice::<HandledRecord>(bytes)
+                        .map(|r| r.timestamp >= before)
+                        .unwrap_or(true);
+                    if !keep {
+                        pruned += 1;
+                    }
+                    keep
+                })
+                .map_err(io("prune handled rows"))?;
+        }
+        txn.commit().map_err(io("prune handled rows"))?;
+        Ok(pruned)
+    }
+
+    async fn handled_len(&self) -> Result<u64, StateError> {
+        let txn = self.db.begin_read().map_err(io("count handled rows"))?;
+        let table = txn.open_table(HANDLED).map_err(io("count handled rows"))?;
+        table.len().map_err(io("count handled rows"))
+    }
+
+    async fn rejected(&self) -> Result<Vec<RecordedRow>, StateError> {
+        self.recorded(REJECTED)
+    }
+
+    async fn skipped(&self) -> Result<Vec<RecordedRow>, StateError> {
+        self.recorded(SKIPPED)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timestamp::parse;
+
+    fn version(rk: &str, etag: &str, ts: &str) -> RowVersion {
+        RowVersion {
+            id: RowId::new("p", rk),
+            etag: etag.into(),
+            timestamp: parse(ts).unwrap(),
+        }
+    }
+
+    fn delivered(row: RowVersion) -> Settlement {
+        Settlement {
+            row,
+            outcome: Settled::Delivered { sink: "jsonl".into() },
+            columns: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_survives_reopening_at_full_precision() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = parse("2024-05-01T10:00:00.1234567Z").unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            assert_eq!(store.checkpoint().await.unwrap(), None);
+            store.set_checkpoint(t).await.unwrap();
+        }
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(store.checkpoint().await.unwrap(), Some(t));
+    }
+
+    #[tokio::test]
+    async fn a_row_is_handled_only_at_the_etag_it_was_settled_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let v1 = version("r", "W/1", "2024-05-01T10:00:00Z");
+        store.settle(&[delivered(v1.clone())]).await.unwrap();
+        let v2 = version("r", "W/2", "2024-05-01T11:00:00Z");
+        let other = version("s", "W/1", "2024-05-01T10:00:00Z");
+        assert_eq!(
+            store.handled(&[v1, v2, other]).await.unwrap(),
+            vec![true, false, false]
+        );
+    }
+
+    #[tokio::test]
+    async fn pruning_forgets_only_rows_stamped_before_the_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let old = version("old", "e", "2024-05-01T09:00:00Z");
+        let edge = version("edge", "e", "2024-05-01T10:00:00.0000001Z");
+        store
+            .settle(&[delivered(old.clone()), delivered(edge.clone())])
+            .await
+            .unwrap();
+        let pruned = store
+            .prune_handled(parse("2024-05-01T10:00:00.0000001Z").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(pruned, 1);
+        assert_eq!(store.handled(&[old, edge]).await.unwrap(), vec![false, true]);
+        assert_eq!(store.handled_len().await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_rejected_row_keeps_its_reason_until_a_later_version_is_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let v1 = version("r", "W/1", "2024-05-01T10:00:00Z");
+        store
+            .settle(&[Settlement {
+                row: v1,
+                outcome: Settled::Rejected {
+                    reason: "CustomerInfo is not valid JSON".into(),
+                },
+                columns: Some(Map::new()),
+            }])
+            .await
+            .unwrap();
+        let rejected = store.rejected().await.unwrap();
+        assert_eq!(rejected.len(), 1);
+        assert!(matches!(&rejected[0].outcome, Settled::Rejected { reason } if reason.contains("JSON")));
+
+        store
+            .settle(&[delivered(version("r", "W/2", "2024-05-01T11:00:00Z"))])
+            .await
+            .unwrap();
+        assert!(store.rejected().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_process_cannot_open_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = RedbStore::open(dir.path()).unwrap();
+        let second = RedbStore::open(dir.path()).unwrap_err();
+        assert!(second.to_string().contains("another leadsync"), "{second}");
+    }
+}

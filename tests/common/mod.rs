@@ -1,0 +1,250 @@
+//! Test helpers: a real Azurite on a free loopback port, settings pointing at it,
+//! and marketplace-shaped rows.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use leadsync::config::Settings;
+use leadsync::source::TableSource;
+use serde_json::{json, Map, Value};
+
+/// Azurite's well-known development account key (public, documented by Microsoft).
+pub const DEV_ACCOUNT_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// A running Azurite table service, killed on drop.
+pub struct Azurite {
+    child: Child,
+    pub port: u16,
+    _data: tempfile::TempDir,
+}
+
+fn azurite_script() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/azurite/node_modules/azurite/dist/src/table/main.js");
+    assert!(
+        path.exists(),
+        "Azurite is not installed at {}: run `scripts/test.sh` (or `npm ci --prefix tools/azurite`) first",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Azurite {
+    /// Starts the table service on a free port with its data in a temp dir.
+    pub fn start() -> Azurite {
+        let script = azurite_script();
+        for _ in 0..3 {
+            let port = free_port();
+            let data = tempfile::tempdir().expect("temp dir");
+            let mut child = Command::new("node")
+                .arg(&script)
+                .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()])
+                .arg("--location")
+                .arg(data.path())
+                .args(["--skipApiVersionCheck", "--disableProductStyleUrl", "--disableTelemetry", "--silent"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start node (Node.js 20 is required)");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Azurite {
+                        child,
+                        port,
+                        _data: data,
+                    };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("Azurite did not start on a free port after 3 tries");
+    }
+
+    pub fn connection_string(&self) -> String {
+        format!(
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_ACCOUNT_KEY};TableEndpoint=http://127.0.0.1:{}/devstoreaccount1;",
+            self.port
+        )
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test's world: Azurite, a table, a state dir and a JSONL output file.
+pub struct World {
+    pub azurite: Azurite,
+    pub dir: tempfile::TempDir,
+    pub table: String,
+}
+
+impl World {
+    pub async fn new() -> World {
+        let azurite = Azurite::start();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let world = World {
+            azurite,
+            dir,
+            table: "MarketplaceLeads".into(),
+        };
+        world.source().create_table_if_missing().await.expect("create table");
+        world
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn output(&self) -> PathBuf {
+        self.dir.path().join("leads.jsonl")
+    }
+
+    /// The TOML a test runs with; `extra` is appended (later keys of the same table must not repeat).
+    pub fn toml(&self, extra: &str) -> String {
+        format!(
+            r#"
+[source]
+table = "{table}"
+connection_string = {{ value = "{cs}" }}
+overlap = "10m"
+retry = {{ max_attempts = 3, initial_backoff = "50ms", max_backoff = "200ms" }}
+request_timeout = "10s"
+{extra}
+[state]
+dir = "{state}"
+
+[sink]
+kind = "jsonl"
+jsonl = {{ path = "{out}" }}
+
+[run]
+poll_interval = "200ms"
+"#,
+            table = self.table,
+            cs = self.azurite.connection_string(),
+            state = self.state_dir().display(),
+            out = self.output().display(),
+        )
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings_with("")
+    }
+
+    /// Settings with extra lines in the `[source]` section.
+    pub fn settings_with(&self, source_extra: &str) -> Settings {
+        let text = self.toml(source_extra);
+        Settings::from_toml_with_env(&text, Path::new("test.toml"), &HashMap::new())
+            .expect("test settings are valid")
+    }
+
+    pub fn config_file(&self, source_extra: &str) -> PathBuf {
+        let path = self.dir.path().join("leadsync.toml");
+        std::fs::write(&path, self.toml(source_extra)).expect("write config");
+        path
+    }
+
+    pub fn source(&self) -> TableSource {
+        let text = self.toml("");
+        let settings = Settings::from_toml_with_env(&text, Path::new("test.toml"), &HashMap::new())
+            .expect("test settings are valid");
+        TableSource::connect(&settings.source).expect("table client")
+    }
+
+    pub async fn insert(&self, rows: &[Map<String, Value>]) {
+        let source = self.source();
+        for row in rows {
+            source.upsert_entity(row).await.expect("insert row");
+        }
+    }
+
+    /// The JSON objects the JSONL sink wrote, in order.
+    pub fn delivered(&self) -> Vec<Value> {
+        match std::fs::read_to_string(self.output()) {
+            Ok(text) => text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// `(PartitionKey, RowKey)` of every delivered lead.
+    pub fn delivered_keys(&self) -> Vec<(String, String)> {
+        self.delivered()
+            .iter()
+            .map(|v| {
+                (
+                    v["row"]["partition_key"].as_str().unwrap().to_owned(),
+                    v["row"]["row_key"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// A marketplace-shaped row.
+pub fn lead_row(pk: &str, rk: &str, lead_source: &str, customer: Value) -> Map<String, Value> {
+    let row = json!({
+        "PartitionKey": pk,
+        "RowKey": rk,
+        "LeadSource": lead_source,
+        "ActionCode": "",
+        "CustomerInfo": customer.to_string(),
+        "OfferDisplayName": "Contoso Analytics",
+        "Description": "Campaigns: ",
+        "CreatedTime": "2024-05-01T10:00:00Z",
+    });
+    match row {
+        Value::Object(map) => map,
+        _ => unreachable!(),
+    }
+}
+
+/// A plausible customer with a unique email.
+pub fn customer(n: usize) -> Value {
+    json!({
+        "FirstName": format!("First{n}"),
+        "LastName": format!("Last{n}"),
+        "Email": format!("customer{n}@contoso.com"),
+        "Phone": "1234567890",
+        "Country": "US",
+        "Company": format!("Company {n}"),
+        "Title": "CTO",
+    })
+}
+
+/// `n` ordinary rows spread over `partitions` partitions.
+pub fn many_rows(n: usize, partitions: usize) -> Vec<Map<String, Value>> {
+    (0..n)
+        .map(|i| {
+            lead_row(
+                &format!("p{:02}", i % partitions),
+                &format!("r{i:06}"),
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(i),
+            )
+        })
+        .collect()
+}

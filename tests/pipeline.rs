@@ -1,0 +1,303 @@
+//! The pipeline end to end against a real Azurite: incremental reads, restarts,
+//! paging, the overlap window, changed rows, hostile rows.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::{customer, lead_row, many_rows, World};
+use leadsync::pipeline::Pipeline;
+use leadsync::row::RowId;
+use leadsync::sink::{JsonlSink, Lead, LeadSink, Outcome, SinkError};
+use leadsync::state::{RedbStore, RowVersion, Settled, Settlement, StateStore};
+use leadsync::{build_pipeline, RunOptions};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+async fn run_once(world: &World) -> leadsync::RunReport {
+    let settings = world.settings();
+    leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
+        .await
+        .expect("leadsync starts")
+}
+
+fn assert_each_once(keys: &[(String, String)]) {
+    let unique: HashSet<_> = keys.iter().collect();
+    assert_eq!(unique.len(), keys.len(), "some lead was delivered twice");
+}
+
+#[tokio::test]
+async fn rows_inserted_between_two_runs_are_delivered_exactly_once_each() {
+    let world = World::new().await;
+    world.insert(&many_rows(5, 2)).await;
+
+    let first = run_once(&world).await;
+    let more: Vec<_> = (5..9)
+        .map(|i| lead_row("p00", &format!("r{i:06}"), "AzureMarketplace-INS | contoso.analytics", customer(i)))
+        .collect();
+    world.insert(&more).await;
+    let second = run_once(&world).await;
+    let third = run_once(&world).await;
+
+    assert_eq!(first.totals.delivered, 5);
+    assert_eq!(second.totals.delivered, 4);
+    assert_eq!(third.totals.delivered, 0, "a restart with nothing new delivers nothing");
+    assert!(third.totals.already_handled >= 9, "the overlap window was re-read");
+    let keys = world.delivered_keys();
+    assert_eq!(keys.len(), 9);
+    assert_each_once(&keys);
+    assert_eq!(third.exit_code(), 0);
+}
+
+#[tokio::test]
+async fn more_than_a_thousand_rows_across_partitions_arrive_exactly_once() {
+    let world = World::new().await;
+    world.insert(&many_rows(1_234, 7)).await;
+
+    let report = run_once(&world).await;
+
+    assert_eq!(report.totals.rows_read, 1_234);
+    assert!(report.totals.pages >= 2, "the read followed continuations");
+    let keys = world.delivered_keys();
+    assert_eq!(keys.len(), 1_234);
+    assert_each_once(&keys);
+}
+
+#[tokio::test]
+async fn small_pages_follow_every_continuation_to_the_end() {
+    let world = World::new().await;
+    world.insert(&many_rows(250, 5)).await;
+    let settings = world.settings_with("page_size = 7");
+
+    let report = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
+        .await
+        .unwrap();
+
+    assert!(report.totals.pages >= 36, "pages: {}", report.totals.pages);
+    let keys = world.delivered_keys();
+    assert_eq!(keys.len(), 250);
+    assert_each_once(&keys);
+}
+
+#[tokio::test]
+async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivered() {
+    // Arrange: `late` is stamped before `seen`, but a previous poll only saw `seen` and
+    // moved the checkpoint to its Timestamp, past `late` (the cross-partition race).
+    let world = World::new().await;
+    world
+        .insert(&[lead_row("pa", "late", "AzureMarketplace-INS | a.b", customer(1))])
+        .await;
+    world
+        .insert(&[lead_row("pb", "seen", "AzureMarketplace-INS | a.b", customer(2))])
+        .await;
+    let source = world.source();
+    let page = source
+        .fetch_page(None, None, &CancellationToken::new())
+        .await
+        .unwrap();
+    let seen = page.rows.iter().find(|r| r.id.row_key == "seen").unwrap();
+    let late = page.rows.iter().find(|r| r.id.row_key == "late").unwrap();
+    assert!(late.timestamp < seen.timestamp);
+    {
+        let state = RedbStore::open(&world.state_dir()).unwrap();
+        state
+            .settle(&[Settlement {
+                row: RowVersion {
+                    id: seen.id.clone(),
+                    etag: seen.etag.clone(),
+                    timestamp: seen.timestamp,
+                },
+                outcome: Settled::Delivered { sink: "jsonl".into() },
+                columns: None,
+            }])
+            .await
+            .unwrap();
+        state.set_checkpoint(seen.timestamp).await.unwrap();
+    }
+
+    // Act
+    let report = run_once(&world).await;
+
+    // Assert: the overlap window brought `late` back; `seen` was not sent again.
+    assert_eq!(report.totals.delivered, 1);
+    assert_eq!(world.delivered_keys(), vec![("pa".to_owned(), "late".to_owned())]);
+}
+
+#[tokio::test]
+async fn a_row_updated_after_delivery_is_handled_again() {
+    let world = World::new().await;
+    world
+        .insert(&[lead_row("p", "r1", "AzureMarketplace-PLT | a.b", customer(1))])
+        .await;
+    run_once(&world).await;
+
+    world
+        .insert(&[lead_row("p", "r1", "AzureMarketplace-INS | a.b", customer(1))])
+        .await;
+    let second = run_once(&world).await;
+
+    assert_eq!(second.totals.delivered, 1);
+    let leads = world.delivered();
+    assert_eq!(leads.len(), 2);
+    assert_eq!(leads[0]["stage"], "initial_interest");
+    assert_eq!(leads[1]["stage"], "active");
+}
+
+#[tokio::test]
+async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
+    let world = World::new().await;
+    let long_company = "C".repeat(5_000);
+    let hostile = json!({
+        "FirstName": "O'Brien \"Bobby\"",
+        "LastName": "<script>alert(1)</script>",
+        "Email": "  Bobby@Example.COM ",
+        "Company": long_company,
+        "Title": "\u{202E}evil\u{202C} CTO",
+    });
+    let mut malformed = lead_row("p", "malformed", "AzureMarketplace-INS | a.b", json!({}));
+    malformed.insert("CustomerInfo".into(), json!("{not json"));
+    let rows = vec![
+        malformed,
+        lead_row("p", "empty", "AzureMarketplace-INS | a.b", json!({})),
+        lead_row(
+            "p",
+            "test",
+            "AzureMarketplace-INS | a.b",
+            json!({"FirstName": "MSFT_TEST_636737558587117715", "Email": "MSFT_TEST_636737558587117715@x.com"}),
+        ),
+        lead_row("p", "dnc", "AppSource (SPZA)-DNC | a.b", customer(3)),
+        lead_row("p", "unknown", "SomeNewSource-Teleport | pub.offer-1", customer(4)),
+        lead_row("p", "hostile", "AzureMarketplace-INS | a.b", hostile),
+    ];
+    world.insert(&rows).await;
+
+    let report = run_once(&world).await;
+
+    assert_eq!(report.totals.rejected, 1);
+    assert_eq!(report.totals.skipped, 2, "test lead and do-not-contact");
+    assert_eq!(report.totals.delivered, 3);
+    assert_eq!(report.exit_code(), 0, "every row is settled");
+
+    let state = RedbStore::open(&world.state_dir()).unwrap();
+    let rejected = state.rejected().await.unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].row.id, RowId::new("p", "malformed"));
+    let Settled::Rejected { reason } = &rejected[0].outcome else {
+        panic!("not a rejection")
+    };
+    assert!(reason.contains("malformed") && reason.contains("CustomerInfo"), "{reason}");
+    let skipped: HashSet<_> = state
+        .skipped()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.row.id.row_key, r.outcome))
+        .collect();
+    assert!(skipped.contains(&("test".into(), Settled::Skipped { policy: "test_lead".into() })));
+    assert!(skipped.contains(&("dnc".into(), Settled::Skipped { policy: "do_not_contact".into() })));
+
+    let leads = world.delivered();
+    let by_key = |rk: &str| {
+        leads
+            .iter()
+            .find(|l| l["row"]["row_key"] == rk)
+            .unwrap_or_else(|| panic!("{rk} delivered"))
+    };
+    let unknown = by_key("unknown");
+    assert_eq!(unknown["lead_source"]["source"], "SomeNewSource");
+    assert_eq!(unknown["stage"], "unknown");
+    let hostile = by_key("hostile");
+    assert_eq!(hostile["customer"]["company"].as_str().unwrap().len(), 5_000);
+    assert_eq!(hostile["customer"]["first_name"], "O'Brien \"Bobby\"");
+    assert_eq!(hostile["customer"]["last_name"], "<script>alert(1)</script>");
+    assert_eq!(hostile["customer"]["title"], "\u{202E}evil\u{202C} CTO");
+    assert_eq!(hostile["customer"]["email"]["normalized"], "bobby@example.com");
+    let empty = by_key("empty");
+    assert!(empty["customer"]["email"].is_null());
+}
+
+/// A sink that is down until told otherwise, then delegates to the JSONL sink.
+struct FlakySink {
+    up: AtomicBool,
+    inner: JsonlSink,
+}
+
+#[async_trait::async_trait]
+impl LeadSink for FlakySink {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    async fn deliver(&self, batch: &[Lead]) -> Vec<Outcome> {
+        if self.up.load(Ordering::SeqCst) {
+            self.inner.deliver(batch).await
+        } else {
+            vec![
+                Outcome::RetryLater {
+                    after: None,
+                    reason: "503 Service Unavailable".into()
+                };
+                batch.len()
+            ]
+        }
+    }
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is_back() {
+    let world = World::new().await;
+    let settings = world.settings();
+    world.insert(&many_rows(3, 1)).await;
+    let sink = Arc::new(FlakySink {
+        up: AtomicBool::new(false),
+        inner: JsonlSink::new(&world.output()),
+    });
+    let built = build_pipeline(&settings).unwrap();
+    let pipeline = Pipeline {
+        sink: sink.clone(),
+        ..built
+    };
+    let cancel = CancellationToken::new();
+
+    let down = pipeline.poll(&cancel).await.unwrap();
+    assert_eq!((down.delivered, down.pending), (0, 3));
+    assert_eq!(down.checkpoint, None, "no settled row, no checkpoint");
+    assert!(world.delivered().is_empty());
+
+    world
+        .insert(&[lead_row("p00", "later", "AzureMarketplace-INS | a.b", customer(9))])
+        .await;
+    let still_down = pipeline.poll(&cancel).await.unwrap();
+    assert_eq!(still_down.pending, 4);
+
+    sink.up.store(true, Ordering::SeqCst);
+    let back = pipeline.poll(&cancel).await.unwrap();
+    assert_eq!((back.delivered, back.pending), (4, 0));
+    assert!(back.checkpoint.is_some());
+    let keys = world.delivered_keys();
+    assert_eq!(keys.len(), 4);
+    assert_each_once(&keys);
+}
+
+#[tokio::test]
+async fn a_missing_table_fails_the_poll_with_a_clear_error_and_a_nonzero_exit() {
+    let world = World::new().await;
+    let text = world.toml("").replace("table = \"MarketplaceLeads\"", "table = \"NoSuchTable\"");
+    let settings = leadsync::config::Settings::from_toml_with_env(
+        &text,
+        std::path::Path::new("t.toml"),
+        &Default::default(),
+    )
+    .unwrap();
+
+    let report = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
+        .await
+        .unwrap();
+
+    assert_eq!(report.exit_code(), 3);
+    assert!(report.last_error.unwrap().contains("NoSuchTable"));
+}
