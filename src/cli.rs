@@ -13,7 +13,11 @@ use crate::state::{RecordedRow, RedbStore, StateStore};
 pub const EXIT_START_FAILED: u8 = 1;
 
 #[derive(Debug, Parser)]
-#[command(name = "leadsync", version, about = "Marketplace leads from an Azure table into your CRM, nothing lost, nothing doubled.")]
+#[command(
+    name = "leadsync",
+    version,
+    about = "Marketplace leads from an Azure table into your CRM, nothing lost, nothing doubled."
+)]
 pub struct Cli {
     /// Config file (TOML). `LEADSYNC__SECTION__KEY` variables override its keys.
     #[arg(long, short, global = true, env = "LEADSYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]

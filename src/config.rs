@@ -366,7 +366,8 @@ impl SecretSource {
 }
 
 fn read_secret_file(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))
 }
 
 impl Settings {
@@ -415,18 +416,33 @@ impl Settings {
             })?;
         let origin = |key: &str| origin_of(key, path, &ours);
         let settings: Settings = serde_path_to_error::deserialize(layered).map_err(|e| {
-            let key = e.path().to_string();
+            let mut key = e.path().to_string();
+            // A missing field is reported at its parent's path; name the field itself.
+            let message = e.inner().to_string();
+            if let Some(field) = message
+                .strip_prefix("missing configuration field \"")
+                .or_else(|| message.strip_prefix("missing field `"))
+                .and_then(|rest| rest.split(['"', '`']).next())
+            {
+                key = if key == "." || key.is_empty() {
+                    field.to_owned()
+                } else {
+                    format!("{key}.{field}")
+                };
+            }
             ConfigError::Key {
                 origin: origin(&key),
                 message: e.inner().to_string(),
                 key,
             }
         })?;
-        settings.validate().map_err(|(key, message)| ConfigError::Invalid {
-            origin: origin(&key),
-            key,
-            message,
-        })?;
+        settings
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                origin: origin(&key),
+                key,
+                message,
+            })?;
         Ok(settings)
     }
 
@@ -506,7 +522,10 @@ impl Settings {
             return bad("sink.batch_size", "must be at least 1");
         }
         if self.sink.jsonl.path.as_os_str().is_empty() {
-            return bad("sink.jsonl.path", "must not be empty (use \"-\" for stdout)");
+            return bad(
+                "sink.jsonl.path",
+                "must not be empty (use \"-\" for stdout)",
+            );
         }
         if self.run.poll_interval.is_zero() {
             return bad("run.poll_interval", "must be greater than zero");
@@ -515,7 +534,10 @@ impl Settings {
             return bad("run.shutdown_grace", "must be greater than zero");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return bad("log.level", "is not a valid filter (e.g. `info`, `leadsync=debug`)");
+            return bad(
+                "log.level",
+                "is not a valid filter (e.g. `info`, `leadsync=debug`)",
+            );
         }
         Ok(())
     }

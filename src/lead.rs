@@ -139,7 +139,6 @@ impl Action {
     /// Case-insensitive for the known codes; surrounding whitespace ignored;
     /// empty text is `Unknown`.
     pub fn parse(code: &str) -> Action {
-        let code = code.trim();
         const KNOWN: [(&str, Action); 5] = [
             ("INS", Action::Install),
             ("PLT", Action::PartnerLedTrial),
@@ -147,6 +146,7 @@ impl Action {
             ("Create", Action::Create),
             ("StartTestDrive", Action::StartTestDrive),
         ];
+        let code = code.trim();
         if code.is_empty() {
             return Action::Unknown;
         }
@@ -303,8 +303,12 @@ impl Email {
     }
 }
 
-/// Interprets one row. Never panics; rejects only a row whose `CustomerInfo` is
-/// present but is not a JSON object.
+/// Interprets one row. Never panics.
+///
+/// # Errors
+///
+/// A [`Rejection`] when the `CustomerInfo` column is present and not empty but
+/// is not a JSON object (not JSON at all, or an array, string, number...).
 pub fn normalise(row: &RawRow) -> Result<LeadEvent, Rejection> {
     let mut notes = Vec::new();
     let mut extra = BTreeMap::new();
@@ -342,7 +346,8 @@ pub fn normalise(row: &RawRow) -> Result<LeadEvent, Rejection> {
     let offer_title = match (display_name, offer_title_column) {
         (Some(display), Some(title)) if display != title => {
             notes.push(format!(
-                "OfferDisplayName {display:?} differs from OfferTitle {title:?}; using OfferDisplayName"
+                "OfferDisplayName {display:?} differs from OfferTitle {title:?}; \
+                 using OfferDisplayName"
             ));
             Some(display)
         }
@@ -350,11 +355,13 @@ pub fn normalise(row: &RawRow) -> Result<LeadEvent, Rejection> {
     };
     let customer = match customer_info {
         None => Customer::default(),
-        Some(PickedValue { text, value }) => parse_customer(&text, value, &mut extra, &mut notes)
-            .map_err(|reason| Rejection {
-            row: row.id.clone(),
-            reason,
-        })?,
+        Some(info) => {
+            let parsed = parse_customer(&info.text, info.value, &mut extra, &mut notes);
+            parsed.map_err(|reason| Rejection {
+                row: row.id.clone(),
+                reason,
+            })?
+        }
     };
     let description = description.filter(|d| !is_label_noise(d));
     let test_lead = customer
@@ -381,7 +388,7 @@ pub fn normalise(row: &RawRow) -> Result<LeadEvent, Rejection> {
     })
 }
 
-/// The LeadSource action wins; a disagreeing ActionCode is kept in a note.
+/// The `LeadSource` action wins; a disagreeing `ActionCode` is kept in a note.
 fn resolve_action(
     lead_source: &LeadSource,
     action_code: Option<&str>,
@@ -394,7 +401,8 @@ fn resolve_action(
         (Some(from_source), Some(from_column)) => {
             if *from_source != from_column {
                 notes.push(format!(
-                    "LeadSource action {:?} disagrees with ActionCode {:?}; using the LeadSource action",
+                    "LeadSource action {:?} disagrees with ActionCode {:?}; \
+                     using the LeadSource action",
                     from_source.code(),
                     action_code.unwrap_or_default(),
                 ));
@@ -553,7 +561,8 @@ fn pick<'a>(
             Some((chosen_path, chosen_value)) => {
                 if chosen_value.text != text {
                     notes.push(format!(
-                        "{:?} and {chosen_path:?} hold different values; using {chosen_path:?}, the other is kept in extra",
+                        "{:?} and {chosen_path:?} hold different values; \
+                         using {chosen_path:?}, the other is kept in extra",
                         candidate.path
                     ));
                     extra.insert(candidate.path, candidate.value.clone());

@@ -142,7 +142,10 @@ pub async fn run_pipeline(
                 report.last_error = None;
             }
             Err(PollError::Interrupted { pages }) => {
-                tracing::info!(pages, "Shutdown requested during a poll; the checkpoint stays where it was.");
+                tracing::info!(
+                    pages,
+                    "Shutdown requested during a poll; the checkpoint stays where it was."
+                );
                 break;
             }
             Err(e) => {
@@ -151,7 +154,9 @@ pub async fn run_pipeline(
                     PollError::Source(s) if s.is_transient() => {
                         tracing::warn!(error = %e, "Poll failed; trying again at the next interval.")
                     }
-                    _ => tracing::error!(error = %e, "Poll failed; trying again at the next interval."),
+                    _ => {
+                        tracing::error!(error = %e, "Poll failed; trying again at the next interval.")
+                    }
                 }
                 report.last_error = Some(e.to_string());
             }

@@ -71,7 +71,7 @@ pub struct Pipeline {
 
 /// What to do with a normalised event.
 enum Decision {
-    Deliver(Lead),
+    Deliver(Box<Lead>),
     Skip(&'static str),
 }
 
@@ -88,10 +88,10 @@ fn decide(event: LeadEvent, policy: &PolicySettings) -> Decision {
         tracing::info!(row = %event.row, "Do-not-contact lead recorded, not delivered (policy.do_not_contact = \"skip\").");
         return Decision::Skip("do_not_contact");
     }
-    Decision::Deliver(Lead {
+    Decision::Deliver(Box::new(Lead {
         event,
         do_not_contact,
-    })
+    }))
 }
 
 fn version(row: &RawRow) -> RowVersion {
@@ -205,7 +205,7 @@ impl Pipeline {
                             columns: Some(row.columns),
                         });
                     }
-                    Decision::Deliver(lead) => to_deliver.push((version, lead)),
+                    Decision::Deliver(lead) => to_deliver.push((version, *lead)),
                 },
             }
         }

@@ -39,7 +39,14 @@ mod tests {
     fn backoff_is_jittered_not_constant() {
         let mut rng = StdRng::seed_from_u64(1);
         let draws: std::collections::HashSet<_> = (0..20)
-            .map(|_| backoff(4, Duration::from_millis(100), Duration::from_secs(10), &mut rng))
+            .map(|_| {
+                backoff(
+                    4,
+                    Duration::from_millis(100),
+                    Duration::from_secs(10),
+                    &mut rng,
+                )
+            })
             .collect();
         assert!(draws.len() > 10);
     }

@@ -169,7 +169,9 @@ impl TableSource {
             let rows = response
                 .entities
                 .into_iter()
-                .map(|entity| raw_row(entity).map_err(|(row, message)| self.malformed(row, message)))
+                .map(|entity| {
+                    raw_row(entity).map_err(|(row, message)| self.malformed(row, message))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(Page { rows, next })
         })
@@ -358,8 +360,12 @@ fn raw_row(mut entity: Map<String, Value>) -> Result<RawRow, (String, String)> {
     let timestamp = take(&mut entity, "Timestamp")
         .ok_or_else(|| (id.to_string(), "no Timestamp".to_owned()))
         .and_then(|t| {
-            OffsetDateTime::parse(&t, &Rfc3339)
-                .map_err(|e| (id.to_string(), format!("Timestamp {t:?} is not RFC 3339: {e}")))
+            OffsetDateTime::parse(&t, &Rfc3339).map_err(|e| {
+                (
+                    id.to_string(),
+                    format!("Timestamp {t:?} is not RFC 3339: {e}"),
+                )
+            })
         })?;
     entity.retain(|k, _| !k.starts_with("odata.") && !k.contains("@odata."));
     Ok(RawRow {
@@ -437,7 +443,12 @@ fn location_and_credentials(
             .resolve("source.sas_token")
             .map_err(|e| setup("source.sas_token", e.to_string()))?;
         StorageCredentials::sas_token(sas.expose_secret().trim_start_matches('?')).map_err(
-            |_| setup("source.sas_token", "not a valid shared access signature".into()),
+            |_| {
+                setup(
+                    "source.sas_token",
+                    "not a valid shared access signature".into(),
+                )
+            },
         )?
     } else {
         return Err(setup(

@@ -140,11 +140,12 @@ impl RedbStore {
             path: path.clone(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(format!("cannot create directory: {e}")))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| open_err(format!("cannot create directory: {e}")))?;
         let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
-                "another leadsync process is using this state directory".into(),
-            ),
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                open_err("another leadsync process is using this state directory".into())
+            }
             other => open_err(other.to_string()),
         })?;
         let txn = db.begin_write().map_err(io("open"))?;
@@ -156,7 +157,10 @@ impl RedbStore {
         Ok(Self { db })
     }
 
-    fn recorded(&self, table: TableDefinition<(&str, &str), &[u8]>) -> Result<Vec<RecordedRow>, StateError> {
+    fn recorded(
+        &self,
+        table: TableDefinition<(&str, &str), &[u8]>,
+    ) -> Result<Vec<RecordedRow>, StateError> {
         let txn = self.db.begin_read().map_err(io("read"))?;
         let table = txn.open_table(table).map_err(io("read"))?;
         let mut out = Vec::new();
@@ -338,7 +342,9 @@ mod tests {
     fn delivered(row: RowVersion) -> Settlement {
         Settlement {
             row,
-            outcome: Settled::Delivered { sink: "jsonl".into() },
+            outcome: Settled::Delivered {
+                sink: "jsonl".into(),
+            },
             columns: None,
         }
     }
@@ -385,7 +391,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(pruned, 1);
-        assert_eq!(store.handled(&[old, edge]).await.unwrap(), vec![false, true]);
+        assert_eq!(
+            store.handled(&[old, edge]).await.unwrap(),
+            vec![false, true]
+        );
         assert_eq!(store.handled_len().await.unwrap(), 1);
     }
 
@@ -406,7 +415,9 @@ mod tests {
             .unwrap();
         let rejected = store.rejected().await.unwrap();
         assert_eq!(rejected.len(), 1);
-        assert!(matches!(&rejected[0].outcome, Settled::Rejected { reason } if reason.contains("JSON")));
+        assert!(
+            matches!(&rejected[0].outcome, Settled::Rejected { reason } if reason.contains("JSON"))
+        );
 
         store
             .settle(&[delivered(version("r", "W/2", "2024-05-01T11:00:00Z"))])

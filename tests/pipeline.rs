@@ -18,9 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 async fn run_once(world: &World) -> leadsync::RunReport {
     let settings = world.settings();
-    leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync starts")
+    leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync starts")
 }
 
 fn assert_each_once(keys: &[(String, String)]) {
@@ -35,7 +39,14 @@ async fn rows_inserted_between_two_runs_are_delivered_exactly_once_each() {
 
     let first = run_once(&world).await;
     let more: Vec<_> = (5..9)
-        .map(|i| lead_row("p00", &format!("r{i:06}"), "AzureMarketplace-INS | contoso.analytics", customer(i)))
+        .map(|i| {
+            lead_row(
+                "p00",
+                &format!("r{i:06}"),
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(i),
+            )
+        })
         .collect();
     world.insert(&more).await;
     let second = run_once(&world).await;
@@ -43,8 +54,14 @@ async fn rows_inserted_between_two_runs_are_delivered_exactly_once_each() {
 
     assert_eq!(first.totals.delivered, 5);
     assert_eq!(second.totals.delivered, 4);
-    assert_eq!(third.totals.delivered, 0, "a restart with nothing new delivers nothing");
-    assert!(third.totals.already_handled >= 9, "the overlap window was re-read");
+    assert_eq!(
+        third.totals.delivered, 0,
+        "a restart with nothing new delivers nothing"
+    );
+    assert!(
+        third.totals.already_handled >= 9,
+        "the overlap window was re-read"
+    );
     let keys = world.delivered_keys();
     assert_eq!(keys.len(), 9);
     assert_each_once(&keys);
@@ -71,9 +88,13 @@ async fn small_pages_follow_every_continuation_to_the_end() {
     world.insert(&many_rows(250, 5)).await;
     let settings = world.settings_with("page_size = 7");
 
-    let report = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .unwrap();
+    let report = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
 
     assert!(report.totals.pages >= 36, "pages: {}", report.totals.pages);
     let keys = world.delivered_keys();
@@ -87,10 +108,20 @@ async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivere
     // moved the checkpoint to its Timestamp, past `late` (the cross-partition race).
     let world = World::new().await;
     world
-        .insert(&[lead_row("pa", "late", "AzureMarketplace-INS | a.b", customer(1))])
+        .insert(&[lead_row(
+            "pa",
+            "late",
+            "AzureMarketplace-INS | a.b",
+            customer(1),
+        )])
         .await;
     world
-        .insert(&[lead_row("pb", "seen", "AzureMarketplace-INS | a.b", customer(2))])
+        .insert(&[lead_row(
+            "pb",
+            "seen",
+            "AzureMarketplace-INS | a.b",
+            customer(2),
+        )])
         .await;
     let source = world.source();
     let page = source
@@ -109,7 +140,9 @@ async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivere
                     etag: seen.etag.clone(),
                     timestamp: seen.timestamp,
                 },
-                outcome: Settled::Delivered { sink: "jsonl".into() },
+                outcome: Settled::Delivered {
+                    sink: "jsonl".into(),
+                },
                 columns: None,
             }])
             .await
@@ -122,19 +155,32 @@ async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivere
 
     // Assert: the overlap window brought `late` back; `seen` was not sent again.
     assert_eq!(report.totals.delivered, 1);
-    assert_eq!(world.delivered_keys(), vec![("pa".to_owned(), "late".to_owned())]);
+    assert_eq!(
+        world.delivered_keys(),
+        vec![("pa".to_owned(), "late".to_owned())]
+    );
 }
 
 #[tokio::test]
 async fn a_row_updated_after_delivery_is_handled_again() {
     let world = World::new().await;
     world
-        .insert(&[lead_row("p", "r1", "AzureMarketplace-PLT | a.b", customer(1))])
+        .insert(&[lead_row(
+            "p",
+            "r1",
+            "AzureMarketplace-PLT | a.b",
+            customer(1),
+        )])
         .await;
     run_once(&world).await;
 
     world
-        .insert(&[lead_row("p", "r1", "AzureMarketplace-INS | a.b", customer(1))])
+        .insert(&[lead_row(
+            "p",
+            "r1",
+            "AzureMarketplace-INS | a.b",
+            customer(1),
+        )])
         .await;
     let second = run_once(&world).await;
 
@@ -168,7 +214,12 @@ async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
             json!({"FirstName": "MSFT_TEST_636737558587117715", "Email": "MSFT_TEST_636737558587117715@x.com"}),
         ),
         lead_row("p", "dnc", "AppSource (SPZA)-DNC | a.b", customer(3)),
-        lead_row("p", "unknown", "SomeNewSource-Teleport | pub.offer-1", customer(4)),
+        lead_row(
+            "p",
+            "unknown",
+            "SomeNewSource-Teleport | pub.offer-1",
+            customer(4),
+        ),
         lead_row("p", "hostile", "AzureMarketplace-INS | a.b", hostile),
     ];
     world.insert(&rows).await;
@@ -187,7 +238,10 @@ async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
     let Settled::Rejected { reason } = &rejected[0].outcome else {
         panic!("not a rejection")
     };
-    assert!(reason.contains("malformed") && reason.contains("CustomerInfo"), "{reason}");
+    assert!(
+        reason.contains("malformed") && reason.contains("CustomerInfo"),
+        "{reason}"
+    );
     let skipped: HashSet<_> = state
         .skipped()
         .await
@@ -195,8 +249,18 @@ async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
         .into_iter()
         .map(|r| (r.row.id.row_key, r.outcome))
         .collect();
-    assert!(skipped.contains(&("test".into(), Settled::Skipped { policy: "test_lead".into() })));
-    assert!(skipped.contains(&("dnc".into(), Settled::Skipped { policy: "do_not_contact".into() })));
+    assert!(skipped.contains(&(
+        "test".into(),
+        Settled::Skipped {
+            policy: "test_lead".into()
+        }
+    )));
+    assert!(skipped.contains(&(
+        "dnc".into(),
+        Settled::Skipped {
+            policy: "do_not_contact".into()
+        }
+    )));
 
     let leads = world.delivered();
     let by_key = |rk: &str| {
@@ -209,11 +273,20 @@ async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
     assert_eq!(unknown["lead_source"]["source"], "SomeNewSource");
     assert_eq!(unknown["stage"], "unknown");
     let hostile = by_key("hostile");
-    assert_eq!(hostile["customer"]["company"].as_str().unwrap().len(), 5_000);
+    assert_eq!(
+        hostile["customer"]["company"].as_str().unwrap().len(),
+        5_000
+    );
     assert_eq!(hostile["customer"]["first_name"], "O'Brien \"Bobby\"");
-    assert_eq!(hostile["customer"]["last_name"], "<script>alert(1)</script>");
+    assert_eq!(
+        hostile["customer"]["last_name"],
+        "<script>alert(1)</script>"
+    );
     assert_eq!(hostile["customer"]["title"], "\u{202E}evil\u{202C} CTO");
-    assert_eq!(hostile["customer"]["email"]["normalized"], "bobby@example.com");
+    assert_eq!(
+        hostile["customer"]["email"]["normalized"],
+        "bobby@example.com"
+    );
     let empty = by_key("empty");
     assert!(empty["customer"]["email"].is_null());
 }
@@ -269,7 +342,12 @@ async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is
     assert!(world.delivered().is_empty());
 
     world
-        .insert(&[lead_row("p00", "later", "AzureMarketplace-INS | a.b", customer(9))])
+        .insert(&[lead_row(
+            "p00",
+            "later",
+            "AzureMarketplace-INS | a.b",
+            customer(9),
+        )])
         .await;
     let still_down = pipeline.poll(&cancel).await.unwrap();
     assert_eq!(still_down.pending, 4);
@@ -286,7 +364,9 @@ async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is
 #[tokio::test]
 async fn a_missing_table_fails_the_poll_with_a_clear_error_and_a_nonzero_exit() {
     let world = World::new().await;
-    let text = world.toml("").replace("table = \"MarketplaceLeads\"", "table = \"NoSuchTable\"");
+    let text = world
+        .toml("")
+        .replace("table = \"MarketplaceLeads\"", "table = \"NoSuchTable\"");
     let settings = leadsync::config::Settings::from_toml_with_env(
         &text,
         std::path::Path::new("t.toml"),
@@ -294,9 +374,13 @@ async fn a_missing_table_fails_the_poll_with_a_clear_error_and_a_nonzero_exit() 
     )
     .unwrap();
 
-    let report = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .unwrap();
+    let report = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
 
     assert_eq!(report.exit_code(), 3);
     assert!(report.last_error.unwrap().contains("NoSuchTable"));

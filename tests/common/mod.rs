@@ -24,7 +24,8 @@ pub struct Azurite {
 }
 
 fn azurite_script() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/azurite/node_modules/azurite/dist/src/table/main.js");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools/azurite/node_modules/azurite/dist/src/table/main.js");
     assert!(
         path.exists(),
         "Azurite is not installed at {}: run `scripts/test.sh` (or `npm ci --prefix tools/azurite`) first",
@@ -52,7 +53,12 @@ impl Azurite {
                 .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()])
                 .arg("--location")
                 .arg(data.path())
-                .args(["--skipApiVersionCheck", "--disableProductStyleUrl", "--disableTelemetry", "--silent"])
+                .args([
+                    "--skipApiVersionCheck",
+                    "--disableProductStyleUrl",
+                    "--disableTelemetry",
+                    "--silent",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -108,7 +114,11 @@ impl World {
             dir,
             table: "MarketplaceLeads".into(),
         };
-        world.source().create_table_if_missing().await.expect("create table");
+        world
+            .source()
+            .create_table_if_missing()
+            .await
+            .expect("create table");
         world
     }
 

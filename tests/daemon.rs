@@ -1,0 +1,156 @@
+//! The real binary: `run` until SIGTERM, `run --once` exit codes, bad config exit code.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{many_rows, World};
+use leadsync::state::{RedbStore, StateStore};
+
+fn leadsync() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadsync"));
+    cmd.env_remove("RUST_LOG").stdin(Stdio::null());
+    cmd
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_while_running_exits_cleanly_with_the_checkpoint_persisted() {
+    let world = World::new().await;
+    world.insert(&many_rows(40, 3)).await;
+    let config = world.config_file("");
+    let mut child = leadsync()
+        .args(["--config"])
+        .arg(&config)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    wait_for("40 delivered leads", Duration::from_secs(30), || {
+        world.delivered().len() == 40
+    });
+    // Keep it polling a while, then stop it as systemd would.
+    std::thread::sleep(Duration::from_millis(500));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "leadsync did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+    assert_eq!(exit.code(), Some(0), "stderr:\n{stderr}");
+    assert!(stderr.contains("Shutdown requested"), "stderr:\n{stderr}");
+    let state = RedbStore::open(&world.state_dir()).unwrap();
+    let checkpoint = state.checkpoint().await.unwrap();
+    let newest = world
+        .source()
+        .fetch_page(None, None, &Default::default())
+        .await
+        .unwrap()
+        .rows
+        .iter()
+        .map(|r| r.timestamp)
+        .max();
+    assert_eq!(
+        checkpoint, newest,
+        "the checkpoint is the newest Timestamp, at full precision"
+    );
+}
+
+#[tokio::test]
+async fn run_once_exits_zero_when_everything_is_settled_and_prints_a_summary() {
+    let world = World::new().await;
+    world.insert(&many_rows(3, 1)).await;
+    let config = world.config_file("");
+
+    let out = leadsync()
+        .args(["--config"])
+        .arg(&config)
+        .args(["--log-format", "json", "run", "--once"])
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(stderr.contains("3 delivered"), "stderr:\n{stderr}");
+    let poll_line = stderr
+        .lines()
+        .find(|l| l.contains("Poll finished."))
+        .expect("a summary line per poll");
+    let json: serde_json::Value = serde_json::from_str(poll_line).expect("JSON logs");
+    assert_eq!(json["rows_read"], 3);
+    assert_eq!(json["new_leads"], 3);
+    assert!(
+        !stderr.contains(common::DEV_ACCOUNT_KEY),
+        "the account key leaked into logs"
+    );
+    assert_eq!(world.delivered().len(), 3);
+}
+
+#[tokio::test]
+async fn run_once_exits_nonzero_when_the_table_cannot_be_read() {
+    let world = World::new().await;
+    let config = world.config_file("");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("MarketplaceLeads", "MissingLeads");
+    std::fs::write(&config, text).unwrap();
+
+    let out = leadsync()
+        .args(["--config"])
+        .arg(&config)
+        .args(["run", "--once"])
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("MissingLeads does not exist"),
+        "stderr:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_config_exits_one_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[source]\nconnection_string = { value = \"UseDevelopmentStorage=true\" }\npoll = 1\n",
+    )
+    .unwrap();
+
+    let out = leadsync()
+        .args(["--config"])
+        .arg(&config)
+        .args(["run", "--once"])
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("source.poll"), "{stderr}");
+    assert!(stderr.contains("bad.toml"), "{stderr}");
+}
