@@ -93,11 +93,13 @@ async fn run(settings: &Settings, once: bool) -> ExitCode {
             let code = report.exit_code();
             if once {
                 eprintln!(
-                    "leadsync: {} rows read, {} delivered, {} skipped, {} rejected, {} pending{}",
+                    "leadsync: {} rows read, {} delivered ({} customer records sent), {} skipped, {} rejected, {} unidentifiable, {} pending{}",
                     report.totals.rows_read,
                     report.totals.delivered,
+                    report.totals.records_sent,
                     report.totals.skipped,
                     report.totals.rejected,
+                    report.totals.unidentifiable,
                     report.pending,
                     report
                         .last_error

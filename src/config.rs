@@ -54,6 +54,9 @@ pub struct Settings {
     /// What happens to test leads and do-not-contact leads.
     #[serde(default)]
     pub policy: PolicySettings,
+    /// How events are attributed to customers and merged.
+    #[serde(default)]
+    pub identity: IdentitySettings,
     /// Log format and level.
     #[serde(default)]
     pub log: LogSettings,
@@ -211,6 +214,62 @@ impl Default for PolicySettings {
             do_not_contact: default_dnc_policy(),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackKey {
+    /// Normalised name plus company and/or phone digits, when present.
+    NameCompanyPhone,
+    /// Leads without an email are held as unidentifiable.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExternalKeyForm {
+    /// `ls-` + 20 hex digits of SHA-256 of the customer key: no personal data in the key.
+    Hash,
+    /// The normalised email itself (fallback-keyed customers still get the hash).
+    Email,
+}
+
+/// The default follow-up text; see `identity::summarise` for the placeholders.
+pub const DEFAULT_SUMMARY_TEMPLATE: &str =
+    "{name} ({company}), stage: {stage}, interested in {offers}.\n{history}\nNext step: {next_step}";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// The customer key of a lead without an email.
+    #[serde(default = "default_fallback")]
+    pub fallback: FallbackKey,
+    /// The form of the key sinks upsert on.
+    #[serde(default = "default_external_key")]
+    pub external_key: ExternalKeyForm,
+    /// The follow-up summary sent as the CRM description.
+    #[serde(default = "default_summary_template")]
+    pub summary_template: String,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            fallback: default_fallback(),
+            external_key: default_external_key(),
+            summary_template: default_summary_template(),
+        }
+    }
+}
+
+fn default_fallback() -> FallbackKey {
+    FallbackKey::NameCompanyPhone
+}
+fn default_external_key() -> ExternalKeyForm {
+    ExternalKeyForm::Hash
+}
+fn default_summary_template() -> String {
+    DEFAULT_SUMMARY_TEMPLATE.into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -517,6 +576,9 @@ impl Settings {
         }
         if self.state.dir.as_os_str().is_empty() {
             return bad("state.dir", "must not be empty");
+        }
+        if self.identity.summary_template.trim().is_empty() {
+            return bad("identity.summary_template", "must not be empty");
         }
         if self.sink.batch_size == 0 {
             return bad("sink.batch_size", "must be at least 1");

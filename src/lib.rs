@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod identity;
 pub mod lead;
 pub mod pipeline;
 pub mod retry;
@@ -72,6 +73,9 @@ impl RunReport {
         t.delivered += s.delivered;
         t.skipped += s.skipped;
         t.rejected += s.rejected;
+        t.unidentifiable += s.unidentifiable;
+        t.unchanged += s.unchanged;
+        t.records_sent += s.records_sent;
         t.pages += s.pages;
         t.duration += s.duration;
         t.checkpoint = s.checkpoint;
@@ -95,6 +99,7 @@ pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
         state,
         sink: build_sink(settings),
         policy: settings.policy.clone(),
+        identity: settings.identity.clone(),
         overlap: settings.source.overlap,
         batch_size: settings.sink.batch_size,
     })

@@ -18,10 +18,13 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DoNotContactPolicy, PolicySettings, TestLeadPolicy};
-use crate::lead::{normalise, LeadEvent, Stage};
+use std::collections::BTreeMap;
+
+use crate::config::{DoNotContactPolicy, IdentitySettings, PolicySettings, TestLeadPolicy};
+use crate::identity::{customer_key, CustomerKey, CustomerLead, CustomerState, Unidentifiable};
+use crate::lead::{normalise, LeadEvent};
 use crate::row::RawRow;
-use crate::sink::{Lead, LeadSink, Outcome};
+use crate::sink::{LeadSink, Outcome};
 use crate::source::{Continuation, SourceError, TableSource};
 use crate::state::{RowVersion, Settled, Settlement, StateError, StateStore};
 use crate::timestamp;
@@ -45,12 +48,18 @@ pub struct PollSummary {
     pub rows_read: u64,
     /// Rows skipped because this version was handled by an earlier poll.
     pub already_handled: u64,
-    /// Leads the sink acknowledged.
+    /// Rows whose customer record the sink acknowledged.
     pub delivered: u64,
     /// Rows deliberately not sent (test leads, do-not-contact).
     pub skipped: u64,
-    /// Rows that cannot become a lead, or that the sink refused for good.
+    /// Rows that cannot become a lead, or whose customer the sink refused for good.
     pub rejected: u64,
+    /// Rows held because they cannot be attributed to a customer.
+    pub unidentifiable: u64,
+    /// Rows whose customer record was already delivered exactly as merged (replays).
+    pub unchanged: u64,
+    /// Merged customer records the sink acknowledged (one per customer per batch).
+    pub records_sent: u64,
     /// Leads the sink could not take now; they are read and offered again next poll.
     pub pending: u64,
     pub pages: u64,
@@ -65,33 +74,9 @@ pub struct Pipeline {
     pub state: Arc<dyn StateStore>,
     pub sink: Arc<dyn LeadSink>,
     pub policy: PolicySettings,
+    pub identity: IdentitySettings,
     pub overlap: Duration,
     pub batch_size: usize,
-}
-
-/// What to do with a normalised event.
-enum Decision {
-    Deliver(Box<Lead>),
-    Skip(&'static str),
-}
-
-fn decide(event: LeadEvent, policy: &PolicySettings) -> Decision {
-    if event.test_lead && policy.test_leads == TestLeadPolicy::Skip {
-        tracing::info!(
-            row = %event.row,
-            "Marketplace test lead received: the marketplace can write to this table. Not delivered (policy.test_leads = \"skip\")."
-        );
-        return Decision::Skip("test_lead");
-    }
-    let do_not_contact = event.stage == Stage::DoNotContact;
-    if do_not_contact && policy.do_not_contact == DoNotContactPolicy::Skip {
-        tracing::info!(row = %event.row, "Do-not-contact lead recorded, not delivered (policy.do_not_contact = \"skip\").");
-        return Decision::Skip("do_not_contact");
-    }
-    Decision::Deliver(Box::new(Lead {
-        event,
-        do_not_contact,
-    }))
 }
 
 fn version(row: &RawRow) -> RowVersion {
@@ -100,6 +85,19 @@ fn version(row: &RawRow) -> RowVersion {
         etag: row.etag.clone(),
         timestamp: row.timestamp,
     }
+}
+
+fn as_map(event: &LeadEvent) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::to_value(event) {
+        Ok(serde_json::Value::Object(map)) => Some(map),
+        _ => None,
+    }
+}
+
+/// A customer whose merged record goes to the sink, with the rows it settles.
+struct Delivery {
+    customer: CustomerState,
+    rows: Vec<RowVersion>,
 }
 
 impl Pipeline {
@@ -172,9 +170,8 @@ impl Pipeline {
         let versions: Vec<RowVersion> = rows.iter().map(version).collect();
         let handled = self.state.handled(&versions).await?;
         let mut newest_settled = None;
-        let mut oldest_open: Option<OffsetDateTime> = None;
         let mut settlements = Vec::new();
-        let mut to_deliver: Vec<(RowVersion, Lead)> = Vec::new();
+        let mut by_customer: BTreeMap<CustomerKey, Vec<(RowVersion, LeadEvent)>> = BTreeMap::new();
 
         for ((row, version), done) in rows.into_iter().zip(versions).zip(handled) {
             if done {
@@ -182,7 +179,8 @@ impl Pipeline {
                 newest_settled = newest_settled.max(Some(version.timestamp));
                 continue;
             }
-            match normalise(&row) {
+            let event = match normalise(&row) {
+                Ok(event) => event,
                 Err(rejection) => {
                     tracing::warn!(row = %row.id, reason = %rejection.reason, "Row rejected: it cannot become a lead.");
                     summary.rejected += 1;
@@ -193,25 +191,94 @@ impl Pipeline {
                         },
                         columns: Some(row.columns),
                     });
+                    continue;
                 }
-                Ok(event) => match decide(event, &self.policy) {
-                    Decision::Skip(policy) => {
-                        summary.skipped += 1;
-                        settlements.push(Settlement {
-                            row: version,
-                            outcome: Settled::Skipped {
-                                policy: policy.into(),
-                            },
-                            columns: Some(row.columns),
-                        });
-                    }
-                    Decision::Deliver(lead) => to_deliver.push((version, *lead)),
-                },
+            };
+            if event.test_lead && self.policy.test_leads == TestLeadPolicy::Skip {
+                tracing::info!(
+                    row = %event.row,
+                    "Marketplace test lead received: the marketplace can write to this table. Not delivered (policy.test_leads = \"skip\")."
+                );
+                summary.skipped += 1;
+                settlements.push(Settlement {
+                    row: version,
+                    outcome: Settled::Skipped {
+                        policy: "test_lead".into(),
+                    },
+                    columns: Some(row.columns),
+                });
+                continue;
+            }
+            match customer_key(&event.customer, self.identity.fallback) {
+                Ok(key) => by_customer.entry(key).or_default().push((version, event)),
+                Err(Unidentifiable(reason)) => {
+                    tracing::warn!(row = %event.row, %reason, "Lead held: it cannot be attributed to a customer.");
+                    summary.unidentifiable += 1;
+                    settlements.push(Settlement {
+                        row: version,
+                        outcome: Settled::Unidentifiable { reason },
+                        columns: as_map(&event),
+                    });
+                }
             }
         }
 
-        for chunk in to_deliver.chunks(self.batch_size.max(1)) {
-            let leads: Vec<Lead> = chunk.iter().map(|(_, lead)| lead.clone()).collect();
+        let keys: Vec<String> = by_customer.keys().map(CustomerKey::as_string).collect();
+        let stored = self.state.customers(&keys).await?;
+        let mut to_store = Vec::new();
+        let mut deliveries = Vec::new();
+        for ((key, items), stored) in by_customer.into_iter().zip(stored) {
+            let mut customer = stored
+                .clone()
+                .unwrap_or_else(|| CustomerState::new(&key, &self.identity));
+            customer.apply(items.iter().map(|(_, e)| e), &self.identity);
+            let rows: Vec<RowVersion> = items.into_iter().map(|(v, _)| v).collect();
+            let settle_all = |outcome: Settled, settlements: &mut Vec<Settlement>| {
+                for row in &rows {
+                    settlements.push(Settlement {
+                        row: row.clone(),
+                        outcome: outcome.clone(),
+                        columns: None,
+                    });
+                }
+            };
+            if stored
+                .as_ref()
+                .is_some_and(|s| s.delivered && s.lead == customer.lead)
+            {
+                // A replay of events already merged and delivered: nothing to send.
+                summary.unchanged += rows.len() as u64;
+                settle_all(
+                    Settled::Delivered {
+                        sink: self.sink.name().into(),
+                    },
+                    &mut settlements,
+                );
+                continue;
+            }
+            // Never create a contactable record for a do-not-contact customer; one already in
+            // the CRM is updated with the flag set rather than left contactable.
+            if customer.lead.do_not_contact
+                && !customer.delivered
+                && self.policy.do_not_contact == DoNotContactPolicy::Skip
+            {
+                tracing::info!(customer = %customer.lead.external_key, "Do-not-contact customer recorded, not delivered (policy.do_not_contact = \"skip\").");
+                summary.skipped += rows.len() as u64;
+                settle_all(
+                    Settled::Skipped {
+                        policy: "do_not_contact".into(),
+                    },
+                    &mut settlements,
+                );
+                to_store.push(customer);
+                continue;
+            }
+            deliveries.push(Delivery { customer, rows });
+        }
+
+        let mut oldest_open: Option<OffsetDateTime> = None;
+        for chunk in deliveries.chunks(self.batch_size.max(1)) {
+            let leads: Vec<CustomerLead> = chunk.iter().map(|d| d.customer.lead.clone()).collect();
             let mut outcomes = self.sink.deliver(&leads).await;
             if outcomes.len() != leads.len() {
                 // A sink bug must not settle rows it did not report on.
@@ -229,50 +296,54 @@ impl Pipeline {
                     leads.len()
                 ];
             }
-            for ((version, lead), outcome) in chunk.iter().zip(outcomes) {
+            for (delivery, outcome) in chunk.iter().zip(outcomes) {
+                let customer = &delivery.customer.lead.external_key;
                 let settled = match outcome {
                     Outcome::Delivered => {
-                        summary.delivered += 1;
+                        summary.delivered += delivery.rows.len() as u64;
+                        summary.records_sent += 1;
+                        let mut stored = delivery.customer.clone();
+                        stored.delivered = true;
+                        to_store.push(stored);
                         Settled::Delivered {
                             sink: self.sink.name().into(),
                         }
                     }
                     Outcome::Rejected { reason } => {
-                        tracing::warn!(row = %version.id, sink = self.sink.name(), %reason, "Sink rejected the lead.");
-                        summary.rejected += 1;
+                        tracing::warn!(%customer, sink = self.sink.name(), %reason, "Sink rejected the lead.");
+                        summary.rejected += delivery.rows.len() as u64;
+                        to_store.push(delivery.customer.clone());
                         Settled::Rejected {
-                            reason: format!("{} rejected the lead: {reason}", self.sink.name()),
+                            reason: format!(
+                                "{} rejected customer {customer}: {reason}",
+                                self.sink.name()
+                            ),
                         }
                     }
                     Outcome::RetryLater { reason, .. } => {
-                        tracing::warn!(row = %version.id, sink = self.sink.name(), %reason, "Lead not delivered yet; it will be offered again next poll.");
-                        summary.pending += 1;
-                        oldest_open = Some(match oldest_open {
-                            Some(t) => t.min(version.timestamp),
-                            None => version.timestamp,
-                        });
+                        tracing::warn!(%customer, sink = self.sink.name(), %reason, "Lead not delivered yet; it will be offered again next poll.");
+                        summary.pending += delivery.rows.len() as u64;
+                        for row in &delivery.rows {
+                            oldest_open =
+                                Some(oldest_open.map_or(row.timestamp, |t| t.min(row.timestamp)));
+                        }
                         continue;
                     }
                 };
-                let columns = matches!(settled, Settled::Rejected { .. })
-                    .then(|| serde_json::to_value(&lead.event).ok())
-                    .flatten()
-                    .and_then(|v| match v {
-                        serde_json::Value::Object(map) => Some(map),
-                        _ => None,
+                for row in &delivery.rows {
+                    settlements.push(Settlement {
+                        row: row.clone(),
+                        outcome: settled.clone(),
+                        columns: None,
                     });
-                settlements.push(Settlement {
-                    row: version.clone(),
-                    outcome: settled,
-                    columns,
-                });
+                }
             }
         }
 
         for s in &settlements {
             newest_settled = newest_settled.max(Some(s.row.timestamp));
         }
-        self.state.settle(&settlements).await?;
+        self.state.settle(&settlements, &to_store).await?;
         Ok((newest_settled, oldest_open))
     }
 }
@@ -284,6 +355,9 @@ pub fn log_summary(summary: &PollSummary) {
         new_leads = summary.delivered,
         skipped = summary.skipped,
         rejected = summary.rejected,
+        unidentifiable = summary.unidentifiable,
+        records_sent = summary.records_sent,
+        unchanged = summary.unchanged,
         pending = summary.pending,
         already_handled = summary.already_handled,
         pages = summary.pages,

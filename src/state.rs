@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+use crate::identity::CustomerState;
 use crate::row::RowId;
 use crate::timestamp::serde_ticks;
 
@@ -51,6 +52,8 @@ pub enum Settled {
     Skipped { policy: String },
     /// It cannot become a lead, or the sink refused it for good.
     Rejected { reason: String },
+    /// A lead, but with too little to tell who the customer is; held for people to see.
+    Unidentifiable { reason: String },
 }
 
 /// One row's settled outcome, as handed to [`StateStore::settle`].
@@ -96,8 +99,18 @@ pub trait StateStore: Send + Sync {
     async fn set_checkpoint(&self, timestamp: OffsetDateTime) -> Result<(), StateError>;
     /// For each row version, whether it was handled already (same row, same ETag).
     async fn handled(&self, rows: &[RowVersion]) -> Result<Vec<bool>, StateError>;
-    /// Records settled outcomes, all or none.
-    async fn settle(&self, settlements: &[Settlement]) -> Result<(), StateError>;
+    /// Records settled outcomes and the customers they changed, all or none.
+    async fn settle(
+        &self,
+        settlements: &[Settlement],
+        customers: &[CustomerState],
+    ) -> Result<(), StateError>;
+    /// The stored customers with these keys (`None` where there is none yet), in order.
+    async fn customers(&self, keys: &[String]) -> Result<Vec<Option<CustomerState>>, StateError>;
+    /// Every stored customer, in key order.
+    async fn all_customers(&self) -> Result<Vec<CustomerState>, StateError>;
+    /// Leads held because they could not be attributed to a customer.
+    async fn unidentifiable(&self) -> Result<Vec<RecordedRow>, StateError>;
     /// Forgets handled row versions stamped before `before` (they fall outside every future read).
     async fn prune_handled(&self, before: OffsetDateTime) -> Result<usize, StateError>;
     /// How many row versions are remembered as handled.
@@ -112,6 +125,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const HANDLED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("handled");
 const REJECTED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rejected");
 const SKIPPED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("skipped");
+const UNIDENTIFIABLE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("unidentifiable");
+const CUSTOMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("customers");
 const CHECKPOINT_KEY: &str = "checkpoint";
 const CHECKPOINT_VERSION: u32 = 1;
 
@@ -149,10 +164,11 @@ impl RedbStore {
             other => open_err(other.to_string()),
         })?;
         let txn = db.begin_write().map_err(io("open"))?;
-        for table in [HANDLED, REJECTED, SKIPPED] {
+        for table in [HANDLED, REJECTED, SKIPPED, UNIDENTIFIABLE] {
             txn.open_table(table).map_err(io("open"))?;
         }
         txn.open_table(META).map_err(io("open"))?;
+        txn.open_table(CUSTOMERS).map_err(io("open"))?;
         txn.commit().map_err(io("open"))?;
         Ok(Self { db })
     }
@@ -243,13 +259,24 @@ impl StateStore for RedbStore {
             .collect()
     }
 
-    async fn settle(&self, settlements: &[Settlement]) -> Result<(), StateError> {
+    async fn settle(
+        &self,
+        settlements: &[Settlement],
+        customers: &[CustomerState],
+    ) -> Result<(), StateError> {
         let now = OffsetDateTime::now_utc();
         let txn = self.db.begin_write().map_err(io("settle rows"))?;
         {
+            let mut stored = txn.open_table(CUSTOMERS).map_err(io("settle rows"))?;
+            for customer in customers {
+                stored
+                    .insert(customer.lead.key.as_str(), encode(customer).as_slice())
+                    .map_err(io("settle rows"))?;
+            }
             let mut handled = txn.open_table(HANDLED).map_err(io("settle rows"))?;
             let mut rejected = txn.open_table(REJECTED).map_err(io("settle rows"))?;
             let mut skipped = txn.open_table(SKIPPED).map_err(io("settle rows"))?;
+            let mut held = txn.open_table(UNIDENTIFIABLE).map_err(io("settle rows"))?;
             for s in settlements {
                 let key = (s.row.id.partition_key.as_str(), s.row.id.row_key.as_str());
                 let record = HandledRecord {
@@ -266,23 +293,18 @@ impl StateStore for RedbStore {
                     recorded_at: now,
                 };
                 // A row's latest version decides where it is listed.
-                match &s.outcome {
-                    Settled::Delivered { .. } => {
-                        rejected.remove(key).map_err(io("settle rows"))?;
-                        skipped.remove(key).map_err(io("settle rows"))?;
-                    }
-                    Settled::Rejected { .. } => {
-                        skipped.remove(key).map_err(io("settle rows"))?;
-                        rejected
-                            .insert(key, encode(&recorded()).as_slice())
-                            .map_err(io("settle rows"))?;
-                    }
-                    Settled::Skipped { .. } => {
-                        rejected.remove(key).map_err(io("settle rows"))?;
-                        skipped
-                            .insert(key, encode(&recorded()).as_slice())
-                            .map_err(io("settle rows"))?;
-                    }
+                for table in [&mut rejected, &mut skipped, &mut held] {
+                    table.remove(key).map_err(io("settle rows"))?;
+                }
+                let list = match &s.outcome {
+                    Settled::Delivered { .. } => None,
+                    Settled::Rejected { .. } => Some(&mut rejected),
+                    Settled::Skipped { .. } => Some(&mut skipped),
+                    Settled::Unidentifiable { .. } => Some(&mut held),
+                };
+                if let Some(list) = list {
+                    list.insert(key, encode(&recorded()).as_slice())
+                        .map_err(io("settle rows"))?;
                 }
             }
         }
@@ -323,6 +345,34 @@ impl StateStore for RedbStore {
 
     async fn skipped(&self) -> Result<Vec<RecordedRow>, StateError> {
         self.recorded(SKIPPED)
+    }
+
+    async fn unidentifiable(&self) -> Result<Vec<RecordedRow>, StateError> {
+        self.recorded(UNIDENTIFIABLE)
+    }
+
+    async fn customers(&self, keys: &[String]) -> Result<Vec<Option<CustomerState>>, StateError> {
+        let txn = self.db.begin_read().map_err(io("read customers"))?;
+        let table = txn.open_table(CUSTOMERS).map_err(io("read customers"))?;
+        keys.iter()
+            .map(
+                |key| match table.get(key.as_str()).map_err(io("read customers"))? {
+                    None => Ok(None),
+                    Some(bytes) => decode(key, bytes.value()).map(Some),
+                },
+            )
+            .collect()
+    }
+
+    async fn all_customers(&self) -> Result<Vec<CustomerState>, StateError> {
+        let txn = self.db.begin_read().map_err(io("read customers"))?;
+        let table = txn.open_table(CUSTOMERS).map_err(io("read customers"))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(io("read customers"))? {
+            let (key, value) = entry.map_err(io("read customers"))?;
+            out.push(decode(key.value(), value.value())?);
+        }
+        Ok(out)
     }
 }
 
@@ -367,7 +417,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
         let v1 = version("r", "W/1", "2024-05-01T10:00:00Z");
-        store.settle(&[delivered(v1.clone())]).await.unwrap();
+        store.settle(&[delivered(v1.clone())], &[]).await.unwrap();
         let v2 = version("r", "W/2", "2024-05-01T11:00:00Z");
         let other = version("s", "W/1", "2024-05-01T10:00:00Z");
         assert_eq!(
@@ -383,7 +433,7 @@ mod tests {
         let old = version("old", "e", "2024-05-01T09:00:00Z");
         let edge = version("edge", "e", "2024-05-01T10:00:00.0000001Z");
         store
-            .settle(&[delivered(old.clone()), delivered(edge.clone())])
+            .settle(&[delivered(old.clone()), delivered(edge.clone())], &[])
             .await
             .unwrap();
         let pruned = store
@@ -404,13 +454,16 @@ mod tests {
         let store = RedbStore::open(dir.path()).unwrap();
         let v1 = version("r", "W/1", "2024-05-01T10:00:00Z");
         store
-            .settle(&[Settlement {
-                row: v1,
-                outcome: Settled::Rejected {
-                    reason: "CustomerInfo is not valid JSON".into(),
-                },
-                columns: Some(Map::new()),
-            }])
+            .settle(
+                &[Settlement {
+                    row: v1,
+                    outcome: Settled::Rejected {
+                        reason: "CustomerInfo is not valid JSON".into(),
+                    },
+                    columns: Some(Map::new()),
+                }],
+                &[],
+            )
             .await
             .unwrap();
         let rejected = store.rejected().await.unwrap();
@@ -420,7 +473,10 @@ mod tests {
         );
 
         store
-            .settle(&[delivered(version("r", "W/2", "2024-05-01T11:00:00Z"))])
+            .settle(
+                &[delivered(version("r", "W/2", "2024-05-01T11:00:00Z"))],
+                &[],
+            )
             .await
             .unwrap();
         assert!(store.rejected().await.unwrap().is_empty());

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::{customer, lead_row, many_rows, World};
 use leadsync::pipeline::Pipeline;
 use leadsync::row::RowId;
-use leadsync::sink::{JsonlSink, Lead, LeadSink, Outcome, SinkError};
+use leadsync::sink::{CustomerLead, JsonlSink, LeadSink, Outcome, SinkError};
 use leadsync::state::{RedbStore, RowVersion, Settled, Settlement, StateStore};
 use leadsync::{build_pipeline, RunOptions};
 use serde_json::json;
@@ -134,17 +134,20 @@ async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivere
     {
         let state = RedbStore::open(&world.state_dir()).unwrap();
         state
-            .settle(&[Settlement {
-                row: RowVersion {
-                    id: seen.id.clone(),
-                    etag: seen.etag.clone(),
-                    timestamp: seen.timestamp,
-                },
-                outcome: Settled::Delivered {
-                    sink: "jsonl".into(),
-                },
-                columns: None,
-            }])
+            .settle(
+                &[Settlement {
+                    row: RowVersion {
+                        id: seen.id.clone(),
+                        etag: seen.etag.clone(),
+                        timestamp: seen.timestamp,
+                    },
+                    outcome: Settled::Delivered {
+                        sink: "jsonl".into(),
+                    },
+                    columns: None,
+                }],
+                &[],
+            )
             .await
             .unwrap();
         state.set_checkpoint(seen.timestamp).await.unwrap();
@@ -228,7 +231,8 @@ async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
 
     assert_eq!(report.totals.rejected, 1);
     assert_eq!(report.totals.skipped, 2, "test lead and do-not-contact");
-    assert_eq!(report.totals.delivered, 3);
+    assert_eq!(report.totals.unidentifiable, 1, "the empty customer");
+    assert_eq!(report.totals.delivered, 2);
     assert_eq!(report.exit_code(), 0, "every row is settled");
 
     let state = RedbStore::open(&world.state_dir()).unwrap();
@@ -266,11 +270,12 @@ async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
     let by_key = |rk: &str| {
         leads
             .iter()
-            .find(|l| l["row"]["row_key"] == rk)
+            .find(|l| l["history"][0]["row"]["row_key"] == rk)
             .unwrap_or_else(|| panic!("{rk} delivered"))
     };
     let unknown = by_key("unknown");
-    assert_eq!(unknown["lead_source"]["source"], "SomeNewSource");
+    assert_eq!(unknown["history"][0]["source"], "SomeNewSource");
+    assert_eq!(unknown["history"][0]["action"], "Teleport");
     assert_eq!(unknown["stage"], "unknown");
     let hostile = by_key("hostile");
     assert_eq!(
@@ -287,8 +292,9 @@ async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
         hostile["customer"]["email"]["normalized"],
         "bobby@example.com"
     );
-    let empty = by_key("empty");
-    assert!(empty["customer"]["email"].is_null());
+    let held = state.unidentifiable().await.unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].row.id, RowId::new("p", "empty"));
 }
 
 /// A sink that is down until told otherwise, then delegates to the JSONL sink.
@@ -302,7 +308,7 @@ impl LeadSink for FlakySink {
     fn name(&self) -> &str {
         "flaky"
     }
-    async fn deliver(&self, batch: &[Lead]) -> Vec<Outcome> {
+    async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
         if self.up.load(Ordering::SeqCst) {
             self.inner.deliver(batch).await
         } else {

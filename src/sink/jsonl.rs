@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
-use super::{Lead, LeadSink, Outcome, SinkError};
+use super::{CustomerLead, LeadSink, Outcome, SinkError};
 
 /// The local sink: JSON Lines, one lead per line.
 #[derive(Debug)]
@@ -65,7 +65,7 @@ impl LeadSink for JsonlSink {
         "jsonl"
     }
 
-    async fn deliver(&self, batch: &[Lead]) -> Vec<Outcome> {
+    async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
         let mut bytes = Vec::with_capacity(batch.len() * 512);
         for lead in batch {
             // Serialising our own types cannot fail (string keys, no non-finite floats).

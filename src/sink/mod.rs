@@ -3,20 +3,12 @@
 
 use std::time::Duration;
 
-use crate::lead::LeadEvent;
+pub use crate::identity::CustomerLead;
 
+pub mod http;
 pub mod jsonl;
 
 pub use jsonl::JsonlSink;
-
-/// A lead as handed to a sink: the normalised event and what policy says about it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Lead {
-    #[serde(flatten)]
-    pub event: LeadEvent,
-    /// True when the customer asked not to be contacted (delivered only under the `flag` policy).
-    pub do_not_contact: bool,
-}
 
 /// What became of one lead.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +38,7 @@ pub trait LeadSink: Send + Sync {
     /// A short name for logs and state records (`jsonl`, `salesforce`, ...).
     fn name(&self) -> &str;
     /// Delivers a batch; returns exactly one outcome per lead, in input order.
-    async fn deliver(&self, batch: &[Lead]) -> Vec<Outcome>;
+    async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome>;
     /// Checks that the sink is reachable and authorised, without writing a lead.
     async fn healthcheck(&self) -> Result<(), SinkError>;
 }

@@ -200,16 +200,25 @@ poll_interval = "200ms"
         }
     }
 
-    /// `(PartitionKey, RowKey)` of every delivered lead.
+    /// `(PartitionKey, RowKey)` of every history entry of every delivered record.
     pub fn delivered_keys(&self) -> Vec<(String, String)> {
         self.delivered()
             .iter()
-            .map(|v| {
+            .flat_map(|v| v["history"].as_array().unwrap().clone())
+            .map(|h| {
                 (
-                    v["row"]["partition_key"].as_str().unwrap().to_owned(),
-                    v["row"]["row_key"].as_str().unwrap().to_owned(),
+                    h["row"]["partition_key"].as_str().unwrap().to_owned(),
+                    h["row"]["row_key"].as_str().unwrap().to_owned(),
                 )
             })
+            .collect()
+    }
+
+    /// The last delivered record of each customer, by external key.
+    pub fn latest_records(&self) -> std::collections::BTreeMap<String, Value> {
+        self.delivered()
+            .into_iter()
+            .map(|v| (v["external_key"].as_str().unwrap().to_owned(), v))
             .collect()
     }
 }

@@ -1,0 +1,673 @@
+//! One customer, one record: the customer key, the stable external key sinks upsert
+//! on, and the merge of every event of a customer into one [`CustomerLead`].
+//!
+//! The merge is a pure function of the *set* of events: contact fields come from the
+//! newest event (by table Timestamp, then row key) that has a non-empty value, the
+//! stage is the highest ever reached, the history is sorted. So the same events in any
+//! order, across any number of polls and restarts, give the same record.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::config::{ExternalKeyForm, FallbackKey, IdentitySettings};
+use crate::lead::{Action, Customer, Email, LeadEvent, Stage};
+use crate::row::RowId;
+use crate::timestamp::{self, serde_ticks};
+
+/// Who a lead is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CustomerKey {
+    /// The normalised (trimmed, lower-cased) email.
+    Email(String),
+    /// Normalised name + company + phone digits, for leads without an email.
+    Fallback(String),
+}
+
+impl CustomerKey {
+    /// The key as stored: `email:<address>` or `fallback:<name>|<company>|<digits>`.
+    pub fn as_string(&self) -> String {
+        match self {
+            Self::Email(e) => format!("email:{e}"),
+            Self::Fallback(f) => format!("fallback:{f}"),
+        }
+    }
+}
+
+/// Why a lead has no customer key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unidentifiable(pub String);
+
+/// The customer key of a lead, or why it has none.
+pub fn customer_key(
+    customer: &Customer,
+    fallback: FallbackKey,
+) -> Result<CustomerKey, Unidentifiable> {
+    if let Some(email) = &customer.email {
+        return Ok(CustomerKey::Email(email.normalized.clone()));
+    }
+    if fallback == FallbackKey::None {
+        return Err(Unidentifiable(
+            "no email, and identity.fallback = \"none\"".into(),
+        ));
+    }
+    let fold = |s: &Option<String>| {
+        s.as_deref()
+            .map(|s| {
+                s.split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .to_lowercase()
+            })
+            .unwrap_or_default()
+    };
+    let name = [fold(&customer.first_name), fold(&customer.last_name)]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let company = fold(&customer.company);
+    let digits: String = customer
+        .phone
+        .as_deref()
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    let phone_usable = digits.len() >= 7;
+    // A name alone is too common to merge on; with a company or a phone number it is a person.
+    if !name.is_empty() && (!company.is_empty() || phone_usable) {
+        let phone = if phone_usable { digits } else { String::new() };
+        return Ok(CustomerKey::Fallback(format!("{name}|{company}|{phone}")));
+    }
+    Err(Unidentifiable(format!(
+        "no email, and not enough for a fallback key (needs a name plus a company or a phone number of 7+ digits; has name: {}, company: {}, phone digits: {})",
+        !name.is_empty(),
+        !company.is_empty(),
+        digits.len()
+    )))
+}
+
+/// The key a sink upserts on, derived only from the customer key: the same customer
+/// lands on the same CRM record across restarts, replays and machines.
+pub fn external_key(key: &CustomerKey, form: ExternalKeyForm) -> String {
+    match (form, key) {
+        (ExternalKeyForm::Email, CustomerKey::Email(email)) => email.clone(),
+        _ => {
+            let digest = Sha256::digest(key.as_string().as_bytes());
+            let hex: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
+            format!("ls-{hex}")
+        }
+    }
+}
+
+/// One event in a customer's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub row: RowId,
+    pub etag: String,
+    #[serde(with = "serde_ticks")]
+    pub timestamp: OffsetDateTime,
+    /// The action code (`INS`, `PLT`, `DNC`, `Create`, `StartTestDrive`, or verbatim).
+    pub action: String,
+    pub source: Option<String>,
+    /// `publisherid.offerid`.
+    pub offer: Option<String>,
+    pub offer_title: Option<String>,
+    pub stage: Stage,
+    pub description: Option<String>,
+}
+
+/// An offer the customer showed interest in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OfferInterest {
+    pub offer: String,
+    pub title: Option<String>,
+}
+
+/// The merged record of one customer: what sinks receive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CustomerLead {
+    /// `email:<address>` or `fallback:<...>`.
+    pub key: String,
+    /// What the sink upserts on (see [`external_key`]).
+    pub external_key: String,
+    /// Best known contact fields.
+    pub customer: Customer,
+    /// The highest stage reached: active > trial > initial interest > unknown.
+    pub stage: Stage,
+    /// A do-not-contact event was seen for this customer.
+    pub do_not_contact: bool,
+    /// Every event was a marketplace test lead.
+    pub test_lead: bool,
+    #[serde(with = "serde_ticks")]
+    pub first_seen: OffsetDateTime,
+    #[serde(with = "serde_ticks")]
+    pub last_seen: OffsetDateTime,
+    pub offers: Vec<OfferInterest>,
+    /// Oldest first.
+    pub history: Vec<HistoryEntry>,
+    /// Personalised follow-up text built from the history (`identity.summary_template`).
+    pub summary: String,
+}
+
+/// When a contact field was last set, so the merge does not depend on arrival order.
+type Stamp = (String, String, String); // (timestamp, partition key, row key)
+
+/// A customer as kept in state: the record plus merge bookkeeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CustomerState {
+    pub lead: CustomerLead,
+    /// Per contact field, the stamp of the event its value came from.
+    stamps: BTreeMap<String, Stamp>,
+    /// The record was delivered to the sink at least once.
+    pub delivered: bool,
+}
+
+impl CustomerState {
+    /// An empty customer; `apply` events to fill it.
+    pub fn new(key: &CustomerKey, settings: &IdentitySettings) -> Self {
+        let epoch = OffsetDateTime::UNIX_EPOCH;
+        Self {
+            lead: CustomerLead {
+                key: key.as_string(),
+                external_key: external_key(key, settings.external_key),
+                customer: Customer::default(),
+                stage: Stage::Unknown,
+                do_not_contact: false,
+                test_lead: true,
+                first_seen: epoch,
+                last_seen: epoch,
+                offers: Vec::new(),
+                history: Vec::new(),
+                summary: String::new(),
+            },
+            stamps: BTreeMap::new(),
+            delivered: false,
+        }
+    }
+
+    /// Merges events into the record.
+    pub fn apply<'a>(
+        &mut self,
+        events: impl IntoIterator<Item = &'a LeadEvent>,
+        settings: &IdentitySettings,
+    ) {
+        for event in events {
+            self.merge_fields(event);
+            self.add_history(event);
+        }
+        self.derive(settings);
+    }
+
+    fn merge_fields(&mut self, event: &LeadEvent) {
+        let stamp: Stamp = (
+            timestamp::format(event.timestamp),
+            event.row.partition_key.clone(),
+            event.row.row_key.clone(),
+        );
+        let c = &event.customer;
+        let target = &mut self.lead.customer;
+        let stamps = &mut self.stamps;
+        let mut set = |name: &str, value: &Option<String>, slot: &mut Option<String>| {
+            if let Some(v) = value {
+                if stamps.get(name).is_none_or(|old| *old <= stamp) {
+                    *slot = Some(v.clone());
+                    stamps.insert(name.to_owned(), stamp.clone());
+                }
+            }
+        };
+        set("first_name", &c.first_name, &mut target.first_name);
+        set("last_name", &c.last_name, &mut target.last_name);
+        set("phone", &c.phone, &mut target.phone);
+        set("country", &c.country, &mut target.country);
+        set("company", &c.company, &mut target.company);
+        set("title", &c.title, &mut target.title);
+        let email_original = c.email.as_ref().map(|e| e.original.clone());
+        let mut slot = target.email.as_ref().map(|e| e.original.clone());
+        set("email", &email_original, &mut slot);
+        target.email = slot.as_deref().and_then(Email::parse);
+    }
+
+    fn add_history(&mut self, event: &LeadEvent) {
+        let entry = HistoryEntry {
+            row: event.row.clone(),
+            etag: event.etag.clone(),
+            timestamp: event.timestamp,
+            action: event.action.code().to_owned(),
+            source: event.lead_source.source.clone(),
+            offer: event.offer.as_ref().map(|o| o.raw.clone()),
+            offer_title: event.offer_title.clone(),
+            stage: event.stage,
+            description: event.description.clone(),
+        };
+        // One entry per row: a row changed in the table replaces its older version.
+        match self.lead.history.iter_mut().find(|h| h.row == entry.row) {
+            Some(existing) => {
+                if (existing.timestamp, &existing.etag) < (entry.timestamp, &entry.etag) {
+                    *existing = entry;
+                }
+            }
+            None => self.lead.history.push(entry),
+        }
+        if !event.test_lead {
+            self.lead.test_lead = false;
+        }
+    }
+
+    fn derive(&mut self, settings: &IdentitySettings) {
+        let lead = &mut self.lead;
+        lead.history
+            .sort_by(|a, b| (a.timestamp, &a.row).cmp(&(b.timestamp, &b.row)));
+        lead.stage = lead
+            .history
+            .iter()
+            .map(|h| h.stage)
+            .filter(|s| *s != Stage::DoNotContact)
+            .max()
+            .unwrap_or(Stage::Unknown);
+        lead.do_not_contact = lead.history.iter().any(|h| h.stage == Stage::DoNotContact);
+        if let (Some(first), Some(last)) = (lead.history.first(), lead.history.last()) {
+            lead.first_seen = first.timestamp;
+            lead.last_seen = last.timestamp;
+        }
+        let mut offers: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for h in &lead.history {
+            if let Some(offer) = &h.offer {
+                let title = offers.entry(offer.clone()).or_default();
+                if h.offer_title.is_some() {
+                    title.clone_from(&h.offer_title);
+                }
+            }
+        }
+        lead.offers = offers
+            .into_iter()
+            .map(|(offer, title)| OfferInterest { offer, title })
+            .collect();
+        lead.summary = summarise(lead, &settings.summary_template);
+    }
+}
+
+fn stage_label(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Unknown => "unknown",
+        Stage::InitialInterest => "initial interest",
+        Stage::Trial => "trial",
+        Stage::Active => "active",
+        Stage::DoNotContact => "do not contact",
+    }
+}
+
+fn action_label(code: &str) -> String {
+    match Action::parse(code) {
+        Action::Install => "Get it now (install)".into(),
+        Action::PartnerLedTrial => "Contact me".into(),
+        Action::DoNotContact => "Do not contact (asked a cross-listed partner)".into(),
+        Action::Create => "Azure portal purchase".into(),
+        Action::StartTestDrive => "Test drive started".into(),
+        Action::Other(other) => other,
+        Action::Unknown => "Unknown action".into(),
+    }
+}
+
+/// The follow-up text. Placeholders: `{name}`, `{company}`, `{stage}`, `{offers}`,
+/// `{history}`, `{next_step}`, `{first_seen}`, `{last_seen}`.
+pub fn summarise(lead: &CustomerLead, template: &str) -> String {
+    let c = &lead.customer;
+    let name = [c.first_name.as_deref(), c.last_name.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let name = if name.is_empty() {
+        "Unnamed customer".to_owned()
+    } else {
+        name
+    };
+    let offers = if lead.offers.is_empty() {
+        "an unknown offer".to_owned()
+    } else {
+        lead.offers
+            .iter()
+            .map(|o| match &o.title {
+                Some(t) => format!("{t} ({})", o.offer),
+                None => o.offer.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let history = lead
+        .history
+        .iter()
+        .map(|h| {
+            let date = timestamp::format(h.timestamp);
+            let mut line = format!("- {} {}", &date[..10], action_label(&h.action));
+            if let Some(offer) = &h.offer {
+                line.push_str(&format!(" on {offer}"));
+            }
+            if let Some(source) = &h.source {
+                line.push_str(&format!(" via {source}"));
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let next_step = if lead.do_not_contact {
+        "Do not contact: the customer asked a cross-listed partner to contact them instead."
+            .to_owned()
+    } else {
+        match lead.stage {
+            Stage::Active => format!(
+                "They deployed or bought {offers}: call within 24 hours to help them onboard."
+            ),
+            Stage::Trial => {
+                format!("They are trying {offers}: check in on the trial within 24 hours.")
+            }
+            Stage::InitialInterest => {
+                format!("They asked to be contacted about {offers}: reply within 24 hours.")
+            }
+            Stage::Unknown | Stage::DoNotContact => "Review and qualify this lead.".to_owned(),
+        }
+    };
+    template
+        .replace("{name}", &name)
+        .replace(
+            "{company}",
+            c.company.as_deref().unwrap_or("company unknown"),
+        )
+        .replace("{stage}", stage_label(lead.stage))
+        .replace("{offers}", &offers)
+        .replace("{history}", &history)
+        .replace("{next_step}", &next_step)
+        .replace("{first_seen}", &timestamp::format(lead.first_seen))
+        .replace("{last_seen}", &timestamp::format(lead.last_seen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lead::normalise;
+    use crate::row::RawRow;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn settings() -> IdentitySettings {
+        IdentitySettings::default()
+    }
+
+    fn event(rk: &str, ts: &str, lead_source: &str, customer: serde_json::Value) -> LeadEvent {
+        let columns = json!({
+            "LeadSource": lead_source,
+            "CustomerInfo": customer.to_string(),
+            "OfferDisplayName": "Contoso Analytics",
+        });
+        let serde_json::Value::Object(columns) = columns else {
+            unreachable!()
+        };
+        normalise(&RawRow {
+            id: RowId::new("p", rk),
+            etag: format!("W/{rk}"),
+            timestamp: timestamp::parse(ts).unwrap(),
+            columns,
+        })
+        .unwrap()
+    }
+
+    fn merged(events: &[LeadEvent]) -> CustomerLead {
+        let key = customer_key(&events[0].customer, FallbackKey::NameCompanyPhone).unwrap();
+        let mut state = CustomerState::new(&key, &settings());
+        state.apply(events, &settings());
+        state.lead
+    }
+
+    #[test]
+    fn the_same_email_in_another_case_with_spaces_is_the_same_customer() {
+        let a = event(
+            "1",
+            "2024-05-01T10:00:00Z",
+            "AzureMarketplace-INS | a.b",
+            json!({"Email": "Ana@Fabrikam.COM"}),
+        );
+        let b = event(
+            "2",
+            "2024-05-01T11:00:00Z",
+            "AzureMarketplace-INS | a.b",
+            json!({"Email": "  ana@fabrikam.com "}),
+        );
+        let fb = FallbackKey::NameCompanyPhone;
+        assert_eq!(customer_key(&a.customer, fb), customer_key(&b.customer, fb));
+        let key = customer_key(&a.customer, fb).unwrap();
+        assert_eq!(
+            external_key(&key, ExternalKeyForm::Hash),
+            external_key(
+                &customer_key(&b.customer, fb).unwrap(),
+                ExternalKeyForm::Hash
+            )
+        );
+        assert_eq!(
+            external_key(&key, ExternalKeyForm::Email),
+            "ana@fabrikam.com"
+        );
+    }
+
+    #[test]
+    fn the_hashed_external_key_is_stable_and_short() {
+        let key = CustomerKey::Email("ana@fabrikam.com".into());
+        let k = external_key(&key, ExternalKeyForm::Hash);
+        assert_eq!(k, external_key(&key, ExternalKeyForm::Hash));
+        assert!(k.starts_with("ls-") && k.len() == 23, "{k}");
+        assert_ne!(
+            k,
+            external_key(
+                &CustomerKey::Email("bob@fabrikam.com".into()),
+                ExternalKeyForm::Hash
+            )
+        );
+    }
+
+    #[test]
+    fn a_lead_without_email_gets_a_fallback_key_when_name_and_company_are_known() {
+        let c = event(
+            "1",
+            "2024-05-01T10:00:00Z",
+            "x-INS|a.b",
+            json!({"FirstName": " Ana ", "LastName": "SILVA", "Company": "Fabrikam"}),
+        )
+        .customer;
+        assert_eq!(
+            customer_key(&c, FallbackKey::NameCompanyPhone).unwrap(),
+            CustomerKey::Fallback("ana silva|fabrikam|".into())
+        );
+        assert!(customer_key(&c, FallbackKey::None).is_err());
+    }
+
+    #[test]
+    fn a_lead_with_too_little_to_identify_is_unidentifiable_with_a_reason() {
+        let only_name = event(
+            "1",
+            "2024-05-01T10:00:00Z",
+            "x-INS|a.b",
+            json!({"FirstName": "Ana"}),
+        )
+        .customer;
+        let nothing = event(
+            "2",
+            "2024-05-01T10:00:00Z",
+            "x-INS|a.b",
+            json!({"Country": "US"}),
+        )
+        .customer;
+        for c in [only_name, nothing] {
+            let reason = customer_key(&c, FallbackKey::NameCompanyPhone)
+                .unwrap_err()
+                .0;
+            assert!(reason.contains("no email"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn four_events_merge_into_one_record_with_the_highest_stage() {
+        let c = json!({"FirstName": "Ana", "Email": "ana@fabrikam.com"});
+        let events = [
+            event(
+                "1",
+                "2024-05-01T10:00:00Z",
+                "AppSource (SPZA)-PLT | contoso.analytics",
+                c.clone(),
+            ),
+            event(
+                "2",
+                "2024-05-01T11:00:00Z",
+                "TestDrive-StartTestDrive | contoso.analytics",
+                c.clone(),
+            ),
+            event(
+                "3",
+                "2024-05-02T10:00:00Z",
+                "AzureMarketplace-INS | contoso.analytics",
+                c.clone(),
+            ),
+            event(
+                "4",
+                "2024-05-03T10:00:00Z",
+                "AppSource (SPZA)-PLT | contoso.backup",
+                c,
+            ),
+        ];
+        let lead = merged(&events);
+        assert_eq!(lead.history.len(), 4);
+        assert_eq!(
+            lead.stage,
+            Stage::Active,
+            "a later Contact me does not move the stage back"
+        );
+        assert_eq!(lead.offers.len(), 2);
+        assert_eq!(lead.first_seen, events[0].timestamp);
+        assert_eq!(lead.last_seen, events[3].timestamp);
+        assert!(
+            lead.summary.contains("Contact me on contoso.analytics"),
+            "{}",
+            lead.summary
+        );
+        assert!(
+            lead.summary.contains("help them onboard"),
+            "{}",
+            lead.summary
+        );
+    }
+
+    #[test]
+    fn a_later_event_with_empty_fields_does_not_blank_earlier_ones_but_a_later_value_replaces() {
+        let first = event(
+            "1",
+            "2024-05-01T10:00:00Z",
+            "x-PLT|a.b",
+            json!({"Email": "a@b.c", "Phone": "111", "Title": "CTO", "Company": "Old"}),
+        );
+        let later = event(
+            "2",
+            "2024-05-02T10:00:00Z",
+            "x-INS|a.b",
+            json!({"Email": "a@b.c", "Phone": "", "Title": null, "Company": "New"}),
+        );
+        let lead = merged(&[first, later]);
+        assert_eq!(lead.customer.phone.as_deref(), Some("111"));
+        assert_eq!(lead.customer.title.as_deref(), Some("CTO"));
+        assert_eq!(lead.customer.company.as_deref(), Some("New"));
+    }
+
+    #[test]
+    fn a_do_not_contact_event_flags_the_customer_without_changing_the_stage() {
+        let c = json!({"Email": "a@b.c"});
+        let lead = merged(&[
+            event("1", "2024-05-01T10:00:00Z", "x-PLT|a.b", c.clone()),
+            event("2", "2024-05-02T10:00:00Z", "SPZA-DNC|a.b", c),
+        ]);
+        assert!(lead.do_not_contact);
+        assert_eq!(lead.stage, Stage::InitialInterest);
+        assert!(lead.summary.contains("Do not contact"), "{}", lead.summary);
+    }
+
+    #[test]
+    fn replaying_an_event_already_merged_changes_nothing() {
+        let e = event(
+            "1",
+            "2024-05-01T10:00:00Z",
+            "x-INS|a.b",
+            json!({"Email": "a@b.c"}),
+        );
+        let key = customer_key(&e.customer, FallbackKey::NameCompanyPhone).unwrap();
+        let mut state = CustomerState::new(&key, &settings());
+        state.apply([&e], &settings());
+        let before = state.clone();
+        state.apply([&e], &settings());
+        assert_eq!(state, before);
+    }
+
+    fn arb_event() -> impl Strategy<Value = LeadEvent> {
+        let field = prop::option::of(prop::sample::select(vec!["", "Ana", "Bo", "X Y", " "]));
+        (
+            0u8..30,
+            0u32..5,
+            prop::sample::select(vec![
+                "x-PLT|a.b",
+                "x-INS|a.c",
+                "x-DNC|a.b",
+                "x-StartTestDrive|b.c",
+                "x-Create|c.d",
+                "x-Zap|e.f",
+            ]),
+            field.clone(),
+            field.clone(),
+            field,
+        )
+            .prop_map(|(rk, secs, ls, first, company, title)| {
+                let mut c = serde_json::Map::new();
+                c.insert("Email".into(), json!("A@B.C"));
+                for (k, v) in [("FirstName", first), ("Company", company), ("Title", title)] {
+                    if let Some(v) = v {
+                        c.insert(k.into(), json!(v));
+                    }
+                }
+                // The row key decides the timestamp, so one row is always one version.
+                let ts = format!(
+                    "2024-05-01T10:00:{:02}.{:07}Z",
+                    rk,
+                    secs + u32::from(rk) * 5
+                );
+                event(&format!("r{rk:02}"), &ts, ls, serde_json::Value::Object(c))
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn the_merged_record_does_not_depend_on_the_order_of_events(
+            events in prop::collection::vec(arb_event(), 1..12),
+            seed in any::<u64>(),
+        ) {
+            use rand::seq::SliceRandom;
+            use rand::SeedableRng;
+            // One content per row version, as in the table.
+            let mut events = events;
+            let mut seen = std::collections::HashSet::new();
+            events.retain(|e| seen.insert(e.row.clone()));
+            let mut shuffled = events.clone();
+            shuffled.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+            let key = CustomerKey::Email("a@b.c".into());
+
+            let mut one = CustomerState::new(&key, &settings());
+            one.apply(&events, &settings());
+            // The other in two polls, as a restart would split them.
+            let (left, right) = shuffled.split_at(shuffled.len() / 2);
+            let mut other = CustomerState::new(&key, &settings());
+            other.apply(left, &settings());
+            let mut other: CustomerState = serde_json::from_str(&serde_json::to_string(&other).unwrap()).unwrap();
+            other.apply(right, &settings());
+
+            prop_assert_eq!(one.lead, other.lead);
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! What every HTTP sink shares: the client, the URL check, Retry-After, and one retry
+//! loop, so each sink only says what a response means.
+
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+
+use crate::config::RetrySettings;
+use crate::retry::backoff;
+
+/// Builds the HTTP client of a sink: rustls, a timeout on every request, our user agent.
+pub fn client(timeout: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .user_agent(concat!("leadsync/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// Parses a CRM URL; `http://` is refused unless `allow_http` (tests and local fakes).
+pub fn check_url(key: &str, url: &str, allow_http: bool) -> Result<reqwest::Url, (String, String)> {
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| (key.to_owned(), format!("not a URL: {e}")))?;
+    match parsed.scheme() {
+        "https" => Ok(parsed),
+        "http" if allow_http => Ok(parsed),
+        "http" => Err((
+            key.to_owned(),
+            "http:// is refused: leads carry personal data (set allow_http = true only for local tests)".into(),
+        )),
+        other => Err((key.to_owned(), format!("unsupported scheme {other}:// (use https://)"))),
+    }
+}
+
+/// `Retry-After` in seconds or as an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// 408, 429 and 5xx are worth another try; other statuses are not.
+pub fn is_transient_status(status: reqwest::StatusCode) -> bool {
+    status == reqwest::StatusCode::REQUEST_TIMEOUT
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+}
+
+/// The result of one attempt, as the sink classifies it.
+#[derive(Debug)]
+pub enum Step<T> {
+    Done(T),
+    /// Worth another try (after `after`, when the server said).
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// Permanent for this request.
+    Fail {
+        reason: String,
+    },
+}
+
+/// The result of all attempts.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Finished<T> {
+    Done(T),
+    /// Still failing transiently; the pipeline offers the leads again later.
+    GaveUp {
+        after: Option<Duration>,
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+/// Runs `attempt` up to `retry.max_attempts` times with jittered back-off. A
+/// `Retry-After` is honoured exactly; one longer than `retry.max_backoff` ends the
+/// loop at once (the leads wait in state instead of holding the poll).
+pub async fn retrying<T, F, Fut>(retry: &RetrySettings, sink: &str, mut attempt: F) -> Finished<T>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: std::future::Future<Output = Step<T>>,
+{
+    let mut n = 0;
+    loop {
+        n += 1;
+        let (after, reason) = match attempt(n).await {
+            Step::Done(value) => return Finished::Done(value),
+            Step::Fail { reason } => return Finished::Failed { reason },
+            Step::Retry { after, reason } => (after, reason),
+        };
+        let too_long = after.is_some_and(|a| a > retry.max_backoff);
+        if n >= retry.max_attempts || too_long {
+            return Finished::GaveUp { after, reason };
+        }
+        let delay = after.unwrap_or_else(|| {
+            backoff(
+                n - 1,
+                retry.initial_backoff,
+                retry.max_backoff,
+                &mut rand::thread_rng(),
+            )
+        });
+        tracing::warn!(sink, attempt = n, delay_ms = delay.as_millis() as u64, %reason, "CRM request failed; retrying.");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quick() -> RetrySettings {
+        RetrySettings {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(50),
+        }
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_allowed() {
+        assert!(check_url("sink.webhook.url", "http://x.test/", false)
+            .unwrap_err()
+            .1
+            .contains("refused"));
+        assert!(check_url("sink.webhook.url", "http://x.test/", true).is_ok());
+        assert!(check_url("sink.webhook.url", "https://x.test/", false).is_ok());
+        assert!(check_url("sink.webhook.url", "ftp://x.test/", true).is_err());
+    }
+
+    #[test]
+    fn retry_after_reads_seconds() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_is_retried_until_it_succeeds() {
+        let result = retrying(&quick(), "t", |n| async move {
+            if n < 3 {
+                Step::Retry {
+                    after: None,
+                    reason: "503".into(),
+                }
+            } else {
+                Step::Done(n)
+            }
+        })
+        .await;
+        assert_eq!(result, Finished::Done(3));
+    }
+
+    #[tokio::test]
+    async fn attempts_are_capped_and_a_permanent_failure_is_not_retried() {
+        let mut calls = 0;
+        let gave_up: Finished<()> = retrying(&quick(), "t", |_| {
+            calls += 1;
+            async {
+                Step::Retry {
+                    after: None,
+                    reason: "503".into(),
+                }
+            }
+        })
+        .await;
+        assert!(matches!(gave_up, Finished::GaveUp { .. }));
+        assert_eq!(calls, 3);
+        let failed: Finished<()> = retrying(&quick(), "t", |_| async {
+            Step::Fail {
+                reason: "400".into(),
+            }
+        })
+        .await;
+        assert_eq!(
+            failed,
+            Finished::Failed {
+                reason: "400".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_longer_than_the_cap_ends_the_loop_at_once() {
+        let mut calls = 0;
+        let result: Finished<()> = retrying(&quick(), "t", |_| {
+            calls += 1;
+            async {
+                Step::Retry {
+                    after: Some(Duration::from_secs(60)),
+                    reason: "429".into(),
+                }
+            }
+        })
+        .await;
+        assert_eq!(calls, 1);
+        assert_eq!(
+            result,
+            Finished::GaveUp {
+                after: Some(Duration::from_secs(60)),
+                reason: "429".into()
+            }
+        );
+    }
+}
