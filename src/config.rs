@@ -9,6 +9,10 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::sink::dynamics::DynamicsSettings;
+use crate::sink::salesforce::SalesforceSettings;
+use crate::sink::webhook::WebhookSettings;
+
 /// Where the daemon looks for its file when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/leadsync/leadsync.toml";
 /// The environment prefix: `LEADSYNC__SOURCE__TABLE=...` sets `source.table`.
@@ -139,6 +143,9 @@ impl Default for StateSettings {
 #[serde(rename_all = "snake_case")]
 pub enum SinkKind {
     Jsonl,
+    Salesforce,
+    Dynamics,
+    Webhook,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +159,12 @@ pub struct SinkSettings {
     pub batch_size: usize,
     #[serde(default)]
     pub jsonl: JsonlSettings,
+    /// Required when `kind = "salesforce"`.
+    pub salesforce: Option<SalesforceSettings>,
+    /// Required when `kind = "dynamics"`.
+    pub dynamics: Option<DynamicsSettings>,
+    /// Required when `kind = "webhook"`.
+    pub webhook: Option<WebhookSettings>,
 }
 
 impl Default for SinkSettings {
@@ -160,6 +173,9 @@ impl Default for SinkSettings {
             kind: default_sink_kind(),
             batch_size: default_batch_size(),
             jsonl: JsonlSettings::default(),
+            salesforce: None,
+            dynamics: None,
+            webhook: None,
         }
     }
 }
@@ -582,6 +598,27 @@ impl Settings {
         }
         if self.sink.batch_size == 0 {
             return bad("sink.batch_size", "must be at least 1");
+        }
+        let missing = |section: &str| {
+            Err((
+                format!("sink.{section}"),
+                format!("sink.kind = \"{section}\" needs a [sink.{section}] section"),
+            ))
+        };
+        match self.sink.kind {
+            SinkKind::Jsonl => {}
+            SinkKind::Salesforce => match &self.sink.salesforce {
+                Some(s) => s.validate()?,
+                None => return missing("salesforce"),
+            },
+            SinkKind::Dynamics => match &self.sink.dynamics {
+                Some(s) => s.validate()?,
+                None => return missing("dynamics"),
+            },
+            SinkKind::Webhook => match &self.sink.webhook {
+                Some(s) => s.validate()?,
+                None => return missing("webhook"),
+            },
         }
         if self.sink.jsonl.path.as_os_str().is_empty() {
             return bad(

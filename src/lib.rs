@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, SinkKind};
 use crate::pipeline::{log_summary, Pipeline, PollError, PollSummary};
-use crate::sink::{JsonlSink, LeadSink};
+use crate::sink::{DynamicsSink, JsonlSink, LeadSink, SalesforceSink, SinkError, WebhookSink};
 use crate::source::{SourceError, TableSource};
 use crate::state::{RedbStore, StateError, StateStore};
 
@@ -41,6 +41,8 @@ pub enum StartError {
     Source(#[from] SourceError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
 }
 
 /// What a run did, for the exit code and the final summary.
@@ -83,11 +85,25 @@ impl RunReport {
     }
 }
 
-/// Builds the sink named by the settings.
-pub fn build_sink(settings: &Settings) -> Arc<dyn LeadSink> {
-    match settings.sink.kind {
-        SinkKind::Jsonl => Arc::new(JsonlSink::new(&settings.sink.jsonl.path)),
-    }
+/// Builds the sink named by the settings (validation guarantees its section is there).
+pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
+    let missing = |sink: &str| SinkError {
+        sink: sink.into(),
+        message: format!("no [sink.{sink}] section"),
+    };
+    let s = &settings.sink;
+    Ok(match s.kind {
+        SinkKind::Jsonl => Arc::new(JsonlSink::new(&s.jsonl.path)),
+        SinkKind::Salesforce => Arc::new(SalesforceSink::new(
+            s.salesforce.as_ref().ok_or_else(|| missing("salesforce"))?,
+        )?),
+        SinkKind::Dynamics => Arc::new(DynamicsSink::new(
+            s.dynamics.as_ref().ok_or_else(|| missing("dynamics"))?,
+        )?),
+        SinkKind::Webhook => Arc::new(WebhookSink::new(
+            s.webhook.as_ref().ok_or_else(|| missing("webhook"))?,
+        )?),
+    })
 }
 
 /// Opens the state and the table client, and builds the pipeline.
@@ -97,7 +113,7 @@ pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
     Ok(Pipeline {
         source,
         state,
-        sink: build_sink(settings),
+        sink: build_sink(settings)?,
         policy: settings.policy.clone(),
         identity: settings.identity.clone(),
         overlap: settings.source.overlap,

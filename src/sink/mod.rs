@@ -5,10 +5,16 @@ use std::time::Duration;
 
 pub use crate::identity::CustomerLead;
 
+pub mod dynamics;
 pub mod http;
 pub mod jsonl;
+pub mod salesforce;
+pub mod webhook;
 
+pub use dynamics::DynamicsSink;
 pub use jsonl::JsonlSink;
+pub use salesforce::SalesforceSink;
+pub use webhook::WebhookSink;
 
 /// What became of one lead.
 #[derive(Debug, Clone, PartialEq, Eq)]

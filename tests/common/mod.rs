@@ -130,8 +130,14 @@ impl World {
         self.dir.path().join("leads.jsonl")
     }
 
-    /// The TOML a test runs with; `extra` is appended (later keys of the same table must not repeat).
+    /// The TOML a test runs with; `extra` is appended to `[source]`.
     pub fn toml(&self, extra: &str) -> String {
+        let sink = format!("[sink]\nkind = \"jsonl\"\njsonl = {{ path = \"{}\" }}\n", self.output().display());
+        self.toml_with_sink(extra, &sink)
+    }
+
+    /// As [`World::toml`] with the whole `[sink]` part given (e.g. `[sink]\nkind = "salesforce"\n[sink.salesforce]\n...`).
+    pub fn toml_with_sink(&self, extra: &str, sink: &str) -> String {
         format!(
             r#"
 [source]
@@ -144,18 +150,22 @@ request_timeout = "10s"
 [state]
 dir = "{state}"
 
-[sink]
-kind = "jsonl"
-jsonl = {{ path = "{out}" }}
-
 [run]
 poll_interval = "200ms"
+
+{sink}
 "#,
             table = self.table,
             cs = self.azurite.connection_string(),
             state = self.state_dir().display(),
-            out = self.output().display(),
         )
+    }
+
+    /// Settings with the whole `[sink]` part given.
+    pub fn settings_with_sink(&self, sink: &str) -> Settings {
+        let text = self.toml_with_sink("", sink);
+        Settings::from_toml_with_env(&text, Path::new("test.toml"), &HashMap::new())
+            .unwrap_or_else(|e| panic!("test settings are invalid: {e}"))
     }
 
     pub fn settings(&self) -> Settings {
@@ -266,4 +276,15 @@ pub fn many_rows(n: usize, partitions: usize) -> Vec<Map<String, Value>> {
             )
         })
         .collect()
+}
+
+/// Serves an axum router on a free loopback port; returns its base URL (`http://127.0.0.1:PORT`).
+/// The server stops when the test's runtime ends.
+pub async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, router).await.expect("fake server");
+    });
+    format!("http://{addr}")
 }
