@@ -8,6 +8,7 @@ pub use crate::identity::CustomerLead;
 pub mod dynamics;
 pub mod http;
 pub mod jsonl;
+pub mod mapping;
 pub mod salesforce;
 pub mod webhook;
 

@@ -132,7 +132,10 @@ impl World {
 
     /// The TOML a test runs with; `extra` is appended to `[source]`.
     pub fn toml(&self, extra: &str) -> String {
-        let sink = format!("[sink]\nkind = \"jsonl\"\njsonl = {{ path = \"{}\" }}\n", self.output().display());
+        let sink = format!(
+            "[sink]\nkind = \"jsonl\"\njsonl = {{ path = \"{}\" }}\n",
+            self.output().display()
+        );
         self.toml_with_sink(extra, &sink)
     }
 
@@ -281,7 +284,9 @@ pub fn many_rows(n: usize, partitions: usize) -> Vec<Map<String, Value>> {
 /// Serves an axum router on a free loopback port; returns its base URL (`http://127.0.0.1:PORT`).
 /// The server stops when the test's runtime ends.
 pub async fn serve(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind fake");
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         axum::serve(listener, router).await.expect("fake server");
