@@ -45,17 +45,37 @@ pub enum Command {
     },
     /// Check the config file and print the effective settings (secrets redacted).
     Config,
-    /// List rows rejected (with reasons) or skipped by policy, one JSON object per line.
+    /// List rows rejected (with reasons), skipped by policy, or held as unidentifiable, one JSON object per line.
     Rows {
         #[arg(value_enum, default_value = "rejected")]
         which: RowsArg,
     },
+    /// Write the merged customers as CSV or JSON lines (to stdout, or --output).
+    Export {
+        #[arg(long, value_enum, default_value = "csv")]
+        format: crate::export::Format,
+        /// Only customers seen at or after this RFC 3339 time (e.g. 2024-05-01T00:00:00Z).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<time::OffsetDateTime>,
+        /// Also the rows held as unidentifiable and the rejected rows, with their reasons.
+        #[arg(long)]
+        include_held: bool,
+        /// File to write instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+fn parse_time(text: &str) -> Result<time::OffsetDateTime, String> {
+    crate::timestamp::parse(text)
+        .map_err(|e| format!("not an RFC 3339 time ({e}); e.g. 2024-05-01T00:00:00Z"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum RowsArg {
     Rejected,
     Skipped,
+    Unidentifiable,
 }
 
 /// Runs the parsed command line and returns the process exit code.
@@ -81,6 +101,12 @@ pub async fn main(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Rows { which } => list_rows(&settings, which).await,
+        Command::Export {
+            format,
+            since,
+            include_held,
+            output,
+        } => export(&settings, format, since, include_held, output).await,
     }
 }
 
@@ -150,6 +176,7 @@ async fn list_rows(settings: &Settings, which: RowsArg) -> ExitCode {
     let rows: Result<Vec<RecordedRow>, _> = match which {
         RowsArg::Rejected => store.rejected().await,
         RowsArg::Skipped => store.skipped().await,
+        RowsArg::Unidentifiable => store.unidentifiable().await,
     };
     match rows {
         Ok(rows) => {
@@ -159,6 +186,46 @@ async fn list_rows(settings: &Settings, which: RowsArg) -> ExitCode {
                     Err(e) => eprintln!("leadsync: cannot print {}: {e}", row.row.id),
                 }
             }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("leadsync: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+async fn export(
+    settings: &Settings,
+    format: crate::export::Format,
+    since: Option<time::OffsetDateTime>,
+    include_held: bool,
+    output: Option<PathBuf>,
+) -> ExitCode {
+    let store = match RedbStore::open(&settings.state.dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("leadsync: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let mut out: Box<dyn std::io::Write> = match &output {
+        None => Box::new(std::io::stdout().lock()),
+        Some(path) => match std::fs::File::create(path) {
+            Ok(f) => Box::new(std::io::BufWriter::new(f)),
+            Err(e) => {
+                eprintln!("leadsync: cannot create {}: {e}", path.display());
+                return ExitCode::from(EXIT_START_FAILED);
+            }
+        },
+    };
+    match crate::export::export(&store, format, since, include_held, &mut out).await {
+        Ok(n) => {
+            if let Err(e) = out.flush() {
+                eprintln!("leadsync: cannot write the export: {e}");
+                return ExitCode::from(EXIT_START_FAILED);
+            }
+            eprintln!("leadsync: exported {n} records");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod export;
 pub mod identity;
 pub mod lead;
 pub mod pipeline;

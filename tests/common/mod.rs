@@ -293,3 +293,49 @@ pub async fn serve(router: axum::Router) -> String {
     });
     format!("http://{addr}")
 }
+
+/// A sink that upserts into memory by external key, like a CRM would, and counts deliveries.
+#[derive(Default)]
+pub struct MemorySink {
+    pub records: std::sync::Mutex<std::collections::BTreeMap<String, leadsync::sink::CustomerLead>>,
+    pub deliveries: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+}
+
+#[async_trait::async_trait]
+impl leadsync::sink::LeadSink for MemorySink {
+    fn name(&self) -> &str {
+        "memory"
+    }
+    async fn deliver(
+        &self,
+        batch: &[leadsync::sink::CustomerLead],
+    ) -> Vec<leadsync::sink::Outcome> {
+        let mut records = self.records.lock().unwrap();
+        let mut deliveries = self.deliveries.lock().unwrap();
+        for lead in batch {
+            records.insert(lead.external_key.clone(), lead.clone());
+            *deliveries.entry(lead.external_key.clone()).or_default() += 1;
+        }
+        vec![leadsync::sink::Outcome::Delivered; batch.len()]
+    }
+    async fn healthcheck(&self) -> Result<(), leadsync::sink::SinkError> {
+        Ok(())
+    }
+}
+
+impl World {
+    /// Runs one poll with `sink` in place of the configured one; the state file is
+    /// closed afterwards, so each call is a restart.
+    pub async fn poll_with(
+        &self,
+        settings: &Settings,
+        sink: std::sync::Arc<dyn leadsync::sink::LeadSink>,
+    ) -> leadsync::pipeline::PollSummary {
+        let built = leadsync::build_pipeline(settings).expect("pipeline");
+        let pipeline = leadsync::pipeline::Pipeline { sink, ..built };
+        pipeline
+            .poll(&tokio_util::sync::CancellationToken::new())
+            .await
+            .expect("poll")
+    }
+}
