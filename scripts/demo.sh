@@ -34,10 +34,17 @@ import json
 for line in open(".demo/leads.jsonl"):
     l = json.loads(line)
     c = l["customer"]; email = (c.get("email") or {}).get("original")
-    print(f'  {l["row"]["row_key"]}  {l["stage"]:<16} {l["lead_source"]["raw"][:45]:<45} {email}')
+    rows = ",".join(h["row"]["row_key"] for h in l["history"])
+    print(f'  {l["external_key"]}  {email or "-":<28} stage={l["stage"]:<16} rows={rows}')
+    print("    " + l["summary"].replace("\n", "\n    "))
 PY
 echo "== rejected rows (leadsync rows rejected):"
 target/debug/leadsync --config config/local.toml rows rejected | cut -c1-200
+echo "== held as unidentifiable (leadsync rows unidentifiable):"
+target/debug/leadsync --config config/local.toml rows unidentifiable | python3 -c '
+import json,sys
+for line in sys.stdin:
+    r = json.loads(line); print("  ", r["row"]["id"]["row_key"], r["outcome"]["reason"])'
 echo "== skipped by policy (leadsync rows skipped):"
 target/debug/leadsync --config config/local.toml rows skipped | python3 -c '
 import json,sys
