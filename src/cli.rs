@@ -50,6 +50,21 @@ pub enum Command {
         #[arg(value_enum, default_value = "rejected")]
         which: RowsArg,
     },
+    /// Dead letters: customer records the CRM refused for good.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Re-read the table from a time and re-upsert; the stable keys make it safe.
+    Replay {
+        /// RFC 3339 time to re-read from (e.g. 2024-05-01T00:00:00Z).
+        #[arg(long, value_parser = parse_time)]
+        since: time::OffsetDateTime,
+        /// Send every customer touched, even when its merged record did not change
+        /// (e.g. after records were lost on the CRM side).
+        #[arg(long)]
+        resend: bool,
+    },
     /// Write the merged customers as CSV or JSON lines (to stdout, or --output).
     Export {
         #[arg(long, value_enum, default_value = "csv")]
@@ -69,6 +84,26 @@ pub enum Command {
 fn parse_time(text: &str) -> Result<time::OffsetDateTime, String> {
     crate::timestamp::parse(text)
         .map_err(|e| format!("not an RFC 3339 time ({e}); e.g. 2024-05-01T00:00:00Z"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Show every dead letter: customer key, sink, reason, time, attempts.
+    List {
+        /// One JSON object per dead letter, with the payload sent.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters again (after fixing the CRM side or the mapping).
+    Retry {
+        /// Dead letter ids (the customer's external key), or --all.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Remove a dead letter deliberately.
+    Drop { id: String },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -101,6 +136,8 @@ pub async fn main(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Rows { which } => list_rows(&settings, which).await,
+        Command::Dlq { action } => dlq(&settings, action).await,
+        Command::Replay { since, resend } => replay(&settings, since, resend).await,
         Command::Export {
             format,
             since,
@@ -231,6 +268,122 @@ async fn export(
         Err(e) => {
             eprintln!("leadsync: {e}");
             ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+fn pipeline_or_exit(settings: &Settings) -> Result<crate::pipeline::Pipeline, ExitCode> {
+    crate::build_pipeline(settings).map_err(|e| {
+        eprintln!("leadsync: {e}");
+        ExitCode::from(EXIT_START_FAILED)
+    })
+}
+
+async fn dlq(settings: &Settings, action: DlqAction) -> ExitCode {
+    let pipeline = match pipeline_or_exit(settings) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let result = match action {
+        DlqAction::List { json } => pipeline.state.dead_letters().await.map(|letters| {
+            if letters.is_empty() {
+                eprintln!("leadsync: no dead letters");
+            }
+            for l in letters {
+                if json {
+                    match serde_json::to_string(&l) {
+                        Ok(line) => println!("{line}"),
+                        Err(e) => eprintln!("leadsync: cannot print {}: {e}", l.id),
+                    }
+                } else {
+                    println!(
+                        "{}  {}  sink={} attempts={} rows={} email={}\n    reason: {}",
+                        l.id,
+                        crate::timestamp::format(l.at),
+                        l.sink,
+                        l.attempts,
+                        l.rows.len(),
+                        l.payload
+                            .customer
+                            .email
+                            .as_ref()
+                            .map_or("-", |e| e.original.as_str()),
+                        l.reason
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }),
+        DlqAction::Retry { ids, all } => {
+            let ids = (!all).then_some(ids);
+            pipeline.retry_dead_letters(ids.as_deref()).await.map(|r| {
+                for id in &r.delivered {
+                    println!("delivered  {id}");
+                }
+                for (id, reason) in &r.rejected {
+                    println!("rejected   {id}: {reason}");
+                }
+                for (id, reason) in &r.pending {
+                    println!("pending    {id}: {reason}");
+                }
+                for id in &r.missing {
+                    println!("not found  {id}");
+                }
+                if r.rejected.is_empty() && r.pending.is_empty() && r.missing.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(2)
+                }
+            })
+        }
+        DlqAction::Drop { id } => match pipeline.state.dead_letters().await {
+            Ok(letters) if letters.iter().any(|l| l.id == id) => pipeline
+                .state
+                .settle(&crate::state::SettleBatch {
+                    resolved: vec![id.clone()],
+                    ..Default::default()
+                })
+                .await
+                .map(|()| {
+                    tracing::warn!(dead_letter = %id, "Dead letter dropped by an operator.");
+                    println!("dropped {id}");
+                    ExitCode::SUCCESS
+                }),
+            Ok(_) => {
+                eprintln!("leadsync: no dead letter {id}");
+                return ExitCode::from(2);
+            }
+            Err(e) => Err(e),
+        },
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("leadsync: {e}");
+        ExitCode::from(EXIT_START_FAILED)
+    })
+}
+
+async fn replay(settings: &Settings, since: time::OffsetDateTime, resend: bool) -> ExitCode {
+    let pipeline = match pipeline_or_exit(settings) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let mode = crate::pipeline::PollMode {
+        since: Some(since),
+        ignore_handled: true,
+        resend,
+    };
+    match pipeline.poll_with(mode, &CancellationToken::new()).await {
+        Ok(summary) => {
+            crate::pipeline::log_summary(&summary);
+            eprintln!(
+                "leadsync: replay read {} rows; {} customer records sent, {} rows unchanged, {} pending",
+                summary.rows_read, summary.records_sent, summary.unchanged, summary.pending
+            );
+            ExitCode::from(if summary.pending > 0 { 2 } else { 0 })
+        }
+        Err(e) => {
+            eprintln!("leadsync: replay failed: {e}");
+            ExitCode::from(3)
         }
     }
 }

@@ -323,6 +323,10 @@ pub struct RunSettings {
     /// How long SIGTERM waits for the batch in flight before exiting anyway.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A lead still undelivered this long after the marketplace wrote it is logged as
+    /// overdue (once per lead), well before the 24-hour follow-up window closes.
+    #[serde(default = "default_follow_up_warning", with = "humantime_serde")]
+    pub follow_up_warning: Duration,
 }
 
 impl Default for RunSettings {
@@ -330,6 +334,7 @@ impl Default for RunSettings {
         Self {
             poll_interval: default_poll_interval(),
             shutdown_grace: default_shutdown_grace(),
+            follow_up_warning: default_follow_up_warning(),
         }
     }
 }
@@ -381,6 +386,9 @@ fn default_log_level() -> String {
 }
 fn default_poll_interval() -> Duration {
     Duration::from_secs(30)
+}
+fn default_follow_up_warning() -> Duration {
+    Duration::from_secs(4 * 60 * 60)
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(20)
@@ -628,6 +636,9 @@ impl Settings {
         }
         if self.run.poll_interval.is_zero() {
             return bad("run.poll_interval", "must be greater than zero");
+        }
+        if self.run.follow_up_warning.is_zero() {
+            return bad("run.follow_up_warning", "must be greater than zero");
         }
         if self.run.shutdown_grace.is_zero() {
             return bad("run.shutdown_grace", "must be greater than zero");

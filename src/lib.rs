@@ -79,6 +79,8 @@ impl RunReport {
         t.unidentifiable += s.unidentifiable;
         t.unchanged += s.unchanged;
         t.records_sent += s.records_sent;
+        t.overdue = s.overdue;
+        t.oldest_pending_age = s.oldest_pending_age;
         t.pages += s.pages;
         t.duration += s.duration;
         t.checkpoint = s.checkpoint;
@@ -119,6 +121,8 @@ pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
         identity: settings.identity.clone(),
         overlap: settings.source.overlap,
         batch_size: settings.sink.batch_size,
+        follow_up_warning: settings.run.follow_up_warning,
+        memory: Default::default(),
     })
 }
 

@@ -26,7 +26,9 @@ use crate::lead::{normalise, LeadEvent};
 use crate::row::RawRow;
 use crate::sink::{LeadSink, Outcome};
 use crate::source::{Continuation, SourceError, TableSource};
-use crate::state::{RowVersion, Settled, Settlement, StateError, StateStore};
+use crate::state::{
+    DeadLetter, RowVersion, SettleBatch, Settled, Settlement, StateError, StateStore,
+};
 use crate::timestamp;
 
 /// Why a poll did not complete.
@@ -60,6 +62,10 @@ pub struct PollSummary {
     pub unchanged: u64,
     /// Merged customer records the sink acknowledged (one per customer per batch).
     pub records_sent: u64,
+    /// Pending rows waiting longer than `run.follow_up_warning` since their table Timestamp.
+    pub overdue: u64,
+    /// Age of the oldest pending row, from its table Timestamp.
+    pub oldest_pending_age: Option<Duration>,
     /// Leads the sink could not take now; they are read and offered again next poll.
     pub pending: u64,
     pub pages: u64,
@@ -77,6 +83,38 @@ pub struct Pipeline {
     pub identity: IdentitySettings,
     pub overlap: Duration,
     pub batch_size: usize,
+    /// A lead still undelivered this long after its table Timestamp is logged as overdue.
+    pub follow_up_warning: Duration,
+    /// What the pipeline remembers between polls of one process.
+    pub memory: Memory,
+}
+
+/// In-process memory of the pipeline: when the sink asked to be left alone, and which
+/// overdue leads were already warned about (once per lead per process).
+#[derive(Debug, Default)]
+pub struct Memory {
+    sink_paused_until: std::sync::Mutex<Option<Instant>>,
+    warned_overdue: std::sync::Mutex<std::collections::HashSet<crate::row::RowId>>,
+}
+
+/// How a poll reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PollMode {
+    /// Read from this time instead of `checkpoint - overlap` (replay).
+    pub since: Option<OffsetDateTime>,
+    /// Process rows even if this version was handled before (replay).
+    pub ignore_handled: bool,
+    /// Send every customer touched, even when the merged record did not change.
+    pub resend: bool,
+}
+
+/// What `retry_dead_letters` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterReport {
+    pub delivered: Vec<String>,
+    pub rejected: Vec<(String, String)>,
+    pub pending: Vec<(String, String)>,
+    pub missing: Vec<String>,
 }
 
 fn version(row: &RawRow) -> RowVersion {
@@ -103,9 +141,18 @@ struct Delivery {
 impl Pipeline {
     /// Reads the whole window once and settles what it can.
     pub async fn poll(&self, cancel: &CancellationToken) -> Result<PollSummary, PollError> {
+        self.poll_with(PollMode::default(), cancel).await
+    }
+
+    /// As [`Pipeline::poll`], reading as `mode` says.
+    pub async fn poll_with(
+        &self,
+        mode: PollMode,
+        cancel: &CancellationToken,
+    ) -> Result<PollSummary, PollError> {
         let started = Instant::now();
         let checkpoint = self.state.checkpoint().await?;
-        let since = checkpoint.map(|c| c - self.overlap);
+        let since = mode.since.or(checkpoint.map(|c| c - self.overlap));
         let mut summary = PollSummary::default();
         let mut newest_settled: Option<OffsetDateTime> = None;
         let mut oldest_open: Option<OffsetDateTime> = None;
@@ -128,7 +175,7 @@ impl Pipeline {
                 })?;
             summary.pages += 1;
             summary.rows_read += page.rows.len() as u64;
-            let (settled, open) = self.process(page.rows, &mut summary).await?;
+            let (settled, open) = self.process(page.rows, mode, &mut summary).await?;
             newest_settled = newest_settled.max(settled);
             oldest_open = match (oldest_open, open) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -165,10 +212,15 @@ impl Pipeline {
     async fn process(
         &self,
         rows: Vec<RawRow>,
+        mode: PollMode,
         summary: &mut PollSummary,
     ) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), PollError> {
         let versions: Vec<RowVersion> = rows.iter().map(version).collect();
-        let handled = self.state.handled(&versions).await?;
+        let handled = if mode.ignore_handled {
+            vec![false; versions.len()]
+        } else {
+            self.state.handled(&versions).await?
+        };
         let mut newest_settled = None;
         let mut settlements = Vec::new();
         let mut by_customer: BTreeMap<CustomerKey, Vec<(RowVersion, LeadEvent)>> = BTreeMap::new();
@@ -242,10 +294,10 @@ impl Pipeline {
                     });
                 }
             };
-            if stored
+            let unchanged = stored
                 .as_ref()
-                .is_some_and(|s| s.delivered && s.lead == customer.lead)
-            {
+                .is_some_and(|s| s.delivered && s.lead == customer.lead);
+            if unchanged && !mode.resend {
                 // A replay of events already merged and delivered: nothing to send.
                 summary.unchanged += rows.len() as u64;
                 settle_all(
@@ -277,25 +329,11 @@ impl Pipeline {
         }
 
         let mut oldest_open: Option<OffsetDateTime> = None;
+        let mut dead_letters = Vec::new();
+        let mut resolved = Vec::new();
         for chunk in deliveries.chunks(self.batch_size.max(1)) {
             let leads: Vec<CustomerLead> = chunk.iter().map(|d| d.customer.lead.clone()).collect();
-            let mut outcomes = self.sink.deliver(&leads).await;
-            if outcomes.len() != leads.len() {
-                // A sink bug must not settle rows it did not report on.
-                tracing::error!(
-                    sink = self.sink.name(),
-                    expected = leads.len(),
-                    got = outcomes.len(),
-                    "Sink returned the wrong number of outcomes; treating the batch as not delivered."
-                );
-                outcomes = vec![
-                    Outcome::RetryLater {
-                        after: None,
-                        reason: "sink returned the wrong number of outcomes".into()
-                    };
-                    leads.len()
-                ];
-            }
+            let outcomes = self.deliver(&leads).await;
             for (delivery, outcome) in chunk.iter().zip(outcomes) {
                 let customer = &delivery.customer.lead.external_key;
                 let settled = match outcome {
@@ -305,14 +343,24 @@ impl Pipeline {
                         let mut stored = delivery.customer.clone();
                         stored.delivered = true;
                         to_store.push(stored);
+                        resolved.push(customer.clone());
                         Settled::Delivered {
                             sink: self.sink.name().into(),
                         }
                     }
                     Outcome::Rejected { reason } => {
-                        tracing::warn!(%customer, sink = self.sink.name(), %reason, "Sink rejected the lead.");
+                        tracing::warn!(%customer, sink = self.sink.name(), %reason, "Sink rejected the lead; kept as a dead letter (leadsync dlq list).");
                         summary.rejected += delivery.rows.len() as u64;
                         to_store.push(delivery.customer.clone());
+                        dead_letters.push(DeadLetter {
+                            id: customer.clone(),
+                            sink: self.sink.name().into(),
+                            reason: reason.clone(),
+                            payload: delivery.customer.lead.clone(),
+                            rows: delivery.rows.clone(),
+                            at: OffsetDateTime::now_utc(),
+                            attempts: 1,
+                        });
                         Settled::Rejected {
                             reason: format!(
                                 "{} rejected customer {customer}: {reason}",
@@ -321,11 +369,11 @@ impl Pipeline {
                         }
                     }
                     Outcome::RetryLater { reason, .. } => {
-                        tracing::warn!(%customer, sink = self.sink.name(), %reason, "Lead not delivered yet; it will be offered again next poll.");
                         summary.pending += delivery.rows.len() as u64;
                         for row in &delivery.rows {
                             oldest_open =
                                 Some(oldest_open.map_or(row.timestamp, |t| t.min(row.timestamp)));
+                            self.follow_up_clock(row, &reason, summary);
                         }
                         continue;
                     }
@@ -343,8 +391,150 @@ impl Pipeline {
         for s in &settlements {
             newest_settled = newest_settled.max(Some(s.row.timestamp));
         }
-        self.state.settle(&settlements, &to_store).await?;
+        self.state
+            .settle(&SettleBatch {
+                rows: settlements,
+                customers: to_store,
+                dead_letters,
+                resolved,
+            })
+            .await?;
         Ok((newest_settled, oldest_open))
+    }
+
+    /// Hands a batch to the sink, unless the sink asked for a pause (Retry-After), and
+    /// checks the sink kept its contract of one outcome per lead.
+    async fn deliver(&self, leads: &[CustomerLead]) -> Vec<Outcome> {
+        let paused = *self.memory.sink_paused_until.lock().expect("not poisoned");
+        if let Some(until) = paused.filter(|u| *u > Instant::now()) {
+            let wait = until - Instant::now();
+            return vec![
+                Outcome::RetryLater {
+                    after: Some(wait),
+                    reason: format!("the sink asked to wait {}s", wait.as_secs()),
+                };
+                leads.len()
+            ];
+        }
+        let outcomes = self.sink.deliver(leads).await;
+        if outcomes.len() != leads.len() {
+            // A sink bug must not settle rows it did not report on.
+            tracing::error!(
+                sink = self.sink.name(),
+                expected = leads.len(),
+                got = outcomes.len(),
+                "Sink returned the wrong number of outcomes; treating the batch as not delivered."
+            );
+            return vec![
+                Outcome::RetryLater {
+                    after: None,
+                    reason: "sink returned the wrong number of outcomes".into()
+                };
+                leads.len()
+            ];
+        }
+        let longest = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::RetryLater { after, .. } => *after,
+                _ => None,
+            })
+            .max();
+        if let Some(after) = longest {
+            tracing::warn!(
+                sink = self.sink.name(),
+                wait_s = after.as_secs(),
+                "Sink asked to wait; no delivery before then."
+            );
+            *self.memory.sink_paused_until.lock().expect("not poisoned") =
+                Some(Instant::now() + after);
+        }
+        outcomes
+    }
+
+    /// Tracks how long a pending lead has waited since the marketplace wrote it.
+    fn follow_up_clock(&self, row: &RowVersion, reason: &str, summary: &mut PollSummary) {
+        let age = (OffsetDateTime::now_utc() - row.timestamp)
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        summary.oldest_pending_age = summary.oldest_pending_age.max(Some(age));
+        if age < self.follow_up_warning {
+            tracing::info!(row = %row.id, sink = self.sink.name(), %reason, "Lead not delivered yet; it will be offered again next poll.");
+            return;
+        }
+        summary.overdue += 1;
+        let first_time = self
+            .memory
+            .warned_overdue
+            .lock()
+            .expect("not poisoned")
+            .insert(row.id.clone());
+        if first_time {
+            tracing::warn!(
+                row = %row.id,
+                sink = self.sink.name(),
+                waiting = %humantime::format_duration(Duration::from_secs(age.as_secs())),
+                %reason,
+                "Lead still undelivered past the follow-up warning; the 24-hour follow-up window is running."
+            );
+        }
+    }
+
+    /// Sends dead letters again (all, or those with the given ids) through the sink,
+    /// with the customer's current merged record.
+    pub async fn retry_dead_letters(
+        &self,
+        ids: Option<&[String]>,
+    ) -> Result<DeadLetterReport, StateError> {
+        let mut letters = self.state.dead_letters().await?;
+        let mut report = DeadLetterReport::default();
+        if let Some(ids) = ids {
+            for id in ids {
+                if !letters.iter().any(|l| &l.id == id) {
+                    report.missing.push(id.clone());
+                }
+            }
+            letters.retain(|l| ids.contains(&l.id));
+        }
+        for chunk in letters.chunks(self.batch_size.max(1)) {
+            let keys: Vec<String> = chunk.iter().map(|l| l.payload.key.clone()).collect();
+            let current = self.state.customers(&keys).await?;
+            let leads: Vec<CustomerLead> = chunk
+                .iter()
+                .zip(&current)
+                .map(|(l, c)| {
+                    c.as_ref()
+                        .map_or_else(|| l.payload.clone(), |c| c.lead.clone())
+                })
+                .collect();
+            let outcomes = self.deliver(&leads).await;
+            let mut batch = SettleBatch::default();
+            for ((letter, customer), outcome) in chunk.iter().zip(current).zip(outcomes) {
+                match outcome {
+                    Outcome::Delivered => {
+                        report.delivered.push(letter.id.clone());
+                        batch.resolved.push(letter.id.clone());
+                        if let Some(mut c) = customer {
+                            c.delivered = true;
+                            batch.customers.push(c);
+                        }
+                    }
+                    Outcome::Rejected { reason } => {
+                        report.rejected.push((letter.id.clone(), reason.clone()));
+                        let mut again = letter.clone();
+                        again.reason = reason;
+                        again.attempts += 1;
+                        again.at = OffsetDateTime::now_utc();
+                        batch.dead_letters.push(again);
+                    }
+                    Outcome::RetryLater { reason, .. } => {
+                        report.pending.push((letter.id.clone(), reason))
+                    }
+                }
+            }
+            self.state.settle(&batch).await?;
+        }
+        Ok(report)
     }
 }
 
@@ -359,6 +549,8 @@ pub fn log_summary(summary: &PollSummary) {
         records_sent = summary.records_sent,
         unchanged = summary.unchanged,
         pending = summary.pending,
+        overdue = summary.overdue,
+        oldest_pending_s = summary.oldest_pending_age.map(|a| a.as_secs()),
         already_handled = summary.already_handled,
         pages = summary.pages,
         duration_ms = summary.duration.as_millis() as u64,

@@ -65,6 +65,43 @@ pub struct Settlement {
     pub columns: Option<Map<String, Value>>,
 }
 
+/// A customer record the sink refused for good: kept with the sink's reason and the
+/// payload sent, for `leadsync dlq list|retry|drop`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The customer's external key: one dead letter per customer, the newest refusal.
+    pub id: String,
+    pub sink: String,
+    pub reason: String,
+    /// The merged record that was sent.
+    pub payload: crate::identity::CustomerLead,
+    /// The table rows whose delivery this was.
+    pub rows: Vec<RowVersion>,
+    #[serde(with = "serde_ticks")]
+    pub at: OffsetDateTime,
+    /// Times the sink refused it (retries through `dlq retry` included).
+    pub attempts: u32,
+}
+
+/// Everything one settle writes, atomically.
+#[derive(Debug, Clone, Default)]
+pub struct SettleBatch {
+    pub rows: Vec<Settlement>,
+    pub customers: Vec<CustomerState>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Dead letters (by id) superseded by a successful delivery.
+    pub resolved: Vec<String>,
+}
+
+impl SettleBatch {
+    pub fn rows(rows: Vec<Settlement>) -> Self {
+        Self {
+            rows,
+            ..Self::default()
+        }
+    }
+}
+
 /// A row that was rejected or skipped, as kept for people to inspect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordedRow {
@@ -99,12 +136,10 @@ pub trait StateStore: Send + Sync {
     async fn set_checkpoint(&self, timestamp: OffsetDateTime) -> Result<(), StateError>;
     /// For each row version, whether it was handled already (same row, same ETag).
     async fn handled(&self, rows: &[RowVersion]) -> Result<Vec<bool>, StateError>;
-    /// Records settled outcomes and the customers they changed, all or none.
-    async fn settle(
-        &self,
-        settlements: &[Settlement],
-        customers: &[CustomerState],
-    ) -> Result<(), StateError>;
+    /// Records settled outcomes, the customers they changed and the dead letters, all or none.
+    async fn settle(&self, batch: &SettleBatch) -> Result<(), StateError>;
+    /// Every dead letter, by id.
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError>;
     /// The stored customers with these keys (`None` where there is none yet), in order.
     async fn customers(&self, keys: &[String]) -> Result<Vec<Option<CustomerState>>, StateError>;
     /// Every stored customer, in key order.
@@ -127,6 +162,7 @@ const REJECTED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rej
 const SKIPPED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("skipped");
 const UNIDENTIFIABLE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("unidentifiable");
 const CUSTOMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("customers");
+const DEAD_LETTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("dead_letters");
 const CHECKPOINT_KEY: &str = "checkpoint";
 const CHECKPOINT_VERSION: u32 = 1;
 
@@ -169,6 +205,7 @@ impl RedbStore {
         }
         txn.open_table(META).map_err(io("open"))?;
         txn.open_table(CUSTOMERS).map_err(io("open"))?;
+        txn.open_table(DEAD_LETTERS).map_err(io("open"))?;
         txn.commit().map_err(io("open"))?;
         Ok(Self { db })
     }
@@ -259,16 +296,22 @@ impl StateStore for RedbStore {
             .collect()
     }
 
-    async fn settle(
-        &self,
-        settlements: &[Settlement],
-        customers: &[CustomerState],
-    ) -> Result<(), StateError> {
+    async fn settle(&self, batch: &SettleBatch) -> Result<(), StateError> {
         let now = OffsetDateTime::now_utc();
+        let settlements = &batch.rows;
         let txn = self.db.begin_write().map_err(io("settle rows"))?;
         {
+            let mut letters = txn.open_table(DEAD_LETTERS).map_err(io("settle rows"))?;
+            for id in &batch.resolved {
+                letters.remove(id.as_str()).map_err(io("settle rows"))?;
+            }
+            for letter in &batch.dead_letters {
+                letters
+                    .insert(letter.id.as_str(), encode(letter).as_slice())
+                    .map_err(io("settle rows"))?;
+            }
             let mut stored = txn.open_table(CUSTOMERS).map_err(io("settle rows"))?;
-            for customer in customers {
+            for customer in &batch.customers {
                 stored
                     .insert(customer.lead.key.as_str(), encode(customer).as_slice())
                     .map_err(io("settle rows"))?;
@@ -364,6 +407,19 @@ impl StateStore for RedbStore {
             .collect()
     }
 
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError> {
+        let txn = self.db.begin_read().map_err(io("read dead letters"))?;
+        let table = txn
+            .open_table(DEAD_LETTERS)
+            .map_err(io("read dead letters"))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(io("read dead letters"))? {
+            let (key, value) = entry.map_err(io("read dead letters"))?;
+            out.push(decode(key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
     async fn all_customers(&self) -> Result<Vec<CustomerState>, StateError> {
         let txn = self.db.begin_read().map_err(io("read customers"))?;
         let table = txn.open_table(CUSTOMERS).map_err(io("read customers"))?;
@@ -417,7 +473,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
         let v1 = version("r", "W/1", "2024-05-01T10:00:00Z");
-        store.settle(&[delivered(v1.clone())], &[]).await.unwrap();
+        store
+            .settle(&SettleBatch::rows(vec![delivered(v1.clone())]))
+            .await
+            .unwrap();
         let v2 = version("r", "W/2", "2024-05-01T11:00:00Z");
         let other = version("s", "W/1", "2024-05-01T10:00:00Z");
         assert_eq!(
@@ -433,7 +492,10 @@ mod tests {
         let old = version("old", "e", "2024-05-01T09:00:00Z");
         let edge = version("edge", "e", "2024-05-01T10:00:00.0000001Z");
         store
-            .settle(&[delivered(old.clone()), delivered(edge.clone())], &[])
+            .settle(&SettleBatch::rows(vec![
+                delivered(old.clone()),
+                delivered(edge.clone()),
+            ]))
             .await
             .unwrap();
         let pruned = store
@@ -454,16 +516,13 @@ mod tests {
         let store = RedbStore::open(dir.path()).unwrap();
         let v1 = version("r", "W/1", "2024-05-01T10:00:00Z");
         store
-            .settle(
-                &[Settlement {
-                    row: v1,
-                    outcome: Settled::Rejected {
-                        reason: "CustomerInfo is not valid JSON".into(),
-                    },
-                    columns: Some(Map::new()),
-                }],
-                &[],
-            )
+            .settle(&SettleBatch::rows(vec![Settlement {
+                row: v1,
+                outcome: Settled::Rejected {
+                    reason: "CustomerInfo is not valid JSON".into(),
+                },
+                columns: Some(Map::new()),
+            }]))
             .await
             .unwrap();
         let rejected = store.rejected().await.unwrap();
@@ -473,10 +532,11 @@ mod tests {
         );
 
         store
-            .settle(
-                &[delivered(version("r", "W/2", "2024-05-01T11:00:00Z"))],
-                &[],
-            )
+            .settle(&SettleBatch::rows(vec![delivered(version(
+                "r",
+                "W/2",
+                "2024-05-01T11:00:00Z",
+            ))]))
             .await
             .unwrap();
         assert!(store.rejected().await.unwrap().is_empty());

@@ -11,7 +11,7 @@ use common::{customer, lead_row, many_rows, World};
 use leadsync::pipeline::Pipeline;
 use leadsync::row::RowId;
 use leadsync::sink::{CustomerLead, JsonlSink, LeadSink, Outcome, SinkError};
-use leadsync::state::{RedbStore, RowVersion, Settled, Settlement, StateStore};
+use leadsync::state::{RedbStore, RowVersion, SettleBatch, Settled, Settlement, StateStore};
 use leadsync::{build_pipeline, RunOptions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -134,20 +134,17 @@ async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivere
     {
         let state = RedbStore::open(&world.state_dir()).unwrap();
         state
-            .settle(
-                &[Settlement {
-                    row: RowVersion {
-                        id: seen.id.clone(),
-                        etag: seen.etag.clone(),
-                        timestamp: seen.timestamp,
-                    },
-                    outcome: Settled::Delivered {
-                        sink: "jsonl".into(),
-                    },
-                    columns: None,
-                }],
-                &[],
-            )
+            .settle(&SettleBatch::rows(vec![Settlement {
+                row: RowVersion {
+                    id: seen.id.clone(),
+                    etag: seen.etag.clone(),
+                    timestamp: seen.timestamp,
+                },
+                outcome: Settled::Delivered {
+                    sink: "jsonl".into(),
+                },
+                columns: None,
+            }]))
             .await
             .unwrap();
         state.set_checkpoint(seen.timestamp).await.unwrap();

@@ -41,7 +41,71 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+fn spawn_azurite(port: u16, data: &Path) -> Child {
+    Command::new("node")
+        .arg(azurite_script())
+        .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()])
+        .arg("--location")
+        .arg(data)
+        .args([
+            "--skipApiVersionCheck",
+            "--disableProductStyleUrl",
+            "--disableTelemetry",
+            "--silent",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start node (Node.js 20 is required)")
+}
+
+fn wait_listening(port: u16, child: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 impl Azurite {
+    /// Stops the service (SIGINT, on which Azurite saves its data; then SIGKILL if it lingers).
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the service again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        for _ in 0..50 {
+            let mut child = spawn_azurite(self.port, self._data.path());
+            if wait_listening(self.port, &mut child) {
+                self.child = child;
+                return;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("Azurite did not restart on port {}", self.port);
+    }
+
     /// Starts the table service on a free port with its data in a temp dir.
     pub fn start() -> Azurite {
         let script = azurite_script();
