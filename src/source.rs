@@ -11,7 +11,7 @@ use std::time::Duration;
 use azure_core::error::ErrorKind;
 use azure_core::prelude::Continuable;
 use azure_core::{RetryOptions, StatusCode, TransportOptions};
-use azure_data_tables::clients::TableServiceClientBuilder;
+use azure_data_tables::clients::{TableServiceClient, TableServiceClientBuilder};
 use azure_data_tables::prelude::*;
 use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
 use futures::StreamExt;
@@ -104,21 +104,7 @@ impl std::fmt::Debug for TableSource {
 impl TableSource {
     /// Builds the client. Reads the configured secrets, makes no request.
     pub fn connect(settings: &SourceSettings) -> Result<Self, SourceError> {
-        let (location, credentials) = location_and_credentials(settings)?;
-        let http = reqwest::Client::builder()
-            .timeout(settings.request_timeout)
-            .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
-            .build()
-            .map_err(|e| SourceError::Setup {
-                key: "source",
-                message: format!("cannot build the HTTP client: {e}"),
-            })?;
-        // Retries are ours (see `fetch_page`): one jittered policy that also honours
-        // shutdown. The SDK default (8 retries up to 30 s each) would hide an outage for minutes.
-        let service = TableServiceClientBuilder::with_location(location, credentials)
-            .retry(RetryOptions::none())
-            .transport(TransportOptions::new(Arc::new(http)))
-            .build();
+        let service = service_client(settings)?;
         Ok(Self {
             table: service.table_client(settings.table.clone()),
             name: settings.table.clone(),
@@ -281,6 +267,28 @@ impl TableSource {
             message,
         }
     }
+}
+
+/// A table service client for the configured account: our HTTP client with its
+/// timeouts, and the SDK's own retries off. The state backend in a table uses it too.
+pub fn service_client(settings: &SourceSettings) -> Result<TableServiceClient, SourceError> {
+    let (location, credentials) = location_and_credentials(settings)?;
+    let http = reqwest::Client::builder()
+        .timeout(settings.request_timeout)
+        .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
+        .build()
+        .map_err(|e| SourceError::Setup {
+            key: "source",
+            message: format!("cannot build the HTTP client: {e}"),
+        })?;
+    // Retries are ours (see `fetch_page`): one jittered policy that also honours
+    // shutdown. The SDK default (8 retries up to 30 s each) would hide an outage for minutes.
+    Ok(
+        TableServiceClientBuilder::with_location(location, credentials)
+            .retry(RetryOptions::none())
+            .transport(TransportOptions::new(Arc::new(http)))
+            .build(),
+    )
 }
 
 /// The SDK does not escape `'` when it builds `(PartitionKey='..',RowKey='..')`.
