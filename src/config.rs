@@ -123,20 +123,52 @@ impl Default for RetrySettings {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackend {
+    /// One local file under `state.dir` (a VM with a disk).
+    File,
+    /// A table in the same storage account (jobs without a durable disk).
+    Table,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateSettings {
-    /// Directory of the state file `leadsync.redb`.
+    /// Where state lives.
+    #[serde(default = "default_state_backend")]
+    pub backend: StateBackend,
+    /// Directory of the state file `leadsync.redb` (backend "file").
     #[serde(default = "default_state_dir")]
     pub dir: PathBuf,
+    /// State table in the source's storage account (backend "table").
+    #[serde(default = "default_state_table")]
+    pub table: String,
+    /// How long a processing lease lasts without renewal (backend "table"); a holder
+    /// that dies loses it after this long.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for StateSettings {
     fn default() -> Self {
         Self {
+            backend: default_state_backend(),
             dir: default_state_dir(),
+            table: default_state_table(),
+            lease_ttl: default_lease_ttl(),
         }
     }
+}
+
+fn default_state_backend() -> StateBackend {
+    StateBackend::File
+}
+fn default_state_table() -> String {
+    "LeadsyncState".into()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -536,16 +568,25 @@ impl Settings {
         if s.table.trim().is_empty() {
             return bad("source.table", "the table name must not be empty");
         }
-        // Azure table names: 3-63 alphanumerics, not starting with a digit.
-        let valid_name = s.table.len() >= 3
-            && s.table.len() <= 63
-            && s.table.chars().all(|c| c.is_ascii_alphanumeric())
-            && s.table.starts_with(|c: char| c.is_ascii_alphabetic());
-        if !valid_name {
+        if !valid_table_name(&s.table) {
             return bad(
                 "source.table",
                 "a table name is 3 to 63 letters and digits, starting with a letter",
             );
+        }
+        if self.state.backend == StateBackend::Table {
+            if !valid_table_name(&self.state.table) {
+                return bad(
+                    "state.table",
+                    "a table name is 3 to 63 letters and digits, starting with a letter",
+                );
+            }
+            if self.state.table.eq_ignore_ascii_case(&s.table) {
+                return bad("state.table", "must differ from source.table");
+            }
+            if self.state.lease_ttl < Duration::from_secs(5) {
+                return bad("state.lease_ttl", "must be at least 5s");
+            }
         }
         let credentials = [
             s.connection_string.is_some(),
@@ -651,6 +692,13 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// Azure table names: 3-63 alphanumerics, starting with a letter.
+fn valid_table_name(name: &str) -> bool {
+    (3..=63).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_alphanumeric())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
 }
 
 /// Says whether a key's value came from an environment variable or the file.

@@ -15,6 +15,7 @@ pub mod row;
 pub mod sink;
 pub mod source;
 pub mod state;
+pub mod state_table;
 pub mod telemetry;
 pub mod timestamp;
 
@@ -22,7 +23,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, SinkKind};
+use crate::config::{Settings, SinkKind, StateBackend};
 use crate::pipeline::{log_summary, Pipeline, PollError, PollSummary};
 use crate::sink::{DynamicsSink, JsonlSink, LeadSink, SalesforceSink, SinkError, WebhookSink};
 use crate::source::{SourceError, TableSource};
@@ -112,7 +113,10 @@ pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
 /// Opens the state and the table client, and builds the pipeline.
 pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
     let source = TableSource::connect(&settings.source)?;
-    let state: Arc<dyn StateStore> = Arc::new(RedbStore::open(&settings.state.dir)?);
+    let state: Arc<dyn StateStore> = match settings.state.backend {
+        StateBackend::File => Arc::new(RedbStore::open(&settings.state.dir)?),
+        StateBackend::Table => state_table::open(&settings.source, &settings.state)?,
+    };
     Ok(Pipeline {
         source,
         state,

@@ -6,6 +6,7 @@
 //! state directory. A table-backed store for jobs without a disk can implement the same trait.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,15 @@ pub struct DeadLetter {
     pub attempts: u32,
 }
 
+/// Who may process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    /// This process holds the lease.
+    Held,
+    /// Another process holds it until `until`.
+    HeldBy { owner: String, until: OffsetDateTime },
+}
+
 /// Everything one settle writes, atomically.
 #[derive(Debug, Clone, Default)]
 pub struct SettleBatch {
@@ -140,6 +150,15 @@ pub trait StateStore: Send + Sync {
     async fn settle(&self, batch: &SettleBatch) -> Result<(), StateError>;
     /// Every dead letter, by id.
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError>;
+    /// Takes or renews the processing lease for `owner`, so two leadsync processes
+    /// never process at once. The file store's exclusive file lock already ensures it.
+    async fn acquire_lease(&self, _owner: &str, _ttl: Duration) -> Result<Lease, StateError> {
+        Ok(Lease::Held)
+    }
+    /// Gives the lease up (on shutdown), so another process can take over at once.
+    async fn release_lease(&self, _owner: &str) -> Result<(), StateError> {
+        Ok(())
+    }
     /// The stored customers with these keys (`None` where there is none yet), in order.
     async fn customers(&self, keys: &[String]) -> Result<Vec<Option<CustomerState>>, StateError>;
     /// Every stored customer, in key order.

@@ -1,47 +1,1179 @@
-//! Dynamics sink (placeholder until written).
+//! Dynamics 365 / Dataverse: upserts each customer into the `lead` table by an
+//! alternate key, through the Web API, as an application user authenticated with
+//! Microsoft Entra ID client credentials.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+use tracing::Instrument;
 
+use super::http::{self, Finished, Step};
+use super::mapping::{self, LeadField};
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
+use crate::config::{RetrySettings, SecretSource};
 
+const SINK: &str = "dynamics";
+/// The entity set of the `lead` table in the Web API.
+const ENTITY_SET: &str = "leads";
+/// The one key attribute whose value comes from the lead's email instead of its external key.
+const EMAIL_KEY: &str = "emailaddress1";
+/// Dataverse refuses more than 52 concurrent requests per user (service protection, 0x80072326).
+const MAX_PARALLELISM: usize = 52;
+/// Used when a token response lacks `expires_in` (Entra ID always sends it).
+const ASSUMED_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+/// Enough of an error body to explain it, not a whole HTML error page.
+const MAX_BODY_IN_REASON: usize = 300;
+
+/// The column sizes of the standard `lead` table, in characters.
+const DEFAULT_MAX_LENGTHS: [(&str, usize); 9] = [
+    ("firstname", 50),
+    ("lastname", 50),
+    ("companyname", 100),
+    ("jobtitle", 100),
+    ("emailaddress1", 100),
+    ("telephone1", 50),
+    ("address1_country", 80),
+    ("subject", 200),
+    ("description", 2000),
+];
+
+/// `[sink.dynamics]`: where the Dataverse environment is, how to authenticate, and
+/// which lead columns receive what.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DynamicsSettings {}
+pub struct DynamicsSettings {
+    /// The environment URL, e.g. `https://contoso.crm.dynamics.com` (Power Platform admin center, Environment URL).
+    pub environment_url: String,
+    /// The Microsoft Entra tenant (directory) id of the app registration, or its domain name.
+    pub tenant_id: String,
+    /// The application (client) id of the app registration; the environment must have it as an application user.
+    pub client_id: String,
+    /// The client secret of the app registration.
+    pub client_secret: SecretSource,
+    /// The Entra ID authority host; change it for sovereign clouds (e.g. `https://login.microsoftonline.us`).
+    #[serde(default = "default_authority_host")]
+    pub authority_host: String,
+    /// The Web API version in `/api/data/<version>/`.
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    /// The column of the lead table's alternate key that leads are upserted on: a custom column
+    /// holding the external key, or `emailaddress1` to upsert on the email.
+    #[serde(default = "default_key_attribute")]
+    pub key_attribute: String,
+    /// Upsert requests in flight at once (Dataverse throttles per user; at most 52).
+    #[serde(default = "default_parallelism")]
+    pub parallelism: usize,
+    /// Lead column (logical name) -> lead attribute. Replaces the default mapping as a whole.
+    #[serde(default = "default_fields")]
+    pub fields: BTreeMap<String, LeadField>,
+    /// Column (logical name) -> maximum characters; longer values are cut and the cut is logged.
+    /// Merged over the built-in sizes of the standard lead columns.
+    #[serde(default)]
+    pub max_lengths: BTreeMap<String, usize>,
+    /// A token is renewed this long before it expires (at most half its lifetime before).
+    #[serde(default = "default_token_refresh_margin", with = "humantime_serde")]
+    pub token_refresh_margin: Duration,
+    /// Timeout of one request (token or Web API).
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Accept `http://` URLs (local fakes and tests only: leads carry personal data).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Retries of one upsert on timeouts, 5xx and 429.
+    #[serde(default)]
+    pub retry: RetrySettings,
+}
+
+fn default_authority_host() -> String {
+    "https://login.microsoftonline.com".into()
+}
+fn default_api_version() -> String {
+    "v9.2".into()
+}
+fn default_key_attribute() -> String {
+    "leadsync_key".into()
+}
+fn default_parallelism() -> usize {
+    4
+}
+fn default_token_refresh_margin() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The default lead column -> lead attribute mapping.
+pub fn default_fields() -> BTreeMap<String, LeadField> {
+    [
+        ("firstname", LeadField::FirstName),
+        ("lastname", LeadField::LastName),
+        ("emailaddress1", LeadField::Email),
+        ("telephone1", LeadField::Phone),
+        ("companyname", LeadField::Company),
+        ("jobtitle", LeadField::Title),
+        ("address1_country", LeadField::Country),
+        ("subject", LeadField::Subject),
+        ("description", LeadField::Summary),
+        ("donotemail", LeadField::DoNotContact),
+        ("donotphone", LeadField::DoNotContact),
+    ]
+    .into_iter()
+    .map(|(column, field)| (column.to_owned(), field))
+    .collect()
+}
+
+/// The built-in column sizes (`max_lengths` entries are merged over them).
+pub fn default_max_lengths() -> BTreeMap<String, usize> {
+    DEFAULT_MAX_LENGTHS
+        .iter()
+        .map(|(column, max)| ((*column).to_owned(), *max))
+        .collect()
+}
+
+/// Column logical names are lower-case letters, digits and underscores, starting with a letter.
+fn is_logical_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
 
 impl DynamicsSettings {
     /// Checks what types cannot express; returns the offending key and why.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((format!("sink.dynamics.{key}"), message));
+        let environment = http::check_url(
+            "sink.dynamics.environment_url",
+            &self.environment_url,
+            self.allow_http,
+        )?;
+        if !matches!(environment.path(), "" | "/")
+            || environment.query().is_some()
+            || environment.host_str().is_none()
+        {
+            return bad(
+                "environment_url",
+                "must be the environment URL alone, e.g. https://contoso.crm.dynamics.com (no path)"
+                    .into(),
+            );
+        }
+        http::check_url(
+            "sink.dynamics.authority_host",
+            &self.authority_host,
+            self.allow_http,
+        )?;
+        let tenant = self.tenant_id.trim();
+        if tenant.is_empty()
+            || !tenant
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return bad(
+                "tenant_id",
+                "must be the directory (tenant) id, e.g. 00000000-0000-0000-0000-000000000000, or the tenant's domain name".into(),
+            );
+        }
+        if self.client_id.trim().is_empty() {
+            return bad(
+                "client_id",
+                "must be the application (client) id of the app registration".into(),
+            );
+        }
+        let version = self.api_version.strip_prefix('v').unwrap_or_default();
+        if version.is_empty()
+            || !version
+                .split('.')
+                .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_digit()))
+        {
+            return bad(
+                "api_version",
+                format!("must look like v9.2, not {:?}", self.api_version),
+            );
+        }
+        if !is_logical_name(&self.key_attribute) {
+            return bad(
+                "key_attribute",
+                format!(
+                    "must be the logical name of a lead column (lower-case letters, digits, _), not {:?}",
+                    self.key_attribute
+                ),
+            );
+        }
+        if self.parallelism == 0 || self.parallelism > MAX_PARALLELISM {
+            return bad(
+                "parallelism",
+                format!("must be between 1 and {MAX_PARALLELISM} (Dataverse's limit of concurrent requests per user)"),
+            );
+        }
+        if let Some(column) = self.fields.keys().find(|c| !is_logical_name(c)) {
+            return bad(
+                &format!("fields.{column}"),
+                "is not a column logical name (lower-case letters, digits, _)".into(),
+            );
+        }
+        for (column, max) in &self.max_lengths {
+            if !is_logical_name(column) {
+                return bad(
+                    &format!("max_lengths.{column}"),
+                    "is not a column logical name (lower-case letters, digits, _)".into(),
+                );
+            }
+            if *max == 0 {
+                return bad(
+                    &format!("max_lengths.{column}"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request_timeout", "must be greater than zero".into());
+        }
+        if self.retry.max_attempts == 0 {
+            return bad("retry.max_attempts", "must be at least 1".into());
+        }
+        if self.retry.initial_backoff.is_zero() {
+            return bad("retry.initial_backoff", "must be greater than zero".into());
+        }
+        if self.retry.max_backoff < self.retry.initial_backoff {
+            return bad(
+                "retry.max_backoff",
+                "must not be smaller than sink.dynamics.retry.initial_backoff".into(),
+            );
+        }
         Ok(())
     }
 }
 
-pub struct DynamicsSink;
+/// An access token and when to stop using it.
+struct CachedToken {
+    value: SecretString,
+    renew_at: Instant,
+}
+
+/// Why no token could be had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TokenError {
+    /// Entra ID is unreachable, slow or throttling: try again later.
+    Transient {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// Entra ID refused the credentials; nothing changes until the config does.
+    Permanent { reason: String },
+}
+
+impl TokenError {
+    fn into_step<T>(self) -> Step<T> {
+        match self {
+            Self::Transient { after, reason } => Step::Retry { after, reason },
+            Self::Permanent { reason } => Step::Fail { reason },
+        }
+    }
+
+    fn reason(&self) -> &str {
+        match self {
+            Self::Transient { reason, .. } | Self::Permanent { reason } => reason,
+        }
+    }
+}
+
+/// The Dataverse sink.
+pub struct DynamicsSink {
+    client: reqwest::Client,
+    /// `{environment}/api/data/{version}`.
+    api_base: String,
+    token_url: String,
+    scope: String,
+    client_id: String,
+    client_secret: SecretString,
+    key_attribute: String,
+    fields: BTreeMap<String, LeadField>,
+    max_lengths: BTreeMap<String, usize>,
+    parallelism: usize,
+    refresh_margin: Duration,
+    request_timeout: Duration,
+    retry: RetrySettings,
+    token: Mutex<Option<CachedToken>>,
+}
+
+impl fmt::Debug for DynamicsSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DynamicsSink")
+            .field("api_base", &self.api_base)
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("key_attribute", &self.key_attribute)
+            .field("parallelism", &self.parallelism)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sink_error(message: impl Into<String>) -> SinkError {
+    SinkError {
+        sink: SINK.into(),
+        message: message.into(),
+    }
+}
 
 impl DynamicsSink {
-    pub fn new(_settings: &DynamicsSettings) -> Result<Self, SinkError> {
-        Err(SinkError {
-            sink: "dynamics".into(),
-            message: "not implemented yet".into(),
+    /// Builds the sink and reads the client secret; no request is sent.
+    pub fn new(settings: &DynamicsSettings) -> Result<Self, SinkError> {
+        settings
+            .validate()
+            .map_err(|(key, message)| sink_error(format!("config key `{key}`: {message}")))?;
+        let client_secret = settings
+            .client_secret
+            .resolve("sink.dynamics.client_secret")
+            .map_err(|e| sink_error(e.to_string()))?;
+        let environment = http::check_url(
+            "sink.dynamics.environment_url",
+            &settings.environment_url,
+            settings.allow_http,
+        )
+        .map_err(|(key, message)| sink_error(format!("config key `{key}`: {message}")))?;
+        let origin = environment.origin().ascii_serialization();
+        let mut max_lengths = default_max_lengths();
+        max_lengths.extend(settings.max_lengths.clone());
+        Ok(Self {
+            client: http::client(settings.request_timeout).map_err(sink_error)?,
+            api_base: format!("{origin}/api/data/{}", settings.api_version),
+            token_url: format!(
+                "{}/{}/oauth2/v2.0/token",
+                settings.authority_host.trim_end_matches('/'),
+                settings.tenant_id.trim()
+            ),
+            // The resource of a Dataverse environment is its URL; `.default` asks for the
+            // permissions granted to the app registration.
+            scope: format!("{origin}/.default"),
+            client_id: settings.client_id.trim().to_owned(),
+            client_secret,
+            key_attribute: settings.key_attribute.clone(),
+            fields: settings.fields.clone(),
+            max_lengths,
+            parallelism: settings.parallelism,
+            refresh_margin: settings.token_refresh_margin,
+            request_timeout: settings.request_timeout,
+            retry: settings.retry.clone(),
+            token: Mutex::new(None),
         })
+    }
+
+    /// A secret must never reach a reason or a log line, even if a server echoed it.
+    fn redact(&self, text: String) -> String {
+        let secret = self.client_secret.expose_secret();
+        if text.contains(secret) {
+            text.replace(secret, "[redacted]")
+        } else {
+            text
+        }
+    }
+
+    fn transport_reason(&self, what: &str, error: reqwest::Error) -> String {
+        let error = error.without_url();
+        if error.is_timeout() {
+            format!(
+                "{what} timed out after {}",
+                humantime::format_duration(self.request_timeout)
+            )
+        } else {
+            // reqwest's own message is generic ("error sending request"); the cause is in
+            // the source chain (connection refused, TLS, DNS).
+            let mut text = format!("{what} failed: {error}");
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            self.redact(text)
+        }
+    }
+
+    /// The cached token, or a new one when it is missing or close to expiry. The lock is
+    /// held while fetching, so concurrent upserts wait for one token request.
+    async fn bearer(&self) -> Result<SecretString, TokenError> {
+        let mut cached = self.token.lock().await;
+        if let Some(token) = cached.as_ref().filter(|t| Instant::now() < t.renew_at) {
+            return Ok(token.value.clone());
+        }
+        let fresh = self.request_token().await?;
+        let value = fresh.value.clone();
+        *cached = Some(fresh);
+        Ok(value)
+    }
+
+    /// Drops `used` from the cache (after a 401), unless another request already replaced it.
+    async fn forget(&self, used: &SecretString) {
+        let mut cached = self.token.lock().await;
+        if cached
+            .as_ref()
+            .is_some_and(|t| t.value.expose_secret() == used.expose_secret())
+        {
+            *cached = None;
+        }
+    }
+
+    async fn request_token(&self) -> Result<CachedToken, TokenError> {
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", self.client_id.as_str()),
+            ("client_secret", self.client_secret.expose_secret()),
+            ("scope", self.scope.as_str()),
+        ];
+        let requested = Instant::now();
+        let response = self
+            .client
+            .post(&self.token_url)
+            .header(ACCEPT, "application/json")
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| TokenError::Transient {
+                after: None,
+                reason: self.transport_reason("token request to Entra ID", e),
+            })?;
+        let status = response.status();
+        let after = http::retry_after(response.headers());
+        let body = response.text().await.map_err(|e| TokenError::Transient {
+            after: None,
+            reason: self.transport_reason("reading the Entra ID token response", e),
+        })?;
+        let token =
+            classify_token_response(status, after, &body, &self.client_id).map_err(|error| {
+                match error {
+                    TokenError::Transient { after, reason } => TokenError::Transient {
+                        after,
+                        reason: self.redact(reason),
+                    },
+                    TokenError::Permanent { reason } => TokenError::Permanent {
+                        reason: self.redact(reason),
+                    },
+                }
+            })?;
+        let renew_in = renew_after(token.lifetime, self.refresh_margin);
+        tracing::debug!(
+            expires_in_s = token.lifetime.as_secs(),
+            renew_in_s = renew_in.as_secs(),
+            "Got a Dataverse access token from Entra ID."
+        );
+        Ok(CachedToken {
+            value: token.access_token,
+            renew_at: requested + renew_in,
+        })
+    }
+
+    fn odata(
+        &self,
+        request: reqwest::RequestBuilder,
+        token: &SecretString,
+    ) -> reqwest::RequestBuilder {
+        let mut headers = HeaderMap::new();
+        headers.insert("OData-Version", HeaderValue::from_static("4.0"));
+        headers.insert("OData-MaxVersion", HeaderValue::from_static("4.0"));
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        request.headers(headers).bearer_auth(token.expose_secret())
+    }
+
+    /// The record body and the key value of one lead, or why it cannot be sent.
+    fn prepare(&self, lead: &CustomerLead) -> Result<(String, Map<String, Value>), String> {
+        let key = if self.key_attribute == EMAIL_KEY {
+            match &lead.customer.email {
+                Some(email) if !email.normalized.is_empty() => email.normalized.clone(),
+                _ => {
+                    return Err(format!(
+                        "the lead has no email, and sink.dynamics.key_attribute = \"{EMAIL_KEY}\" needs one to upsert on (a custom key column holding the external key works for every lead)"
+                    ))
+                }
+            }
+        } else {
+            lead.external_key.clone()
+        };
+        if key.is_empty() {
+            return Err(format!(
+                "the lead has an empty external key; refusing to upsert on an empty {}",
+                self.key_attribute
+            ));
+        }
+        if let Some(max) = self.max_lengths.get(&self.key_attribute) {
+            if key.chars().count() > *max {
+                return Err(format!(
+                    "the key value is {} characters, longer than {}'s {max}; a cut key could match another customer's record",
+                    key.chars().count(),
+                    self.key_attribute
+                ));
+            }
+        }
+        let mut body = mapping::map_fields(lead, &self.fields);
+        // `subject` (Topic) is required on create.
+        body.entry("subject")
+            .or_insert_with(|| Value::String(mapping::subject(lead)));
+        for (column, value) in body.iter_mut() {
+            let (Some(max), Value::String(text)) = (self.max_lengths.get(column), &*value) else {
+                continue;
+            };
+            let (cut, was_cut) = mapping::truncate(text, *max);
+            if was_cut {
+                tracing::info!(
+                    customer = %lead.external_key,
+                    column = %column,
+                    max_chars = *max,
+                    chars = text.chars().count(),
+                    "Value cut to fit the Dataverse column."
+                );
+                *value = Value::String(cut);
+            }
+        }
+        // Dataverse takes the key from the URL; the body carries it too so that a create
+        // stores it, and it must be the same value.
+        body.insert(self.key_attribute.clone(), Value::String(key.clone()));
+        Ok((key, body))
+    }
+
+    async fn upsert(&self, lead: &CustomerLead) -> Outcome {
+        let (key, body) = match self.prepare(lead) {
+            Ok(prepared) => prepared,
+            Err(reason) => return Outcome::Rejected { reason },
+        };
+        let url = format!(
+            "{}/{ENTITY_SET}({}='{}')",
+            self.api_base,
+            self.key_attribute,
+            odata_key(&key)
+        );
+        let body = match serde_json::to_vec(&body) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                return Outcome::Rejected {
+                    reason: format!("cannot encode the lead as JSON: {e}"),
+                }
+            }
+        };
+        let span = tracing::info_span!("dynamics_upsert", customer = %lead.external_key);
+        let finished = http::retrying(&self.retry, SINK, |attempt| {
+            self.attempt_upsert(&url, &body, &lead.external_key, attempt)
+        })
+        .instrument(span)
+        .await;
+        match finished {
+            Finished::Done(()) => Outcome::Delivered,
+            Finished::GaveUp { after, reason } => Outcome::RetryLater { after, reason },
+            Finished::Failed { reason } => Outcome::Rejected { reason },
+        }
+    }
+
+    async fn attempt_upsert(
+        &self,
+        url: &str,
+        body: &[u8],
+        customer: &str,
+        attempt: u32,
+    ) -> Step<()> {
+        let mut refreshed = false;
+        loop {
+            let token = match self.bearer().await {
+                Ok(token) => token,
+                Err(error) => return error.into_step(),
+            };
+            let request = self
+                .odata(self.client.patch(url), &token)
+                .header(CONTENT_TYPE, "application/json; charset=utf-8")
+                .body(body.to_vec());
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) => {
+                    return Step::Retry {
+                        after: None,
+                        reason: self.transport_reason("upsert request", e),
+                    }
+                }
+            };
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !refreshed {
+                tracing::info!(
+                    customer,
+                    attempt,
+                    "Dataverse refused the access token; getting a new one."
+                );
+                self.forget(&token).await;
+                refreshed = true;
+                continue;
+            }
+            if status.is_success() {
+                let entity = response
+                    .headers()
+                    .get("OData-EntityId")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                tracing::debug!(customer, status = status.as_u16(), entity = %entity, "Lead upserted in Dataverse.");
+                return Step::Done(());
+            }
+            let after = http::retry_after(response.headers());
+            let text = match response.text().await {
+                Ok(text) => text,
+                Err(e) => {
+                    return Step::Retry {
+                        after,
+                        reason: self.transport_reason("reading the Dataverse response", e),
+                    }
+                }
+            };
+            if let Some((code, limit)) = service_protection(&text) {
+                tracing::warn!(
+                    customer,
+                    attempt,
+                    code = %code,
+                    limit,
+                    retry_after_ms = after.map(|a| a.as_millis() as u64),
+                    "Dataverse service protection limit reached; waiting as told."
+                );
+            }
+            return match classify(status, after, &text) {
+                Step::Fail { reason } => Step::Fail {
+                    reason: self.redact(reason),
+                },
+                Step::Retry { after, reason } => Step::Retry {
+                    after,
+                    reason: self.redact(reason),
+                },
+                Step::Done(()) => Step::Done(()),
+            };
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl LeadSink for DynamicsSink {
     fn name(&self) -> &str {
-        "dynamics"
+        SINK
     }
 
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
-        vec![
-            Outcome::Rejected {
-                reason: "not implemented".into()
-            };
-            batch.len()
-        ]
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        // One token for the batch first: refused credentials answer every lead at once
+        // instead of once per lead.
+        let token = http::retrying(&self.retry, SINK, |_| async {
+            match self.bearer().await {
+                Ok(_) => Step::Done(()),
+                Err(error) => error.into_step(),
+            }
+        })
+        .await;
+        match token {
+            Finished::Done(()) => {}
+            Finished::GaveUp { after, reason } => {
+                tracing::warn!(leads = batch.len(), %reason, "No Dataverse access token; the batch waits for the next poll.");
+                return vec![Outcome::RetryLater { after, reason }; batch.len()];
+            }
+            Finished::Failed { reason } => {
+                tracing::error!(leads = batch.len(), %reason, "Entra ID refused the Dataverse credentials; the batch is rejected.");
+                return vec![Outcome::Rejected { reason }; batch.len()];
+            }
+        }
+        // Futures are lazy: collecting them starts nothing; `buffered` runs `parallelism` at
+        // a time and yields outcomes in input order.
+        let upserts: Vec<_> = batch.iter().map(|lead| self.upsert(lead)).collect();
+        stream::iter(upserts)
+            .buffered(self.parallelism)
+            .collect()
+            .await
     }
 
     async fn healthcheck(&self) -> Result<(), SinkError> {
-        Ok(())
+        let url = format!("{}/WhoAmI", self.api_base);
+        let mut refreshed = false;
+        loop {
+            let token = self
+                .bearer()
+                .await
+                .map_err(|e| sink_error(e.reason().to_owned()))?;
+            let response = self
+                .odata(self.client.get(&url), &token)
+                .send()
+                .await
+                .map_err(|e| sink_error(self.transport_reason("WhoAmI request", e)))?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !refreshed {
+                self.forget(&token).await;
+                refreshed = true;
+                continue;
+            }
+            let text = response.text().await.unwrap_or_default();
+            if !status.is_success() {
+                return Err(sink_error(self.redact(format!(
+                    "WhoAmI answered {status}: {}{}",
+                    error_text(&text),
+                    hint(status)
+                ))));
+            }
+            let user = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("UserId").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_default();
+            tracing::info!(api = %self.api_base, user_id = %user, "Dataverse is reachable and accepts leadsync's credentials.");
+            return Ok(());
+        }
+    }
+}
+
+/// A string key value as it goes in `leads(key='...')`: OData doubles a `'` inside a
+/// string literal, then the literal is percent-encoded for the URL path.
+pub fn odata_key(value: &str) -> String {
+    urlencoding::encode(&value.replace('\'', "''")).into_owned()
+}
+
+/// A successful token response.
+struct IssuedToken {
+    access_token: SecretString,
+    lifetime: Duration,
+}
+
+/// When to renew a token of `lifetime`: `margin` before expiry, but never sooner than
+/// half-way, so that even a short-lived token is used before it is renewed.
+fn renew_after(lifetime: Duration, margin: Duration) -> Duration {
+    lifetime.saturating_sub(margin.min(lifetime / 2))
+}
+
+/// Reads an Entra ID token endpoint response.
+fn classify_token_response(
+    status: StatusCode,
+    after: Option<Duration>,
+    body: &str,
+    client_id: &str,
+) -> Result<IssuedToken, TokenError> {
+    let json: Option<Value> = serde_json::from_str(body).ok();
+    if status.is_success() {
+        let token = json
+            .as_ref()
+            .and_then(|v| v.get("access_token"))
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty());
+        let Some(token) = token else {
+            return Err(TokenError::Transient {
+                after: None,
+                reason: "Entra ID answered the token request without an access_token".into(),
+            });
+        };
+        // `expires_in` is a number on the v2.0 endpoint; some proxies send it as a string.
+        let lifetime = json
+            .as_ref()
+            .and_then(|v| v.get("expires_in"))
+            .and_then(|v| v.as_u64().or_else(|| v.as_str()?.trim().parse().ok()))
+            .map_or(ASSUMED_TOKEN_LIFETIME, Duration::from_secs);
+        return Ok(IssuedToken {
+            access_token: SecretString::from(token.to_owned()),
+            lifetime,
+        });
+    }
+    let field = |name: &str| {
+        json.as_ref()
+            .and_then(|v| v.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let description = field("error_description")
+        .map(|d| d.lines().next().unwrap_or_default().trim().to_owned())
+        .unwrap_or_else(|| error_text(body));
+    let error = field("error").unwrap_or_else(|| "no error code".into());
+    if http::is_transient_status(status) || error == "temporarily_unavailable" {
+        return Err(TokenError::Transient {
+            after,
+            reason: format!("Entra ID token request answered {status} ({error}: {description})"),
+        });
+    }
+    Err(TokenError::Permanent {
+        reason: format!(
+            "Entra ID refused the client credentials of application {client_id} ({status}, {error}: {description}); this is permanent until sink.dynamics.tenant_id, client_id or client_secret is corrected"
+        ),
+    })
+}
+
+/// `code: message` of a Web API error body `{"error":{"code":..,"message":..}}`, else the
+/// start of the body.
+fn error_text(body: &str) -> String {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let error = parsed.as_ref().and_then(|v| v.get("error"));
+    let code = error.and_then(|e| e.get("code")).and_then(Value::as_str);
+    let message = error.and_then(|e| e.get("message")).and_then(Value::as_str);
+    match (code, message) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (None, Some(message)) => message.to_owned(),
+        _ if body.trim().is_empty() => "empty body".into(),
+        _ => {
+            let mut start: String = body.trim().chars().take(MAX_BODY_IN_REASON).collect();
+            if body.trim().chars().count() > MAX_BODY_IN_REASON {
+                start.push_str(mapping::TRUNCATION_MARKER);
+            }
+            start
+        }
+    }
+}
+
+/// What a person can do about a status, when it is not obvious.
+fn hint(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => " (a freshly issued token was refused: is the app registration an application user of this environment?)",
+        StatusCode::FORBIDDEN => " (the application user lacks a security role that can create and update leads)",
+        StatusCode::NOT_FOUND => " (check sink.dynamics.environment_url, api_version, and that key_attribute is an active alternate key of the lead table)",
+        _ => "",
+    }
+}
+
+/// The Dataverse service protection limits, by error code (hex as the Web API sends it,
+/// or the signed decimal form of the SDK).
+fn service_protection_limit(code: &str) -> Option<&'static str> {
+    match code.to_ascii_lowercase().as_str() {
+        "0x80072322" | "-2147015902" => Some("number of requests per user in the 5-minute window"),
+        "0x80072321" | "-2147015903" => {
+            Some("combined execution time of requests per user in the 5-minute window")
+        }
+        "0x80072326" | "-2147015898" => {
+            Some("concurrent requests per user (lower sink.dynamics.parallelism if this recurs)")
+        }
+        _ => None,
+    }
+}
+
+/// The service protection limit a response body reports, if any.
+fn service_protection(body: &str) -> Option<(String, &'static str)> {
+    let parsed: Value = serde_json::from_str(body).ok()?;
+    let code = parsed.get("error")?.get("code")?.as_str()?;
+    Some((code.to_owned(), service_protection_limit(code)?))
+}
+
+/// What a Web API answer to an upsert means: done, worth another try, or final.
+fn classify(status: StatusCode, after: Option<Duration>, body: &str) -> Step<()> {
+    if status.is_success() {
+        return Step::Done(());
+    }
+    let detail = error_text(body);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let reason = match service_protection(body) {
+            Some((code, limit)) => {
+                format!("Dataverse throttled the upsert (429, service protection {code}: {limit})")
+            }
+            None => format!("Dataverse throttled the upsert (429: {detail})"),
+        };
+        return Step::Retry { after, reason };
+    }
+    if http::is_transient_status(status) {
+        return Step::Retry {
+            after,
+            reason: format!("Dataverse answered {status}: {detail}"),
+        };
+    }
+    Step::Fail {
+        reason: format!(
+            "Dataverse refused the lead ({status}): {detail}{}",
+            hint(status)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IdentitySettings;
+    use crate::identity::{customer_key, CustomerState};
+    use crate::lead::normalise;
+    use crate::row::{RawRow, RowId};
+    use serde_json::json;
+
+    const SECRET: &str = "s3cr3t-client-value";
+
+    fn settings() -> DynamicsSettings {
+        settings_with(json!({}))
+    }
+
+    /// The minimal settings with the keys of `over` added or replaced.
+    fn settings_with(over: Value) -> DynamicsSettings {
+        let mut value = json!({
+            "environment_url": "https://contoso.crm.dynamics.com",
+            "tenant_id": "11111111-2222-3333-4444-555555555555",
+            "client_id": "66666666-7777-8888-9999-000000000000",
+            "client_secret": { "value": SECRET },
+        });
+        for (k, v) in over.as_object().unwrap() {
+            value[k] = v.clone();
+        }
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn lead(customer: Value) -> CustomerLead {
+        let columns = json!({
+            "LeadSource": "AzureMarketplace-INS | contoso.analytics",
+            "CustomerInfo": customer.to_string(),
+            "OfferDisplayName": "Contoso Analytics",
+        });
+        let Value::Object(columns) = columns else {
+            unreachable!()
+        };
+        let event = normalise(&RawRow {
+            id: RowId::new("p", "r1"),
+            etag: "W/1".into(),
+            timestamp: crate::timestamp::parse("2024-05-01T10:00:00Z").unwrap(),
+            columns,
+        })
+        .unwrap();
+        let identity = IdentitySettings::default();
+        let key = customer_key(&event.customer, identity.fallback).unwrap();
+        let mut state = CustomerState::new(&key, &identity);
+        state.apply([&event], &identity);
+        state.lead
+    }
+
+    #[test]
+    fn a_quote_is_doubled_then_the_key_is_percent_encoded() {
+        assert_eq!(odata_key("O'Brien@x.com"), "O%27%27Brien%40x.com");
+        assert_eq!(odata_key("ls-0123abcd"), "ls-0123abcd");
+        assert_eq!(odata_key("a+b/c d"), "a%2Bb%2Fc%20d");
+    }
+
+    #[test]
+    fn the_defaults_are_the_documented_ones() {
+        let s = settings();
+        assert!(s.validate().is_ok());
+        assert_eq!(s.authority_host, "https://login.microsoftonline.com");
+        assert_eq!(s.api_version, "v9.2");
+        assert_eq!(s.key_attribute, "leadsync_key");
+        assert_eq!(s.parallelism, 4);
+        assert_eq!(s.request_timeout, Duration::from_secs(30));
+        assert!(!s.allow_http);
+        assert_eq!(s.fields, default_fields());
+        assert_eq!(s.fields["donotphone"], LeadField::DoNotContact);
+    }
+
+    #[test]
+    fn invalid_settings_name_their_key() {
+        let cases = [
+            (
+                json!({"environment_url": "http://contoso.crm.dynamics.com"}),
+                "sink.dynamics.environment_url",
+            ),
+            (
+                json!({"environment_url": "https://contoso.crm.dynamics.com/api/data"}),
+                "sink.dynamics.environment_url",
+            ),
+            (
+                json!({"authority_host": "login.microsoftonline.com"}),
+                "sink.dynamics.authority_host",
+            ),
+            (json!({"tenant_id": "a/b"}), "sink.dynamics.tenant_id"),
+            (json!({"client_id": " "}), "sink.dynamics.client_id"),
+            (json!({"api_version": "9.2"}), "sink.dynamics.api_version"),
+            (
+                json!({"key_attribute": "Leadsync Key"}),
+                "sink.dynamics.key_attribute",
+            ),
+            (json!({"parallelism": 0}), "sink.dynamics.parallelism"),
+            (json!({"parallelism": 53}), "sink.dynamics.parallelism"),
+            (
+                json!({"fields": {"FirstName": "first_name"}}),
+                "sink.dynamics.fields.FirstName",
+            ),
+            (
+                json!({"max_lengths": {"description": 0}}),
+                "sink.dynamics.max_lengths.description",
+            ),
+            (
+                json!({"request_timeout": "0s"}),
+                "sink.dynamics.request_timeout",
+            ),
+            (
+                json!({"retry": {"max_attempts": 0}}),
+                "sink.dynamics.retry.max_attempts",
+            ),
+        ];
+        for (over, key) in cases {
+            let (got, message) = settings_with(over.clone())
+                .validate()
+                .expect_err(&over.to_string());
+            assert_eq!(got, key, "{over}: {message}");
+        }
+    }
+
+    #[test]
+    fn web_api_answers_are_classified_by_status_and_body() {
+        let error = r#"{"error":{"code":"0x80040237","message":"Operation failed due to a SQL integrity violation."}}"#;
+        let throttled = r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded the limit of 6000 over time window of 300 seconds."}}"#;
+        let secs = |s| Some(Duration::from_secs(s));
+        let cases: [(u16, Option<Duration>, &str, &str); 8] = [
+            (204, None, "", "done"),
+            (201, None, "", "done"),
+            (429, secs(3), throttled, "retry"),
+            (503, None, "", "retry"),
+            (500, None, error, "retry"),
+            (408, None, "", "retry"),
+            (400, None, error, "fail"),
+            (404, None, "", "fail"),
+        ];
+        for (status, after, body, expected) in cases {
+            let step = classify(StatusCode::from_u16(status).unwrap(), after, body);
+            let kind = match &step {
+                Step::Done(()) => "done",
+                Step::Retry { after: got, .. } => {
+                    assert_eq!(*got, after, "{status}: Retry-After is kept");
+                    "retry"
+                }
+                Step::Fail { .. } => "fail",
+            };
+            assert_eq!(kind, expected, "{status}: {step:?}");
+        }
+        let Step::Fail { reason } = classify(StatusCode::BAD_REQUEST, None, error) else {
+            panic!()
+        };
+        assert!(
+            reason.contains("0x80040237: Operation failed due to a SQL integrity violation."),
+            "{reason}"
+        );
+        let Step::Retry { reason, .. } = classify(StatusCode::TOO_MANY_REQUESTS, None, throttled)
+        else {
+            panic!()
+        };
+        assert!(
+            reason.contains("0x80072322") && reason.contains("number of requests"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn the_three_service_protection_codes_are_recognised() {
+        for code in ["0x80072322", "0x80072321", "0x80072326", "-2147015898"] {
+            assert!(service_protection_limit(code).is_some(), "{code}");
+        }
+        assert!(service_protection_limit("0x80040237").is_none());
+        assert!(
+            service_protection(r#"{"error":{"code":"0x80072326","message":"x"}}"#)
+                .unwrap()
+                .1
+                .contains("concurrent")
+        );
+    }
+
+    #[test]
+    fn token_errors_are_permanent_except_outages_and_throttling() {
+        let refused = r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value.\r\nTrace ID: abc\r\nCorrelation ID: def","error_codes":[7000215]}"#;
+        let Err(TokenError::Permanent { reason }) =
+            classify_token_response(StatusCode::UNAUTHORIZED, None, refused, "app-1")
+        else {
+            panic!("a refused secret is permanent")
+        };
+        assert!(
+            reason.contains("invalid_client") && reason.contains("AADSTS7000215"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("permanent") && reason.contains("app-1"),
+            "{reason}"
+        );
+        assert!(!reason.contains("Trace ID"), "{reason}");
+        assert!(matches!(
+            classify_token_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(Duration::from_secs(2)),
+                "",
+                "a"
+            ),
+            Err(TokenError::Transient { after: Some(_), .. })
+        ));
+        let ok = classify_token_response(
+            StatusCode::OK,
+            None,
+            r#"{"token_type":"Bearer","expires_in":"3599","access_token":"eyJ0"}"#,
+            "a",
+        )
+        .unwrap_or_else(|_| panic!("a token"));
+        assert_eq!(ok.lifetime, Duration::from_secs(3599));
+        assert_eq!(ok.access_token.expose_secret(), "eyJ0");
+    }
+
+    #[test]
+    fn a_token_is_renewed_before_it_expires_even_when_short_lived() {
+        let margin = Duration::from_secs(300);
+        assert_eq!(
+            renew_after(Duration::from_secs(3599), margin),
+            Duration::from_secs(3299)
+        );
+        assert_eq!(
+            renew_after(Duration::from_secs(2), margin),
+            Duration::from_secs(1)
+        );
+        assert_eq!(renew_after(Duration::ZERO, margin), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_body_always_has_a_subject_and_the_key_and_cuts_long_values() {
+        let sink = DynamicsSink::new(&settings_with(
+            json!({"fields": {"firstname": "first_name", "companyname": "company"}}),
+        ))
+        .unwrap();
+        let long_company = "C".repeat(150);
+        let lead =
+            lead(json!({"FirstName": "Ana", "Email": "ana@fabrikam.com", "Company": long_company}));
+
+        let (key, body) = sink.prepare(&lead).unwrap();
+
+        assert_eq!(key, lead.external_key);
+        assert_eq!(body["leadsync_key"], json!(lead.external_key));
+        assert_eq!(body["subject"], json!("Contoso Analytics: Get it now"));
+        assert_eq!(body["firstname"], json!("Ana"));
+        let company = body["companyname"].as_str().unwrap();
+        assert_eq!(company.chars().count(), 100);
+        assert!(company.ends_with(mapping::TRUNCATION_MARKER));
+    }
+
+    #[test]
+    fn an_email_key_without_an_email_is_rejected_with_a_reason() {
+        let sink =
+            DynamicsSink::new(&settings_with(json!({"key_attribute": "emailaddress1"}))).unwrap();
+        let without = lead(json!({"FirstName": "Ana", "LastName": "Silva", "Company": "Fabrikam"}));
+        let reason = sink.prepare(&without).unwrap_err();
+        assert!(
+            reason.contains("no email") && reason.contains("emailaddress1"),
+            "{reason}"
+        );
+
+        let with = lead(json!({"Email": " Ana@Fabrikam.com "}));
+        let (key, body) = sink.prepare(&with).unwrap();
+        assert_eq!(key, "ana@fabrikam.com");
+        assert_eq!(body["emailaddress1"], json!("ana@fabrikam.com"));
+    }
+
+    #[test]
+    fn neither_the_settings_nor_the_sink_show_the_secret_in_debug() {
+        let s = settings();
+        let sink = DynamicsSink::new(&s).unwrap();
+        for text in [format!("{s:?}"), format!("{sink:?}")] {
+            assert!(!text.contains(SECRET), "{text}");
+        }
+        assert_eq!(sink.redact(format!("echo {SECRET}!")), "echo [redacted]!");
+    }
+
+    #[test]
+    fn the_scope_and_urls_come_from_the_environment_url() {
+        let mut s = settings();
+        s.environment_url = "https://contoso.crm4.dynamics.com/".into();
+        s.authority_host = "https://login.microsoftonline.us/".into();
+        let sink = DynamicsSink::new(&s).unwrap();
+        assert_eq!(sink.scope, "https://contoso.crm4.dynamics.com/.default");
+        assert_eq!(
+            sink.api_base,
+            "https://contoso.crm4.dynamics.com/api/data/v9.2"
+        );
+        assert_eq!(
+            sink.token_url,
+            "https://login.microsoftonline.us/11111111-2222-3333-4444-555555555555/oauth2/v2.0/token"
+        );
     }
 }

@@ -1,47 +1,1501 @@
-//! Salesforce sink (placeholder until written).
+//! Salesforce sink: OAuth 2.0 (client credentials or JWT bearer) against the org's
+//! login URL, then upserts of Leads by an External ID field in sObject Collections
+//! requests of at most 200 records.
+//!
+//! Vendor contract (REST API developer guide):
+//! - token: `POST {login_url}/services/oauth2/token`, form-encoded; errors are
+//!   `{"error": "...", "error_description": "..."}`. No `expires_in` is returned, so
+//!   the token is kept until an API call answers 401 `INVALID_SESSION_ID`.
+//! - upsert: `PATCH {instance_url}/services/data/vXX.X/composite/sobjects/Lead/{ExternalIdField}`
+//!   with `{"allOrNone": false, "records": [...]}`; 200 with one UpsertResult per record,
+//!   in input order; request-level errors are `[{"errorCode", "message", "fields"}]`.
+//! - `Sforce-Limit-Info: api-usage=used/limit` on every API response.
 
-use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::header::HeaderMap;
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tokio::sync::Mutex;
+
+use super::http::{check_url, client, is_transient_status, retry_after, retrying, Finished, Step};
+use super::mapping::{map_fields, truncate, LeadField};
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
+use crate::config::{RetrySettings, SecretSource};
+
+const SINK: &str = "salesforce";
+/// "The list can contain up to 200 objects" (sObject Collections upsert).
+pub const MAX_RECORDS_PER_REQUEST: usize = 200;
+const JWT_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// Salesforce accepts an assertion whose `exp` is at most 3 minutes ahead.
+const ASSERTION_LIFETIME: Duration = Duration::from_secs(180);
+/// The Sforce-Duplicate-Rule-Header exists from API v52.0 on.
+const MIN_API_MAJOR: u32 = 52;
+const API_USAGE_WARN_PERCENT: u64 = 80;
+const DUPLICATES_DETECTED: &str = "DUPLICATES_DETECTED";
+/// Another transaction held the record (workflow, trigger, a user editing it): transient.
+const UNABLE_TO_LOCK_ROW: &str = "UNABLE_TO_LOCK_ROW";
+const REDACTED: &str = "[redacted]";
+
+/// Which OAuth 2.0 flow obtains the access token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthFlow {
+    /// Consumer key + consumer secret; the app's run-as user owns the writes.
+    #[default]
+    ClientCredentials,
+    /// Consumer key + a username + an RSA key whose certificate is uploaded to the app.
+    JwtBearer,
+}
+
+impl AuthFlow {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientCredentials => "client_credentials",
+            Self::JwtBearer => "jwt_bearer",
+        }
+    }
+}
+
+/// What to do when a duplicate rule flags a Lead (`DUPLICATES_DETECTED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicatePolicy {
+    /// The lead is rejected with Salesforce's message (a person merges or decides).
+    #[default]
+    Reject,
+    /// The flagged records are sent again with `Sforce-Duplicate-Rule-Header: allowSave=true`
+    /// (saves past rules whose action is "Alert"; "Block" rules still refuse).
+    AllowSave,
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SalesforceSettings {}
+pub struct SalesforceSettings {
+    /// OAuth 2.0 flow: `client_credentials` or `jwt_bearer`.
+    #[serde(default)]
+    pub auth: AuthFlow,
+    /// Where tokens come from: the org's My Domain (`https://acme.my.salesforce.com`);
+    /// required for client_credentials. `https://login.salesforce.com` (or
+    /// `https://test.salesforce.com` for sandboxes) works for jwt_bearer.
+    pub login_url: String,
+    /// Consumer key of the connected app or external client app.
+    pub client_id: String,
+    /// Consumer secret (client_credentials only).
+    pub client_secret: Option<SecretSource>,
+    /// The Salesforce username the JWT is issued for, its `sub` (jwt_bearer only).
+    pub username: Option<String>,
+    /// RSA private key in PEM form (PKCS#8 or PKCS#1) whose certificate is uploaded to
+    /// the app (jwt_bearer only).
+    pub private_key: Option<SecretSource>,
+    /// The JWT `aud` (jwt_bearer only). Default: `https://login.salesforce.com` for a
+    /// production My Domain, `https://test.salesforce.com` for a sandbox or scratch My
+    /// Domain, otherwise `login_url` itself.
+    pub audience: Option<String>,
+    /// REST API version, `vNN.N` (52.0 or later).
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    /// API name of the Lead's External ID field leads are upserted by.
+    #[serde(default = "default_external_id_field")]
+    pub external_id_field: String,
+    /// Lead field API name -> lead attribute. Replaces the default mapping as a whole.
+    #[serde(default = "default_fields")]
+    pub fields: BTreeMap<String, LeadField>,
+    /// Value sent for a field when the lead has none. Entries override the defaults
+    /// (LastName and Company, which Salesforce requires on every Lead).
+    #[serde(default = "default_placeholders")]
+    pub placeholders: BTreeMap<String, String>,
+    /// Maximum characters per Lead field; longer values are truncated. Entries override
+    /// the defaults of the standard Lead fields; other defaults stay.
+    #[serde(default = "default_max_lengths")]
+    pub max_lengths: BTreeMap<String, usize>,
+    /// `reject` or `allow_save` (re-send flagged records with allowSave=true).
+    #[serde(default)]
+    pub duplicates: DuplicatePolicy,
+    /// Timeout of one HTTP request (token or API).
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Allow `http://` URLs (local fakes and tests only; leads carry personal data).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Retries of one request on timeouts, 5xx, 429 and REQUEST_LIMIT_EXCEEDED.
+    #[serde(default)]
+    pub retry: RetrySettings,
+}
+
+fn default_api_version() -> String {
+    "v62.0".into()
+}
+fn default_external_id_field() -> String {
+    "Leadsync_Key__c".into()
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The default field mapping.
+pub fn default_fields() -> BTreeMap<String, LeadField> {
+    [
+        ("FirstName", LeadField::FirstName),
+        ("LastName", LeadField::LastName),
+        ("Email", LeadField::Email),
+        ("Phone", LeadField::Phone),
+        ("Country", LeadField::Country),
+        ("Company", LeadField::Company),
+        ("Title", LeadField::Title),
+        ("LeadSource", LeadField::Source),
+        ("Description", LeadField::Summary),
+        ("HasOptedOutOfEmail", LeadField::DoNotContact),
+        ("DoNotCall", LeadField::DoNotContact),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// The default placeholders of the fields Salesforce requires on a Lead.
+pub fn default_placeholders() -> BTreeMap<String, String> {
+    [
+        ("LastName", "[not provided]"),
+        ("Company", "[not provided]"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// Lengths of the standard Lead fields (Lead object reference).
+pub fn default_max_lengths() -> BTreeMap<String, usize> {
+    [
+        ("FirstName", 40),
+        ("LastName", 80),
+        ("Company", 255),
+        ("Title", 128),
+        ("Email", 80),
+        ("Phone", 40),
+        ("Country", 80),
+        ("LeadSource", 40),
+        ("Description", 32_000),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// Salesforce API names: a letter, then letters, digits and underscores.
+fn is_api_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 80
+}
+
+fn api_major(version: &str) -> Option<u32> {
+    let (major, minor) = version.strip_prefix('v')?.split_once('.')?;
+    let all_digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+    (all_digits(major) && all_digits(minor))
+        .then(|| major.parse().ok())
+        .flatten()
+}
 
 impl SalesforceSettings {
     /// Checks what types cannot express; returns the offending key and why.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, why: &str| Err((format!("sink.salesforce.{key}"), why.to_owned()));
+        let login = check_url(
+            "sink.salesforce.login_url",
+            &self.login_url,
+            self.allow_http,
+        )?;
+        if login.query().is_some() || !matches!(login.path(), "" | "/") {
+            return bad(
+                "login_url",
+                "must be the bare org URL, e.g. https://acme.my.salesforce.com (no path or query)",
+            );
+        }
+        if self.client_id.trim().is_empty() {
+            return bad("client_id", "must not be empty (the app's consumer key)");
+        }
+        match self.auth {
+            AuthFlow::ClientCredentials => {
+                if self.client_secret.is_none() {
+                    return bad(
+                        "client_secret",
+                        "is required with auth = \"client_credentials\"",
+                    );
+                }
+                for (key, set) in [
+                    ("username", self.username.is_some()),
+                    ("private_key", self.private_key.is_some()),
+                    ("audience", self.audience.is_some()),
+                ] {
+                    if set {
+                        return bad(key, "is only used with auth = \"jwt_bearer\"");
+                    }
+                }
+            }
+            AuthFlow::JwtBearer => {
+                if self.username.as_deref().is_none_or(|u| u.trim().is_empty()) {
+                    return bad("username", "is required with auth = \"jwt_bearer\"");
+                }
+                if self.private_key.is_none() {
+                    return bad("private_key", "is required with auth = \"jwt_bearer\"");
+                }
+                if self.client_secret.is_some() {
+                    return bad(
+                        "client_secret",
+                        "is only used with auth = \"client_credentials\"",
+                    );
+                }
+                if self
+                    .audience
+                    .as_deref()
+                    .is_some_and(|a| a.trim().is_empty())
+                {
+                    return bad("audience", "must not be empty (or leave it out)");
+                }
+            }
+        }
+        match api_major(&self.api_version) {
+            Some(major) if major >= MIN_API_MAJOR => {}
+            Some(_) => {
+                return bad(
+                    "api_version",
+                    "must be v52.0 or later (the duplicate rule header needs it)",
+                )
+            }
+            None => return bad("api_version", "must look like \"v62.0\""),
+        }
+        if !is_api_name(&self.external_id_field) {
+            return bad(
+                "external_id_field",
+                "must be a Salesforce field API name such as Leadsync_Key__c",
+            );
+        }
+        if self.fields.is_empty() {
+            return bad("fields", "must map at least one Lead field");
+        }
+        for name in self.fields.keys() {
+            if !is_api_name(name) {
+                return Err((
+                    format!("sink.salesforce.fields.{name}"),
+                    "is not a Salesforce field API name".into(),
+                ));
+            }
+            if name.eq_ignore_ascii_case(&self.external_id_field) {
+                return Err((
+                    format!("sink.salesforce.fields.{name}"),
+                    "is the external_id_field, which leadsync always fills with the customer's key"
+                        .into(),
+                ));
+            }
+            if name.eq_ignore_ascii_case("Id") {
+                return Err((
+                    format!("sink.salesforce.fields.{name}"),
+                    "record ids cannot be set in an upsert by external id".into(),
+                ));
+            }
+        }
+        for (name, value) in &self.placeholders {
+            if !is_api_name(name) {
+                return Err((
+                    format!("sink.salesforce.placeholders.{name}"),
+                    "is not a Salesforce field API name".into(),
+                ));
+            }
+            if value.trim().is_empty() {
+                return Err((
+                    format!("sink.salesforce.placeholders.{name}"),
+                    "must not be empty: Salesforce rejects a Lead with an empty required field"
+                        .into(),
+                ));
+            }
+        }
+        for (name, max) in &self.max_lengths {
+            if !is_api_name(name) {
+                return Err((
+                    format!("sink.salesforce.max_lengths.{name}"),
+                    "is not a Salesforce field API name".into(),
+                ));
+            }
+            if *max == 0 {
+                return Err((
+                    format!("sink.salesforce.max_lengths.{name}"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request_timeout", "must be greater than zero");
+        }
+        if self.retry.max_attempts == 0 {
+            return bad("retry.max_attempts", "must be at least 1");
+        }
+        if self.retry.initial_backoff.is_zero() {
+            return bad("retry.initial_backoff", "must be greater than zero");
+        }
+        if self.retry.max_backoff < self.retry.initial_backoff {
+            return bad(
+                "retry.max_backoff",
+                "must not be smaller than sink.salesforce.retry.initial_backoff",
+            );
+        }
         Ok(())
     }
 }
 
-pub struct SalesforceSink;
+/// The JWT `aud` when none is configured: Salesforce accepts only its login hosts
+/// (or an Experience Cloud site URL) there, never a My Domain.
+pub fn default_audience(login_url: &reqwest::Url) -> String {
+    let host = login_url
+        .host_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if let Some(prefix) = host.strip_suffix(".my.salesforce.com") {
+        let sandbox = prefix.ends_with(".sandbox")
+            || prefix.ends_with(".scratch")
+            || prefix.split('.').next().is_some_and(|l| l.contains("--"));
+        return if sandbox {
+            "https://test.salesforce.com".into()
+        } else {
+            "https://login.salesforce.com".into()
+        };
+    }
+    login_url.as_str().trim_end_matches('/').to_owned()
+}
+
+enum Credentials {
+    ClientSecret(SecretString),
+    Jwt {
+        username: String,
+        audience: String,
+        key: EncodingKey,
+    },
+}
+
+#[derive(Clone)]
+struct Session {
+    token: SecretString,
+    instance_url: String,
+    serial: u64,
+}
+
+#[derive(Default)]
+struct SessionSlot {
+    current: Option<Session>,
+    issued: u64,
+}
+
+/// Why no token could be had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AuthError {
+    /// Worth another try (timeout, 5xx).
+    Transient(String),
+    /// The token endpoint refused; a person has to fix the app or the config.
+    Refused(String),
+}
+
+#[derive(Serialize)]
+struct JwtClaims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'a str,
+    exp: u64,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    instance_url: String,
+}
+
+#[derive(Deserialize)]
+struct TokenError {
+    error: String,
+    #[serde(default)]
+    error_description: String,
+}
+
+/// One element of a request-level error body.
+#[derive(Debug, Deserialize)]
+struct ApiError {
+    #[serde(rename = "errorCode", default)]
+    error_code: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    fields: Vec<String>,
+}
+
+/// One UpsertResult.
+#[derive(Debug, Deserialize)]
+struct UpsertResult {
+    #[serde(default)]
+    id: Option<String>,
+    success: bool,
+    #[serde(default)]
+    created: Option<bool>,
+    #[serde(default)]
+    errors: Vec<RecordError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RecordError {
+    #[serde(rename = "statusCode", default)]
+    status_code: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    fields: Vec<String>,
+}
+
+fn describe_errors<'a>(errors: impl Iterator<Item = (&'a str, &'a str, &'a [String])>) -> String {
+    errors
+        .map(|(code, message, fields)| {
+            let mut text = format!("{code}: {message}");
+            if !fields.is_empty() {
+                text.push_str(&format!(" (fields: {})", fields.join(", ")));
+            }
+            text
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn snippet(body: &str) -> String {
+    let (cut, _) = truncate(body.trim(), 300);
+    if cut.is_empty() {
+        "empty body".into()
+    } else {
+        cut
+    }
+}
+
+/// The `[{"errorCode", "message"}]` of a response as text, or the start of the body.
+fn describe_body(body: &str) -> (Vec<ApiError>, String) {
+    match serde_json::from_str::<Vec<ApiError>>(body) {
+        Ok(errors) if !errors.is_empty() => {
+            let text = describe_errors(errors.iter().map(|e| {
+                (
+                    e.error_code.as_str(),
+                    e.message.as_str(),
+                    e.fields.as_slice(),
+                )
+            }));
+            (errors, text)
+        }
+        _ => (Vec::new(), snippet(body)),
+    }
+}
+
+/// What one API response means.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Ok,
+    /// 401: the token expired or was revoked; authenticate again.
+    SessionInvalid,
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    Fail {
+        reason: String,
+    },
+}
+
+fn classify(status: StatusCode, after: Option<Duration>, body: &str) -> Verdict {
+    if status.is_success() {
+        return Verdict::Ok;
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        return Verdict::SessionInvalid;
+    }
+    let (errors, text) = describe_body(body);
+    let code = status.as_u16();
+    if status == StatusCode::FORBIDDEN
+        && errors
+            .iter()
+            .any(|e| e.error_code == "REQUEST_LIMIT_EXCEEDED")
+    {
+        return Verdict::Retry {
+            after,
+            reason: format!("Salesforce API limit reached (HTTP {code}): {text}"),
+        };
+    }
+    if is_transient_status(status) {
+        return Verdict::Retry {
+            after,
+            reason: format!("Salesforce answered HTTP {code}: {text}"),
+        };
+    }
+    Verdict::Fail {
+        reason: format!("Salesforce refused the request (HTTP {code}): {text}"),
+    }
+}
+
+/// What a token endpoint answer means.
+fn classify_token(
+    status: StatusCode,
+    body: &str,
+    flow: AuthFlow,
+) -> Result<TokenResponse, AuthError> {
+    if status.is_success() {
+        return serde_json::from_str::<TokenResponse>(body).map_err(|e| {
+            AuthError::Transient(format!(
+                "Salesforce token endpoint answered HTTP {} without a usable token ({e})",
+                status.as_u16()
+            ))
+        });
+    }
+    let described = match serde_json::from_str::<TokenError>(body) {
+        Ok(e) if e.error_description.is_empty() => e.error,
+        Ok(e) => format!("{}: {}", e.error, e.error_description),
+        Err(_) => snippet(body),
+    };
+    let text = format!(
+        "Salesforce token endpoint refused {} authentication (HTTP {}): {described}",
+        flow.as_str(),
+        status.as_u16()
+    );
+    if is_transient_status(status) {
+        Err(AuthError::Transient(text))
+    } else {
+        Err(AuthError::Refused(text))
+    }
+}
+
+/// `(used, limit)` from `Sforce-Limit-Info: api-usage=18/15000; per-app-api-usage=...`.
+fn api_usage(header: &str) -> Option<(u64, u64)> {
+    header
+        .split([';', ','])
+        .map(str::trim)
+        .find_map(|part| part.strip_prefix("api-usage="))
+        .and_then(|usage| {
+            let (used, limit) = usage.split_once('/')?;
+            Some((used.trim().parse().ok()?, limit.trim().parse().ok()?))
+        })
+}
+
+fn log_api_usage(headers: &HeaderMap) {
+    let Some((used, limit)) = headers
+        .get("sforce-limit-info")
+        .and_then(|v| v.to_str().ok())
+        .and_then(api_usage)
+    else {
+        return;
+    };
+    tracing::debug!(sink = SINK, used, limit, "Salesforce API usage.");
+    if limit > 0 && used * 100 > limit * API_USAGE_WARN_PERCENT {
+        tracing::warn!(
+            sink = SINK,
+            used,
+            limit,
+            percent = used * 100 / limit,
+            "Salesforce API usage is above 80% of the org's daily limit."
+        );
+    }
+}
+
+/// What became of one record of a collection.
+#[derive(Debug, PartialEq, Eq)]
+enum RecordVerdict {
+    Upserted {
+        created: bool,
+    },
+    /// Only duplicate rules objected: allowSave may get it through.
+    Duplicate(String),
+    /// Only a row lock stood in the way.
+    Locked(String),
+    Rejected(String),
+}
+
+fn record_verdict(result: &UpsertResult) -> RecordVerdict {
+    if result.success {
+        return RecordVerdict::Upserted {
+            created: result.created.unwrap_or(false),
+        };
+    }
+    if result.errors.is_empty() {
+        return RecordVerdict::Rejected(
+            "Salesforce did not save the Lead and gave no reason".into(),
+        );
+    }
+    let text = describe_errors(result.errors.iter().map(|e| {
+        (
+            e.status_code.as_str(),
+            e.message.as_str(),
+            e.fields.as_slice(),
+        )
+    }));
+    let all = |code: &str| result.errors.iter().all(|e| e.status_code == code);
+    if all(DUPLICATES_DETECTED) {
+        RecordVerdict::Duplicate(text)
+    } else if all(UNABLE_TO_LOCK_ROW) {
+        RecordVerdict::Locked(text)
+    } else {
+        RecordVerdict::Rejected(text)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// Upserts merged customer leads into Salesforce Leads.
+pub struct SalesforceSink {
+    http: reqwest::Client,
+    flow: AuthFlow,
+    token_url: String,
+    client_id: String,
+    credentials: Credentials,
+    api_version: String,
+    external_id_field: String,
+    fields: BTreeMap<String, LeadField>,
+    /// Keyed by lower-cased field name: Salesforce field names are case-insensitive.
+    placeholders: BTreeMap<String, (String, String)>,
+    max_lengths: BTreeMap<String, usize>,
+    duplicates: DuplicatePolicy,
+    allow_http: bool,
+    retry: RetrySettings,
+    session: Mutex<SessionSlot>,
+}
+
+impl fmt::Debug for SalesforceSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SalesforceSink")
+            .field("auth", &self.flow)
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("credentials", &REDACTED)
+            .field("api_version", &self.api_version)
+            .field("external_id_field", &self.external_id_field)
+            .field("duplicates", &self.duplicates)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sink_error(message: impl Into<String>) -> SinkError {
+    SinkError {
+        sink: SINK.into(),
+        message: message.into(),
+    }
+}
 
 impl SalesforceSink {
-    pub fn new(_settings: &SalesforceSettings) -> Result<Self, SinkError> {
-        Err(SinkError {
-            sink: "salesforce".into(),
-            message: "not implemented yet".into(),
+    /// Reads the secrets and builds the client; no network I/O.
+    pub fn new(settings: &SalesforceSettings) -> Result<Self, SinkError> {
+        settings
+            .validate()
+            .map_err(|(key, why)| sink_error(format!("config key `{key}`: {why}")))?;
+        let login = check_url(
+            "sink.salesforce.login_url",
+            &settings.login_url,
+            settings.allow_http,
+        )
+        .map_err(|(key, why)| sink_error(format!("config key `{key}`: {why}")))?;
+        let credentials = match settings.auth {
+            AuthFlow::ClientCredentials => {
+                let source = settings.client_secret.as_ref().ok_or_else(|| {
+                    sink_error("config key `sink.salesforce.client_secret` is missing")
+                })?;
+                Credentials::ClientSecret(
+                    source
+                        .resolve("sink.salesforce.client_secret")
+                        .map_err(|e| sink_error(e.to_string()))?,
+                )
+            }
+            AuthFlow::JwtBearer => {
+                let source = settings.private_key.as_ref().ok_or_else(|| {
+                    sink_error("config key `sink.salesforce.private_key` is missing")
+                })?;
+                let pem = source
+                    .resolve("sink.salesforce.private_key")
+                    .map_err(|e| sink_error(e.to_string()))?;
+                let key = EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes()).map_err(|_| {
+                    sink_error(
+                        "config key `sink.salesforce.private_key`: not an RSA private key in PEM form (PKCS#8 or PKCS#1)",
+                    )
+                })?;
+                Credentials::Jwt {
+                    username: settings
+                        .username
+                        .clone()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                    audience: settings
+                        .audience
+                        .clone()
+                        .unwrap_or_else(|| default_audience(&login)),
+                    key,
+                }
+            }
+        };
+        let mut placeholders = BTreeMap::new();
+        for (field, value) in default_placeholders()
+            .into_iter()
+            .chain(settings.placeholders.clone())
+        {
+            placeholders.insert(field.to_ascii_lowercase(), (field, value));
+        }
+        let mut max_lengths = BTreeMap::new();
+        for (field, max) in default_max_lengths()
+            .into_iter()
+            .chain(settings.max_lengths.clone())
+        {
+            max_lengths.insert(field.to_ascii_lowercase(), max);
+        }
+        Ok(Self {
+            http: client(settings.request_timeout).map_err(sink_error)?,
+            flow: settings.auth,
+            token_url: format!(
+                "{}/services/oauth2/token",
+                login.as_str().trim_end_matches('/')
+            ),
+            client_id: settings.client_id.trim().to_owned(),
+            credentials,
+            api_version: settings.api_version.clone(),
+            external_id_field: settings.external_id_field.clone(),
+            fields: settings.fields.clone(),
+            placeholders,
+            max_lengths,
+            duplicates: settings.duplicates,
+            allow_http: settings.allow_http,
+            retry: settings.retry.clone(),
+            session: Mutex::new(SessionSlot::default()),
         })
     }
+
+    /// The sObject record sent for `lead`: mapped fields, required fields filled,
+    /// lengths respected, and the external id.
+    fn record(&self, lead: &CustomerLead) -> Value {
+        let key = &lead.external_key;
+        let mut fields = map_fields(lead, &self.fields);
+        fields.retain(|_, v| !matches!(v, Value::String(s) if s.trim().is_empty()));
+        for (field, placeholder) in self.placeholders.values() {
+            if !fields.keys().any(|f| f.eq_ignore_ascii_case(field)) {
+                tracing::info!(customer = %key, field = %field, placeholder = %placeholder, "Lead has no value for a field Salesforce requires; sending the placeholder.");
+                fields.insert(field.clone(), Value::String(placeholder.clone()));
+            }
+        }
+        for (field, value) in fields.iter_mut() {
+            let Value::String(text) = value else { continue };
+            let Some(&max) = self.max_lengths.get(&field.to_ascii_lowercase()) else {
+                continue;
+            };
+            let (cut, was_cut) = truncate(text, max);
+            if was_cut {
+                tracing::info!(customer = %key, field = %field, max_chars = max, chars = text.chars().count(), "Value longer than the Salesforce field; truncated.");
+                *text = cut;
+            }
+        }
+        let mut record = Map::new();
+        record.insert("attributes".into(), json!({ "type": "Lead" }));
+        record.insert(self.external_id_field.clone(), Value::String(key.clone()));
+        record.extend(fields);
+        Value::Object(record)
+    }
+
+    /// Replaces known secrets in text that came from the network.
+    fn scrub(&self, text: String, session: Option<&Session>) -> String {
+        let mut text = text;
+        if let Credentials::ClientSecret(secret) = &self.credentials {
+            let secret = secret.expose_secret();
+            if !secret.is_empty() && text.contains(secret) {
+                text = text.replace(secret, REDACTED);
+            }
+        }
+        if let Some(session) = session {
+            let token = session.token.expose_secret();
+            if !token.is_empty() && text.contains(token) {
+                text = text.replace(token, REDACTED);
+            }
+        }
+        text
+    }
+
+    fn token_form(&self) -> Result<Vec<(&'static str, String)>, AuthError> {
+        Ok(match &self.credentials {
+            Credentials::ClientSecret(secret) => vec![
+                ("grant_type", "client_credentials".into()),
+                ("client_id", self.client_id.clone()),
+                ("client_secret", secret.expose_secret().to_owned()),
+            ],
+            Credentials::Jwt {
+                username,
+                audience,
+                key,
+            } => {
+                let claims = JwtClaims {
+                    iss: &self.client_id,
+                    sub: username,
+                    aud: audience,
+                    exp: unix_now() + ASSERTION_LIFETIME.as_secs(),
+                };
+                let assertion = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, key)
+                    .map_err(|e| {
+                        AuthError::Refused(format!("cannot sign the JWT assertion: {e}"))
+                    })?;
+                vec![("grant_type", JWT_GRANT.into()), ("assertion", assertion)]
+            }
+        })
+    }
+
+    async fn fetch_token(&self) -> Result<TokenResponse, AuthError> {
+        let form = self.token_form()?;
+        let response = self
+            .http
+            .post(&self.token_url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| {
+                AuthError::Transient(format!(
+                    "token request to {} failed: {}",
+                    self.token_url,
+                    transport_reason(&e)
+                ))
+            })?;
+        let status = response.status();
+        let body = response.text().await.map_err(|e| {
+            AuthError::Transient(format!(
+                "token response unreadable: {}",
+                transport_reason(&e)
+            ))
+        })?;
+        let token = classify_token(status, &body, self.flow).map_err(|e| match e {
+            AuthError::Transient(r) => AuthError::Transient(self.scrub(r, None)),
+            AuthError::Refused(r) => AuthError::Refused(self.scrub(r, None)),
+        })?;
+        check_url("instance_url", &token.instance_url, self.allow_http).map_err(|(_, why)| {
+            AuthError::Refused(format!(
+                "Salesforce token response has an unusable instance_url: {why}"
+            ))
+        })?;
+        Ok(token)
+    }
+
+    /// The cached session, or a new one. One token request at a time.
+    async fn session(&self) -> Result<Session, AuthError> {
+        let mut slot = self.session.lock().await;
+        if let Some(session) = &slot.current {
+            return Ok(session.clone());
+        }
+        let token = self.fetch_token().await?;
+        slot.issued += 1;
+        let session = Session {
+            token: SecretString::from(token.access_token),
+            instance_url: token.instance_url.trim_end_matches('/').to_owned(),
+            serial: slot.issued,
+        };
+        tracing::info!(sink = SINK, auth = self.flow.as_str(), instance_url = %session.instance_url, "Authenticated to Salesforce.");
+        slot.current = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Forgets `session` unless a newer one already replaced it.
+    async fn invalidate(&self, session: &Session) {
+        let mut slot = self.session.lock().await;
+        if slot
+            .current
+            .as_ref()
+            .is_some_and(|s| s.serial == session.serial)
+        {
+            slot.current = None;
+        }
+    }
+
+    async fn send_once(
+        &self,
+        session: &Session,
+        method: &Method,
+        path: &str,
+        body: Option<&Value>,
+        allow_save: bool,
+    ) -> Result<(StatusCode, HeaderMap, String), String> {
+        let url = format!("{}{path}", session.instance_url);
+        let mut request = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(session.token.expose_secret())
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        if allow_save {
+            request = request.header("Sforce-Duplicate-Rule-Header", "allowSave=true");
+        }
+        let response = request.send().await.map_err(|e| transport_reason(&e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.map_err(|e| transport_reason(&e))?;
+        log_api_usage(&headers);
+        Ok((status, headers, text))
+    }
+
+    /// One API call with the retry loop; a 401 re-authenticates once per attempt.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        allow_save: bool,
+    ) -> Finished<String> {
+        retrying(&self.retry, SINK, |_attempt| {
+            let method = method.clone();
+            async move {
+                let mut reauthenticated = false;
+                loop {
+                    let session = match self.session().await {
+                        Ok(s) => s,
+                        Err(AuthError::Transient(reason)) => {
+                            return Step::Retry {
+                                after: None,
+                                reason,
+                            }
+                        }
+                        Err(AuthError::Refused(reason)) => return Step::Fail { reason },
+                    };
+                    let (status, headers, text) =
+                        match self.send_once(&session, &method, path, body, allow_save).await {
+                            Ok(parts) => parts,
+                            Err(reason) => {
+                                return Step::Retry {
+                                    after: None,
+                                    reason: self.scrub(reason, Some(&session)),
+                                }
+                            }
+                        };
+                    match classify(status, retry_after(&headers), &text) {
+                        Verdict::Ok => return Step::Done(text),
+                        Verdict::SessionInvalid if !reauthenticated => {
+                            tracing::info!(sink = SINK, "Salesforce session expired or was revoked; authenticating again.");
+                            self.invalidate(&session).await;
+                            reauthenticated = true;
+                        }
+                        Verdict::SessionInvalid => {
+                            let (_, described) = describe_body(&text);
+                            return Step::Fail {
+                                reason: self.scrub(
+                                    format!("Salesforce refused a fresh access token (HTTP 401): {described}"),
+                                    Some(&session),
+                                ),
+                            };
+                        }
+                        Verdict::Retry { after, reason } => {
+                            return Step::Retry {
+                                after,
+                                reason: self.scrub(reason, Some(&session)),
+                            }
+                        }
+                        Verdict::Fail { reason } => {
+                            return Step::Fail {
+                                reason: self.scrub(reason, Some(&session)),
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    fn upsert_path(&self) -> String {
+        format!(
+            "/services/data/{}/composite/sobjects/Lead/{}",
+            self.api_version, self.external_id_field
+        )
+    }
+
+    /// Upserts up to 200 records; one result per record, or why there are none.
+    async fn upsert(&self, records: &[Value], allow_save: bool) -> Finished<Vec<UpsertResult>> {
+        let body = json!({ "allOrNone": false, "records": records });
+        let path = self.upsert_path();
+        match self
+            .call(Method::PATCH, &path, Some(&body), allow_save)
+            .await
+        {
+            Finished::Done(text) => match serde_json::from_str::<Vec<UpsertResult>>(&text) {
+                Ok(results) if results.len() == records.len() => Finished::Done(results),
+                Ok(results) => Finished::Failed {
+                    reason: format!(
+                        "Salesforce returned {} results for {} records",
+                        results.len(),
+                        records.len()
+                    ),
+                },
+                // The upsert is idempotent, so an unreadable answer is safe to repeat later.
+                Err(e) => Finished::GaveUp {
+                    after: None,
+                    reason: format!(
+                        "Salesforce upsert answer is not a list of results ({e}): {}",
+                        snippet(&text)
+                    ),
+                },
+            },
+            Finished::GaveUp { after, reason } => Finished::GaveUp { after, reason },
+            Finished::Failed { reason } => Finished::Failed { reason },
+        }
+    }
+
+    /// Delivers one collection (at most 200 leads).
+    async fn deliver_collection(&self, leads: &[CustomerLead]) -> Vec<Outcome> {
+        let records: Vec<Value> = leads.iter().map(|l| self.record(l)).collect();
+        let results = match self.upsert(&records, false).await {
+            Finished::Done(results) => results,
+            Finished::GaveUp { after, reason } => {
+                return vec![Outcome::RetryLater { after, reason }; leads.len()]
+            }
+            Finished::Failed { reason } => return vec![Outcome::Rejected { reason }; leads.len()],
+        };
+        let mut outcomes = Vec::with_capacity(leads.len());
+        let mut duplicates = Vec::new();
+        for (i, (lead, result)) in leads.iter().zip(&results).enumerate() {
+            let outcome = match record_verdict(result) {
+                RecordVerdict::Upserted { created } => {
+                    tracing::debug!(customer = %lead.external_key, id = result.id.as_deref().unwrap_or(""), created, "Lead upserted into Salesforce.");
+                    Outcome::Delivered
+                }
+                RecordVerdict::Duplicate(text) if self.duplicates == DuplicatePolicy::AllowSave => {
+                    tracing::info!(customer = %lead.external_key, errors = %text, "Salesforce duplicate rule flagged the Lead; sending it again with allowSave=true.");
+                    duplicates.push(i);
+                    Outcome::Rejected { reason: text }
+                }
+                RecordVerdict::Duplicate(text) => Outcome::Rejected {
+                    reason: format!(
+                        "Salesforce duplicate rule refused the Lead (sink.salesforce.duplicates = \"reject\"): {text}"
+                    ),
+                },
+                RecordVerdict::Locked(text) => Outcome::RetryLater {
+                    after: None,
+                    reason: format!("Salesforce record was locked: {text}"),
+                },
+                RecordVerdict::Rejected(text) => Outcome::Rejected {
+                    reason: format!("Salesforce refused the Lead: {text}"),
+                },
+            };
+            outcomes.push(outcome);
+        }
+        if !duplicates.is_empty() {
+            let again: Vec<Value> = duplicates.iter().map(|&i| records[i].clone()).collect();
+            match self.upsert(&again, true).await {
+                Finished::Done(results) => {
+                    for (&i, result) in duplicates.iter().zip(&results) {
+                        outcomes[i] = match record_verdict(result) {
+                            RecordVerdict::Upserted { .. } => Outcome::Delivered,
+                            RecordVerdict::Locked(text) => Outcome::RetryLater {
+                                after: None,
+                                reason: format!("Salesforce record was locked: {text}"),
+                            },
+                            RecordVerdict::Duplicate(text) => Outcome::Rejected {
+                                reason: format!(
+                                    "Salesforce duplicate rule blocks the Lead even with allowSave=true: {text}"
+                                ),
+                            },
+                            RecordVerdict::Rejected(text) => Outcome::Rejected {
+                                reason: format!("Salesforce refused the Lead: {text}"),
+                            },
+                        };
+                    }
+                }
+                Finished::GaveUp { after, reason } => {
+                    for &i in &duplicates {
+                        outcomes[i] = Outcome::RetryLater {
+                            after,
+                            reason: reason.clone(),
+                        };
+                    }
+                }
+                Finished::Failed { reason } => {
+                    for &i in &duplicates {
+                        outcomes[i] = Outcome::Rejected {
+                            reason: reason.clone(),
+                        };
+                    }
+                }
+            }
+        }
+        let created = results
+            .iter()
+            .filter(|r| r.success && r.created == Some(true))
+            .count();
+        let delivered = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Delivered))
+            .count();
+        let rejected = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Rejected { .. }))
+            .count();
+        tracing::info!(
+            sink = SINK,
+            records = leads.len(),
+            delivered,
+            created,
+            rejected,
+            pending = leads.len() - delivered - rejected,
+            "Salesforce upsert finished."
+        );
+        outcomes
+    }
+}
+
+fn transport_reason(e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "failed"
+    };
+    format!("{what} ({e})")
 }
 
 #[async_trait::async_trait]
 impl LeadSink for SalesforceSink {
     fn name(&self) -> &str {
-        "salesforce"
+        SINK
     }
 
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
-        vec![
-            Outcome::Rejected {
-                reason: "not implemented".into()
-            };
-            batch.len()
-        ]
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for collection in batch.chunks(MAX_RECORDS_PER_REQUEST) {
+            outcomes.extend(self.deliver_collection(collection).await);
+        }
+        outcomes
     }
 
+    /// Authenticates and reads the Lead description: the external id field must exist
+    /// and be an External ID, and every mapped field must exist. Writes nothing.
     async fn healthcheck(&self) -> Result<(), SinkError> {
+        let path = format!("/services/data/{}/sobjects/Lead/describe", self.api_version);
+        let text = match self.call(Method::GET, &path, None, false).await {
+            Finished::Done(text) => text,
+            Finished::GaveUp { reason, .. } => {
+                return Err(sink_error(format!(
+                    "Salesforce is not reachable now: {reason}"
+                )))
+            }
+            Finished::Failed { reason } => return Err(sink_error(reason)),
+        };
+        #[derive(Deserialize)]
+        struct Describe {
+            fields: Vec<DescribedField>,
+        }
+        #[derive(Deserialize)]
+        struct DescribedField {
+            name: String,
+            #[serde(rename = "externalId", default)]
+            external_id: bool,
+        }
+        let describe: Describe = serde_json::from_str(&text)
+            .map_err(|e| sink_error(format!("Lead describe answer unreadable: {e}")))?;
+        let find = |name: &str| {
+            describe
+                .fields
+                .iter()
+                .find(|f| f.name.eq_ignore_ascii_case(name))
+        };
+        match find(&self.external_id_field) {
+            None => {
+                return Err(sink_error(format!(
+                    "the Lead object has no field {} visible to the integration user (sink.salesforce.external_id_field); create it as a unique External ID text field",
+                    self.external_id_field
+                )))
+            }
+            Some(f) if !f.external_id => {
+                return Err(sink_error(format!(
+                    "Lead.{} is not marked External ID (sink.salesforce.external_id_field)",
+                    f.name
+                )))
+            }
+            Some(_) => {}
+        }
+        let missing: Vec<&str> = self
+            .fields
+            .keys()
+            .chain(self.placeholders.values().map(|(f, _)| f))
+            .filter(|f| find(f).is_none())
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return Err(sink_error(format!(
+                "the Lead object has no field(s) {} visible to the integration user (sink.salesforce.fields / placeholders)",
+                missing.join(", ")
+            )));
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(extra: Value) -> SalesforceSettings {
+        let mut base = json!({
+            "login_url": "https://acme.my.salesforce.com",
+            "client_id": "3MVG9consumerkey",
+            "client_secret": { "value": "s3cret-value" },
+        });
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(base).expect("settings parse")
+    }
+
+    fn key_of(result: Result<(), (String, String)>) -> String {
+        result.expect_err("should be invalid").0
+    }
+
+    #[test]
+    fn the_minimal_client_credentials_settings_are_valid_with_the_documented_defaults() {
+        let s = settings(json!({}));
+
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.auth, AuthFlow::ClientCredentials);
+        assert_eq!(s.api_version, "v62.0");
+        assert_eq!(s.external_id_field, "Leadsync_Key__c");
+        assert_eq!(s.fields, default_fields());
+        assert_eq!(s.fields["Description"], LeadField::Summary);
+        assert_eq!(s.duplicates, DuplicatePolicy::Reject);
+        assert_eq!(s.request_timeout, Duration::from_secs(30));
+        assert!(!s.allow_http);
+    }
+
+    #[test]
+    fn invalid_settings_name_the_offending_key() {
+        let cases = [
+            (
+                json!({"login_url": "http://acme.my.salesforce.com"}),
+                "sink.salesforce.login_url",
+            ),
+            (
+                json!({"login_url": "https://acme.my.salesforce.com/services"}),
+                "sink.salesforce.login_url",
+            ),
+            (json!({"client_id": " "}), "sink.salesforce.client_id"),
+            (json!({"username": "a@b.c"}), "sink.salesforce.username"),
+            (json!({"api_version": "62"}), "sink.salesforce.api_version"),
+            (
+                json!({"api_version": "v45.0"}),
+                "sink.salesforce.api_version",
+            ),
+            (
+                json!({"external_id_field": "Key__c/../x"}),
+                "sink.salesforce.external_id_field",
+            ),
+            (json!({"fields": {}}), "sink.salesforce.fields"),
+            (
+                json!({"fields": {"Leadsync_Key__c": "email"}}),
+                "sink.salesforce.fields.Leadsync_Key__c",
+            ),
+            (
+                json!({"fields": {"Bad Name": "email"}}),
+                "sink.salesforce.fields.Bad Name",
+            ),
+            (
+                json!({"placeholders": {"Company": " "}}),
+                "sink.salesforce.placeholders.Company",
+            ),
+            (
+                json!({"max_lengths": {"Title": 0}}),
+                "sink.salesforce.max_lengths.Title",
+            ),
+            (
+                json!({"request_timeout": "0s"}),
+                "sink.salesforce.request_timeout",
+            ),
+            (
+                json!({"retry": {"max_attempts": 0}}),
+                "sink.salesforce.retry.max_attempts",
+            ),
+        ];
+        for (extra, key) in cases {
+            assert_eq!(key_of(settings(extra.clone()).validate()), key, "{extra}");
+        }
+    }
+
+    #[test]
+    fn the_jwt_flow_needs_a_username_and_a_key_and_no_secret() {
+        let jwt = |extra: Value| {
+            let mut s = settings(extra);
+            s.client_secret = None;
+            s
+        };
+        let ok = jwt(
+            json!({"auth": "jwt_bearer", "username": "int@acme.com", "private_key": {"file": "/k.pem"}}),
+        );
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(
+            key_of(
+                jwt(json!({"auth": "jwt_bearer", "private_key": {"file": "/k.pem"}})).validate()
+            ),
+            "sink.salesforce.username"
+        );
+        assert_eq!(
+            key_of(jwt(json!({"auth": "jwt_bearer", "username": "int@acme.com"})).validate()),
+            "sink.salesforce.private_key"
+        );
+        let mut with_secret = ok.clone();
+        with_secret.client_secret = settings(json!({})).client_secret;
+        assert_eq!(
+            key_of(with_secret.validate()),
+            "sink.salesforce.client_secret"
+        );
+    }
+
+    #[test]
+    fn the_default_audience_is_a_salesforce_login_host_for_my_domains() {
+        let aud = |u: &str| default_audience(&reqwest::Url::parse(u).unwrap());
+
+        assert_eq!(
+            aud("https://acme.my.salesforce.com"),
+            "https://login.salesforce.com"
+        );
+        assert_eq!(
+            aud("https://acme--uat.sandbox.my.salesforce.com/"),
+            "https://test.salesforce.com"
+        );
+        assert_eq!(
+            aud("https://acme--uat.my.salesforce.com"),
+            "https://test.salesforce.com"
+        );
+        assert_eq!(
+            aud("https://test.salesforce.com"),
+            "https://test.salesforce.com"
+        );
+        assert_eq!(aud("http://127.0.0.1:8080/"), "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn responses_are_classified_by_status_and_error_code() {
+        let limit =
+            r#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#;
+        let no_access = r#"[{"message":"The REST API is not enabled for this Organization.","errorCode":"API_DISABLED_FOR_ORG"}]"#;
+        let session =
+            r#"[{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]"#;
+        let field = r#"[{"message":"No such column 'Foo__c' on sobject of type Lead","errorCode":"INVALID_FIELD","fields":["Foo__c"]}]"#;
+
+        assert_eq!(classify(StatusCode::OK, None, "[]"), Verdict::Ok);
+        assert_eq!(
+            classify(StatusCode::UNAUTHORIZED, None, session),
+            Verdict::SessionInvalid
+        );
+        assert!(
+            matches!(classify(StatusCode::FORBIDDEN, None, limit), Verdict::Retry { reason, .. } if reason.contains("REQUEST_LIMIT_EXCEEDED"))
+        );
+        assert!(
+            matches!(classify(StatusCode::FORBIDDEN, None, no_access), Verdict::Fail { reason } if reason.contains("API_DISABLED_FOR_ORG"))
+        );
+        assert!(
+            matches!(classify(StatusCode::SERVICE_UNAVAILABLE, Some(Duration::from_secs(2)), "<html>down</html>"), Verdict::Retry { after: Some(_), reason } if reason.contains("503"))
+        );
+        assert!(matches!(
+            classify(StatusCode::TOO_MANY_REQUESTS, None, ""),
+            Verdict::Retry { .. }
+        ));
+        assert!(
+            matches!(classify(StatusCode::BAD_REQUEST, None, field), Verdict::Fail { reason } if reason.contains("INVALID_FIELD: No such column 'Foo__c' on sobject of type Lead (fields: Foo__c)"))
+        );
+    }
+
+    #[test]
+    fn token_errors_say_which_and_only_5xx_is_transient() {
+        let invalid =
+            r#"{"error":"invalid_client","error_description":"invalid client credentials"}"#;
+
+        let refused = classify_token(
+            StatusCode::BAD_REQUEST,
+            invalid,
+            AuthFlow::ClientCredentials,
+        )
+        .err();
+        let down = classify_token(StatusCode::BAD_GATEWAY, "", AuthFlow::JwtBearer).err();
+
+        assert!(
+            matches!(refused, Some(AuthError::Refused(r)) if r.contains("invalid_client: invalid client credentials") && r.contains("client_credentials"))
+        );
+        assert!(matches!(down, Some(AuthError::Transient(r)) if r.contains("502")));
+    }
+
+    #[test]
+    fn per_record_results_become_verdicts() {
+        let parse = |v: Value| serde_json::from_value::<UpsertResult>(v).unwrap();
+
+        let created = parse(json!({"id": "00Q1", "success": true, "created": true, "errors": []}));
+        let invalid = parse(
+            json!({"success": false, "errors": [{"statusCode": "FIELD_CUSTOM_VALIDATION_EXCEPTION", "message": "Phone is required", "fields": ["Phone"]}]}),
+        );
+        let duplicate = parse(
+            json!({"success": false, "errors": [{"statusCode": "DUPLICATES_DETECTED", "message": "Use one of these records?", "fields": []}]}),
+        );
+        let locked = parse(
+            json!({"success": false, "errors": [{"statusCode": "UNABLE_TO_LOCK_ROW", "message": "unable to obtain exclusive access to this record"}]}),
+        );
+        let mixed = parse(
+            json!({"success": false, "errors": [{"statusCode": "DUPLICATES_DETECTED", "message": "dup"}, {"statusCode": "INVALID_EMAIL_ADDRESS", "message": "bad", "fields": ["Email"]}]}),
+        );
+
+        assert_eq!(
+            record_verdict(&created),
+            RecordVerdict::Upserted { created: true }
+        );
+        assert_eq!(
+            record_verdict(&invalid),
+            RecordVerdict::Rejected(
+                "FIELD_CUSTOM_VALIDATION_EXCEPTION: Phone is required (fields: Phone)".into()
+            )
+        );
+        assert!(matches!(
+            record_verdict(&duplicate),
+            RecordVerdict::Duplicate(_)
+        ));
+        assert!(matches!(record_verdict(&locked), RecordVerdict::Locked(_)));
+        assert!(
+            matches!(record_verdict(&mixed), RecordVerdict::Rejected(r) if r.contains("INVALID_EMAIL_ADDRESS"))
+        );
+    }
+
+    #[test]
+    fn api_usage_is_read_from_the_limit_info_header() {
+        assert_eq!(api_usage("api-usage=18/15000"), Some((18, 15000)));
+        assert_eq!(
+            api_usage("api-usage=25/5000; per-app-api-usage=17/250(appName=sample-connected-app)"),
+            Some((25, 5000))
+        );
+        assert_eq!(api_usage("per-app-api-usage=17/250"), None);
+        assert_eq!(api_usage("api-usage=x/5000"), None);
+    }
+
+    #[test]
+    fn the_sink_debug_output_holds_no_secret() {
+        let sink = SalesforceSink::new(&settings(json!({}))).unwrap();
+
+        let text = format!("{sink:?} {:?}", settings(json!({})));
+
+        assert!(!text.contains("s3cret-value"), "{text}");
+        assert!(text.contains("3MVG9consumerkey"));
+    }
+
+    #[test]
+    fn a_missing_secret_stops_construction_naming_the_key() {
+        let s = settings(json!({"client_secret": {"env": "LEADSYNC_TEST_UNSET_SF_SECRET"}}));
+
+        let err = SalesforceSink::new(&s).unwrap_err();
+
+        assert!(
+            err.message.contains("sink.salesforce.client_secret"),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,1191 @@
+//! The Dataverse sink against an in-process fake of Microsoft Entra ID (client
+//! credentials token endpoint) and the Dataverse Web API (`leads` upserts by alternate
+//! key, `WhoAmI`), plus one run of the daemon from Azurite to the fake.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Form, Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use leadsync::config::{IdentitySettings, Settings, SinkKind};
+use leadsync::identity::{customer_key, CustomerLead, CustomerState};
+use leadsync::lead::normalise;
+use leadsync::row::{RawRow, RowId};
+use leadsync::sink::dynamics::{default_fields, default_max_lengths, DynamicsSettings};
+use leadsync::sink::{DynamicsSink, LeadSink, Outcome};
+use leadsync::RunOptions;
+use serde_json::{json, Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use common::{customer, lead_row, many_rows, serve, World};
+
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+const CLIENT_ID: &str = "0d3c6e5a-1b2c-4d5e-8f90-a1b2c3d4e5f6";
+const SECRET: &str = "Zq8~leadsync-client-secret-value.42";
+const API: &str = "/api/data/v9.2";
+
+/// A canned answer the fake gives to the next upsert instead of processing it.
+#[derive(Clone)]
+enum Scripted {
+    Answer {
+        status: u16,
+        retry_after: Option<&'static str>,
+        body: Value,
+    },
+    /// Holds the request for this long (the client times out first).
+    Hang(Duration),
+}
+
+/// One request as the fake received it.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: Method,
+    /// The path exactly as sent (still percent-encoded).
+    path: String,
+    headers: HeaderMap,
+    body: Option<Value>,
+    at: Instant,
+    status: u16,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Issued access tokens and when each expires.
+    tokens: HashMap<String, Instant>,
+    token_forms: Vec<HashMap<String, String>>,
+    requests: Vec<Seen>,
+    /// Lead records by alternate key value (decoded).
+    records: BTreeMap<String, Map<String, Value>>,
+    ids: BTreeMap<String, String>,
+    created: usize,
+    updated: usize,
+    script: VecDeque<Scripted>,
+    /// Keys the fake refuses with a 400 and this error body.
+    refuse: HashMap<String, Value>,
+}
+
+/// Entra ID + Dataverse, keeping leads keyed by the alternate key.
+struct Fake {
+    base: OnceLock<String>,
+    key_attribute: String,
+    token_lifetime: u64,
+    patch_delay: Duration,
+    inner: Mutex<Inner>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// The column sizes of the standard lead table, as Dataverse enforces them.
+fn column_sizes() -> HashMap<&'static str, usize> {
+    HashMap::from([
+        ("firstname", 50),
+        ("lastname", 50),
+        ("companyname", 100),
+        ("jobtitle", 100),
+        ("emailaddress1", 100),
+        ("telephone1", 50),
+        ("address1_country", 80),
+        ("subject", 300),
+        ("description", 2000),
+        ("leadsync_key", 100),
+    ])
+}
+
+fn dataverse_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let mut response = (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert("OData-Version", HeaderValue::from_static("4.0"));
+    response
+}
+
+fn entra_error(status: StatusCode, error: &str, description: &str, code: u32) -> Response {
+    let body = json!({
+        "error": error,
+        "error_description": format!("{description}\r\nTrace ID: 0b1c2d3e-0000-4000-8000-000000000001\r\nCorrelation ID: 0b1c2d3e-0000-4000-8000-000000000002\r\nTimestamp: 2024-05-01 10:00:00Z"),
+        "error_codes": [code],
+        "timestamp": "2024-05-01 10:00:00Z",
+        "trace_id": "0b1c2d3e-0000-4000-8000-000000000001",
+        "correlation_id": "0b1c2d3e-0000-4000-8000-000000000002",
+    });
+    (status, Json(body)).into_response()
+}
+
+/// Decrements the in-flight count however the handler ends (clients time out).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Fake {
+    fn new(key_attribute: &str) -> Fake {
+        Fake {
+            base: OnceLock::new(),
+            key_attribute: key_attribute.into(),
+            token_lifetime: 3599,
+            patch_delay: Duration::ZERO,
+            inner: Mutex::new(Inner::default()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn base(&self) -> &str {
+        self.base.get().expect("served")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap()
+    }
+
+    fn script(&self, steps: impl IntoIterator<Item = Scripted>) {
+        self.lock().script.extend(steps);
+    }
+
+    fn revoke_tokens(&self) {
+        self.lock().tokens.clear();
+    }
+
+    fn patches(&self) -> Vec<Seen> {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.method == Method::PATCH)
+            .cloned()
+            .collect()
+    }
+
+    fn records(&self) -> BTreeMap<String, Map<String, Value>> {
+        self.lock().records.clone()
+    }
+
+    fn token_requests(&self) -> usize {
+        self.lock().token_forms.len()
+    }
+
+    async fn token(
+        State(fake): State<Arc<Fake>>,
+        UrlPath(tenant): UrlPath<String>,
+        Form(form): Form<HashMap<String, String>>,
+    ) -> Response {
+        fake.lock().token_forms.push(form.clone());
+        let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
+        if tenant != TENANT {
+            return entra_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("AADSTS90002: Tenant '{tenant}' not found."),
+                90002,
+            );
+        }
+        if field("grant_type") != "client_credentials" {
+            return entra_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "AADSTS70003: The app requested an unsupported grant type.",
+                70003,
+            );
+        }
+        if field("client_id") != CLIENT_ID {
+            return entra_error(
+                StatusCode::BAD_REQUEST,
+                "unauthorized_client",
+                &format!("AADSTS700016: Application with identifier '{}' was not found in the directory.", field("client_id")),
+                700016,
+            );
+        }
+        if field("client_secret") != SECRET {
+            return entra_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                &format!("AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{CLIENT_ID}'."),
+                7000215,
+            );
+        }
+        if field("scope") != format!("{}/.default", fake.base()) {
+            return entra_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                &format!(
+                    "AADSTS1002012: The provided value for scope {} is not valid.",
+                    field("scope")
+                ),
+                1002012,
+            );
+        }
+        let mut inner = fake.lock();
+        let token = format!("eyJ0eXAi.fake-access-token-{}", inner.token_forms.len());
+        inner.tokens.insert(
+            token.clone(),
+            Instant::now() + Duration::from_secs(fake.token_lifetime),
+        );
+        Json(json!({
+            "token_type": "Bearer",
+            "expires_in": fake.token_lifetime,
+            "ext_expires_in": fake.token_lifetime,
+            "access_token": token,
+        }))
+        .into_response()
+    }
+
+    async fn web_api(
+        State(fake): State<Arc<Fake>>,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        let index = {
+            let mut inner = fake.lock();
+            inner.requests.push(Seen {
+                method: method.clone(),
+                path: uri.path().to_owned(),
+                headers: headers.clone(),
+                body: serde_json::from_slice(&body).ok(),
+                at: Instant::now(),
+                status: 0,
+            });
+            inner.requests.len() - 1
+        };
+        let response = fake.answer(&method, uri.path(), &headers, &body).await;
+        fake.lock().requests[index].status = response.status().as_u16();
+        response
+    }
+
+    async fn answer(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Response {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let valid = self
+            .lock()
+            .tokens
+            .get(token)
+            .is_some_and(|expires| Instant::now() < *expires);
+        if !valid {
+            let mut response = StatusCode::UNAUTHORIZED.into_response();
+            response.headers_mut().insert(
+                "WWW-Authenticate",
+                HeaderValue::from_str(&format!(
+                    "Bearer authorization_uri=https://login.microsoftonline.com/{TENANT}/oauth2/authorize, resource_id={}/",
+                    self.base()
+                ))
+                .unwrap(),
+            );
+            return response;
+        }
+        let Some(rest) = path.strip_prefix(API) else {
+            return dataverse_error(StatusCode::NOT_FOUND, "0x80060888", "Resource not found.");
+        };
+        match (method.clone(), rest) {
+            (Method::GET, "/WhoAmI") => Json(json!({
+                "@odata.context": format!("{}{API}/$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse", self.base()),
+                "BusinessUnitId": "11111111-0000-0000-0000-000000000001",
+                "UserId": "11111111-0000-0000-0000-000000000002",
+                "OrganizationId": "11111111-0000-0000-0000-000000000003",
+            }))
+            .into_response(),
+            (Method::PATCH, rest) if rest.starts_with("/leads(") => {
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                let _guard = InFlight(&self.in_flight);
+                tokio::time::sleep(self.patch_delay).await;
+                self.upsert(rest, body).await
+            }
+            _ => dataverse_error(
+                StatusCode::NOT_FOUND,
+                "0x80060888",
+                &format!("Resource not found for the segment '{rest}'."),
+            ),
+        }
+    }
+
+    async fn upsert(&self, rest: &str, body: &[u8]) -> Response {
+        let scripted = self.lock().script.pop_front();
+        match scripted {
+            Some(Scripted::Hang(duration)) => {
+                tokio::time::sleep(duration).await;
+                return StatusCode::SERVICE_UNAVAILABLE.into_response();
+            }
+            Some(Scripted::Answer {
+                status,
+                retry_after,
+                body,
+            }) => {
+                let mut response =
+                    (StatusCode::from_u16(status).unwrap(), Json(body)).into_response();
+                if let Some(after) = retry_after {
+                    response
+                        .headers_mut()
+                        .insert("Retry-After", HeaderValue::from_static(after));
+                }
+                return response;
+            }
+            None => {}
+        }
+        // leads(<attribute>='<value>'): percent-decode, then undo the doubled quotes.
+        let decoded = urlencoding::decode(rest).expect("UTF-8 path").into_owned();
+        let Some(inner) = decoded
+            .strip_prefix("/leads(")
+            .and_then(|r| r.strip_suffix(')'))
+        else {
+            return dataverse_error(StatusCode::BAD_REQUEST, "0x80060888", "Bad key segment.");
+        };
+        let Some((attribute, quoted)) = inner.split_once('=') else {
+            return dataverse_error(StatusCode::BAD_REQUEST, "0x80040203", "Invalid key.");
+        };
+        let literal = quoted
+            .strip_prefix('\'')
+            .and_then(|q| q.strip_suffix('\''))
+            .filter(|l| !l.replace("''", "").contains('\''));
+        let Some(literal) = literal else {
+            return dataverse_error(
+                StatusCode::BAD_REQUEST,
+                "0x80060888",
+                &format!("Syntax error in the key literal {quoted}."),
+            );
+        };
+        let key = literal.replace("''", "'");
+        if attribute != self.key_attribute {
+            return dataverse_error(
+                StatusCode::BAD_REQUEST,
+                "0x80040203",
+                &format!("The key attribute {attribute} is not an alternate key of entity lead."),
+            );
+        }
+        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+            return dataverse_error(
+                StatusCode::BAD_REQUEST,
+                "0x80040203",
+                "The body is not a JSON object.",
+            );
+        };
+        if fields.get(attribute).is_some_and(|v| v != &json!(key)) {
+            return dataverse_error(
+                StatusCode::BAD_REQUEST,
+                "0x80040203",
+                "The key value in the body differs from the one in the URL.",
+            );
+        }
+        let sizes = column_sizes();
+        for (column, value) in &fields {
+            if let (Some(max), Some(text)) = (sizes.get(column.as_str()), value.as_str()) {
+                if text.chars().count() > *max {
+                    return dataverse_error(
+                        StatusCode::BAD_REQUEST,
+                        "0x80044331",
+                        &format!("A validation error occurred. The length of the '{column}' attribute of the 'lead' entity exceeded the maximum allowed length of '{max}'."),
+                    );
+                }
+            }
+        }
+        let mut inner = self.lock();
+        if let Some(error) = inner.refuse.get(&key) {
+            return (StatusCode::BAD_REQUEST, Json(error.clone())).into_response();
+        }
+        let created = !inner.records.contains_key(&key);
+        if created {
+            let n = inner.ids.len() + 1;
+            inner
+                .ids
+                .insert(key.clone(), format!("00000000-0000-0000-0000-{n:012}"));
+            inner.created += 1;
+        } else {
+            inner.updated += 1;
+        }
+        let record = inner.records.entry(key.clone()).or_default();
+        record.extend(fields);
+        record.insert(attribute.to_owned(), json!(key));
+        let id = inner.ids[&key].clone();
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        let headers = response.headers_mut();
+        headers.insert("OData-Version", HeaderValue::from_static("4.0"));
+        headers.insert(
+            "OData-EntityId",
+            HeaderValue::from_str(&format!("{}{API}/leads({id})", self.base())).unwrap(),
+        );
+        response
+    }
+}
+
+async fn start(fake: Fake) -> Arc<Fake> {
+    let fake = Arc::new(fake);
+    let router = Router::new()
+        .route("/{tenant}/oauth2/v2.0/token", post(Fake::token))
+        .fallback(Fake::web_api)
+        .with_state(fake.clone());
+    let base = serve(router).await;
+    fake.base.set(base).unwrap();
+    fake
+}
+
+/// The `[sink.dynamics]` section for `fake`, with `extra` lines.
+fn section(fake: &Fake, secret: &str, extra: &str) -> String {
+    format!(
+        r#"[sink]
+kind = "dynamics"
+[sink.dynamics]
+environment_url = "{base}"
+authority_host = "{base}"
+tenant_id = "{TENANT}"
+client_id = "{CLIENT_ID}"
+client_secret = {{ value = "{secret}" }}
+allow_http = true
+{extra}
+"#,
+        base = fake.base(),
+    )
+}
+
+/// Settings parsed through the real config loader.
+fn settings(fake: &Fake, secret: &str, extra: &str) -> DynamicsSettings {
+    let text = format!(
+        "[source]\nconnection_string = {{ value = \"UseDevelopmentStorage=true\" }}\n{}",
+        section(fake, secret, extra)
+    );
+    Settings::from_toml_with_env(&text, Path::new("test.toml"), &HashMap::new())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .sink
+        .dynamics
+        .expect("a [sink.dynamics] section")
+}
+
+const QUICK_RETRY: &str =
+    r#"retry = { max_attempts = 3, initial_backoff = "10ms", max_backoff = "50ms" }"#;
+
+fn sink(fake: &Fake, extra: &str) -> DynamicsSink {
+    let extra = if extra.contains("retry") {
+        extra.to_owned()
+    } else {
+        format!("{QUICK_RETRY}\n{extra}")
+    };
+    DynamicsSink::new(&settings(fake, SECRET, &extra)).expect("sink")
+}
+
+/// The merged record of one marketplace event with this `CustomerInfo`.
+fn lead_of(customer: Value) -> CustomerLead {
+    let columns = json!({
+        "LeadSource": "AzureMarketplace-INS | contoso.analytics",
+        "CustomerInfo": customer.to_string(),
+        "OfferDisplayName": "Contoso Analytics",
+    });
+    let Value::Object(columns) = columns else {
+        unreachable!()
+    };
+    let event = normalise(&RawRow {
+        id: RowId::new("p", "r1"),
+        etag: "W/\"1\"".into(),
+        timestamp: leadsync::timestamp::parse("2024-05-01T10:00:00Z").unwrap(),
+        columns,
+    })
+    .expect("a lead");
+    let identity = IdentitySettings::default();
+    let key = customer_key(&event.customer, identity.fallback).expect("identifiable");
+    let mut state = CustomerState::new(&key, &identity);
+    state.apply([&event], &identity);
+    state.lead
+}
+
+fn lead(n: usize) -> CustomerLead {
+    lead_of(customer(n))
+}
+
+fn refused_message(outcome: &Outcome) -> &str {
+    match outcome {
+        Outcome::Rejected { reason } => reason,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_valid_secret_gets_a_token_and_the_healthcheck_reads_who_am_i_without_writing() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+
+    // Act
+    let result = sink.healthcheck().await;
+
+    // Assert
+    result.expect("healthy");
+    let inner = fake.lock();
+    assert_eq!(inner.token_forms.len(), 1);
+    let form = &inner.token_forms[0];
+    assert_eq!(form["grant_type"], "client_credentials");
+    assert_eq!(form["client_id"], CLIENT_ID);
+    assert_eq!(form["scope"], format!("{}/.default", fake.base()));
+    assert_eq!(inner.requests.len(), 1);
+    let who = &inner.requests[0];
+    assert_eq!(
+        (who.method.clone(), who.path.as_str()),
+        (Method::GET, "/api/data/v9.2/WhoAmI")
+    );
+    assert_eq!(who.status, 200);
+    assert_eq!(who.headers["odata-version"], "4.0");
+    assert!(inner.records.is_empty(), "a healthcheck writes nothing");
+}
+
+#[tokio::test]
+async fn a_wrong_secret_rejects_the_batch_once_with_the_entra_reason_and_never_the_secret() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let wrong = "wrong-secret-value-123";
+    let sink = DynamicsSink::new(&settings(&fake, wrong, QUICK_RETRY)).unwrap();
+
+    // Act
+    let outcomes = sink.deliver(&[lead(1), lead(2), lead(3)]).await;
+    let health = sink.healthcheck().await;
+
+    // Assert
+    assert_eq!(outcomes.len(), 3);
+    for outcome in &outcomes {
+        let reason = refused_message(outcome);
+        assert!(
+            reason.contains("invalid_client") && reason.contains("AADSTS7000215"),
+            "{reason}"
+        );
+        assert!(reason.contains("permanent"), "{reason}");
+        assert!(!reason.contains(wrong), "{reason}");
+    }
+    let message = health.expect_err("the healthcheck fails").to_string();
+    assert!(
+        message.contains("AADSTS7000215") && !message.contains(wrong),
+        "{message}"
+    );
+    assert_eq!(
+        fake.token_requests(),
+        2,
+        "one token request per batch and one per healthcheck, not one per lead"
+    );
+    assert!(
+        fake.lock().requests.is_empty(),
+        "nothing reached the Web API"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_entra_id_leaves_the_batch_for_the_next_poll() {
+    // Arrange: a loopback port nothing listens on
+    let fake = start(Fake::new("leadsync_key")).await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let mut settings = settings(&fake, SECRET, QUICK_RETRY);
+    settings.authority_host = format!("http://127.0.0.1:{closed}");
+    let sink = DynamicsSink::new(&settings).unwrap();
+
+    // Act
+    let outcomes = sink.deliver(&[lead(1), lead(2)]).await;
+
+    // Assert
+    assert_eq!(outcomes.len(), 2);
+    for outcome in outcomes {
+        match outcome {
+            Outcome::RetryLater { reason, .. } => {
+                assert!(
+                    reason.contains("token request to Entra ID failed"),
+                    "{reason}"
+                );
+                assert!(!reason.contains(SECRET), "{reason}");
+            }
+            other => panic!("expected RetryLater, got {other:?}"),
+        }
+    }
+    assert!(fake.lock().requests.is_empty());
+}
+
+#[tokio::test]
+async fn a_short_lived_token_is_renewed_before_it_expires() {
+    // Arrange: tokens live 2 s; the sink renews at half-life at the latest.
+    let mut fake = Fake::new("leadsync_key");
+    fake.token_lifetime = 2;
+    let fake = start(fake).await;
+    let sink = sink(&fake, "");
+    assert_eq!(sink.deliver(&[lead(1)]).await, vec![Outcome::Delivered]);
+
+    // Act
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let outcomes = sink.deliver(&[lead(2)]).await;
+
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    assert_eq!(fake.token_requests(), 2);
+    let statuses: Vec<u16> = fake.patches().iter().map(|p| p.status).collect();
+    assert_eq!(
+        statuses,
+        vec![204, 204],
+        "no request went out with an expiring token"
+    );
+}
+
+#[tokio::test]
+async fn a_token_refused_with_401_is_replaced_once_and_the_upsert_sent_again() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    assert_eq!(sink.deliver(&[lead(1)]).await, vec![Outcome::Delivered]);
+    fake.revoke_tokens();
+
+    // Act
+    let outcomes = sink.deliver(&[lead(2)]).await;
+
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    let statuses: Vec<u16> = fake.patches().iter().map(|p| p.status).collect();
+    assert_eq!(statuses, vec![204, 401, 204]);
+    assert_eq!(fake.token_requests(), 2);
+    assert_eq!(fake.records().len(), 2);
+}
+
+#[tokio::test]
+async fn the_first_upsert_creates_the_record_and_the_next_updates_it_in_place() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    let first = lead(7);
+    let mut changed = customer(7);
+    changed["Company"] = json!("Fabrikam Renamed");
+    changed["Title"] = json!("CEO");
+    let second = lead_of(changed);
+    assert_eq!(first.external_key, second.external_key);
+
+    // Act
+    let created = sink.deliver(std::slice::from_ref(&first)).await;
+    let updated = sink.deliver(&[second]).await;
+
+    // Assert
+    assert_eq!(
+        (created, updated),
+        (vec![Outcome::Delivered], vec![Outcome::Delivered])
+    );
+    let (records, created, updated) = {
+        let inner = fake.lock();
+        (inner.records.clone(), inner.created, inner.updated)
+    };
+    assert_eq!((created, updated), (1, 1));
+    assert_eq!(records.len(), 1);
+    let record = &records[&first.external_key];
+    assert_eq!(record["companyname"], json!("Fabrikam Renamed"));
+    assert_eq!(record["jobtitle"], json!("CEO"));
+    assert_eq!(record["firstname"], json!("First7"));
+    assert_eq!(record["emailaddress1"], json!("customer7@contoso.com"));
+    assert_eq!(record["leadsync_key"], json!(first.external_key));
+    assert_eq!(record["subject"], json!("Contoso Analytics: Get it now"));
+    assert_eq!(record["donotemail"], json!(false));
+    assert_eq!(record["donotphone"], json!(false));
+    assert!(
+        record["description"].as_str().unwrap().contains("Contoso"),
+        "{record:?}"
+    );
+    let patches = fake.patches();
+    assert_eq!(
+        patches[0].path,
+        format!(
+            "/api/data/v9.2/leads(leadsync_key='{}')",
+            first.external_key
+        )
+    );
+    assert_eq!(patches[0].path, patches[1].path);
+    let sent = patches[0].body.as_ref().expect("a JSON body");
+    assert_eq!(
+        sent["leadsync_key"],
+        json!(first.external_key),
+        "the key is in the body too"
+    );
+    assert_eq!(sent["subject"], json!("Contoso Analytics: Get it now"));
+}
+
+#[tokio::test]
+async fn every_upsert_carries_the_odata_headers_and_a_bearer_token() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+
+    // Act
+    sink.deliver(&[lead(1), lead(2)]).await;
+
+    // Assert
+    let patches = fake.patches();
+    assert_eq!(patches.len(), 2);
+    for patch in patches {
+        let h = &patch.headers;
+        assert_eq!(h["odata-version"], "4.0");
+        assert_eq!(h["odata-maxversion"], "4.0");
+        assert_eq!(h["accept"], "application/json");
+        assert_eq!(h["content-type"], "application/json; charset=utf-8");
+        assert!(h["authorization"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer eyJ0eXAi."));
+        assert!(
+            h.get("if-match").is_none() && h.get("if-none-match").is_none(),
+            "a plain upsert"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_quote_in_an_email_key_is_doubled_and_percent_encoded_in_the_path() {
+    // Arrange
+    let fake = start(Fake::new("emailaddress1")).await;
+    let sink = sink(&fake, "key_attribute = \"emailaddress1\"");
+    let obrien = lead_of(
+        json!({"FirstName": "Siobhan", "LastName": "O'Brien", "Email": "O'Brien+leads@x.com"}),
+    );
+
+    // Act
+    let outcomes = sink.deliver(&[obrien]).await;
+
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    let patches = fake.patches();
+    assert_eq!(
+        patches[0].path,
+        "/api/data/v9.2/leads(emailaddress1='o%27%27brien%2Bleads%40x.com')"
+    );
+    let records = fake.records();
+    let record = records
+        .get("o'brien+leads@x.com")
+        .expect("the fake decoded the key back");
+    assert_eq!(record["emailaddress1"], json!("o'brien+leads@x.com"));
+    assert_eq!(record["lastname"], json!("O'Brien"));
+}
+
+#[tokio::test]
+async fn a_lead_without_email_is_rejected_when_upserting_on_emailaddress1() {
+    // Arrange
+    let fake = start(Fake::new("emailaddress1")).await;
+    let sink = sink(&fake, "key_attribute = \"emailaddress1\"");
+    let no_email = lead_of(json!({"FirstName": "Ana", "LastName": "Silva", "Company": "Fabrikam"}));
+
+    // Act
+    let outcomes = sink.deliver(&[no_email, lead(1)]).await;
+
+    // Assert
+    let reason = refused_message(&outcomes[0]);
+    assert!(
+        reason.contains("no email") && reason.contains("emailaddress1"),
+        "{reason}"
+    );
+    assert_eq!(outcomes[1], Outcome::Delivered);
+    assert_eq!(fake.patches().len(), 1, "no request with an empty key");
+}
+
+#[tokio::test]
+async fn a_400_with_a_dataverse_error_rejects_the_lead_with_its_code_and_message() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    fake.script([Scripted::Answer {
+        status: 400,
+        retry_after: None,
+        body: json!({"error": {"code": "0x80040237", "message": "A record with matching key values already exists."}}),
+    }]);
+
+    // Act
+    let outcomes = sink.deliver(&[lead(1)]).await;
+
+    // Assert
+    let reason = refused_message(&outcomes[0]);
+    assert!(
+        reason.contains("0x80040237: A record with matching key values already exists."),
+        "{reason}"
+    );
+    assert!(reason.contains("400"), "{reason}");
+    assert_eq!(fake.patches().len(), 1, "a 400 is not retried");
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_is_waited_out_then_delivered() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(
+        &fake,
+        r#"retry = { max_attempts = 3, initial_backoff = "10ms", max_backoff = "2s" }"#,
+    );
+    fake.script([Scripted::Answer {
+        status: 429,
+        retry_after: Some("1"),
+        body: json!({"error": {"code": "0x80072322", "message": "Number of requests exceeded the limit of 6000 over time window of 300 seconds."}}),
+    }]);
+
+    // Act
+    let outcomes = sink.deliver(&[lead(1)]).await;
+
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    let patches = fake.patches();
+    assert_eq!(
+        patches.iter().map(|p| p.status).collect::<Vec<_>>(),
+        vec![429, 204]
+    );
+    let waited = patches[1].at - patches[0].at;
+    assert!(
+        waited >= Duration::from_millis(950),
+        "waited only {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_429_with_a_retry_after_beyond_max_backoff_leaves_the_lead_for_later_with_that_delay() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    fake.script([Scripted::Answer {
+        status: 429,
+        retry_after: Some("30"),
+        body: json!({"error": {"code": "0x80072321", "message": "Combined execution time of incoming requests exceeded limit of 1,200,000 milliseconds over time window of 300 seconds."}}),
+    }]);
+
+    // Act
+    let outcomes = sink.deliver(&[lead(1)]).await;
+
+    // Assert
+    match &outcomes[0] {
+        Outcome::RetryLater { after, reason } => {
+            assert_eq!(*after, Some(Duration::from_secs(30)));
+            assert!(
+                reason.contains("0x80072321") && reason.contains("execution time"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected RetryLater, got {other:?}"),
+    }
+    assert_eq!(fake.patches().len(), 1);
+    assert!(fake.records().is_empty());
+}
+
+#[tokio::test]
+async fn a_503_is_retried_and_then_delivered() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    fake.script([Scripted::Answer {
+        status: 503,
+        retry_after: None,
+        body: json!({"error": {"code": "0x80040216", "message": "An unexpected error occurred."}}),
+    }]);
+
+    // Act
+    let outcomes = sink.deliver(&[lead(1)]).await;
+
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    let statuses: Vec<u16> = fake.patches().iter().map(|p| p.status).collect();
+    assert_eq!(statuses, vec![503, 204]);
+    assert_eq!(fake.records().len(), 1);
+}
+
+#[tokio::test]
+async fn an_upsert_that_times_out_is_sent_again() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "request_timeout = \"300ms\"");
+    fake.script([Scripted::Hang(Duration::from_secs(3))]);
+
+    // Act
+    let outcomes = sink.deliver(&[lead(1)]).await;
+
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    assert_eq!(fake.patches().len(), 2);
+    assert_eq!(fake.records().len(), 1);
+}
+
+#[tokio::test]
+async fn an_upsert_that_keeps_timing_out_is_left_for_the_next_poll() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(
+        &fake,
+        "request_timeout = \"200ms\"\nretry = { max_attempts = 2, initial_backoff = \"10ms\", max_backoff = \"50ms\" }",
+    );
+    fake.script([
+        Scripted::Hang(Duration::from_secs(3)),
+        Scripted::Hang(Duration::from_secs(3)),
+    ]);
+
+    // Act
+    let outcomes = sink.deliver(&[lead(1)]).await;
+
+    // Assert
+    match &outcomes[0] {
+        Outcome::RetryLater { after, reason } => {
+            assert_eq!(*after, None);
+            assert!(reason.contains("timed out"), "{reason}");
+        }
+        other => panic!("expected RetryLater, got {other:?}"),
+    }
+    assert_eq!(fake.patches().len(), 2);
+}
+
+#[tokio::test]
+async fn no_more_than_parallelism_upserts_are_in_flight_and_outcomes_keep_input_order() {
+    // Arrange
+    let mut fake = Fake::new("leadsync_key");
+    fake.patch_delay = Duration::from_millis(100);
+    let fake = start(fake).await;
+    let sink = sink(&fake, "parallelism = 3");
+    let leads: Vec<CustomerLead> = (0..9).map(lead).collect();
+    fake.lock().refuse.insert(
+        leads[4].external_key.clone(),
+        json!({"error": {"code": "0x80044331", "message": "A validation error occurred."}}),
+    );
+
+    // Act
+    let outcomes = sink.deliver(&leads).await;
+
+    // Assert
+    let max = fake.max_in_flight.load(Ordering::SeqCst);
+    assert!(max <= 3, "{max} upserts were in flight");
+    assert!(max > 1, "upserts ran one at a time");
+    assert_eq!(outcomes.len(), 9);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        if i == 4 {
+            assert!(refused_message(outcome).contains("0x80044331"));
+        } else {
+            assert_eq!(outcome, &Outcome::Delivered, "lead {i}");
+        }
+    }
+    assert_eq!(fake.records().len(), 8);
+}
+
+#[tokio::test]
+async fn long_values_are_cut_to_the_column_sizes_dataverse_accepts() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "max_lengths = { jobtitle = 20 }");
+    let mut long = customer(1);
+    long["FirstName"] = json!("É".repeat(80));
+    long["Company"] = json!("C".repeat(150));
+    long["Title"] = json!("Chief Executive Officer of Everything");
+    let lead = lead_of(long);
+
+    // Act
+    let outcomes = sink.deliver(std::slice::from_ref(&lead)).await;
+
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    let record = &fake.records()[&lead.external_key];
+    let chars = |column: &str| record[column].as_str().unwrap().chars().count();
+    assert_eq!(chars("firstname"), 50);
+    assert_eq!(chars("companyname"), 100);
+    assert_eq!(chars("jobtitle"), 20);
+    assert!(record["companyname"].as_str().unwrap().ends_with('…'));
+    assert_eq!(
+        record["lastname"],
+        json!("Last1"),
+        "short values are untouched"
+    );
+}
+
+/// Collects everything logged while a test runs.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_secret_and_the_tokens_never_appear_in_outcomes_debug_or_logs() {
+    // Arrange
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("leadsync=trace")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let fake = start(Fake::new("leadsync_key")).await;
+    let settings = settings(&fake, SECRET, QUICK_RETRY);
+    let sink = DynamicsSink::new(&settings).unwrap();
+    fake.script([
+        Scripted::Answer {
+            status: 503,
+            retry_after: None,
+            body: json!({}),
+        },
+        Scripted::Answer {
+            status: 400,
+            retry_after: None,
+            body: json!({"error": {"code": "0x80040203", "message": "Invalid argument."}}),
+        },
+    ]);
+
+    // Act
+    let mut outcomes = sink.deliver(&[lead(1)]).await;
+    fake.revoke_tokens();
+    outcomes.extend(sink.deliver(&[lead(2)]).await);
+    let wrong = DynamicsSink::new(&settings_with_secret(&fake, "another-wrong-secret")).unwrap();
+    outcomes.extend(wrong.deliver(&[lead(3)]).await);
+    let _ = wrong.healthcheck().await;
+
+    // Assert
+    let tokens: Vec<String> = fake.lock().tokens.keys().cloned().collect();
+    assert!(!tokens.is_empty());
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(logged.contains("retrying"), "the capture works: {logged}");
+    let texts = [
+        format!("{outcomes:?}"),
+        format!("{settings:?}"),
+        format!("{sink:?}"),
+        format!("{wrong:?}"),
+        logged,
+    ];
+    for text in &texts {
+        for secret in [SECRET, "another-wrong-secret"] {
+            assert!(!text.contains(secret), "secret leaked into: {text}");
+        }
+        for token in &tokens {
+            assert!(!text.contains(token.as_str()), "token leaked into: {text}");
+        }
+    }
+}
+
+fn settings_with_secret(fake: &Fake, secret: &str) -> DynamicsSettings {
+    settings(fake, secret, QUICK_RETRY)
+}
+
+#[test]
+fn the_example_config_loads_and_states_the_defaults() {
+    // Arrange
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/dynamics.example.toml");
+
+    // Act
+    let settings =
+        Settings::load_with_env(&path, &HashMap::new()).unwrap_or_else(|e| panic!("{e}"));
+
+    // Assert
+    assert_eq!(settings.sink.kind, SinkKind::Dynamics);
+    let d = settings.sink.dynamics.expect("[sink.dynamics]");
+    assert_eq!(d.authority_host, "https://login.microsoftonline.com");
+    assert_eq!(d.api_version, "v9.2");
+    assert_eq!(d.key_attribute, "leadsync_key");
+    assert_eq!(d.parallelism, 4);
+    assert_eq!(d.fields, default_fields());
+    assert_eq!(d.max_lengths, default_max_lengths());
+    assert_eq!(d.token_refresh_margin, Duration::from_secs(300));
+    assert_eq!(d.request_timeout, Duration::from_secs(30));
+    assert!(!d.allow_http);
+    assert_eq!(
+        (
+            d.retry.max_attempts,
+            d.retry.initial_backoff,
+            d.retry.max_backoff
+        ),
+        (6, Duration::from_millis(500), Duration::from_secs(30))
+    );
+    assert!(format!("{:?}", d.client_secret).contains("LEADSYNC_DYNAMICS_CLIENT_SECRET"));
+}
+
+#[tokio::test]
+async fn leads_from_the_table_are_upserted_once_per_customer_across_a_restart() {
+    // Arrange
+    let world = World::new().await;
+    let fake = start(Fake::new("leadsync_key")).await;
+    let settings =
+        world.settings_with_sink(&format!("{}{QUICK_RETRY}\n", section(&fake, SECRET, "")));
+    world.insert(&many_rows(5, 2)).await;
+
+    // Act: two runs, with new rows in between (a restart: state persists in state_dir)
+    let first = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("first run");
+    let mut renamed = customer(2);
+    renamed["Company"] = json!("Company 2 Renamed");
+    renamed["Title"] = json!("CEO");
+    world
+        .insert(&[
+            lead_row(
+                "p09",
+                "r900",
+                "AppSource (SPZA)-PLT | contoso.backup",
+                renamed,
+            ),
+            lead_row(
+                "p09",
+                "r901",
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(5),
+            ),
+            lead_row(
+                "p09",
+                "r902",
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(6),
+            ),
+        ])
+        .await;
+    let second = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("second run");
+
+    // Assert
+    assert_eq!((first.exit_code(), second.exit_code()), (0, 0));
+    assert_eq!(first.totals.delivered, 5);
+    assert_eq!(second.totals.delivered, 3);
+    let records = fake.records();
+    assert_eq!(
+        records.len(),
+        7,
+        "one record per customer: {:?}",
+        records.keys()
+    );
+    let emails: std::collections::BTreeSet<&str> = records
+        .values()
+        .map(|r| r["emailaddress1"].as_str().unwrap())
+        .collect();
+    assert_eq!(emails.len(), 7);
+    let ana = records
+        .values()
+        .find(|r| r["emailaddress1"] == json!("customer2@contoso.com"))
+        .unwrap();
+    assert_eq!(ana["companyname"], json!("Company 2 Renamed"));
+    assert_eq!(ana["jobtitle"], json!("CEO"));
+    let (created, updated) = {
+        let inner = fake.lock();
+        (inner.created, inner.updated)
+    };
+    assert_eq!((created, updated), (7, 1));
+}
