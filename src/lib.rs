@@ -27,7 +27,7 @@ use crate::config::{Settings, SinkKind, StateBackend};
 use crate::pipeline::{log_summary, Pipeline, PollError, PollSummary};
 use crate::sink::{DynamicsSink, JsonlSink, LeadSink, SalesforceSink, SinkError, WebhookSink};
 use crate::source::{SourceError, TableSource};
-use crate::state::{RedbStore, StateError, StateStore};
+use crate::state::{Lease, RedbStore, StateError, StateStore};
 
 /// How `run` behaves.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,6 +56,8 @@ pub struct RunReport {
     /// Leads still not delivered after the last poll.
     pub pending: u64,
     pub last_error: Option<String>,
+    /// The last attempt found another process holding the processing lease.
+    pub lease_busy: bool,
 }
 
 impl RunReport {
@@ -130,6 +132,35 @@ pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
     })
 }
 
+/// `host:pid:random`, unique per process.
+fn lease_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// Renews the lease every third of its lifetime; cancels `poll` when it is lost.
+async fn renew_lease(
+    state: Arc<dyn StateStore>,
+    owner: String,
+    ttl: std::time::Duration,
+    poll: CancellationToken,
+) {
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match state.acquire_lease(&owner, ttl).await {
+            Ok(Lease::Held) => {}
+            Ok(Lease::HeldBy { owner: holder, .. }) => {
+                tracing::warn!(%holder, "Processing lease taken over by another leadsync; stopping this poll.");
+                poll.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "Cannot renew the processing lease; trying again."),
+        }
+    }
+}
+
 /// Polls until `cancel` fires (or once, with `options.once`). A failed poll is logged and
 /// retried at the next interval; only a failure to start is returned as an error.
 pub async fn run(
@@ -157,6 +188,8 @@ pub async fn run_pipeline(
         "leadsync started."
     );
     let mut report = RunReport::default();
+    let owner = lease_owner();
+    let ttl = settings.state.lease_ttl;
     let mut interval = tokio::time::interval(settings.run.poll_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -164,12 +197,46 @@ pub async fn run_pipeline(
             _ = interval.tick() => {}
             _ = cancel.cancelled() => break,
         }
+        match pipeline.state.acquire_lease(&owner, ttl).await {
+            Ok(Lease::Held) => {}
+            Ok(Lease::HeldBy { owner: holder, until }) => {
+                tracing::info!(%holder, until = %timestamp::format(until), "Another leadsync holds the processing lease; not polling.");
+                report.lease_busy = true;
+                if options.once {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot take the processing lease; trying again at the next interval.");
+                report.last_error = Some(e.to_string());
+                if options.once {
+                    break;
+                }
+                continue;
+            }
+        }
+        report.lease_busy = false;
         report.polls += 1;
-        match pipeline.poll(&cancel).await {
+        // The lease is renewed while the poll runs; losing it stops the poll between pages.
+        let poll_cancel = cancel.child_token();
+        let renewer = tokio::spawn(renew_lease(
+            pipeline.state.clone(),
+            owner.clone(),
+            ttl,
+            poll_cancel.clone(),
+        ));
+        let result = pipeline.poll(&poll_cancel).await;
+        renewer.abort();
+        match result {
             Ok(summary) => {
                 log_summary(&summary);
                 report.add(&summary);
                 report.last_error = None;
+            }
+            Err(PollError::Interrupted { pages }) if !cancel.is_cancelled() => {
+                tracing::warn!(pages, "Processing lease lost during a poll; the checkpoint stays where it was.");
+                report.last_error = Some("processing lease lost".into());
             }
             Err(PollError::Interrupted { pages }) => {
                 tracing::info!(
@@ -194,6 +261,9 @@ pub async fn run_pipeline(
         if options.once || cancel.is_cancelled() {
             break;
         }
+    }
+    if let Err(e) = pipeline.state.release_lease(&owner).await {
+        tracing::warn!(error = %e, "Cannot release the processing lease; it expires by itself.");
     }
     tracing::info!(
         polls = report.polls,
