@@ -246,6 +246,13 @@ poll_interval = "200ms"
             .expect("test settings are valid")
     }
 
+    /// Writes a config file with the whole `[sink]` part given.
+    pub fn config_file_with_sink(&self, source_extra: &str, sink: &str) -> PathBuf {
+        let path = self.dir.path().join("leadsync.toml");
+        std::fs::write(&path, self.toml_with_sink(source_extra, sink)).expect("write config");
+        path
+    }
+
     pub fn config_file(&self, source_extra: &str) -> PathBuf {
         let path = self.dir.path().join("leadsync.toml");
         std::fs::write(&path, self.toml(source_extra)).expect("write config");
