@@ -67,6 +67,16 @@ pub struct Settings {
     /// Poll loop behaviour.
     #[serde(default)]
     pub run: RunSettings,
+    /// The optional HTTP listener: /metrics, /healthz, /readyz, /status.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address to listen on, e.g. "127.0.0.1:9464"; unset (the default) = no listener.
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -677,6 +687,11 @@ impl Settings {
         }
         if self.run.poll_interval.is_zero() {
             return bad("run.poll_interval", "must be greater than zero");
+        }
+        if let Some(listen) = &self.metrics.listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return bad("metrics.listen", "must be an address like 127.0.0.1:9464");
+            }
         }
         if self.run.follow_up_warning.is_zero() {
             return bad("run.follow_up_warning", "must be greater than zero");

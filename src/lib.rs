@@ -12,6 +12,7 @@ pub mod lead;
 pub mod pipeline;
 pub mod retry;
 pub mod row;
+pub mod service;
 pub mod sink;
 pub mod source;
 pub mod state;
@@ -137,7 +138,11 @@ fn lease_owner() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "host".into());
-    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// Renews the lease every third of its lifetime; cancels `poll` when it is lost.
@@ -156,7 +161,9 @@ async fn renew_lease(
                 poll.cancel();
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "Cannot renew the processing lease; trying again."),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot renew the processing lease; trying again.")
+            }
         }
     }
 }
@@ -188,6 +195,18 @@ pub async fn run_pipeline(
         "leadsync started."
     );
     let mut report = RunReport::default();
+    let metrics = pipeline.memory.metrics.clone();
+    let ready_window = (settings.run.poll_interval * 3).max(std::time::Duration::from_secs(120));
+    if let Some(listen) = &settings.metrics.listen {
+        let addr = listen
+            .parse()
+            .expect("validated: metrics.listen is an address");
+        if let Err(e) = service::serve(addr, metrics.clone(), ready_window, cancel.clone()).await {
+            tracing::error!(address = %listen, error = %e, "Cannot serve metrics; continuing without them.");
+        }
+    }
+    service::systemd::spawn_watchdog(metrics.clone(), cancel.clone());
+    let mut notified_ready = false;
     let owner = lease_owner();
     let ttl = settings.state.lease_ttl;
     let mut interval = tokio::time::interval(settings.run.poll_interval);
@@ -199,7 +218,10 @@ pub async fn run_pipeline(
         }
         match pipeline.state.acquire_lease(&owner, ttl).await {
             Ok(Lease::Held) => {}
-            Ok(Lease::HeldBy { owner: holder, until }) => {
+            Ok(Lease::HeldBy {
+                owner: holder,
+                until,
+            }) => {
                 tracing::info!(%holder, until = %timestamp::format(until), "Another leadsync holds the processing lease; not polling.");
                 report.lease_busy = true;
                 if options.once {
@@ -226,8 +248,24 @@ pub async fn run_pipeline(
             ttl,
             poll_cancel.clone(),
         ));
+        metrics.set_polling(true);
         let result = pipeline.poll(&poll_cancel).await;
+        metrics.set_polling(false);
         renewer.abort();
+        metrics.observe_poll(pipeline.sink.name(), result.as_ref().map_err(|_| ()));
+        let status = match &result {
+            Ok(s) => format!(
+                "last poll: {} rows read, {} delivered, {} pending",
+                s.rows_read, s.delivered, s.pending
+            ),
+            Err(e) => format!("last poll failed: {e}"),
+        };
+        if notified_ready {
+            service::systemd::status(&status);
+        } else {
+            service::systemd::ready(&status);
+            notified_ready = true;
+        }
         match result {
             Ok(summary) => {
                 log_summary(&summary);
@@ -235,7 +273,10 @@ pub async fn run_pipeline(
                 report.last_error = None;
             }
             Err(PollError::Interrupted { pages }) if !cancel.is_cancelled() => {
-                tracing::warn!(pages, "Processing lease lost during a poll; the checkpoint stays where it was.");
+                tracing::warn!(
+                    pages,
+                    "Processing lease lost during a poll; the checkpoint stays where it was."
+                );
                 report.last_error = Some("processing lease lost".into());
             }
             Err(PollError::Interrupted { pages }) => {
@@ -262,6 +303,7 @@ pub async fn run_pipeline(
             break;
         }
     }
+    service::systemd::stopping();
     if let Err(e) = pipeline.state.release_lease(&owner).await {
         tracing::warn!(error = %e, "Cannot release the processing lease; it expires by itself.");
     }

@@ -93,6 +93,8 @@ pub struct Pipeline {
 /// overdue leads were already warned about (once per lead per process).
 #[derive(Debug, Default)]
 pub struct Memory {
+    /// Counters and liveness shared with the metrics listener and the watchdog.
+    pub metrics: Arc<crate::service::Metrics>,
     sink_paused_until: std::sync::Mutex<Option<Instant>>,
     warned_overdue: std::sync::Mutex<std::collections::HashSet<crate::row::RowId>>,
 }
@@ -175,6 +177,7 @@ impl Pipeline {
                 })?;
             summary.pages += 1;
             summary.rows_read += page.rows.len() as u64;
+            self.memory.metrics.touch();
             let (settled, open) = self.process(page.rows, mode, &mut summary).await?;
             newest_settled = newest_settled.max(settled);
             oldest_open = match (oldest_open, open) {
@@ -416,7 +419,11 @@ impl Pipeline {
                 leads.len()
             ];
         }
+        let started = Instant::now();
         let outcomes = self.sink.deliver(leads).await;
+        self.memory
+            .metrics
+            .observe_sink_call(self.sink.name(), started.elapsed());
         if outcomes.len() != leads.len() {
             // A sink bug must not settle rows it did not report on.
             tracing::error!(

@@ -1,6 +1,7 @@
 //! What every HTTP sink shares: the client, the URL check, Retry-After, and one retry
 //! loop, so each sink only says what a response means.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::header::HeaderMap;
@@ -57,6 +58,13 @@ pub fn is_transient_status(status: reqwest::StatusCode) -> bool {
         || status.is_server_error()
 }
 
+static RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// CRM requests retried by [`retrying`] since the process started (for metrics).
+pub fn retries_total() -> u64 {
+    RETRIES.load(Ordering::Relaxed)
+}
+
 /// The result of one attempt, as the sink classifies it.
 #[derive(Debug)]
 pub enum Step<T> {
@@ -106,6 +114,7 @@ where
         if n >= retry.max_attempts || too_long {
             return Finished::GaveUp { after, reason };
         }
+        RETRIES.fetch_add(1, Ordering::Relaxed);
         let delay = after.unwrap_or_else(|| {
             backoff(
                 n - 1,

@@ -1,0 +1,360 @@
+//! What a running daemon shows the outside: systemd notifications (READY, WATCHDOG,
+//! STATUS, STOPPING) and the optional HTTP listener with `/metrics` (Prometheus text),
+//! `/healthz`, `/readyz` and `/status`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::PollSummary;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    sink: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabels {
+    sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+/// The daemon's metrics and liveness facts, shared by the poll loop and the listener.
+pub struct Metrics {
+    registry: Registry,
+    rows_read: Counter,
+    rows: Family<OutcomeLabels, Counter>,
+    records_sent: Family<SinkLabels, Counter>,
+    polls: Family<ResultLabels, Counter>,
+    pending: Gauge,
+    oldest_pending_age: Gauge,
+    overdue: Gauge,
+    poll_duration: Histogram,
+    sink_latency: Family<SinkLabels, Histogram>,
+    sink_retries: Counter,
+    /// Unix seconds of the last poll that completed without error.
+    last_ok_poll: AtomicI64,
+    /// Unix seconds of the last sign of progress (a page, a poll, an idle tick).
+    last_progress: AtomicI64,
+    last_summary: Mutex<Option<PollSummary>>,
+    retries_seen: AtomicU64,
+    /// A poll is running (between polls the loop waits on a timer, which cannot hang).
+    polling: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("leadsync");
+        let rows_read = Counter::default();
+        registry.register(
+            "rows_read",
+            "Table entities read (including re-reads of the overlap window)",
+            rows_read.clone(),
+        );
+        let rows = Family::<OutcomeLabels, Counter>::default();
+        registry.register("rows", "Rows settled, by sink and outcome (delivered, skipped, rejected, unidentifiable, unchanged)", rows.clone());
+        let records_sent = Family::<SinkLabels, Counter>::default();
+        registry.register(
+            "records_sent",
+            "Merged customer records the sink acknowledged",
+            records_sent.clone(),
+        );
+        let polls = Family::<ResultLabels, Counter>::default();
+        registry.register("polls", "Polls, by result (ok, failed)", polls.clone());
+        let pending = Gauge::default();
+        registry.register(
+            "pending_rows",
+            "Rows whose lead is waiting for the sink after the last poll",
+            pending.clone(),
+        );
+        let oldest_pending_age = Gauge::default();
+        registry.register(
+            "oldest_undelivered_lead_age_seconds",
+            "Age of the oldest undelivered lead, from its table Timestamp",
+            oldest_pending_age.clone(),
+        );
+        let overdue = Gauge::default();
+        registry.register(
+            "overdue_leads",
+            "Undelivered leads older than run.follow_up_warning",
+            overdue.clone(),
+        );
+        let poll_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "poll_duration_seconds",
+            "Duration of one poll",
+            poll_duration.clone(),
+        );
+        let sink_latency = Family::<SinkLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        });
+        registry.register(
+            "sink_request_duration_seconds",
+            "Duration of one delivery call to the sink (retries included)",
+            sink_latency.clone(),
+        );
+        let sink_retries = Counter::default();
+        registry.register(
+            "sink_retries",
+            "CRM requests retried after a transient failure",
+            sink_retries.clone(),
+        );
+        Self {
+            registry,
+            rows_read,
+            rows,
+            records_sent,
+            polls,
+            pending,
+            oldest_pending_age,
+            overdue,
+            poll_duration,
+            sink_latency,
+            sink_retries,
+            last_ok_poll: AtomicI64::new(0),
+            last_progress: AtomicI64::new(now()),
+            last_summary: Mutex::new(None),
+            retries_seen: AtomicU64::new(0),
+            polling: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records that the daemon is making progress (fed to the systemd watchdog).
+    pub fn touch(&self) {
+        self.last_progress.store(now(), Ordering::Relaxed);
+    }
+
+    /// Marks the start and end of a poll, for the watchdog.
+    pub fn set_polling(&self, polling: bool) {
+        self.touch();
+        self.polling.store(polling, Ordering::Relaxed);
+    }
+
+    /// Alive: idle between polls, or a poll that made progress within `period`.
+    fn alive(&self, period: Duration) -> bool {
+        !self.polling.load(Ordering::Relaxed)
+            || self.seconds_since_progress() <= period.as_secs() as i64
+    }
+
+    pub fn observe_sink_call(&self, sink: &str, took: Duration) {
+        self.sink_latency
+            .get_or_create(&SinkLabels { sink: sink.into() })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn observe_poll(&self, sink: &str, result: Result<&PollSummary, ()>) {
+        self.touch();
+        let label = |r: &str| ResultLabels { result: r.into() };
+        let Ok(s) = result else {
+            self.polls.get_or_create(&label("failed")).inc();
+            return;
+        };
+        self.polls.get_or_create(&label("ok")).inc();
+        self.last_ok_poll.store(now(), Ordering::Relaxed);
+        self.rows_read.inc_by(s.rows_read);
+        for (outcome, n) in [
+            ("delivered", s.delivered),
+            ("skipped", s.skipped),
+            ("rejected", s.rejected),
+            ("unidentifiable", s.unidentifiable),
+            ("unchanged", s.unchanged),
+        ] {
+            self.rows
+                .get_or_create(&OutcomeLabels {
+                    sink: sink.into(),
+                    outcome: outcome.into(),
+                })
+                .inc_by(n);
+        }
+        self.records_sent
+            .get_or_create(&SinkLabels { sink: sink.into() })
+            .inc_by(s.records_sent);
+        self.pending.set(s.pending as i64);
+        self.overdue.set(s.overdue as i64);
+        self.oldest_pending_age
+            .set(s.oldest_pending_age.map_or(0, |a| a.as_secs() as i64));
+        self.poll_duration.observe(s.duration.as_secs_f64());
+        let retries = crate::sink::http::retries_total();
+        let before = self.retries_seen.swap(retries, Ordering::Relaxed);
+        self.sink_retries.inc_by(retries.saturating_sub(before));
+        *self.last_summary.lock().expect("not poisoned") = Some(s.clone());
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Ready: a poll succeeded within `window`.
+    pub fn ready(&self, window: Duration) -> bool {
+        let last = self.last_ok_poll.load(Ordering::Relaxed);
+        last > 0 && now() - last <= window.as_secs() as i64
+    }
+
+    fn seconds_since_progress(&self) -> i64 {
+        now() - self.last_progress.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+struct Listener {
+    metrics: Arc<Metrics>,
+    ready_window: Duration,
+}
+
+async fn metrics_text(State(l): State<Listener>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        l.metrics.render(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(l): State<Listener>) -> impl IntoResponse {
+    if l.metrics.ready(l.ready_window) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no successful poll recently\n",
+        )
+    }
+}
+
+async fn status(State(l): State<Listener>) -> impl IntoResponse {
+    let summary = l.metrics.last_summary.lock().expect("not poisoned").clone();
+    axum::Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "ready": l.metrics.ready(l.ready_window),
+        "last_poll": summary.map(|s| serde_json::json!({
+            "rows_read": s.rows_read,
+            "delivered": s.delivered,
+            "skipped": s.skipped,
+            "rejected": s.rejected,
+            "unidentifiable": s.unidentifiable,
+            "pending": s.pending,
+            "overdue": s.overdue,
+            "checkpoint": s.checkpoint.map(crate::timestamp::format),
+        })),
+    }))
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/status` on `addr` until `cancel`.
+/// Ready means a poll succeeded within `ready_window`.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    ready_window: Duration,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .with_state(Listener {
+            metrics: metrics.clone(),
+            ready_window,
+        });
+    tokio::spawn(async move {
+        let shutdown = async move { cancel.cancelled().await };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "The metrics listener stopped.");
+        }
+    });
+    tracing::info!(address = %bound, "Serving /metrics, /healthz, /readyz and /status.");
+    Ok(bound)
+}
+
+/// systemd's notify protocol; every call is a no-op outside a `Type=notify` unit.
+pub mod systemd {
+    use super::*;
+    use sd_notify::NotifyState;
+
+    fn send(states: &[NotifyState]) {
+        if let Err(e) = sd_notify::notify(states) {
+            tracing::warn!(error = %e, "Cannot notify systemd.");
+        }
+    }
+
+    pub fn ready(status: &str) {
+        send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
+    pub fn status(status: &str) {
+        send(&[NotifyState::Status(status)]);
+    }
+
+    pub fn stopping() {
+        send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    }
+
+    /// Pings the watchdog at half its period while the daemon shows progress: a poll
+    /// loop that hangs stops the pings and systemd restarts the service.
+    pub fn spawn_watchdog(metrics: Arc<Metrics>, cancel: CancellationToken) {
+        let Some(period) = sd_notify::watchdog_enabled() else {
+            return;
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period / 2) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                if metrics.alive(period) {
+                    send(&[NotifyState::Watchdog]);
+                } else {
+                    tracing::error!(
+                        stalled_s = metrics.seconds_since_progress(),
+                        "No progress within the watchdog period; letting systemd restart leadsync."
+                    );
+                }
+            }
+        });
+    }
+}
