@@ -90,7 +90,10 @@ pub enum Lease {
     /// This process holds the lease.
     Held,
     /// Another process holds it until `until`.
-    HeldBy { owner: String, until: OffsetDateTime },
+    HeldBy {
+        owner: String,
+        until: OffsetDateTime,
+    },
 }
 
 /// Everything one settle writes, atomically.
