@@ -45,6 +45,16 @@ pub enum Command {
     },
     /// Check the config file and print the effective settings (secrets redacted).
     Config,
+    /// Check the set-up: config, table (and whether the marketplace wrote to it), state,
+    /// sink authentication (nothing written). Exit 0 when all is well.
+    Check {
+        /// Also write a marketplace-style test lead and wait for the running daemon to handle it.
+        #[arg(long)]
+        send_test_lead: bool,
+        /// How long to wait for the daemon to handle the test lead.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
     /// List rows rejected (with reasons), skipped by policy, or held as unidentifiable, one JSON object per line.
     Rows {
         #[arg(value_enum, default_value = "rejected")]
@@ -137,6 +147,18 @@ pub async fn main(cli: Cli) -> ExitCode {
         }
         Command::Rows { which } => list_rows(&settings, which).await,
         Command::Dlq { action } => dlq(&settings, action).await,
+        Command::Check {
+            send_test_lead,
+            wait,
+        } => {
+            let report = crate::check::check(&settings, send_test_lead, wait).await;
+            print!("{}", report.render());
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_START_FAILED)
+            }
+        }
         Command::Replay { since, resend } => replay(&settings, since, resend).await,
         Command::Export {
             format,

@@ -249,6 +249,9 @@ impl Pipeline {
                     continue;
                 }
             };
+            if event.test_lead {
+                self.memory.metrics.saw_test_lead(&event.row);
+            }
             if event.test_lead && self.policy.test_leads == TestLeadPolicy::Skip {
                 tracing::info!(
                     row = %event.row,

@@ -57,6 +57,8 @@ pub struct Metrics {
     last_progress: AtomicI64,
     last_summary: Mutex<Option<PollSummary>>,
     retries_seen: AtomicU64,
+    /// The row key of the last marketplace test lead seen (for `leadsync check`).
+    last_test_lead: Mutex<Option<String>>,
     /// A poll is running (between polls the loop waits on a timer, which cannot hang).
     polling: std::sync::atomic::AtomicBool,
 }
@@ -145,6 +147,7 @@ impl Default for Metrics {
             last_summary: Mutex::new(None),
             retries_seen: AtomicU64::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
+            last_test_lead: Mutex::new(None),
         }
     }
 }
@@ -153,6 +156,11 @@ impl Metrics {
     /// Records that the daemon is making progress (fed to the systemd watchdog).
     pub fn touch(&self) {
         self.last_progress.store(now(), Ordering::Relaxed);
+    }
+
+    /// Remembers the last marketplace test lead seen.
+    pub fn saw_test_lead(&self, row: &crate::row::RowId) {
+        *self.last_test_lead.lock().expect("not poisoned") = Some(row.row_key.clone());
     }
 
     /// Marks the start and end of a poll, for the watchdog.
@@ -266,6 +274,7 @@ async fn status(State(l): State<Listener>) -> impl IntoResponse {
     axum::Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "ready": l.metrics.ready(l.ready_window),
+        "last_test_lead": l.metrics.last_test_lead.lock().expect("not poisoned").clone(),
         "last_poll": summary.map(|s| serde_json::json!({
             "rows_read": s.rows_read,
             "delivered": s.delivered,

@@ -1,0 +1,254 @@
+//! `leadsync check`: is everything set up? Config, table, state, sink, and optionally a
+//! test lead through the running daemon, the way the marketplace's "validate" does.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::config::{Settings, StateBackend};
+use crate::source::{SourceError, TableSource};
+use crate::state::{RedbStore, StateStore};
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub ok: bool,
+    pub what: &'static str,
+    pub detail: String,
+}
+
+/// The report; `ok()` decides the exit code.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub lines: Vec<Line>,
+}
+
+impl Report {
+    fn push(&mut self, ok: bool, what: &'static str, detail: impl Into<String>) {
+        self.lines.push(Line {
+            ok,
+            what,
+            detail: detail.into(),
+        });
+    }
+
+    pub fn ok(&self) -> bool {
+        self.lines.iter().all(|l| l.ok)
+    }
+
+    pub fn render(&self) -> String {
+        self.lines
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {:<10} {}\n",
+                    if l.ok { "ok  " } else { "FAIL" },
+                    l.what,
+                    l.detail
+                )
+            })
+            .collect()
+    }
+}
+
+/// The columns of a marketplace-style test lead; every field carries `MSFT_TEST_<digits>`.
+pub fn test_lead_row(row_key: &str, marker: &str) -> Map<String, Value> {
+    let customer = json!({
+        "FirstName": marker, "LastName": marker, "Email": format!("{marker}@test.com"),
+        "Phone": marker, "Country": marker, "Company": marker, "Title": marker,
+    });
+    let row = json!({
+        "PartitionKey": "leadsync-check",
+        "RowKey": row_key,
+        "LeadSource": format!("AzureMarketplace-INS | {marker}.{marker}"),
+        "ActionCode": "INS",
+        "CustomerInfo": customer.to_string(),
+        "OfferDisplayName": marker,
+        "Description": marker,
+        "CreatedTime": crate::timestamp::format(time::OffsetDateTime::now_utc()),
+    });
+    match row {
+        Value::Object(map) => map,
+        _ => unreachable!("a JSON object literal"),
+    }
+}
+
+/// Runs every check. With `send_test_lead`, writes a test lead and waits up to `wait`
+/// for the running daemon to handle it.
+pub async fn check(settings: &Settings, send_test_lead: bool, wait: Duration) -> Report {
+    let mut report = Report::default();
+    report.push(true, "config", "valid");
+
+    let source = match TableSource::connect(&settings.source) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            report.push(false, "table", e.to_string());
+            None
+        }
+    };
+    if let Some(source) = &source {
+        let cancel = Default::default();
+        match source.fetch_page(None, None, &cancel).await {
+            Ok(page) if page.rows.is_empty() && page.next.is_none() => report.push(
+                true,
+                "table",
+                format!("{} is reachable but empty: the marketplace has not written a lead yet", source.table_name()),
+            ),
+            Ok(page) => {
+                let newest = page.rows.iter().map(|r| r.timestamp).max();
+                report.push(
+                    true,
+                    "table",
+                    format!(
+                        "{} is reachable and the marketplace has written to it (newest row on the first page: {})",
+                        source.table_name(),
+                        newest.map(crate::timestamp::format).unwrap_or_else(|| "-".into())
+                    ),
+                )
+            }
+            Err(SourceError::TableNotFound { table }) => report.push(
+                false,
+                "table",
+                format!("{table} does not exist yet: the marketplace creates it with its first lead (publish the offer or press \"validate\" in Partner Center), or source.table is wrong"),
+            ),
+            Err(e) => report.push(false, "table", e.to_string()),
+        }
+    }
+
+    let state_detail = match settings.state.backend {
+        StateBackend::File => match RedbStore::open(&settings.state.dir) {
+            Ok(store) => match store.checkpoint().await {
+                Ok(Some(t)) => (
+                    true,
+                    format!(
+                        "{} (checkpoint {})",
+                        settings.state.dir.display(),
+                        crate::timestamp::format(t)
+                    ),
+                ),
+                Ok(None) => (
+                    true,
+                    format!("{} (no checkpoint yet)", settings.state.dir.display()),
+                ),
+                Err(e) => (false, e.to_string()),
+            },
+            Err(e) if e.to_string().contains("another leadsync") => (
+                true,
+                format!(
+                    "{} is in use by a running leadsync",
+                    settings.state.dir.display()
+                ),
+            ),
+            Err(e) => (false, e.to_string()),
+        },
+        StateBackend::Table => (
+            true,
+            format!("table {} (backend \"table\")", settings.state.table),
+        ),
+    };
+    report.push(state_detail.0, "state", state_detail.1);
+
+    match crate::build_sink(settings) {
+        Ok(sink) => match sink.healthcheck().await {
+            Ok(()) => report.push(
+                true,
+                "sink",
+                format!(
+                    "{}: reachable and authorised (nothing written)",
+                    sink.name()
+                ),
+            ),
+            Err(e) => report.push(false, "sink", e.to_string()),
+        },
+        Err(e) => report.push(false, "sink", e.to_string()),
+    }
+
+    if send_test_lead {
+        match &source {
+            Some(source) => send_and_wait(settings, source, wait, &mut report).await,
+            None => report.push(false, "test lead", "not sent: the table is not reachable"),
+        }
+    }
+    report
+}
+
+async fn send_and_wait(
+    settings: &Settings,
+    source: &TableSource,
+    wait: Duration,
+    report: &mut Report,
+) {
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+    let marker = format!("MSFT_TEST_{stamp}");
+    let row_key = format!("check-{stamp}");
+    if let Err(e) = source.create_table_if_missing().await {
+        report.push(false, "test lead", format!("cannot create the table: {e}"));
+        return;
+    }
+    if let Err(e) = source
+        .upsert_entity(&test_lead_row(&row_key, &marker))
+        .await
+    {
+        report.push(
+            false,
+            "test lead",
+            format!("cannot write the test lead: {e}"),
+        );
+        return;
+    }
+    let deadline = Instant::now() + wait;
+    let http = reqwest::Client::new();
+    loop {
+        if handled(settings, &http, &row_key).await {
+            report.push(
+                true,
+                "test lead",
+                format!("written as RowKey {row_key} and handled by the daemon"),
+            );
+            return;
+        }
+        if Instant::now() >= deadline {
+            report.push(
+                false,
+                "test lead",
+                format!(
+                    "written as RowKey {row_key}, not handled within {}: is `leadsync run` running{}?",
+                    humantime::format_duration(wait),
+                    if settings.metrics.listen.is_none() { " (set metrics.listen so check can ask it)" } else { "" }
+                ),
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Asks the daemon (its /status, when it listens) or the state whether the row was handled.
+async fn handled(settings: &Settings, http: &reqwest::Client, row_key: &str) -> bool {
+    if let Some(listen) = &settings.metrics.listen {
+        let url = format!("http://{listen}/status");
+        if let Ok(response) = http.get(url).timeout(Duration::from_secs(5)).send().await {
+            if let Ok(status) = response.json::<Value>().await {
+                return status["last_test_lead"] == row_key;
+            }
+        }
+        return false;
+    }
+    let store: Option<std::sync::Arc<dyn StateStore>> = match settings.state.backend {
+        StateBackend::File => RedbStore::open(&settings.state.dir)
+            .ok()
+            .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn StateStore>),
+        StateBackend::Table => crate::state_table::open(&settings.source, &settings.state).ok(),
+    };
+    let Some(store) = store else { return false };
+    let mut rows = store.skipped().await.unwrap_or_default();
+    rows.extend(store.rejected().await.unwrap_or_default());
+    let found = rows.iter().any(|r| r.row.id.row_key == row_key);
+    found
+        || store
+            .all_customers()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.lead.history.iter().any(|h| h.row.row_key == row_key))
+}
