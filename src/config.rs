@@ -93,6 +93,14 @@ pub struct SourceSettings {
     pub account_key: Option<SecretSource>,
     /// Shared access signature (query string, with or without the leading `?`).
     pub sas_token: Option<SecretSource>,
+    /// Entra ID instead of a key: "managed_identity", "workload_identity" or "azure_cli"
+    /// (needs `account` and the "Storage Table Data Contributor" role).
+    pub identity: Option<IdentityKind>,
+    /// Client id of a user-assigned managed identity (unset: the system-assigned one).
+    pub identity_client_id: Option<String>,
+    /// Managed-identity token endpoint override (default: `IDENTITY_ENDPOINT` when the
+    /// platform sets it, else the VM metadata service).
+    pub identity_endpoint: Option<String>,
     /// Table endpoint URL, for sovereign clouds or emulators (default: the public cloud URL of `account`).
     pub endpoint: Option<String>,
     /// Look-back window re-read on every poll, because Timestamps are not ordered across partitions.
@@ -107,6 +115,14 @@ pub struct SourceSettings {
     /// Retries of one page request on timeouts, 5xx and throttling.
     #[serde(default)]
     pub retry: RetrySettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityKind {
+    ManagedIdentity,
+    WorkloadIdentity,
+    AzureCli,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -602,6 +618,7 @@ impl Settings {
             s.connection_string.is_some(),
             s.account_key.is_some(),
             s.sas_token.is_some(),
+            s.identity.is_some(),
         ]
         .iter()
         .filter(|set| **set)
@@ -609,15 +626,21 @@ impl Settings {
         if credentials != 1 {
             return bad(
                 "source.connection_string",
-                "set exactly one of source.connection_string, source.account_key or source.sas_token",
+                "set exactly one of source.connection_string, source.account_key, source.sas_token or source.identity",
             );
         }
-        if (s.account_key.is_some() || s.sas_token.is_some())
+        if (s.account_key.is_some() || s.sas_token.is_some() || s.identity.is_some())
             && s.account.as_deref().is_none_or(|a| a.trim().is_empty())
         {
             return bad(
                 "source.account",
-                "the storage account name is required with account_key or sas_token",
+                "the storage account name is required with account_key, sas_token or identity",
+            );
+        }
+        if s.identity_client_id.is_some() && s.identity != Some(IdentityKind::ManagedIdentity) {
+            return bad(
+                "source.identity_client_id",
+                "only applies with identity = \"managed_identity\"",
             );
         }
         if let Some(endpoint) = &s.endpoint {

@@ -4,6 +4,7 @@
 //! Data flows one way: [`source`] rows -> [`lead`] events -> [`sink`] outcomes ->
 //! [`state`] settlements and checkpoint, driven by [`pipeline`].
 
+pub mod azure_auth;
 pub mod check;
 pub mod cli;
 pub mod config;

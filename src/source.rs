@@ -446,6 +446,15 @@ fn location_and_credentials(
             .resolve("source.account_key")
             .map_err(|e| setup("source.account_key", e.to_string()))?;
         StorageCredentials::access_key(account.clone(), key.expose_secret().to_owned())
+    } else if let Some(kind) = s.identity {
+        let credential = crate::azure_auth::credential(
+            kind,
+            s.identity_client_id.clone(),
+            s.identity_endpoint.clone(),
+            s.request_timeout,
+        )
+        .map_err(|e| setup("source.identity", e.to_string()))?;
+        StorageCredentials::token_credential(credential)
     } else if let Some(sas) = &s.sas_token {
         let sas = sas
             .resolve("source.sas_token")

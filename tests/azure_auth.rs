@@ -1,0 +1,187 @@
+//! Table access with Entra ID tokens: the managed-identity token request has the
+//! documented shape, and the table request carries the token.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use azure_core::auth::TokenCredential;
+use leadsync::azure_auth::{ManagedIdentityCredential, ManagedIdentityEndpoint};
+use leadsync::config::Settings;
+use leadsync::source::TableSource;
+
+#[derive(Clone, Default)]
+struct Seen {
+    token_requests: Arc<Mutex<Vec<(HashMap<String, String>, HeaderMap)>>>,
+    table_auth: Arc<Mutex<Vec<String>>>,
+}
+
+async fn token(
+    State(seen): State<Seen>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
+    seen.token_requests
+        .lock()
+        .unwrap()
+        .push((q.clone(), headers));
+    if q.get("resource").map(String::as_str) != Some("https://storage.azure.com") {
+        return (
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"invalid_resource"}"#.to_owned(),
+        )
+            .into_response();
+    }
+    let expires = time::OffsetDateTime::now_utc().unix_timestamp() + 3600;
+    axum::Json(serde_json::json!({
+        "access_token": "tok-1", "expires_on": expires.to_string(),
+        "resource": "https://storage.azure.com", "token_type": "Bearer"
+    }))
+    .into_response()
+}
+
+async fn table(State(seen): State<Seen>, headers: HeaderMap) -> impl IntoResponse {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    seen.table_auth.lock().unwrap().push(auth.clone());
+    if auth != "Bearer tok-1" {
+        return (StatusCode::FORBIDDEN, "no").into_response();
+    }
+    // The storage service's response headers, which the SDK requires.
+    (
+        [
+            (
+                "content-type",
+                "application/json;odata=fullmetadata".to_owned(),
+            ),
+            (
+                "x-ms-request-id",
+                "00000000-0000-0000-0000-000000000001".to_owned(),
+            ),
+            ("x-ms-version", "2019-02-02".to_owned()),
+            (
+                "date",
+                httpdate::fmt_http_date(std::time::SystemTime::now()),
+            ),
+            (
+                "server",
+                "Windows-Azure-Table/1.0 Microsoft-HTTPAPI/2.0".to_owned(),
+            ),
+        ],
+        r#"{"odata.metadata":"http://x/$metadata#MarketplaceLeads","value":[]}"#,
+    )
+        .into_response()
+}
+
+#[tokio::test]
+async fn a_user_assigned_managed_identity_token_is_requested_and_sent_to_the_table() {
+    let seen = Seen::default();
+    let base = common::serve(
+        Router::new()
+            .route("/msi/token", get(token))
+            .route("/acct/MarketplaceLeads()", get(table))
+            .with_state(seen.clone()),
+    )
+    .await;
+    let toml = format!(
+        "[source]\naccount = \"acct\"\nendpoint = \"{base}/acct\"\nidentity = \"managed_identity\"\nidentity_client_id = \"cid-123\"\nidentity_endpoint = \"{base}/msi/token\"\nretry = {{ max_attempts = 1 }}\n"
+    );
+    let settings =
+        Settings::from_toml_with_env(&toml, std::path::Path::new("t.toml"), &HashMap::new())
+            .unwrap();
+    let source = TableSource::connect(&settings.source).unwrap();
+
+    let page = source
+        .fetch_page(None, None, &Default::default())
+        .await
+        .unwrap();
+
+    assert!(page.rows.is_empty());
+    let requests = seen.token_requests.lock().unwrap();
+    let (query, headers) = &requests[0];
+    assert_eq!(query["resource"], "https://storage.azure.com");
+    assert_eq!(query["client_id"], "cid-123");
+    assert_eq!(query["api-version"], "2018-02-01");
+    assert_eq!(headers["metadata"], "true");
+    assert_eq!(seen.table_auth.lock().unwrap()[0], "Bearer tok-1");
+}
+
+#[tokio::test]
+async fn on_container_apps_the_identity_header_secret_is_sent_and_the_token_cached() {
+    let seen = Seen::default();
+    let base = common::serve(
+        Router::new()
+            .route("/msi/token", get(token))
+            .with_state(seen.clone()),
+    )
+    .await;
+    let credential = ManagedIdentityCredential::new(
+        ManagedIdentityEndpoint::AppService {
+            endpoint: format!("{base}/msi/token"),
+            header: "platform-secret".into(),
+        },
+        None,
+        Duration::from_secs(5),
+    );
+
+    let first = credential
+        .get_token(&["https://storage.azure.com/.default"])
+        .await
+        .unwrap();
+    let second = credential
+        .get_token(&["https://storage.azure.com/.default"])
+        .await
+        .unwrap();
+
+    assert_eq!(first.token.secret(), "tok-1");
+    assert_eq!(second.token.secret(), "tok-1");
+    let requests = seen.token_requests.lock().unwrap();
+    assert_eq!(requests.len(), 1, "the token is cached until near expiry");
+    let (query, headers) = &requests[0];
+    assert_eq!(query["api-version"], "2019-08-01");
+    assert!(
+        !query.contains_key("client_id"),
+        "system-assigned when no client id"
+    );
+    assert_eq!(headers["x-identity-header"], "platform-secret");
+    assert!(!format!("{credential:?}").contains("platform-secret"));
+}
+
+#[tokio::test]
+async fn an_identity_endpoint_error_fails_the_poll_with_the_reason() {
+    let base = common::serve(Router::new().route(
+        "/msi/token",
+        get(|| async {
+            (
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"invalid_request","error_description":"Identity not found"}"#,
+            )
+        }),
+    ))
+    .await;
+    let toml = format!(
+        "[source]\naccount = \"acct\"\nendpoint = \"{base}/acct\"\nidentity = \"managed_identity\"\nidentity_endpoint = \"{base}/msi/token\"\nretry = {{ max_attempts = 1 }}\n"
+    );
+    let settings =
+        Settings::from_toml_with_env(&toml, std::path::Path::new("t.toml"), &HashMap::new())
+            .unwrap();
+    let source = TableSource::connect(&settings.source).unwrap();
+
+    let err = source
+        .fetch_page(None, None, &Default::default())
+        .await
+        .unwrap_err()
+        .to_string();
+
+    assert!(err.contains("Identity not found"), "{err}");
+}
