@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 npm ci --prefix tools/azurite --no-audit --no-fund --loglevel=error
+bash deploy/systemd/verify.sh
 cargo test --locked --all-targets "$@"
