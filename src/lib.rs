@@ -254,6 +254,8 @@ pub async fn run_pipeline(
         let result = pipeline.poll(&poll_cancel).await;
         metrics.set_polling(false);
         renewer.abort();
+        // Wait for it to go, so it drops its handle on the state before we return.
+        let _ = renewer.await;
         metrics.observe_poll(pipeline.sink.name(), result.as_ref().map_err(|_| ()));
         let status = match &result {
             Ok(s) => format!(
