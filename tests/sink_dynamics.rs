@@ -521,6 +521,16 @@ fn refused_message(outcome: &Outcome) -> &str {
     }
 }
 
+fn held_message(outcome: &Outcome) -> &str {
+    match outcome {
+        Outcome::RetryLater {
+            after: Some(after),
+            reason,
+        } if *after == leadsync::sink::http::CREDENTIALS_REFUSED_WAIT => reason,
+        other => panic!("expected the leads to wait for corrected credentials, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_valid_secret_gets_a_token_and_the_healthcheck_reads_who_am_i_without_writing() {
     // Arrange
@@ -550,7 +560,7 @@ async fn a_valid_secret_gets_a_token_and_the_healthcheck_reads_who_am_i_without_
 }
 
 #[tokio::test]
-async fn a_wrong_secret_rejects_the_batch_once_with_the_entra_reason_and_never_the_secret() {
+async fn a_wrong_secret_holds_the_batch_once_with_the_entra_reason_and_never_the_secret() {
     // Arrange
     let fake = start(Fake::new("leadsync_key")).await;
     let wrong = "wrong-secret-value-123";
@@ -563,12 +573,12 @@ async fn a_wrong_secret_rejects_the_batch_once_with_the_entra_reason_and_never_t
     // Assert
     assert_eq!(outcomes.len(), 3);
     for outcome in &outcomes {
-        let reason = refused_message(outcome);
+        let reason = held_message(outcome);
         assert!(
             reason.contains("invalid_client") && reason.contains("AADSTS7000215"),
             "{reason}"
         );
-        assert!(reason.contains("permanent"), "{reason}");
+        assert!(reason.contains("until"), "{reason}");
         assert!(!reason.contains(wrong), "{reason}");
     }
     let message = health.expect_err("the healthcheck fails").to_string();

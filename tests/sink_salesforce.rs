@@ -637,7 +637,7 @@ async fn client_credentials_are_exchanged_once_and_the_token_is_used_on_the_inst
 }
 
 #[tokio::test]
-async fn a_wrong_client_secret_rejects_the_batch_saying_invalid_client_without_the_secret() {
+async fn a_wrong_client_secret_holds_the_batch_saying_invalid_client_without_the_secret() {
     let fake = Fake::start().await;
     let section = fake.section("").replace(SECRET, "wrong-secret-0b1c");
     let sink = sink(&section);
@@ -646,7 +646,10 @@ async fn a_wrong_client_secret_rejects_the_batch_saying_invalid_client_without_t
 
     assert_eq!(outcomes.len(), 2);
     for outcome in &outcomes {
-        assert!(matches!(outcome, Outcome::Rejected { .. }), "{outcome:?}");
+        assert!(
+            matches!(outcome, Outcome::RetryLater { after: Some(a), .. } if *a == leadsync::sink::http::CREDENTIALS_REFUSED_WAIT),
+            "the leads wait for corrected credentials: {outcome:?}"
+        );
         let reason = reason(outcome);
         assert!(
             reason.contains("invalid_client: invalid client credentials"),
@@ -692,14 +695,15 @@ async fn the_jwt_bearer_flow_sends_an_rs256_assertion_that_verifies_with_the_pub
 }
 
 #[tokio::test]
-async fn an_assertion_signed_with_a_key_the_org_does_not_know_is_refused_as_invalid_grant() {
+async fn an_assertion_signed_with_a_key_the_org_does_not_know_is_refused_as_invalid_grant_and_the_lead_waits(
+) {
     let fake = Fake::start().await;
     let sink = sink(&fake.jwt_section("other_private_key.pem"));
 
     let outcomes = sink.deliver(&[lead(1)]).await;
 
     assert!(
-        matches!(&outcomes[..], [Outcome::Rejected { reason }] if reason.contains("invalid_grant") && reason.contains("jwt_bearer")),
+        matches!(&outcomes[..], [Outcome::RetryLater { after: Some(_), reason }] if reason.contains("invalid_grant") && reason.contains("jwt_bearer")),
         "{outcomes:?}"
     );
     assert!(fake.patches().is_empty());

@@ -677,8 +677,14 @@ impl LeadSink for DynamicsSink {
                 return vec![Outcome::RetryLater { after, reason }; batch.len()];
             }
             Finished::Failed { reason } => {
-                tracing::error!(leads = batch.len(), %reason, "Entra ID refused the Dataverse credentials; the batch is rejected.");
-                return vec![Outcome::Rejected { reason }; batch.len()];
+                tracing::error!(leads = batch.len(), %reason, "Entra ID refused the Dataverse credentials; the leads wait until they are corrected.");
+                return vec![
+                    Outcome::RetryLater {
+                        after: Some(http::CREDENTIALS_REFUSED_WAIT),
+                        reason
+                    };
+                    batch.len()
+                ];
             }
         }
         // Futures are lazy: collecting them starts nothing; `buffered` runs `parallelism` at
@@ -794,7 +800,7 @@ fn classify_token_response(
     }
     Err(TokenError::Permanent {
         reason: format!(
-            "Entra ID refused the client credentials of application {client_id} ({status}, {error}: {description}); this is permanent until sink.dynamics.tenant_id, client_id or client_secret is corrected"
+            "Entra ID refused the client credentials of application {client_id} ({status}, {error}: {description}); nothing is delivered until sink.dynamics.tenant_id, client_id or client_secret is corrected"
         ),
     })
 }
@@ -1074,7 +1080,7 @@ mod tests {
             "{reason}"
         );
         assert!(
-            reason.contains("permanent") && reason.contains("app-1"),
+            reason.contains("until") && reason.contains("app-1"),
             "{reason}"
         );
         assert!(!reason.contains("Trace ID"), "{reason}");

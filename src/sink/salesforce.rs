@@ -963,7 +963,15 @@ impl SalesforceSink {
                                 reason,
                             }
                         }
-                        Err(AuthError::Refused(reason)) => return Step::Fail { reason },
+                        Err(AuthError::Refused(reason)) => {
+                            // A config problem, not a lead problem: the leads wait in state
+                            // (no dead letters) until the credentials are corrected.
+                            tracing::error!(sink = SINK, %reason, "Salesforce refused the credentials; the leads wait until they are corrected.");
+                            return Step::Retry {
+                                after: Some(super::http::CREDENTIALS_REFUSED_WAIT),
+                                reason,
+                            };
+                        }
                     };
                     let (status, headers, text) =
                         match self.send_once(&session, &method, path, body, allow_save).await {
