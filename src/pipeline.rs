@@ -384,7 +384,10 @@ impl Pipeline {
                         continue;
                     }
                 };
+                let mut warned = self.memory.warned_overdue.lock().expect("not poisoned");
                 for row in &delivery.rows {
+                    // Settled: forget the overdue warning, so the set stays as small as the backlog.
+                    warned.remove(&row.id);
                     settlements.push(Settlement {
                         row: row.clone(),
                         outcome: settled.clone(),
