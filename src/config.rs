@@ -139,6 +139,26 @@ pub struct RetrySettings {
     pub max_backoff: Duration,
 }
 
+impl RetrySettings {
+    /// Checks the retry settings found under `prefix` (e.g. `sink.webhook.retry`).
+    pub fn validate(&self, prefix: &str) -> Result<(), (String, String)> {
+        let bad = |key: &str, why: String| Err((format!("{prefix}.{key}"), why));
+        if self.max_attempts == 0 {
+            return bad("max_attempts", "must be at least 1".into());
+        }
+        if self.initial_backoff.is_zero() {
+            return bad("initial_backoff", "must be greater than zero".into());
+        }
+        if self.max_backoff < self.initial_backoff {
+            return bad(
+                "max_backoff",
+                format!("must not be smaller than {prefix}.initial_backoff"),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for RetrySettings {
     fn default() -> Self {
         Self {
@@ -660,18 +680,7 @@ impl Settings {
         if s.request_timeout.is_zero() {
             return bad("source.request_timeout", "must be greater than zero");
         }
-        if s.retry.max_attempts == 0 {
-            return bad("source.retry.max_attempts", "must be at least 1");
-        }
-        if s.retry.initial_backoff.is_zero() {
-            return bad("source.retry.initial_backoff", "must be greater than zero");
-        }
-        if s.retry.max_backoff < s.retry.initial_backoff {
-            return bad(
-                "source.retry.max_backoff",
-                "must not be smaller than source.retry.initial_backoff",
-            );
-        }
+        s.retry.validate("source.retry")?;
         if self.state.dir.as_os_str().is_empty() {
             return bad("state.dir", "must not be empty");
         }

@@ -237,18 +237,7 @@ impl DynamicsSettings {
         if self.request_timeout.is_zero() {
             return bad("request_timeout", "must be greater than zero".into());
         }
-        if self.retry.max_attempts == 0 {
-            return bad("retry.max_attempts", "must be at least 1".into());
-        }
-        if self.retry.initial_backoff.is_zero() {
-            return bad("retry.initial_backoff", "must be greater than zero".into());
-        }
-        if self.retry.max_backoff < self.retry.initial_backoff {
-            return bad(
-                "retry.max_backoff",
-                "must not be smaller than sink.dynamics.retry.initial_backoff".into(),
-            );
-        }
+        self.retry.validate("sink.dynamics.retry")?;
         Ok(())
     }
 }

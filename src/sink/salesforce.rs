@@ -333,18 +333,7 @@ impl SalesforceSettings {
         if self.request_timeout.is_zero() {
             return bad("request_timeout", "must be greater than zero");
         }
-        if self.retry.max_attempts == 0 {
-            return bad("retry.max_attempts", "must be at least 1");
-        }
-        if self.retry.initial_backoff.is_zero() {
-            return bad("retry.initial_backoff", "must be greater than zero");
-        }
-        if self.retry.max_backoff < self.retry.initial_backoff {
-            return bad(
-                "retry.max_backoff",
-                "must not be smaller than sink.salesforce.retry.initial_backoff",
-            );
-        }
+        self.retry.validate("sink.salesforce.retry")?;
         Ok(())
     }
 }
