@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LogFormat, Settings, DEFAULT_CONFIG_PATH};
-use crate::state::{RecordedRow, RedbStore, StateStore};
+use crate::state::RecordedRow;
 
 /// Exit code when leadsync cannot start (config, state file, credentials).
 pub const EXIT_START_FAILED: u8 = 1;
@@ -225,7 +225,7 @@ async fn shutdown_signal() {
 }
 
 async fn list_rows(settings: &Settings, which: RowsArg) -> ExitCode {
-    let store = match RedbStore::open(&settings.state.dir) {
+    let store = match crate::open_state(settings) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("leadsync: {e}");
@@ -261,7 +261,7 @@ async fn export(
     include_held: bool,
     output: Option<PathBuf>,
 ) -> ExitCode {
-    let store = match RedbStore::open(&settings.state.dir) {
+    let store = match crate::open_state(settings) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("leadsync: {e}");
@@ -278,7 +278,7 @@ async fn export(
             }
         },
     };
-    match crate::export::export(&store, format, since, include_held, &mut out).await {
+    match crate::export::export(store.as_ref(), format, since, include_held, &mut out).await {
         Ok(n) => {
             if let Err(e) = out.flush() {
                 eprintln!("leadsync: cannot write the export: {e}");

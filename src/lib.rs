@@ -115,13 +115,18 @@ pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
     })
 }
 
+/// Opens the configured state store (a local file, or a table in the storage account).
+pub fn open_state(settings: &Settings) -> Result<Arc<dyn StateStore>, StateError> {
+    Ok(match settings.state.backend {
+        StateBackend::File => Arc::new(RedbStore::open(&settings.state.dir)?),
+        StateBackend::Table => state_table::open(&settings.source, &settings.state)?,
+    })
+}
+
 /// Opens the state and the table client, and builds the pipeline.
 pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
     let source = TableSource::connect(&settings.source)?;
-    let state: Arc<dyn StateStore> = match settings.state.backend {
-        StateBackend::File => Arc::new(RedbStore::open(&settings.state.dir)?),
-        StateBackend::Table => state_table::open(&settings.source, &settings.state)?,
-    };
+    let state = open_state(settings)?;
     Ok(Pipeline {
         source,
         state,
@@ -147,19 +152,36 @@ fn lease_owner() -> String {
     )
 }
 
-/// Renews the lease every third of its lifetime; cancels `poll` when it is lost.
+/// Aborts the task when dropped, so a poll future dropped mid-way stops its renewer too.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews the lease every third of its lifetime; cancels `poll` when it is lost, or
+/// when it could not be renewed for two thirds of its lifetime (it may expire before
+/// the next try, and another process may take over).
 async fn renew_lease(
     state: Arc<dyn StateStore>,
     owner: String,
     ttl: std::time::Duration,
     poll: CancellationToken,
 ) {
+    let mut renewed = std::time::Instant::now();
     loop {
         tokio::time::sleep(ttl / 3).await;
         match state.acquire_lease(&owner, ttl).await {
-            Ok(Lease::Held) => {}
+            Ok(Lease::Held) => renewed = std::time::Instant::now(),
             Ok(Lease::HeldBy { owner: holder, .. }) => {
                 tracing::warn!(%holder, "Processing lease taken over by another leadsync; stopping this poll.");
+                poll.cancel();
+                return;
+            }
+            Err(e) if renewed.elapsed() >= ttl * 2 / 3 => {
+                tracing::warn!(error = %e, "Cannot renew the processing lease before it may expire; stopping this poll.");
                 poll.cancel();
                 return;
             }
@@ -244,18 +266,18 @@ pub async fn run_pipeline(
         report.polls += 1;
         // The lease is renewed while the poll runs; losing it stops the poll between pages.
         let poll_cancel = cancel.child_token();
-        let renewer = tokio::spawn(renew_lease(
+        let mut renewer = AbortOnDrop(tokio::spawn(renew_lease(
             pipeline.state.clone(),
             owner.clone(),
             ttl,
             poll_cancel.clone(),
-        ));
+        )));
         metrics.set_polling(true);
         let result = pipeline.poll(&poll_cancel).await;
         metrics.set_polling(false);
-        renewer.abort();
+        renewer.0.abort();
         // Wait for it to go, so it drops its handle on the state before we return.
-        let _ = renewer.await;
+        let _ = (&mut renewer.0).await;
         metrics.observe_poll(pipeline.sink.name(), result.as_ref().map_err(|_| ()));
         let status = match &result {
             Ok(s) => format!(

@@ -296,15 +296,22 @@ fn escape_key(key: &str) -> String {
     key.replace('\'', "''")
 }
 
-fn status_of(error: &azure_core::Error) -> Option<StatusCode> {
+pub(crate) fn status_of(error: &azure_core::Error) -> Option<StatusCode> {
     match error.kind() {
         ErrorKind::HttpResponse { status, .. } => Some(*status),
         _ => None,
     }
 }
 
+pub(crate) fn error_code(error: &azure_core::Error) -> Option<&str> {
+    match error.kind() {
+        ErrorKind::HttpResponse { error_code, .. } => error_code.as_deref(),
+        _ => None,
+    }
+}
+
 /// Timeouts, connection failures, 408, 429 and 5xx are worth retrying; the rest is not.
-fn is_transient(error: &azure_core::Error) -> bool {
+pub(crate) fn is_transient(error: &azure_core::Error) -> bool {
     match error.kind() {
         ErrorKind::HttpResponse { status, .. } => {
             let code = u16::from(*status);
@@ -315,9 +322,16 @@ fn is_transient(error: &azure_core::Error) -> bool {
     }
 }
 
-/// The error's own text, plus its source chain; never includes credentials
-/// (the SDK's messages carry status, error code and URL path, and the SAS is not in them).
-fn describe(error: &azure_core::Error) -> String {
+/// Status and service error code for HTTP errors (their full text lists every
+/// response header); otherwise the error and its causes, with any SAS signature removed.
+pub(crate) fn describe(error: &azure_core::Error) -> String {
+    if let ErrorKind::HttpResponse { status, error_code } = error.kind() {
+        return format!(
+            "HTTP {} {}",
+            u16::from(*status),
+            error_code.as_deref().unwrap_or("(no error code)")
+        );
+    }
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(inner) = source {
@@ -328,8 +342,8 @@ fn describe(error: &azure_core::Error) -> String {
     redact_sas(&text)
 }
 
-/// Removes a `sig=` value if a URL with a SAS ever makes it into an error text.
-fn redact_sas(text: &str) -> String {
+/// A reqwest error names the URL, which carries the SAS when one is configured.
+pub(crate) fn redact_sas(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("sig=") {
@@ -337,7 +351,7 @@ fn redact_sas(text: &str) -> String {
         out.push_str("[redacted]");
         rest = &rest[i + 4..];
         let end = rest
-            .find(|c: char| c == '&' || c.is_whitespace() || c == '"' || c == '\'')
+            .find(|c: char| c == '&' || c.is_whitespace() || c == '"' || c == '\'' || c == ')')
             .unwrap_or(rest.len());
         rest = &rest[end..];
     }
@@ -493,6 +507,15 @@ mod tests {
         let redacted = redact_sas(text);
         assert!(!redacted.contains("abc%2Fdef"), "{redacted}");
         assert!(redacted.contains("sig=[redacted]&se=x"), "{redacted}");
+    }
+
+    #[test]
+    fn a_sas_signature_inside_a_url_in_parentheses_is_redacted() {
+        let text =
+            "error sending request for url (https://a.table.core.windows.net/T()?sv=1&sig=abc%2F)";
+        let redacted = redact_sas(text);
+        assert!(!redacted.contains("abc%2F"), "{redacted}");
+        assert!(redacted.ends_with("sig=[redacted])"), "{redacted}");
     }
 
     #[test]

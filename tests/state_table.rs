@@ -1,0 +1,940 @@
+//! The state store in an Azure table (`state.backend = "table"`), against a real Azurite:
+//! the same semantics as the file store, the pipeline on it, and the processing lease
+//! between stores and between whole daemons.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{customer, lead_row, World};
+use futures::StreamExt;
+use leadsync::config::{IdentitySettings, Settings};
+use leadsync::identity::{CustomerKey, CustomerState};
+use leadsync::lead::normalise;
+use leadsync::row::{RawRow, RowId};
+use leadsync::sink::{CustomerLead, LeadSink, Outcome, SinkError};
+use leadsync::state::{
+    DeadLetter, Lease, RowVersion, SettleBatch, Settled, Settlement, StateStore,
+};
+use leadsync::timestamp::parse;
+use leadsync::{state_table, RunOptions};
+use serde_json::{json, Map, Value};
+use tokio_util::sync::CancellationToken;
+
+const STATE_TABLE: &str = "LeadsyncState";
+
+fn table_toml(world: &World, sink: &str) -> String {
+    world.toml_with_sink("", sink).replace(
+        "[state]\n",
+        "[state]\nbackend = \"table\"\nlease_ttl = \"5s\"\n",
+    )
+}
+
+fn jsonl_sink(world: &World) -> String {
+    format!(
+        "[sink]\nkind = \"jsonl\"\njsonl = {{ path = \"{}\" }}\n",
+        world.output().display()
+    )
+}
+
+fn table_settings(world: &World) -> Settings {
+    let text = table_toml(world, &jsonl_sink(world));
+    Settings::from_toml_with_env(&text, Path::new("test.toml"), &HashMap::new())
+        .unwrap_or_else(|e| panic!("test settings are invalid: {e}"))
+}
+
+fn store(settings: &Settings) -> Arc<dyn StateStore> {
+    state_table::open(&settings.source, &settings.state).expect("open the table store")
+}
+
+fn version(pk: &str, rk: &str, etag: &str, ts: &str) -> RowVersion {
+    RowVersion {
+        id: RowId::new(pk, rk),
+        etag: etag.into(),
+        timestamp: parse(ts).unwrap(),
+    }
+}
+
+fn settled(row: RowVersion, outcome: Settled) -> Settlement {
+    let columns = match outcome {
+        Settled::Delivered { .. } => None,
+        _ => Some(Map::from_iter([("Note".to_owned(), json!("kept"))])),
+    };
+    Settlement {
+        row,
+        outcome,
+        columns,
+    }
+}
+
+fn delivered() -> Settled {
+    Settled::Delivered {
+        sink: "jsonl".into(),
+    }
+}
+
+fn rejected(reason: &str) -> Settled {
+    Settled::Rejected {
+        reason: reason.into(),
+    }
+}
+
+/// A merged customer of `events` rows, as the pipeline would store it.
+fn merged_customer(n: usize, events: usize) -> CustomerState {
+    let identity = IdentitySettings::default();
+    let events: Vec<_> = (0..events)
+        .map(|i| {
+            let mut columns = lead_row(
+                "p",
+                &format!("r{n}-{i:05}"),
+                if i % 2 == 0 {
+                    "AzureMarketplace-INS | contoso.analytics"
+                } else {
+                    "AppSource-PLT | contoso.insights"
+                },
+                customer(n),
+            );
+            columns.remove("PartitionKey");
+            columns.remove("RowKey");
+            columns.insert(
+                "Description".into(),
+                json!(format!("Event {i} for customer {n}: interested in a demo")),
+            );
+            let row = RawRow {
+                id: RowId::new("p", format!("r{n}-{i:05}")),
+                etag: format!("W/\"datetime'{i}'\""),
+                timestamp: parse("2024-05-01T10:00:00.1234567Z").unwrap()
+                    + Duration::from_millis(i as u64),
+                columns,
+            };
+            normalise(&row).expect("a valid lead row")
+        })
+        .collect();
+    let key = CustomerKey::Email(format!("customer{n}@contoso.com"));
+    let mut state = CustomerState::new(&key, &identity);
+    state.apply(events.iter(), &identity);
+    state
+}
+
+fn dead_letter(customer: &CustomerState, reason: &str) -> DeadLetter {
+    DeadLetter {
+        id: customer.lead.external_key.clone(),
+        sink: "salesforce".into(),
+        reason: reason.into(),
+        payload: customer.lead.clone(),
+        rows: vec![version("p", "r1", "W/1", "2024-05-01T10:00:00Z")],
+        at: parse("2024-05-01T10:05:00.0000001Z").unwrap(),
+        attempts: 1,
+    }
+}
+
+/// Every entity of the state table in one partition, raw.
+async fn raw_partition(settings: &Settings, pk: &str) -> Vec<Map<String, Value>> {
+    let service = leadsync::source::service_client(&settings.source).unwrap();
+    let mut stream = service
+        .table_client(STATE_TABLE)
+        .query()
+        .filter(format!("PartitionKey eq '{pk}'"))
+        .into_stream::<Map<String, Value>>();
+    let mut out = Vec::new();
+    while let Some(page) = stream.next().await {
+        out.extend(page.expect("query the state table").entities);
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_checkpoint_round_trips_at_full_precision_through_the_table() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let first = store(&settings);
+    let t1 = parse("2024-05-01T10:00:00.1234567Z").unwrap();
+    let t2 = parse("2024-05-01T10:00:00.1234568Z").unwrap();
+
+    // Act
+    let before = first.checkpoint().await.unwrap();
+    first.set_checkpoint(t1).await.unwrap();
+    let read_back = store(&settings).checkpoint().await.unwrap();
+    first.set_checkpoint(t2).await.unwrap();
+
+    // Assert
+    assert_eq!(before, None);
+    assert_eq!(read_back, Some(t1));
+    assert_eq!(store(&settings).checkpoint().await.unwrap(), Some(t2));
+    let meta = raw_partition(&settings, "meta").await;
+    assert_eq!(meta.len(), 1);
+    assert_eq!(meta[0]["Checkpoint"], "2024-05-01T10:00:00.1234568Z");
+}
+
+#[tokio::test]
+async fn a_row_is_handled_only_at_the_etag_it_was_settled_with() {
+    // Arrange
+    let world = World::new().await;
+    let store = store(&table_settings(&world));
+    let v1 = version("p", "r", "W/1", "2024-05-01T10:00:00Z");
+    store.handled(std::slice::from_ref(&v1)).await.unwrap();
+    store
+        .settle(&SettleBatch::rows(vec![settled(v1.clone(), delivered())]))
+        .await
+        .unwrap();
+
+    // Act
+    let v2 = version("p", "r", "W/2", "2024-05-01T11:00:00Z");
+    let other = version("p", "s", "W/1", "2024-05-01T10:00:00Z");
+    let answer = store.handled(&[v1, v2, other]).await.unwrap();
+
+    // Assert
+    assert_eq!(answer, vec![true, false, false]);
+    assert_eq!(store.handled_len().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_new_version_of_a_handled_row_replaces_its_marker_with_or_without_a_read_before() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let store = store(&settings);
+    let versions: Vec<RowVersion> = (1..=3)
+        .map(|n| version("p", "r", &format!("W/{n}"), "2024-05-01T10:00:00Z"))
+        .collect();
+    store
+        .settle(&SettleBatch::rows(vec![settled(
+            versions[0].clone(),
+            delivered(),
+        )]))
+        .await
+        .unwrap();
+
+    // Act
+    store.handled(&versions[1..2]).await.unwrap();
+    store
+        .settle(&SettleBatch::rows(vec![settled(
+            versions[1].clone(),
+            delivered(),
+        )]))
+        .await
+        .unwrap();
+    let after_read = store.handled(&versions).await.unwrap();
+    let other_process = state_table::open(&settings.source, &settings.state).unwrap();
+    other_process
+        .settle(&SettleBatch::rows(vec![settled(
+            versions[2].clone(),
+            rejected("no longer valid"),
+        )]))
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(after_read, vec![false, true, false]);
+    assert_eq!(
+        store.handled(&versions).await.unwrap(),
+        vec![false, false, true]
+    );
+    assert_eq!(store.handled_len().await.unwrap(), 1);
+    assert_eq!(store.rejected().await.unwrap()[0].row, versions[2]);
+}
+
+#[tokio::test]
+async fn keys_with_quotes_slashes_and_other_forbidden_characters_are_stored_and_found() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let store = store(&settings);
+    let odd = [
+        version("o'brien/#?", "r\\'1", "W/1", "2024-05-01T10:00:00Z"),
+        version("p\u{1}", "ünïcode ✓", "W/1", "2024-05-01T10:00:00Z"),
+        version(
+            &"long".repeat(80),
+            &"key".repeat(80),
+            "W/1",
+            "2024-05-01T10:00:00Z",
+        ),
+    ];
+
+    // Act
+    store
+        .settle(&SettleBatch::rows(
+            odd.iter()
+                .map(|v| settled(v.clone(), rejected("CustomerInfo is not valid JSON")))
+                .collect(),
+        ))
+        .await
+        .unwrap();
+
+    // Assert
+    let fresh = state_table::open(&settings.source, &settings.state).unwrap();
+    assert_eq!(fresh.handled(&odd).await.unwrap(), vec![true; 3]);
+    let listed: BTreeSet<RowId> = fresh
+        .rejected()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.row.id)
+        .collect();
+    assert_eq!(listed, odd.iter().map(|v| v.id.clone()).collect());
+}
+
+#[tokio::test]
+async fn pruning_forgets_only_rows_stamped_before_the_cutoff_and_keeps_unreadable_markers() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let store = store(&settings);
+    let old = version("p", "old", "e", "2024-05-01T09:00:00Z");
+    let edge = version("p", "edge", "e", "2024-05-01T10:00:00.0000001Z");
+    let rows: Vec<RowVersion> = (0..250)
+        .map(|i| version("q", &format!("r{i:03}"), "e", "2024-05-01T08:00:00Z"))
+        .chain([old.clone(), edge.clone()])
+        .collect();
+    store
+        .settle(&SettleBatch::rows(
+            rows.iter()
+                .map(|v| settled(v.clone(), delivered()))
+                .collect(),
+        ))
+        .await
+        .unwrap();
+    let service = leadsync::source::service_client(&settings.source).unwrap();
+    service
+        .table_client(STATE_TABLE)
+        .insert::<_, Map<String, Value>>(json!({
+            "PartitionKey": "row", "RowKey": "ff.ff!h", "Kind": "handled",
+            "RowEtag": "e", "At": "2024-01-01 (written by hand)",
+        }))
+        .unwrap()
+        .await
+        .unwrap();
+
+    // Act
+    let pruned = store
+        .prune_handled(parse("2024-05-01T10:00:00.0000001Z").unwrap())
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(pruned, 251);
+    assert_eq!(
+        store.handled(&[old, edge]).await.unwrap(),
+        vec![false, true]
+    );
+    assert_eq!(
+        store.handled_len().await.unwrap(),
+        2,
+        "the edge row and the unreadable marker"
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_row_keeps_its_reason_until_a_later_version_is_delivered_even_after_pruning() {
+    // Arrange
+    let world = World::new().await;
+    let store = store(&table_settings(&world));
+    let v1 = version("p", "r", "W/1", "2024-05-01T10:00:00Z");
+    let skipped = version("p", "s", "W/1", "2024-05-01T10:00:00Z");
+    let held = version("p", "u", "W/1", "2024-05-01T10:00:00Z");
+    store
+        .settle(&SettleBatch::rows(vec![
+            settled(v1, rejected("CustomerInfo is not valid JSON")),
+            settled(
+                skipped,
+                Settled::Skipped {
+                    policy: "test_lead".into(),
+                },
+            ),
+            settled(
+                held,
+                Settled::Unidentifiable {
+                    reason: "no email".into(),
+                },
+            ),
+        ]))
+        .await
+        .unwrap();
+    let rejected_rows = store.rejected().await.unwrap();
+    store
+        .prune_handled(parse("2024-05-02T00:00:00Z").unwrap())
+        .await
+        .unwrap();
+    let kept_after_pruning = store.rejected().await.unwrap().len();
+
+    // Act
+    let v2 = version("p", "r", "W/2", "2024-05-03T11:00:00Z");
+    store
+        .settle(&SettleBatch::rows(vec![settled(v2, delivered())]))
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(rejected_rows.len(), 1);
+    assert!(
+        matches!(&rejected_rows[0].outcome, Settled::Rejected { reason } if reason.contains("JSON"))
+    );
+    assert_eq!(rejected_rows[0].columns.as_ref().unwrap()["Note"], "kept");
+    assert_eq!(kept_after_pruning, 1);
+    assert!(store.rejected().await.unwrap().is_empty());
+    assert_eq!(store.skipped().await.unwrap().len(), 1);
+    assert_eq!(store.unidentifiable().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn customers_and_dead_letters_round_trip_and_a_delivery_resolves_the_letter() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let store = store(&settings);
+    let (a, b) = (merged_customer(1, 2), merged_customer(2, 3));
+    let keys = vec![b.lead.key.clone(), a.lead.key.clone()];
+    assert_eq!(store.customers(&keys).await.unwrap(), vec![None, None]);
+    let letter = dead_letter(&b, "DUPLICATES_DETECTED: use one of these records?");
+
+    // Act
+    store
+        .settle(&SettleBatch {
+            customers: vec![a.clone(), b.clone()],
+            dead_letters: vec![letter.clone()],
+            ..SettleBatch::default()
+        })
+        .await
+        .unwrap();
+    let fresh = state_table::open(&settings.source, &settings.state).unwrap();
+    let read = fresh.customers(&keys).await.unwrap();
+    let letters = fresh.dead_letters().await.unwrap();
+    let mut b_delivered = b.clone();
+    b_delivered.delivered = true;
+    fresh
+        .settle(&SettleBatch {
+            customers: vec![b_delivered.clone()],
+            resolved: vec![b.lead.external_key.clone(), "ls-never-rejected".into()],
+            ..SettleBatch::default()
+        })
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(read, vec![Some(b.clone()), Some(a.clone())]);
+    assert_eq!(letters, vec![letter]);
+    assert!(store.dead_letters().await.unwrap().is_empty());
+    assert_eq!(store.all_customers().await.unwrap(), vec![a, b_delivered]);
+}
+
+#[tokio::test]
+async fn a_customer_with_200_history_entries_round_trips() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let store = store(&settings);
+    let big = merged_customer(7, 200);
+    assert_eq!(big.lead.history.len(), 200);
+
+    // Act
+    store
+        .settle(&SettleBatch {
+            customers: vec![big.clone()],
+            dead_letters: vec![dead_letter(&big, "FIELD_CUSTOM_VALIDATION_EXCEPTION")],
+            ..SettleBatch::default()
+        })
+        .await
+        .unwrap();
+
+    // Assert
+    let fresh = state_table::open(&settings.source, &settings.state).unwrap();
+    let read = fresh
+        .customers(std::slice::from_ref(&big.lead.key))
+        .await
+        .unwrap();
+    assert_eq!(read, vec![Some(big.clone())]);
+    assert_eq!(fresh.dead_letters().await.unwrap()[0].payload, big.lead);
+    let entity = &raw_partition(&settings, "customer").await[0];
+    assert!(
+        entity.contains_key("Data1"),
+        "split over several properties"
+    );
+}
+
+#[tokio::test]
+async fn a_customer_larger_than_one_entity_continues_in_parts_which_go_when_it_shrinks() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let store = store(&settings);
+    let huge = merged_customer(3, 2_500);
+    let size = serde_json::to_string(&huge).unwrap().len();
+    let one_entity = state_table::CHUNKS_PER_ENTITY * state_table::CHUNK_UTF16_UNITS;
+    assert!(size > 2 * one_entity, "{size} bytes");
+    store
+        .settle(&SettleBatch {
+            customers: vec![huge.clone()],
+            ..SettleBatch::default()
+        })
+        .await
+        .unwrap();
+    let read_huge = store
+        .customers(std::slice::from_ref(&huge.lead.key))
+        .await
+        .unwrap();
+    let entities_when_huge = raw_partition(&settings, "customer").await.len();
+
+    // Act
+    let small = merged_customer(3, 2);
+    store
+        .settle(&SettleBatch {
+            customers: vec![small.clone()],
+            ..SettleBatch::default()
+        })
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(read_huge, vec![Some(huge)]);
+    assert_eq!(entities_when_huge, 3);
+    assert_eq!(raw_partition(&settings, "customer").await.len(), 1);
+    assert_eq!(store.all_customers().await.unwrap(), vec![small]);
+}
+
+#[tokio::test]
+async fn a_write_based_on_a_stale_read_is_refused_and_names_the_entity() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let (slow, fast) = (store(&settings), store(&settings));
+    let c = merged_customer(1, 1);
+    let keys = vec![c.lead.key.clone()];
+    fast.settle(&SettleBatch {
+        customers: vec![c.clone()],
+        ..SettleBatch::default()
+    })
+    .await
+    .unwrap();
+    fast.set_checkpoint(parse("2024-05-01T10:00:00Z").unwrap())
+        .await
+        .unwrap();
+    slow.customers(&keys).await.unwrap();
+    slow.checkpoint().await.unwrap();
+    fast.customers(&keys).await.unwrap();
+    let mut changed = c.clone();
+    changed.delivered = true;
+    fast.settle(&SettleBatch {
+        customers: vec![changed.clone()],
+        ..SettleBatch::default()
+    })
+    .await
+    .unwrap();
+    fast.set_checkpoint(parse("2024-05-01T11:00:00Z").unwrap())
+        .await
+        .unwrap();
+
+    // Act
+    let customer_error = slow
+        .settle(&SettleBatch {
+            customers: vec![c.clone()],
+            ..SettleBatch::default()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    let checkpoint_error = slow
+        .set_checkpoint(parse("2024-05-01T10:30:00Z").unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+
+    // Assert
+    assert!(customer_error.contains("412"), "{customer_error}");
+    assert!(customer_error.contains(STATE_TABLE), "{customer_error}");
+    assert!(customer_error.contains(&c.lead.key), "{customer_error}");
+    assert!(
+        checkpoint_error.contains("checkpoint"),
+        "{checkpoint_error}"
+    );
+    assert!(
+        checkpoint_error.contains("another leadsync"),
+        "{checkpoint_error}"
+    );
+    assert_eq!(fast.customers(&keys).await.unwrap(), vec![Some(changed)]);
+    assert_eq!(
+        fast.checkpoint().await.unwrap(),
+        Some(parse("2024-05-01T11:00:00Z").unwrap())
+    );
+}
+
+#[tokio::test]
+async fn errors_name_the_table_and_never_contain_the_sas_signature() {
+    // Arrange
+    let world = World::new().await;
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let text = table_toml(&world, &jsonl_sink(&world)).replace(
+        &format!("connection_string = {{ value = \"{}\" }}", world.azurite.connection_string()),
+        &format!(
+            "account = \"devstoreaccount1\"\nsas_token = {{ value = \"sv=2020-08-04&ss=t&srt=sco&sp=rwdlacu&se=2099-01-01T00:00:00Z&sig=TOPSECRETSIGNATURE\" }}\nendpoint = \"http://127.0.0.1:{closed_port}/devstoreaccount1\""
+        ),
+    );
+    let settings = Settings::from_toml_with_env(&text, Path::new("t.toml"), &HashMap::new())
+        .expect("valid settings");
+    let store = store(&settings);
+
+    // Act
+    let error = store.checkpoint().await.unwrap_err().to_string();
+
+    // Assert
+    assert!(error.contains(STATE_TABLE), "{error}");
+    assert!(!error.contains("TOPSECRETSIGNATURE"), "{error}");
+    let concrete = state_table::TableStore::new(&settings.source, &settings.state).unwrap();
+    assert!(!format!("{concrete:?}").contains("TOPSECRETSIGNATURE"));
+}
+
+#[tokio::test]
+async fn the_pipeline_on_the_table_delivers_each_customer_once_across_runs() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let first_rows: Vec<_> = (0..20)
+        .map(|i| {
+            lead_row(
+                "p00",
+                &format!("r{i:03}"),
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(i % 10),
+            )
+        })
+        .collect();
+    world.insert(&first_rows).await;
+
+    // Act
+    let run = || {
+        leadsync::run(
+            &settings,
+            RunOptions { once: true },
+            CancellationToken::new(),
+        )
+    };
+    let first = run().await.unwrap();
+    let later_rows: Vec<_> = (20..25)
+        .map(|i| {
+            lead_row(
+                "p01",
+                &format!("r{i:03}"),
+                "AppSource-PLT | contoso.insights",
+                customer(i),
+            )
+        })
+        .collect();
+    world.insert(&later_rows).await;
+    let second = run().await.unwrap();
+    let third = run().await.unwrap();
+
+    // Assert
+    assert_eq!(first.totals.records_sent, 10);
+    assert_eq!(second.totals.records_sent, 5);
+    assert_eq!(
+        second.totals.already_handled, 20,
+        "re-read in the overlap, recognised"
+    );
+    assert_eq!(third.totals.records_sent, 0);
+    assert_eq!(third.exit_code(), 0);
+    let keys: Vec<String> = world
+        .delivered()
+        .iter()
+        .map(|r| r["external_key"].as_str().unwrap().to_owned())
+        .collect();
+    let distinct: BTreeSet<&String> = keys.iter().collect();
+    assert_eq!((keys.len(), distinct.len()), (15, 15), "each customer once");
+    let checkpoint = store(&settings).checkpoint().await.unwrap();
+    assert!(checkpoint.is_some());
+    assert_eq!(checkpoint, third.totals.checkpoint);
+    assert!(
+        !world.state_dir().exists(),
+        "nothing is written to the local disk"
+    );
+    assert_eq!(raw_partition(&settings, "customer").await.len(), 15);
+}
+
+#[tokio::test]
+async fn the_lease_is_held_by_one_store_until_released_or_expired() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let (one, two) = (store(&settings), store(&settings));
+    let ttl = Duration::from_secs(30);
+
+    // Act
+    let first = one.acquire_lease("one", ttl).await.unwrap();
+    let second = two.acquire_lease("two", ttl).await.unwrap();
+    let renewed = one.acquire_lease("one", ttl).await.unwrap();
+    two.release_lease("two").await.unwrap();
+    let still_held = two.acquire_lease("two", ttl).await.unwrap();
+    one.release_lease("one").await.unwrap();
+    let after_release = two
+        .acquire_lease("two", Duration::from_millis(500))
+        .await
+        .unwrap();
+    let while_short_lease_runs = one.acquire_lease("one", ttl).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after_expiry = one.acquire_lease("one", ttl).await.unwrap();
+
+    // Assert
+    assert_eq!(first, Lease::Held);
+    assert!(
+        matches!(&second, Lease::HeldBy { owner, until } if owner == "one" && *until > time::OffsetDateTime::now_utc()),
+        "{second:?}"
+    );
+    assert_eq!(renewed, Lease::Held);
+    assert!(matches!(&still_held, Lease::HeldBy { owner, .. } if owner == "one"));
+    assert_eq!(after_release, Lease::Held);
+    assert!(matches!(&while_short_lease_runs, Lease::HeldBy { owner, .. } if owner == "two"));
+    assert_eq!(after_expiry, Lease::Held);
+}
+
+#[tokio::test]
+async fn of_many_stores_racing_for_the_lease_exactly_one_gets_it() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let stores: Vec<_> = (0..8).map(|_| store(&settings)).collect();
+
+    // Act
+    let results = futures::future::join_all(stores.iter().enumerate().map(|(i, s)| {
+        let owner = format!("racer-{i}");
+        async move {
+            s.acquire_lease(&owner, Duration::from_secs(30))
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+
+    // Assert
+    let holders = results.iter().filter(|r| **r == Lease::Held).count();
+    assert_eq!(holders, 1, "{results:?}");
+    let winner = results.iter().position(|r| *r == Lease::Held).unwrap();
+    for result in &results {
+        if let Lease::HeldBy { owner, .. } = result {
+            assert_eq!(owner, &format!("racer-{winner}"));
+        }
+    }
+}
+
+/// What the daemons' sinks saw, shared like one CRM.
+#[derive(Default)]
+struct Crm {
+    /// Deliveries per (external key, history length): one per change of a customer.
+    deliveries: BTreeMap<(String, usize), usize>,
+    /// Newest history length per external key.
+    latest: BTreeMap<String, usize>,
+    /// (daemon, start, end) of every deliver call.
+    calls: Vec<(usize, Instant, Instant)>,
+    by_daemon: [usize; 2],
+    last_daemon: Option<usize>,
+    /// Wall-clock time of each daemon's first deliver call.
+    first_call_at: [Option<time::OffsetDateTime>; 2],
+}
+
+struct SharedSink {
+    daemon: usize,
+    crm: Arc<Mutex<Crm>>,
+}
+
+#[async_trait::async_trait]
+impl LeadSink for SharedSink {
+    fn name(&self) -> &str {
+        "memory"
+    }
+
+    async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
+        let start = Instant::now();
+        let wall = time::OffsetDateTime::now_utc();
+        // Long enough that overlapping polls of two daemons would overlap here too.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut crm = self.crm.lock().unwrap();
+        for lead in batch {
+            let state = (lead.external_key.clone(), lead.history.len());
+            *crm.deliveries.entry(state).or_default() += 1;
+            crm.latest
+                .insert(lead.external_key.clone(), lead.history.len());
+        }
+        crm.by_daemon[self.daemon] += batch.len();
+        crm.last_daemon = Some(self.daemon);
+        crm.first_call_at[self.daemon].get_or_insert(wall);
+        crm.calls.push((self.daemon, start, Instant::now()));
+        vec![Outcome::Delivered; batch.len()]
+    }
+
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+fn spawn_daemon(
+    settings: &Settings,
+    daemon: usize,
+    crm: &Arc<Mutex<Crm>>,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<leadsync::RunReport> {
+    let settings = settings.clone();
+    let sink: Arc<dyn LeadSink> = Arc::new(SharedSink {
+        daemon,
+        crm: crm.clone(),
+    });
+    tokio::spawn(async move {
+        let built = leadsync::build_pipeline(&settings).expect("pipeline");
+        let pipeline = leadsync::pipeline::Pipeline { sink, ..built };
+        leadsync::run_pipeline(&pipeline, &settings, RunOptions { once: false }, cancel)
+            .await
+            .expect("daemon runs")
+    })
+}
+
+fn wave(wave: usize, customers: std::ops::Range<usize>) -> Vec<Map<String, Value>> {
+    customers
+        .map(|n| {
+            lead_row(
+                &format!("p{:02}", n % 4),
+                &format!("w{wave}-c{n:03}"),
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(n),
+            )
+        })
+        .collect()
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_on_one_table_never_process_at_once_and_deliver_each_change_once() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let crm = Arc::new(Mutex::new(Crm::default()));
+    let all_at = |len: usize| {
+        let crm = crm.clone();
+        move || {
+            let crm = crm.lock().unwrap();
+            crm.latest.len() == 100 && crm.latest.values().all(|l| *l == len)
+        }
+    };
+    world.insert(&wave(1, 0..100)).await;
+    let cancels = [CancellationToken::new(), CancellationToken::new()];
+    let mut daemons: Vec<_> = (0..2)
+        .map(|d| Some(spawn_daemon(&settings, d, &crm, cancels[d].clone())))
+        .collect();
+
+    // Act
+    wait_for("wave 1", Duration::from_secs(20), all_at(1)).await;
+    world.insert(&wave(2, 0..100)).await;
+    wait_for("wave 2", Duration::from_secs(20), all_at(2)).await;
+    // The holder shuts down and releases the lease; the other takes over.
+    let holder = crm.lock().unwrap().last_daemon.unwrap();
+    cancels[holder].cancel();
+    let holder_report = daemons[holder].take().unwrap().await.unwrap();
+    world.insert(&wave(3, 0..100)).await;
+    wait_for("wave 3", Duration::from_secs(20), all_at(3)).await;
+    cancels[1 - holder].cancel();
+    let other_report = daemons[1 - holder].take().unwrap().await.unwrap();
+
+    // Assert
+    let crm = crm.lock().unwrap();
+    let twice: Vec<_> = crm.deliveries.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(crm.deliveries.len(), 300, "100 customers x 3 changes");
+    assert_eq!(
+        holder_report.totals.records_sent + other_report.totals.records_sent,
+        300
+    );
+    assert!(crm.by_daemon[1 - holder] > 0, "the other daemon took over");
+    for (a, a_start, a_end) in &crm.calls {
+        for (b, b_start, b_end) in &crm.calls {
+            if a != b {
+                assert!(
+                    a_end <= b_start || b_end <= a_start,
+                    "daemons {a} and {b} delivered at the same time"
+                );
+            }
+        }
+    }
+    assert_eq!((holder_report.pending, other_report.pending), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daemon_that_dies_holding_the_lease_is_replaced_after_the_lease_expires() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let crm = Arc::new(Mutex::new(Crm::default()));
+    let probe = store(&settings);
+    world.insert(&wave(1, 0..20)).await;
+    // Daemon A runs in its own runtime, so that killing it ends every task it has,
+    // as the death of its process would, and releases nothing.
+    let (kill, killed) = std::sync::mpsc::channel::<()>();
+    let a = {
+        let settings = settings.clone();
+        let crm = crm.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let _daemon = runtime.spawn(async move {
+                let sink: Arc<dyn LeadSink> = Arc::new(SharedSink { daemon: 0, crm });
+                let built = leadsync::build_pipeline(&settings).expect("pipeline");
+                let pipeline = leadsync::pipeline::Pipeline { sink, ..built };
+                leadsync::run_pipeline(
+                    &pipeline,
+                    &settings,
+                    RunOptions { once: false },
+                    CancellationToken::new(),
+                )
+                .await
+            });
+            let _ = killed.recv();
+            runtime.shutdown_background();
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while probe.handled_len().await.unwrap() < 20 {
+        assert!(Instant::now() < deadline, "daemon A did not settle wave 1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cancel_b = CancellationToken::new();
+    let b = spawn_daemon(&settings, 1, &crm, cancel_b.clone());
+
+    // Act
+    kill.send(()).unwrap();
+    a.join().unwrap();
+    let lease = raw_partition(&settings, "lease").await;
+    let a_lease_until = parse(lease[0]["Until"].as_str().unwrap()).unwrap();
+    world.insert(&wave(2, 20..40)).await;
+    let crm_for_wait = crm.clone();
+    wait_for(
+        "daemon B to take over",
+        Duration::from_secs(20),
+        move || crm_for_wait.lock().unwrap().latest.len() == 40,
+    )
+    .await;
+    cancel_b.cancel();
+    let b_report = b.await.unwrap();
+
+    // Assert
+    let crm = crm.lock().unwrap();
+    let b_started = crm.first_call_at[1].unwrap();
+    assert!(
+        b_started >= a_lease_until,
+        "B delivered at {b_started} while A's lease ran until {a_lease_until}"
+    );
+    assert!(
+        crm.deliveries.values().all(|n| *n == 1),
+        "{:?}",
+        crm.deliveries
+    );
+    assert_eq!(crm.by_daemon, [20, 20]);
+    assert_eq!(b_report.totals.records_sent, 20);
+    assert_eq!(b_report.pending, 0);
+}
