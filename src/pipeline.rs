@@ -158,35 +158,49 @@ impl Pipeline {
         let mut summary = PollSummary::default();
         let mut newest_settled: Option<OffsetDateTime> = None;
         let mut oldest_open: Option<OffsetDateTime> = None;
-        let mut continuation: Option<Continuation> = None;
-        loop {
-            if cancel.is_cancelled() {
-                return Err(PollError::Interrupted {
-                    pages: summary.pages,
-                });
-            }
-            let page = self
-                .source
+        let fetch = |continuation: Option<Continuation>, pages: u64| async move {
+            self.source
                 .fetch_page(since, continuation.as_ref(), cancel)
                 .await
                 .map_err(|e| match e {
-                    SourceError::Cancelled => PollError::Interrupted {
-                        pages: summary.pages,
-                    },
+                    SourceError::Cancelled => PollError::Interrupted { pages },
                     other => PollError::Source(other),
-                })?;
+                })
+        };
+        let mut page = fetch(None, 0).await?;
+        loop {
             summary.pages += 1;
             summary.rows_read += page.rows.len() as u64;
             self.memory.metrics.touch();
-            let (settled, open) = self.process(page.rows, mode, &mut summary).await?;
+            // The next page is fetched while this one is processed: two pages at most
+            // in memory, and the table's latency hidden behind the work.
+            let next = page.next.take();
+            let pages = summary.pages;
+            let prefetch = async {
+                match next {
+                    Some(c) if !cancel.is_cancelled() => Some(fetch(Some(c), pages).await),
+                    Some(_) => Some(Err(PollError::Interrupted { pages })),
+                    None => None,
+                }
+            };
+            let (processed, fetched) = tokio::join!(
+                self.process(std::mem::take(&mut page.rows), mode, &mut summary),
+                prefetch
+            );
+            let (settled, open) = processed?;
             newest_settled = newest_settled.max(settled);
             oldest_open = match (oldest_open, open) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            match page.next {
-                Some(next) => continuation = Some(next),
+            match fetched {
+                Some(next_page) => page = next_page?,
                 None => break,
+            }
+            if cancel.is_cancelled() {
+                return Err(PollError::Interrupted {
+                    pages: summary.pages,
+                });
             }
         }
 
