@@ -1,0 +1,111 @@
+//! `leadsync-bench`: leadsync's throughput, latency and idle cost against Azurite, a fake
+//! Salesforce and the usual Python script, on one machine. `bench/run.sh` is the entry.
+//!
+//! `suite` orchestrates everything; `backfill` and `daemon` are the children it measures
+//! (their peak RSS and CPU come from `wait4` and `/proc`, so each measured leadsync runs in
+//! a process of its own).
+
+mod azurite;
+mod crm;
+mod procinfo;
+mod proxy;
+mod seed;
+mod suite;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use leadsync::config::Settings;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "leadsync-bench",
+    about = "leadsync benchmarks (see bench/run.sh)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every measurement: seed, raw read, backfills, baseline, latency, idle; writes the report.
+    Suite(suite::Args),
+    /// Child: one `leadsync::run(once)` with this config; prints a JSON summary on stdout.
+    Backfill {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Child: leadsync's own CLI, `leadsync --config FILE run` (stops on SIGTERM).
+    Daemon {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Suite(args) => match suite::run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("leadsync-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Backfill { config } => match backfill(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("leadsync-bench backfill: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Daemon { config } => {
+            let cli = leadsync::cli::Cli::parse_from([
+                "leadsync".into(),
+                "--config".into(),
+                config.into_os_string(),
+                "run".into(),
+            ]);
+            leadsync::cli::main(cli).await
+        }
+    }
+}
+
+/// What `leadsync run --once` does, timed from inside, with a machine-readable summary.
+async fn backfill(config: PathBuf) -> anyhow::Result<()> {
+    let settings = Settings::load(&config)?;
+    leadsync::telemetry::init(settings.log.format, &settings.log.level);
+    let started = Instant::now();
+    let report = leadsync::run(
+        &settings,
+        leadsync::RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let t = &report.totals;
+    println!(
+        "{}",
+        serde_json::json!({
+            "seconds": seconds,
+            "poll_seconds": t.duration.as_secs_f64(),
+            "rows_read": t.rows_read,
+            "delivered": t.delivered,
+            "records_sent": t.records_sent,
+            "skipped": t.skipped,
+            "rejected": t.rejected,
+            "unidentifiable": t.unidentifiable,
+            "pending": report.pending,
+            "pages": t.pages,
+            "exit_code": report.exit_code(),
+            "last_error": report.last_error,
+            // The peak of this process, after exec (see procinfo::Finished).
+            "vm_hwm_kib": procinfo::status_kib(std::process::id(), "VmHWM").ok(),
+        })
+    );
+    Ok(())
+}
