@@ -215,12 +215,18 @@ impl RedbStore {
         };
         std::fs::create_dir_all(dir)
             .map_err(|e| open_err(format!("cannot create directory: {e}")))?;
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                open_err("another leadsync process is using this state directory".into())
-            }
-            other => open_err(other.to_string()),
-        })?;
+        // redb's default page cache is 1 GiB, and it keeps what settle writes: RSS would
+        // grow with the state file (measured in BENCHMARKS.md). 16 MiB keeps it flat at no
+        // measurable cost in throughput.
+        let db = Database::builder()
+            .set_cache_size(16 << 20)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    open_err("another leadsync process is using this state directory".into())
+                }
+                other => open_err(other.to_string()),
+            })?;
         let txn = db.begin_write().map_err(io("open"))?;
         for table in [HANDLED, REJECTED, SKIPPED, UNIDENTIFIABLE] {
             txn.open_table(table).map_err(io("open"))?;
