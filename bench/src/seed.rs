@@ -101,8 +101,8 @@ pub fn partition_key(day: usize) -> String {
     format!("2024-05-{:02}", day + 1)
 }
 
-/// Writes `rows` through entity-group transactions of up to 100 inserts on one partition,
-/// 4 in flight, and checks every operation's response (a failed transaction returns Ok
+/// Writes `rows` through entity-group transactions of up to 100 insert-or-replace
+/// operations on one partition, 4 in flight, and checks every operation's response (a failed transaction returns Ok
 /// with a 4xx inside). Returns how long it took.
 pub async fn insert(
     table: &TableClient,
@@ -134,11 +134,26 @@ pub async fn insert(
     let batches: Vec<(String, Vec<Map<String, Value>>)> = batches.into_iter().flatten().collect();
     futures::stream::iter(batches)
         .map(|(pk, chunk)| async move {
-            let mut transaction = table.partition_key_client(pk.clone()).transaction();
-            for entity in &chunk {
-                transaction = transaction.insert(entity)?;
-            }
-            let response = transaction.await?;
+            // Insert-or-replace operations, so that a transaction whose answer was lost
+            // (Azurite closes idle keep-alive connections after blocking its event loop to
+            // save a large table) can be sent again as it is.
+            let mut attempt = 0;
+            let response = loop {
+                attempt += 1;
+                let mut transaction = table.partition_key_client(pk.clone()).transaction();
+                for entity in &chunk {
+                    let rk = entity["RowKey"].as_str().context("row without RowKey")?;
+                    transaction = transaction.insert_or_replace(rk, entity)?;
+                }
+                match transaction.await {
+                    Ok(response) => break response,
+                    Err(e) if attempt < 5 => {
+                        eprintln!("leadsync-bench: transaction on {pk} failed ({e}); sending it again");
+                        tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             let ok = response
                 .operation_responses
                 .iter()

@@ -591,7 +591,7 @@ fn machine(ctx: &Ctx) -> Vec<(String, String)> {
     );
     let mut py = python_versions.split_whitespace();
     let head = output("git", &["rev-parse", "--short", "HEAD"]);
-    let dirty = !output("git", &["status", "--porcelain", "--", "src", "Cargo.toml"]).is_empty();
+    let dirty = !output("git", &["status", "--porcelain", "--", "src", "Cargo.lock"]).is_empty();
     vec![
         ("CPU".into(), format!("{model}, {cores} cores (nproc)")),
         (
@@ -604,7 +604,7 @@ fn machine(ctx: &Ctx) -> Vec<(String, String)> {
             format!(
                 "{head}{}",
                 if dirty {
-                    " + uncommitted changes in src/ or Cargo.toml"
+                    " + uncommitted changes in src/ or Cargo.lock"
                 } else {
                     ""
                 }
