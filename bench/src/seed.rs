@@ -101,6 +101,9 @@ pub fn partition_key(day: usize) -> String {
     format!("2024-05-{:02}", day + 1)
 }
 
+/// A partition key and up to 100 of its rows.
+type Batch = (String, Vec<Map<String, Value>>);
+
 /// Writes `rows` through entity-group transactions of up to 100 insert-or-replace
 /// operations on one partition, 4 in flight, and checks every operation's response (a failed transaction returns Ok
 /// with a 4xx inside). Returns how long it took.
@@ -118,7 +121,7 @@ pub async fn insert(
         by_partition.entry(pk).or_default().push(row);
     }
     // Interleave partitions so the transactions in flight touch different partitions.
-    let mut batches: Vec<Vec<(String, Vec<Map<String, Value>>)>> = Vec::new();
+    let mut batches: Vec<Vec<Batch>> = Vec::new();
     for (pk, rows) in by_partition {
         let mut rows = rows.into_iter().peekable();
         let mut n = 0;
@@ -131,7 +134,7 @@ pub async fn insert(
             n += 1;
         }
     }
-    let batches: Vec<(String, Vec<Map<String, Value>>)> = batches.into_iter().flatten().collect();
+    let batches: Vec<Batch> = batches.into_iter().flatten().collect();
     futures::stream::iter(batches)
         .map(|(pk, chunk)| async move {
             // Insert-or-replace operations, so that a transaction whose answer was lost
