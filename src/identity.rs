@@ -6,7 +6,7 @@
 //! stage is the highest ever reached, the history is sorted. So the same events in any
 //! order, across any number of polls and restarts, give the same record.
 
-use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -154,17 +154,89 @@ pub struct CustomerLead {
     pub summary: String,
 }
 
-/// When a contact field was last set, so the merge does not depend on arrival order.
-type Stamp = (String, String, String); // (timestamp, partition key, row key)
+/// When a contact field was last set: the (Timestamp, PartitionKey, RowKey) of the event
+/// its value came from, so the merge does not depend on arrival order. Stored as three
+/// strings, the Timestamp with its 7 digits (which sort as the times do).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct Stamp(
+    #[serde(with = "serde_ticks")] OffsetDateTime,
+    String,
+    String,
+);
+
+impl Stamp {
+    /// This stamp is not newer than an event at `at` from row `row`.
+    fn not_newer_than(&self, at: OffsetDateTime, row: &RowId) -> bool {
+        (self.0, self.1.as_str(), self.2.as_str())
+            <= (at, row.partition_key.as_str(), row.row_key.as_str())
+    }
+}
+
+/// The stamp of each contact field (a map of field name to stamp when stored).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Stamps {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    first_name: Option<Stamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_name: Option<Stamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    phone: Option<Stamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    country: Option<Stamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    company: Option<Stamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    title: Option<Stamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    email: Option<Stamp>,
+}
 
 /// A customer as kept in state: the record plus merge bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CustomerState {
     pub lead: CustomerLead,
     /// Per contact field, the stamp of the event its value came from.
-    stamps: BTreeMap<String, Stamp>,
+    stamps: Stamps,
     /// The record was delivered to the sink at least once.
     pub delivered: bool,
+}
+
+/// A [`CustomerState`] without its record: what stays behind while the record is lent
+/// to a sink (see [`CustomerState::into_parts`]).
+#[derive(Debug)]
+pub struct MergeState {
+    stamps: Stamps,
+    pub delivered: bool,
+}
+
+/// Sets `slot` to `value` if the event (`at`, `row`) is not older than the value's stamp.
+/// Returns whether the value changed.
+fn set_field(
+    value: Option<&str>,
+    slot: &mut Option<String>,
+    stamp: &mut Option<Stamp>,
+    at: OffsetDateTime,
+    row: &RowId,
+) -> bool {
+    let Some(value) = value else {
+        return false;
+    };
+    if !stamp.as_ref().is_none_or(|old| old.not_newer_than(at, row)) {
+        return false;
+    }
+    match stamp {
+        Some(Stamp(t, pk, rk)) => {
+            *t = at;
+            pk.clone_from(&row.partition_key);
+            rk.clone_from(&row.row_key);
+        }
+        None => *stamp = Some(Stamp(at, row.partition_key.clone(), row.row_key.clone())),
+    }
+    if slot.as_deref() == Some(value) {
+        return false;
+    }
+    *slot = Some(value.to_owned());
+    true
 }
 
 impl CustomerState {
@@ -185,54 +257,85 @@ impl CustomerState {
                 history: Vec::new(),
                 summary: String::new(),
             },
-            stamps: BTreeMap::new(),
+            stamps: Stamps::default(),
             delivered: false,
         }
     }
 
-    /// Merges events into the record.
+    /// Splits the record from the merge bookkeeping, so the record can go to a sink
+    /// without a copy.
+    pub fn into_parts(self) -> (CustomerLead, MergeState) {
+        let rest = MergeState {
+            stamps: self.stamps,
+            delivered: self.delivered,
+        };
+        (self.lead, rest)
+    }
+
+    /// The inverse of [`CustomerState::into_parts`].
+    pub fn from_parts(lead: CustomerLead, rest: MergeState) -> Self {
+        Self {
+            lead,
+            stamps: rest.stamps,
+            delivered: rest.delivered,
+        }
+    }
+
+    /// Merges events into the record. Returns whether the record (`lead`) changed, so a
+    /// replay of events already merged sends nothing.
     pub fn apply<'a>(
         &mut self,
         events: impl IntoIterator<Item = &'a LeadEvent>,
         settings: &IdentitySettings,
-    ) {
+    ) -> bool {
+        let mut changed = false;
         for event in events {
-            self.merge_fields(event);
-            self.add_history(event);
+            changed |= self.merge_fields(event);
+            changed |= self.add_history(event);
         }
-        self.derive(settings);
+        self.derive(settings) || changed
     }
 
-    fn merge_fields(&mut self, event: &LeadEvent) {
-        let stamp: Stamp = (
-            timestamp::format(event.timestamp),
-            event.row.partition_key.clone(),
-            event.row.row_key.clone(),
-        );
+    fn merge_fields(&mut self, event: &LeadEvent) -> bool {
+        let (at, row) = (event.timestamp, &event.row);
         let c = &event.customer;
         let target = &mut self.lead.customer;
-        let stamps = &mut self.stamps;
-        let mut set = |name: &str, value: &Option<String>, slot: &mut Option<String>| {
-            if let Some(v) = value {
-                if stamps.get(name).is_none_or(|old| *old <= stamp) {
-                    *slot = Some(v.clone());
-                    stamps.insert(name.to_owned(), stamp.clone());
-                }
-            }
-        };
-        set("first_name", &c.first_name, &mut target.first_name);
-        set("last_name", &c.last_name, &mut target.last_name);
-        set("phone", &c.phone, &mut target.phone);
-        set("country", &c.country, &mut target.country);
-        set("company", &c.company, &mut target.company);
-        set("title", &c.title, &mut target.title);
-        let email_original = c.email.as_ref().map(|e| e.original.clone());
+        let st = &mut self.stamps;
+        let mut changed = false;
+        for (value, slot, stamp) in [
+            (&c.first_name, &mut target.first_name, &mut st.first_name),
+            (&c.last_name, &mut target.last_name, &mut st.last_name),
+            (&c.phone, &mut target.phone, &mut st.phone),
+            (&c.country, &mut target.country, &mut st.country),
+            (&c.company, &mut target.company, &mut st.company),
+            (&c.title, &mut target.title, &mut st.title),
+        ] {
+            changed |= set_field(value.as_deref(), slot, stamp, at, row);
+        }
+        let email = c.email.as_ref().map(|e| e.original.as_str());
         let mut slot = target.email.as_ref().map(|e| e.original.clone());
-        set("email", &email_original, &mut slot);
-        target.email = slot.as_deref().and_then(Email::parse);
+        if set_field(email, &mut slot, &mut st.email, at, row) {
+            target.email = slot.as_deref().and_then(Email::parse);
+            changed = true;
+        }
+        changed
     }
 
-    fn add_history(&mut self, event: &LeadEvent) {
+    fn add_history(&mut self, event: &LeadEvent) -> bool {
+        let mut changed = false;
+        if !event.test_lead && self.lead.test_lead {
+            self.lead.test_lead = false;
+            changed = true;
+        }
+        // One entry per row: a row changed in the table replaces its older version.
+        let existing = self.lead.history.iter_mut().find(|h| h.row == event.row);
+        if let Some(existing) = &existing {
+            if (existing.timestamp, existing.etag.as_str())
+                >= (event.timestamp, event.etag.as_str())
+            {
+                return changed;
+            }
+        }
         let entry = HistoryEntry {
             row: event.row.clone(),
             etag: event.etag.clone(),
@@ -244,50 +347,64 @@ impl CustomerState {
             stage: event.stage,
             description: event.description.clone(),
         };
-        // One entry per row: a row changed in the table replaces its older version.
-        match self.lead.history.iter_mut().find(|h| h.row == entry.row) {
-            Some(existing) => {
-                if (existing.timestamp, &existing.etag) < (entry.timestamp, &entry.etag) {
-                    *existing = entry;
-                }
-            }
+        match existing {
+            Some(existing) => *existing = entry,
             None => self.lead.history.push(entry),
         }
-        if !event.test_lead {
-            self.lead.test_lead = false;
-        }
+        true
     }
 
-    fn derive(&mut self, settings: &IdentitySettings) {
+    /// Recomputes the fields that follow from the history; returns whether any changed.
+    fn derive(&mut self, settings: &IdentitySettings) -> bool {
         let lead = &mut self.lead;
+        let mut changed = false;
         lead.history
             .sort_by(|a, b| (a.timestamp, &a.row).cmp(&(b.timestamp, &b.row)));
-        lead.stage = lead
+        let stage = lead
             .history
             .iter()
             .map(|h| h.stage)
             .filter(|s| *s != Stage::DoNotContact)
             .max()
             .unwrap_or(Stage::Unknown);
-        lead.do_not_contact = lead.history.iter().any(|h| h.stage == Stage::DoNotContact);
+        let do_not_contact = lead.history.iter().any(|h| h.stage == Stage::DoNotContact);
+        changed |= lead.stage != stage || lead.do_not_contact != do_not_contact;
+        lead.stage = stage;
+        lead.do_not_contact = do_not_contact;
         if let (Some(first), Some(last)) = (lead.history.first(), lead.history.last()) {
+            changed |= lead.first_seen != first.timestamp || lead.last_seen != last.timestamp;
             lead.first_seen = first.timestamp;
             lead.last_seen = last.timestamp;
         }
-        let mut offers: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let mut offers: Vec<OfferInterest> = Vec::with_capacity(lead.history.len());
         for h in &lead.history {
             if let Some(offer) = &h.offer {
-                let title = offers.entry(offer.clone()).or_default();
-                if h.offer_title.is_some() {
-                    title.clone_from(&h.offer_title);
+                match offers.binary_search_by(|o| o.offer.as_str().cmp(offer)) {
+                    Ok(i) => {
+                        if h.offer_title.is_some() {
+                            offers[i].title.clone_from(&h.offer_title);
+                        }
+                    }
+                    Err(i) => offers.insert(
+                        i,
+                        OfferInterest {
+                            offer: offer.clone(),
+                            title: h.offer_title.clone(),
+                        },
+                    ),
                 }
             }
         }
-        lead.offers = offers
-            .into_iter()
-            .map(|(offer, title)| OfferInterest { offer, title })
-            .collect();
-        lead.summary = summarise(lead, &settings.summary_template);
+        if lead.offers != offers {
+            lead.offers = offers;
+            changed = true;
+        }
+        let summary = summarise(lead, &settings.summary_template);
+        if lead.summary != summary {
+            lead.summary = summary;
+            changed = true;
+        }
+        changed
     }
 }
 
@@ -301,89 +418,132 @@ fn stage_label(stage: Stage) -> &'static str {
     }
 }
 
-fn action_label(code: &str) -> String {
-    match Action::parse(code) {
-        Action::Install => "Get it now (install)".into(),
-        Action::PartnerLedTrial => "Contact me".into(),
-        Action::DoNotContact => "Do not contact (asked a cross-listed partner)".into(),
-        Action::Create => "Azure portal purchase".into(),
-        Action::StartTestDrive => "Test drive started".into(),
-        Action::Other(other) => other,
-        Action::Unknown => "Unknown action".into(),
+fn action_label(action: &str) -> &str {
+    match Action::parse(action) {
+        Action::Install => "Get it now (install)",
+        Action::PartnerLedTrial => "Contact me",
+        Action::DoNotContact => "Do not contact (asked a cross-listed partner)",
+        Action::Create => "Azure portal purchase",
+        Action::StartTestDrive => "Test drive started",
+        Action::Unknown => "Unknown action",
+        Action::Other(_) => action.trim(),
     }
 }
 
 /// The follow-up text. Placeholders: `{name}`, `{company}`, `{stage}`, `{offers}`,
-/// `{history}`, `{next_step}`, `{first_seen}`, `{last_seen}`.
+/// `{history}`, `{next_step}`, `{first_seen}`, `{last_seen}`; any other text, braces
+/// included, is copied as written. One pass over the template: a value is never
+/// searched for placeholders (a customer named "{stage}" stays so).
 pub fn summarise(lead: &CustomerLead, template: &str) -> String {
-    let c = &lead.customer;
-    let name = [c.first_name.as_deref(), c.last_name.as_deref()]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(" ");
-    let name = if name.is_empty() {
-        "Unnamed customer".to_owned()
-    } else {
-        name
-    };
-    let offers = if lead.offers.is_empty() {
-        "an unknown offer".to_owned()
-    } else {
-        lead.offers
-            .iter()
-            .map(|o| match &o.title {
-                Some(t) => format!("{t} ({})", o.offer),
-                None => o.offer.clone(),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let history = lead
-        .history
-        .iter()
-        .map(|h| {
-            let date = timestamp::format(h.timestamp);
-            let mut line = format!("- {} {}", &date[..10], action_label(&h.action));
-            if let Some(offer) = &h.offer {
-                line.push_str(&format!(" on {offer}"));
-            }
-            if let Some(source) = &h.source {
-                line.push_str(&format!(" via {source}"));
-            }
-            line
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let next_step = if lead.do_not_contact {
-        "Do not contact: the customer asked a cross-listed partner to contact them instead."
-            .to_owned()
-    } else {
-        match lead.stage {
-            Stage::Active => format!(
-                "They deployed or bought {offers}: call within 24 hours to help them onboard."
-            ),
-            Stage::Trial => {
-                format!("They are trying {offers}: check in on the trial within 24 hours.")
-            }
-            Stage::InitialInterest => {
-                format!("They asked to be contacted about {offers}: reply within 24 hours.")
-            }
-            Stage::Unknown | Stage::DoNotContact => "Review and qualify this lead.".to_owned(),
+    let mut out = String::with_capacity(template.len() + 256);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let tail = &rest[open..];
+        let placeholder = tail.find('}').map(|close| &tail[..=close]);
+        if placeholder.is_some_and(|p| placeholder_value(lead, p, &mut out)) {
+            rest = &tail[placeholder.map_or(0, str::len)..];
+        } else {
+            out.push('{');
+            rest = &tail[1..];
         }
-    };
-    template
-        .replace("{name}", &name)
-        .replace(
-            "{company}",
-            c.company.as_deref().unwrap_or("company unknown"),
-        )
-        .replace("{stage}", stage_label(lead.stage))
-        .replace("{offers}", &offers)
-        .replace("{history}", &history)
-        .replace("{next_step}", &next_step)
-        .replace("{first_seen}", &timestamp::format(lead.first_seen))
-        .replace("{last_seen}", &timestamp::format(lead.last_seen))
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Appends the value of `placeholder` (with its braces) to `out`; false if it is not one.
+fn placeholder_value(lead: &CustomerLead, placeholder: &str, out: &mut String) -> bool {
+    let c = &lead.customer;
+    match placeholder {
+        "{name}" => {
+            let mut parts = [c.first_name.as_deref(), c.last_name.as_deref()]
+                .into_iter()
+                .flatten()
+                .peekable();
+            if parts.peek().is_none() {
+                out.push_str("Unnamed customer");
+            }
+            for (i, part) in parts.enumerate() {
+                if i > 0 {
+                    out.push(' ');
+                }
+                out.push_str(part);
+            }
+        }
+        "{company}" => out.push_str(c.company.as_deref().unwrap_or("company unknown")),
+        "{stage}" => out.push_str(stage_label(lead.stage)),
+        "{offers}" => write_offers(lead, out),
+        "{history}" => {
+            for (i, h) in lead.history.iter().enumerate() {
+                if i > 0 {
+                    out.push('\n');
+                }
+                out.push_str("- ");
+                let start = out.len();
+                timestamp::write(h.timestamp, out);
+                out.truncate(start + 10); // the date
+                out.push(' ');
+                out.push_str(action_label(&h.action));
+                if let Some(offer) = &h.offer {
+                    out.push_str(" on ");
+                    out.push_str(offer);
+                }
+                if let Some(source) = &h.source {
+                    out.push_str(" via ");
+                    out.push_str(source);
+                }
+            }
+        }
+        "{next_step}" => {
+            let (before, after) = match lead.stage {
+                _ if lead.do_not_contact => {
+                    out.push_str("Do not contact: the customer asked a cross-listed partner to contact them instead.");
+                    return true;
+                }
+                Stage::Active => (
+                    "They deployed or bought ",
+                    ": call within 24 hours to help them onboard.",
+                ),
+                Stage::Trial => (
+                    "They are trying ",
+                    ": check in on the trial within 24 hours.",
+                ),
+                Stage::InitialInterest => (
+                    "They asked to be contacted about ",
+                    ": reply within 24 hours.",
+                ),
+                Stage::Unknown | Stage::DoNotContact => {
+                    out.push_str("Review and qualify this lead.");
+                    return true;
+                }
+            };
+            out.push_str(before);
+            write_offers(lead, out);
+            out.push_str(after);
+        }
+        "{first_seen}" => timestamp::write(lead.first_seen, out),
+        "{last_seen}" => timestamp::write(lead.last_seen, out),
+        _ => return false,
+    }
+    true
+}
+
+fn write_offers(lead: &CustomerLead, out: &mut String) {
+    if lead.offers.is_empty() {
+        out.push_str("an unknown offer");
+    }
+    for (i, o) in lead.offers.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        match &o.title {
+            Some(t) => {
+                let _ = write!(out, "{t} ({})", o.offer);
+            }
+            None => out.push_str(&o.offer),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -669,5 +829,107 @@ mod tests {
 
             prop_assert_eq!(one.lead, other.lead);
         }
+
+        #[test]
+        fn apply_says_changed_exactly_when_the_record_changed(
+            events in prop::collection::vec(arb_event(), 1..12),
+            chunks in prop::collection::vec((0usize..12, 0usize..4), 1..8),
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let mut events = events;
+            events.retain(|e| seen.insert(e.row.clone()));
+            let key = CustomerKey::Email("a@b.c".into());
+            let mut state = CustomerState::new(&key, &settings());
+            // Overlapping slices of the events, so some applies are (partial) replays.
+            for (start, len) in chunks {
+                let start = start % events.len();
+                let end = (start + len).min(events.len());
+                let before = state.lead.clone();
+                let changed = state.apply(&events[start..end], &settings());
+                prop_assert_eq!(changed, state.lead != before, "events {}..{}", start, end);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::*;
+    use crate::lead::normalise;
+    use crate::row::RawRow;
+    use serde_json::json;
+    fn ev(rk: &str, ts: &str, ls: &str, c: serde_json::Value) -> LeadEvent {
+        let mut columns = serde_json::Map::new();
+        columns.insert("LeadSource".into(), json!(ls));
+        columns.insert("CustomerInfo".into(), json!(c.to_string()));
+        columns.insert("OfferTitle".into(), json!("Contoso Analytics"));
+        let row = RawRow {
+            id: RowId::new("p", rk),
+            etag: format!("W/\"{rk}\""),
+            timestamp: crate::timestamp::parse(ts).unwrap(),
+            columns,
+        };
+        normalise(&row).unwrap()
+    }
+    fn four_events(first_name: &str) -> [LeadEvent; 4] {
+        let c = json!({"FirstName": first_name, "LastName": "Lo", "Company": "Fab", "Email": "ana@fabrikam.com"});
+        [
+            ev(
+                "1",
+                "2024-05-01T10:00:00.1234567Z",
+                "AppSource (SPZA)-PLT | contoso.analytics",
+                c.clone(),
+            ),
+            ev(
+                "2",
+                "2024-05-01T11:00:00Z",
+                "TestDrive-StartTestDrive | contoso.analytics",
+                c.clone(),
+            ),
+            ev(
+                "3",
+                "2024-05-02T10:00:00Z",
+                "AzureMarketplace-Zap | contoso.x",
+                c.clone(),
+            ),
+            ev("4", "2024-05-03T10:00:00Z", "-PLT | contoso.backup", c),
+        ]
+    }
+
+    fn summary(events: &[LeadEvent], template: &str) -> String {
+        let key = customer_key(
+            &events[0].customer,
+            crate::config::FallbackKey::NameCompanyPhone,
+        )
+        .unwrap();
+        let settings = IdentitySettings {
+            summary_template: template.into(),
+            ..IdentitySettings::default()
+        };
+        let mut state = CustomerState::new(&key, &settings);
+        state.apply(events, &settings);
+        state.lead.summary
+    }
+
+    #[test]
+    fn every_placeholder_is_filled_and_other_braces_are_kept() {
+        let template = "{name}|{company}|{stage}|{offers}|{history}|{next_step}|{first_seen}|{last_seen}|{unknown}|{|}{";
+        let offers = "Contoso Analytics (contoso.analytics), Contoso Analytics (contoso.backup), Contoso Analytics (contoso.x)";
+        let expected = format!(
+            "Ana Lo|Fab|trial|{offers}|\
+- 2024-05-01 Contact me on contoso.analytics via AppSource (SPZA)\n\
+- 2024-05-01 Test drive started on contoso.analytics via TestDrive\n\
+- 2024-05-02 Zap on contoso.x via AzureMarketplace\n\
+- 2024-05-03 Contact me on contoso.backup|\
+They are trying {offers}: check in on the trial within 24 hours.|\
+2024-05-01T10:00:00.1234567Z|2024-05-03T10:00:00.0000000Z|{{unknown}}|{{|}}{{"
+        );
+        assert_eq!(summary(&four_events("Ana"), template), expected);
+    }
+
+    #[test]
+    fn a_value_that_looks_like_a_placeholder_is_not_expanded() {
+        let text = summary(&four_events("{stage}"), "{name} / {stage}");
+        assert_eq!(text, "{stage} Lo / trial");
     }
 }

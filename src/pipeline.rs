@@ -134,6 +134,19 @@ fn as_map(event: &LeadEvent) -> Option<serde_json::Map<String, serde_json::Value
     }
 }
 
+/// Settles every row with the same outcome.
+fn settle_all(
+    rows: impl Iterator<Item = RowVersion>,
+    outcome: Settled,
+    settlements: &mut Vec<Settlement>,
+) {
+    settlements.extend(rows.map(|row| Settlement {
+        row,
+        outcome: outcome.clone(),
+        columns: None,
+    }));
+}
+
 /// A customer whose merged record goes to the sink, with the rows it settles.
 struct Delivery {
     customer: CustomerState,
@@ -299,33 +312,18 @@ impl Pipeline {
         let stored = self.state.customers(&keys).await?;
         let mut to_store = Vec::new();
         let mut deliveries = Vec::new();
+        let delivered_by = || Settled::Delivered {
+            sink: self.sink.name().into(),
+        };
         for ((key, items), stored) in by_customer.into_iter().zip(stored) {
-            let mut customer = stored
-                .clone()
-                .unwrap_or_else(|| CustomerState::new(&key, &self.identity));
-            customer.apply(items.iter().map(|(_, e)| e), &self.identity);
-            let rows: Vec<RowVersion> = items.into_iter().map(|(v, _)| v).collect();
-            let settle_all = |outcome: Settled, settlements: &mut Vec<Settlement>| {
-                for row in &rows {
-                    settlements.push(Settlement {
-                        row: row.clone(),
-                        outcome: outcome.clone(),
-                        columns: None,
-                    });
-                }
-            };
-            let unchanged = stored
-                .as_ref()
-                .is_some_and(|s| s.delivered && s.lead == customer.lead);
-            if unchanged && !mode.resend {
+            let mut customer = stored.unwrap_or_else(|| CustomerState::new(&key, &self.identity));
+            let changed = customer.apply(items.iter().map(|(_, e)| e), &self.identity);
+            let rows = items.into_iter().map(|(v, _)| v);
+            if customer.delivered && !changed && !mode.resend {
                 // A replay of events already merged and delivered: nothing to send.
-                summary.unchanged += rows.len() as u64;
-                settle_all(
-                    Settled::Delivered {
-                        sink: self.sink.name().into(),
-                    },
-                    &mut settlements,
-                );
+                let before = settlements.len();
+                settle_all(rows, delivered_by(), &mut settlements);
+                summary.unchanged += (settlements.len() - before) as u64;
                 continue;
             }
             // Never create a contactable record for a do-not-contact customer; one already in
@@ -335,62 +333,74 @@ impl Pipeline {
                 && self.policy.do_not_contact == DoNotContactPolicy::Skip
             {
                 tracing::info!(customer = %customer.lead.external_key, "Do-not-contact customer recorded, not delivered (policy.do_not_contact = \"skip\").");
-                summary.skipped += rows.len() as u64;
+                let before = settlements.len();
                 settle_all(
+                    rows,
                     Settled::Skipped {
                         policy: "do_not_contact".into(),
                     },
                     &mut settlements,
                 );
+                summary.skipped += (settlements.len() - before) as u64;
                 to_store.push(customer);
                 continue;
             }
-            deliveries.push(Delivery { customer, rows });
+            deliveries.push(Delivery {
+                customer,
+                rows: rows.collect(),
+            });
         }
 
         let mut oldest_open: Option<OffsetDateTime> = None;
         let mut dead_letters = Vec::new();
         let mut resolved = Vec::new();
-        for chunk in deliveries.chunks(self.batch_size.max(1)) {
-            let leads: Vec<CustomerLead> = chunk.iter().map(|d| d.customer.lead.clone()).collect();
+        let mut deliveries = deliveries.into_iter().peekable();
+        while deliveries.peek().is_some() {
+            // The records are lent to the sink, not copied: they go back to state after.
+            let (leads, rest): (Vec<CustomerLead>, Vec<_>) = deliveries
+                .by_ref()
+                .take(self.batch_size.max(1))
+                .map(|d| {
+                    let (lead, merge) = d.customer.into_parts();
+                    (lead, (merge, d.rows))
+                })
+                .unzip();
             let outcomes = self.deliver(&leads).await;
-            for (delivery, outcome) in chunk.iter().zip(outcomes) {
-                let customer = &delivery.customer.lead.external_key;
+            for ((lead, (mut merge, rows)), outcome) in leads.into_iter().zip(rest).zip(outcomes) {
+                let customer = &lead.external_key;
                 let settled = match outcome {
                     Outcome::Delivered => {
-                        summary.delivered += delivery.rows.len() as u64;
+                        summary.delivered += rows.len() as u64;
                         summary.records_sent += 1;
-                        let mut stored = delivery.customer.clone();
-                        stored.delivered = true;
-                        to_store.push(stored);
                         resolved.push(customer.clone());
-                        Settled::Delivered {
-                            sink: self.sink.name().into(),
-                        }
+                        merge.delivered = true;
+                        to_store.push(CustomerState::from_parts(lead, merge));
+                        delivered_by()
                     }
                     Outcome::Rejected { reason } => {
                         tracing::warn!(%customer, sink = self.sink.name(), %reason, "Sink rejected the lead; kept as a dead letter (leadsync dlq list).");
-                        summary.rejected += delivery.rows.len() as u64;
-                        to_store.push(delivery.customer.clone());
-                        dead_letters.push(DeadLetter {
-                            id: customer.clone(),
-                            sink: self.sink.name().into(),
-                            reason: reason.clone(),
-                            payload: delivery.customer.lead.clone(),
-                            rows: delivery.rows.clone(),
-                            at: OffsetDateTime::now_utc(),
-                            attempts: 1,
-                        });
-                        Settled::Rejected {
+                        summary.rejected += rows.len() as u64;
+                        let settled = Settled::Rejected {
                             reason: format!(
                                 "{} rejected customer {customer}: {reason}",
                                 self.sink.name()
                             ),
-                        }
+                        };
+                        dead_letters.push(DeadLetter {
+                            id: customer.clone(),
+                            sink: self.sink.name().into(),
+                            reason,
+                            payload: lead.clone(),
+                            rows: rows.clone(),
+                            at: OffsetDateTime::now_utc(),
+                            attempts: 1,
+                        });
+                        to_store.push(CustomerState::from_parts(lead, merge));
+                        settled
                     }
                     Outcome::RetryLater { reason, .. } => {
-                        summary.pending += delivery.rows.len() as u64;
-                        for row in &delivery.rows {
+                        summary.pending += rows.len() as u64;
+                        for row in &rows {
                             oldest_open =
                                 Some(oldest_open.map_or(row.timestamp, |t| t.min(row.timestamp)));
                             self.follow_up_clock(row, &reason, summary);
@@ -398,16 +408,16 @@ impl Pipeline {
                         continue;
                     }
                 };
-                let mut warned = self.memory.warned_overdue.lock().expect("not poisoned");
-                for row in &delivery.rows {
-                    // Settled: forget the overdue warning, so the set stays as small as the backlog.
-                    warned.remove(&row.id);
-                    settlements.push(Settlement {
-                        row: row.clone(),
-                        outcome: settled.clone(),
-                        columns: None,
-                    });
+                {
+                    let mut warned = self.memory.warned_overdue.lock().expect("not poisoned");
+                    if !warned.is_empty() {
+                        // Settled: forget the overdue warning, so the set stays as small as the backlog.
+                        for row in &rows {
+                            warned.remove(&row.id);
+                        }
+                    }
                 }
+                settle_all(rows.into_iter(), settled, &mut settlements);
             }
         }
 

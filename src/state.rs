@@ -348,6 +348,13 @@ impl StateStore for RedbStore {
             let mut rejected = txn.open_table(REJECTED).map_err(io("settle rows"))?;
             let mut skipped = txn.open_table(SKIPPED).map_err(io("settle rows"))?;
             let mut held = txn.open_table(UNIDENTIFIABLE).map_err(io("settle rows"))?;
+            // Which lists hold anything: an empty one (a backfill's usual case) is not
+            // searched once per row.
+            let mut listed = [&rejected, &skipped, &held]
+                .map(|t| t.is_empty().map(|empty| !empty))
+                .into_iter()
+                .collect::<Result<Vec<bool>, _>>()
+                .map_err(io("settle rows"))?;
             for s in settlements {
                 let key = (s.row.id.partition_key.as_str(), s.row.id.row_key.as_str());
                 let record = HandledRecord {
@@ -364,18 +371,23 @@ impl StateStore for RedbStore {
                     recorded_at: now,
                 };
                 // A row's latest version decides where it is listed.
-                for table in [&mut rejected, &mut skipped, &mut held] {
-                    table.remove(key).map_err(io("settle rows"))?;
+                let mut lists = [&mut rejected, &mut skipped, &mut held];
+                for (table, listed) in lists.iter_mut().zip(&listed) {
+                    if *listed {
+                        table.remove(key).map_err(io("settle rows"))?;
+                    }
                 }
                 let list = match &s.outcome {
                     Settled::Delivered { .. } => None,
-                    Settled::Rejected { .. } => Some(&mut rejected),
-                    Settled::Skipped { .. } => Some(&mut skipped),
-                    Settled::Unidentifiable { .. } => Some(&mut held),
+                    Settled::Rejected { .. } => Some(0),
+                    Settled::Skipped { .. } => Some(1),
+                    Settled::Unidentifiable { .. } => Some(2),
                 };
-                if let Some(list) = list {
-                    list.insert(key, encode(&recorded()).as_slice())
+                if let Some(i) = list {
+                    lists[i]
+                        .insert(key, encode(&recorded()).as_slice())
                         .map_err(io("settle rows"))?;
+                    listed[i] = true;
                 }
             }
         }
