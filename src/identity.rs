@@ -172,22 +172,22 @@ impl Stamp {
     }
 }
 
-/// The stamp of each contact field (a map of field name to stamp when stored).
+/// The stamp of each contact field.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Stamps {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     first_name: Option<Stamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     last_name: Option<Stamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     phone: Option<Stamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     country: Option<Stamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     company: Option<Stamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     title: Option<Stamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     email: Option<Stamp>,
 }
 
