@@ -153,7 +153,8 @@ fn lease_owner() -> String {
 }
 
 /// Aborts the task when dropped, so a poll future dropped mid-way stops its renewer too.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+/// A task that is stopped when its handle is dropped (an early return of its owner).
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {

@@ -30,6 +30,7 @@ use crate::state::{
     DeadLetter, RowVersion, SettleBatch, Settled, Settlement, StateError, StateStore,
 };
 use crate::timestamp;
+use crate::AbortOnDrop;
 
 /// Why a poll did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +135,23 @@ fn as_map(event: &LeadEvent) -> Option<serde_json::Map<String, serde_json::Value
     }
 }
 
+/// A page after [`Pipeline::prepare`].
+struct Prepared {
+    /// Rows already settled by policy (rejected, test lead, unidentifiable).
+    settlements: Vec<Settlement>,
+    by_customer: BTreeMap<CustomerKey, Vec<(RowVersion, LeadEvent)>>,
+    /// The newest Timestamp of the rows skipped as already handled.
+    newest_settled: Option<OffsetDateTime>,
+}
+
+/// A task of the poll that panicked or was cancelled: an I/O-level failure of the poll.
+fn joined(e: tokio::task::JoinError) -> PollError {
+    PollError::State(StateError::Io {
+        operation: "poll task",
+        message: e.to_string(),
+    })
+}
+
 /// Settles every row with the same outcome.
 fn settle_all(
     rows: impl Iterator<Item = RowVersion>,
@@ -171,51 +189,71 @@ impl Pipeline {
         let mut summary = PollSummary::default();
         let mut newest_settled: Option<OffsetDateTime> = None;
         let mut oldest_open: Option<OffsetDateTime> = None;
-        let fetch = |continuation: Option<Continuation>, pages: u64| async move {
-            self.source
-                .fetch_page(since, continuation.as_ref(), cancel)
-                .await
-                .map_err(|e| match e {
-                    SourceError::Cancelled => PollError::Interrupted { pages },
-                    other => PollError::Source(other),
-                })
-        };
-        let mut page = fetch(None, 0).await?;
-        loop {
-            summary.pages += 1;
-            summary.rows_read += page.rows.len() as u64;
-            self.memory.metrics.touch();
-            // The next page is fetched while this one is processed: two pages at most
-            // in memory, and the table's latency hidden behind the work.
-            let next = page.next.take();
-            let pages = summary.pages;
-            let prefetch = async {
-                match next {
-                    Some(c) if !cancel.is_cancelled() => Some(fetch(Some(c), pages).await),
-                    Some(_) => Some(Err(PollError::Interrupted { pages })),
-                    None => None,
-                }
-            };
-            let (processed, fetched) = tokio::join!(
-                self.process(std::mem::take(&mut page.rows), mode, &mut summary),
-                prefetch
-            );
-            let (settled, open) = processed?;
-            newest_settled = newest_settled.max(settled);
-            oldest_open = match (oldest_open, open) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            match fetched {
-                Some(next_page) => page = next_page?,
-                None => break,
+        // Each page is fetched in its own task while the one before is processed, and
+        // each page's settle (the state commit) runs in its own task while the next page
+        // is read and normalised: the table's latency and the commit overlap the work,
+        // on another core when there is one. At most two pages are in memory.
+        let fetch = |continuation: Option<Continuation>, pages: u64| {
+            let source = self.source.clone();
+            let cancel = cancel.clone();
+            async move {
+                source
+                    .fetch_page(since, continuation.as_ref(), &cancel)
+                    .await
+                    .map_err(|e| match e {
+                        SourceError::Cancelled => PollError::Interrupted { pages },
+                        other => PollError::Source(other),
+                    })
             }
-            if cancel.is_cancelled() {
-                return Err(PollError::Interrupted {
-                    pages: summary.pages,
-                });
+        };
+        let mut settling: Option<tokio::task::JoinHandle<Result<(), StateError>>> = None;
+        let passed: Result<(), PollError> = async {
+            let mut page = fetch(None, 0).await?;
+            loop {
+                summary.pages += 1;
+                summary.rows_read += page.rows.len() as u64;
+                self.memory.metrics.touch();
+                let pages = summary.pages;
+                let more = page.next.is_some();
+                let prefetch = match page.next.take() {
+                    Some(c) if !cancel.is_cancelled() => {
+                        Some(AbortOnDrop(tokio::spawn(fetch(Some(c), pages))))
+                    }
+                    _ => None,
+                };
+                let prepared = self
+                    .prepare(std::mem::take(&mut page.rows), mode, &mut summary)
+                    .await?;
+                // The customers of this page are read after the last page's commit.
+                if let Some(previous) = settling.take() {
+                    previous.await.map_err(joined)??;
+                }
+                let (batch, settled, open) = self.complete(prepared, mode, &mut summary).await?;
+                let state = Arc::clone(&self.state);
+                settling = Some(tokio::spawn(async move { state.settle(&batch).await }));
+                newest_settled = newest_settled.max(settled);
+                oldest_open = match (oldest_open, open) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                match prefetch {
+                    Some(mut next_page) => page = (&mut next_page.0).await.map_err(joined)??,
+                    None if more => return Err(PollError::Interrupted { pages }),
+                    None => return Ok(()),
+                }
+                if cancel.is_cancelled() {
+                    return Err(PollError::Interrupted {
+                        pages: summary.pages,
+                    });
+                }
             }
         }
+        .await;
+        // Whatever happened, the last commit finishes before the poll returns.
+        if let Some(last) = settling.take() {
+            last.await.map_err(joined)??;
+        }
+        passed?;
 
         let mut candidate = newest_settled;
         if let (Some(c), Some(open)) = (candidate, oldest_open) {
@@ -238,13 +276,15 @@ impl Pipeline {
         Ok(summary)
     }
 
-    /// Handles one page. Returns the newest settled Timestamp and the oldest still-open one.
-    async fn process(
+    /// First half of a page: drops rows already handled, normalises, applies the row
+    /// policies and groups the leads by customer. Reads no customer state, so it can run
+    /// while the previous page is being committed.
+    async fn prepare(
         &self,
         rows: Vec<RawRow>,
         mode: PollMode,
         summary: &mut PollSummary,
-    ) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), PollError> {
+    ) -> Result<Prepared, PollError> {
         let versions: Vec<RowVersion> = rows.iter().map(version).collect();
         let handled = if mode.ignore_handled {
             vec![false; versions.len()]
@@ -308,6 +348,27 @@ impl Pipeline {
             }
         }
 
+        Ok(Prepared {
+            settlements,
+            by_customer,
+            newest_settled,
+        })
+    }
+
+    /// Second half of a page: merges each customer's leads into its stored record,
+    /// delivers, and returns what to commit with the newest settled Timestamp and the
+    /// oldest still-open one.
+    async fn complete(
+        &self,
+        prepared: Prepared,
+        mode: PollMode,
+        summary: &mut PollSummary,
+    ) -> Result<(SettleBatch, Option<OffsetDateTime>, Option<OffsetDateTime>), PollError> {
+        let Prepared {
+            mut settlements,
+            by_customer,
+            mut newest_settled,
+        } = prepared;
         let keys: Vec<String> = by_customer.keys().map(CustomerKey::as_string).collect();
         let stored = self.state.customers(&keys).await?;
         let mut to_store = Vec::new();
@@ -424,15 +485,13 @@ impl Pipeline {
         for s in &settlements {
             newest_settled = newest_settled.max(Some(s.row.timestamp));
         }
-        self.state
-            .settle(&SettleBatch {
-                rows: settlements,
-                customers: to_store,
-                dead_letters,
-                resolved,
-            })
-            .await?;
-        Ok((newest_settled, oldest_open))
+        let batch = SettleBatch {
+            rows: settlements,
+            customers: to_store,
+            dead_letters,
+            resolved,
+        };
+        Ok((batch, newest_settled, oldest_open))
     }
 
     /// Hands a batch to the sink, unless the sink asked for a pause (Retry-After), and
