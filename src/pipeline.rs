@@ -221,14 +221,18 @@ impl Pipeline {
                     }
                     _ => None,
                 };
+                let t0 = Instant::now();
                 let prepared = self
                     .prepare(std::mem::take(&mut page.rows), mode, &mut summary)
                     .await?;
+                let t1 = Instant::now();
                 // The customers of this page are read after the last page's commit.
                 if let Some(previous) = settling.take() {
                     previous.await.map_err(joined)??;
                 }
+                let t2 = Instant::now();
                 let (batch, settled, open) = self.complete(prepared, mode, &mut summary).await?;
+                let t3 = Instant::now();
                 let state = Arc::clone(&self.state);
                 settling = Some(tokio::spawn(async move { state.settle(&batch).await }));
                 newest_settled = newest_settled.max(settled);
@@ -241,6 +245,17 @@ impl Pipeline {
                     None if more => return Err(PollError::Interrupted { pages }),
                     None => return Ok(()),
                 }
+                // Where a page's time goes: says whether the table, the state or the
+                // work (merge and sink) limits a backfill.
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                tracing::debug!(
+                    page = pages,
+                    prepare_ms = ms(t1 - t0),
+                    wait_commit_ms = ms(t2 - t1),
+                    merge_deliver_ms = ms(t3 - t2),
+                    wait_table_ms = ms(t3.elapsed()),
+                    "Page handled."
+                );
                 if cancel.is_cancelled() {
                     return Err(PollError::Interrupted {
                         pages: summary.pages,

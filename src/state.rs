@@ -358,7 +358,12 @@ impl StateStore for RedbStore {
     async fn settle(&self, batch: &SettleBatch) -> Result<(), StateError> {
         let now = OffsetDateTime::now_utc();
         let settlements = &batch.rows;
-        let txn = self.db.begin_write().map_err(io("settle rows"))?;
+        let mut txn = self.db.begin_write().map_err(io("settle rows"))?;
+        // Written to the file but not fsynced: a process crash keeps it, a power loss may
+        // roll it back to the last checkpoint commit (which is fsynced, and with it everything
+        // before). What a roll-back forgets is read again, as the checkpoint did not move past
+        // it, and delivered again as an idempotent upsert.
+        txn.set_durability(redb::Durability::Eventual);
         {
             let mut letters = txn.open_table(DEAD_LETTERS).map_err(io("settle rows"))?;
             for id in &batch.resolved {
