@@ -144,6 +144,15 @@ struct Prepared {
     newest_settled: Option<OffsetDateTime>,
 }
 
+/// A page after [`Pipeline::merge`].
+struct Merged {
+    settlements: Vec<Settlement>,
+    /// Customers stored without a delivery (do-not-contact, skipped).
+    to_store: Vec<CustomerState>,
+    deliveries: Vec<Delivery>,
+    newest_settled: Option<OffsetDateTime>,
+}
+
 /// A task of the poll that panicked or was cancelled: an I/O-level failure of the poll.
 fn joined(e: tokio::task::JoinError) -> PollError {
     PollError::State(StateError::Io {
@@ -191,8 +200,10 @@ impl Pipeline {
         let mut oldest_open: Option<OffsetDateTime> = None;
         // Each page is fetched in its own task while the one before is processed, and
         // each page's settle (the state commit) runs in its own task while the next page
-        // is read and normalised: the table's latency and the commit overlap the work,
-        // on another core when there is one. At most two pages are in memory.
+        // is normalised and merged (reading the customers being committed from the batch
+        // itself): the table's latency and the commit overlap the work, on another core
+        // when there is one. A page is delivered only after the page before it is
+        // committed. At most three pages are in memory (fetching, working, committing).
         let fetch = |continuation: Option<Continuation>, pages: u64| {
             let source = self.source.clone();
             let cancel = cancel.clone();
@@ -206,7 +217,11 @@ impl Pipeline {
                     })
             }
         };
-        let mut settling: Option<tokio::task::JoinHandle<Result<(), StateError>>> = None;
+        // The last page's batch and the task committing it.
+        let mut settling: Option<(
+            Arc<SettleBatch>,
+            tokio::task::JoinHandle<Result<(), StateError>>,
+        )> = None;
         let passed: Result<(), PollError> = async {
             let mut page = fetch(None, 0).await?;
             loop {
@@ -225,16 +240,22 @@ impl Pipeline {
                 let prepared = self
                     .prepare(std::mem::take(&mut page.rows), mode, &mut summary)
                     .await?;
+                let committing = settling.as_ref().map(|(batch, _)| batch.as_ref());
+                let merged = self.merge(prepared, committing, mode, &mut summary).await?;
                 let t1 = Instant::now();
-                // The customers of this page are read after the last page's commit.
-                if let Some(previous) = settling.take() {
+                // Nothing of this page reaches the sink before the last page is committed.
+                if let Some((_, previous)) = settling.take() {
                     previous.await.map_err(joined)??;
                 }
                 let t2 = Instant::now();
-                let (batch, settled, open) = self.complete(prepared, mode, &mut summary).await?;
+                let (batch, settled, open) = self.deliver_all(merged, &mut summary).await;
                 let t3 = Instant::now();
-                let state = Arc::clone(&self.state);
-                settling = Some(tokio::spawn(async move { state.settle(&batch).await }));
+                let batch = Arc::new(batch);
+                let (state, committing) = (Arc::clone(&self.state), Arc::clone(&batch));
+                settling = Some((
+                    batch,
+                    tokio::spawn(async move { state.settle(&committing).await }),
+                ));
                 newest_settled = newest_settled.max(settled);
                 oldest_open = match (oldest_open, open) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -250,9 +271,9 @@ impl Pipeline {
                 let ms = |d: Duration| d.as_secs_f64() * 1e3;
                 tracing::debug!(
                     page = pages,
-                    prepare_ms = ms(t1 - t0),
+                    prepare_merge_ms = ms(t1 - t0),
                     wait_commit_ms = ms(t2 - t1),
-                    merge_deliver_ms = ms(t3 - t2),
+                    deliver_ms = ms(t3 - t2),
                     wait_table_ms = ms(t3.elapsed()),
                     "Page handled."
                 );
@@ -265,7 +286,7 @@ impl Pipeline {
         }
         .await;
         // Whatever happened, the last commit finishes before the poll returns.
-        if let Some(last) = settling.take() {
+        if let Some((_, last)) = settling.take() {
             last.await.map_err(joined)??;
         }
         passed?;
@@ -370,22 +391,35 @@ impl Pipeline {
         })
     }
 
-    /// Second half of a page: merges each customer's leads into its stored record,
-    /// delivers, and returns what to commit with the newest settled Timestamp and the
-    /// oldest still-open one.
-    async fn complete(
+    /// Second step of a page: merges each customer's leads into its stored record.
+    /// `committing` is the previous page's batch, whose commit may still be running:
+    /// its customers are newer than what the store returns.
+    async fn merge(
         &self,
         prepared: Prepared,
+        committing: Option<&SettleBatch>,
         mode: PollMode,
         summary: &mut PollSummary,
-    ) -> Result<(SettleBatch, Option<OffsetDateTime>, Option<OffsetDateTime>), PollError> {
+    ) -> Result<Merged, PollError> {
         let Prepared {
             mut settlements,
             by_customer,
-            mut newest_settled,
+            newest_settled,
         } = prepared;
         let keys: Vec<String> = by_customer.keys().map(CustomerKey::as_string).collect();
-        let stored = self.state.customers(&keys).await?;
+        let mut stored = self.state.customers(&keys).await?;
+        if let Some(batch) = committing.filter(|b| !b.customers.is_empty()) {
+            let newer: std::collections::HashMap<&str, &CustomerState> = batch
+                .customers
+                .iter()
+                .map(|c| (c.lead.key.as_str(), c))
+                .collect();
+            for (key, stored) in keys.iter().zip(stored.iter_mut()) {
+                if let Some(c) = newer.get(key.as_str()) {
+                    *stored = Some((*c).clone());
+                }
+            }
+        }
         let mut to_store = Vec::new();
         let mut deliveries = Vec::new();
         let delivered_by = || Settled::Delivered {
@@ -426,7 +460,30 @@ impl Pipeline {
                 rows: rows.collect(),
             });
         }
+        Ok(Merged {
+            settlements,
+            to_store,
+            deliveries,
+            newest_settled,
+        })
+    }
 
+    /// Last step of a page: hands the merged records to the sink in batches and returns
+    /// what to commit, with the newest settled Timestamp and the oldest still-open one.
+    async fn deliver_all(
+        &self,
+        merged: Merged,
+        summary: &mut PollSummary,
+    ) -> (SettleBatch, Option<OffsetDateTime>, Option<OffsetDateTime>) {
+        let Merged {
+            mut settlements,
+            mut to_store,
+            deliveries,
+            mut newest_settled,
+        } = merged;
+        let delivered_by = || Settled::Delivered {
+            sink: self.sink.name().into(),
+        };
         let mut oldest_open: Option<OffsetDateTime> = None;
         let mut dead_letters = Vec::new();
         let mut resolved = Vec::new();
@@ -506,7 +563,7 @@ impl Pipeline {
             dead_letters,
             resolved,
         };
-        Ok((batch, newest_settled, oldest_open))
+        (batch, newest_settled, oldest_open)
     }
 
     /// Hands a batch to the sink, unless the sink asked for a pause (Retry-After), and
