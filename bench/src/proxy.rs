@@ -1,4 +1,6 @@
-//! A tiny counting HTTP proxy in front of Azurite: how many storage requests reach it.
+//! A tiny counting HTTP proxy in front of Azurite: how many storage requests reach it,
+//! and (with a delay) a stand-in for the network between leadsync and a real storage
+//! account, which Azurite on the same machine does not have.
 //! (Shared Key signatures do not cover the Host header, so forwarding keeps them valid.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +16,8 @@ struct Shared {
     upstream: String,
     client: reqwest::Client,
     requests: AtomicU64,
+    /// Added before every request is forwarded.
+    delay: std::time::Duration,
 }
 
 #[derive(Clone)]
@@ -32,12 +36,21 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 
 impl CountingProxy {
     pub async fn start(upstream_port: u16) -> anyhow::Result<CountingProxy> {
+        Self::start_with_delay(upstream_port, std::time::Duration::ZERO).await
+    }
+
+    /// As [`CountingProxy::start`], holding every request `delay` before forwarding it.
+    pub async fn start_with_delay(
+        upstream_port: u16,
+        delay: std::time::Duration,
+    ) -> anyhow::Result<CountingProxy> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let shared = Arc::new(Shared {
             upstream: format!("http://127.0.0.1:{upstream_port}"),
             client: reqwest::Client::new(),
             requests: AtomicU64::new(0),
+            delay,
         });
         let router = Router::new().fallback(forward).with_state(shared.clone());
         tokio::spawn(async move {
@@ -53,6 +66,9 @@ impl CountingProxy {
 
 async fn forward(State(proxy): State<Arc<Shared>>, request: Request) -> Response {
     proxy.requests.fetch_add(1, Ordering::SeqCst);
+    if !proxy.delay.is_zero() {
+        tokio::time::sleep(proxy.delay).await;
+    }
     let (parts, body) = request.into_parts();
     let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
         return StatusCode::BAD_REQUEST.into_response();

@@ -41,6 +41,11 @@ pub struct Args {
     /// Poll intervals of the latency runs, in seconds (30 is leadsync's default).
     #[arg(long, value_delimiter = ',', default_value = "30,1")]
     latency_intervals: Vec<u64>,
+    /// Delay added to every storage request of the throughput runs (raw read, backfills,
+    /// baseline) by a proxy in front of Azurite: the network a real storage account is
+    /// behind (0: Azurite directly, on the same machine).
+    #[arg(long, default_value_t = 0)]
+    table_delay_ms: u64,
     /// Delay the fake Salesforce adds to every API answer (0: a free, instant CRM).
     #[arg(long, default_value_t = 0)]
     crm_delay_ms: u64,
@@ -73,6 +78,8 @@ struct Ctx {
     work: tempfile::TempDir,
     azurite: Azurite,
     proxy: CountingProxy,
+    /// In front of Azurite with `--table-delay-ms`, for the throughput runs.
+    slow: Option<CountingProxy>,
     crm: FakeSalesforce,
 }
 
@@ -88,6 +95,14 @@ enum Sink {
 impl Ctx {
     fn direct(&self) -> String {
         connection_string(self.azurite.port)
+    }
+
+    /// The storage endpoint of the throughput runs: Azurite, or the delaying proxy.
+    fn throughput(&self) -> String {
+        match &self.slow {
+            Some(proxy) => connection_string(proxy.port),
+            None => self.direct(),
+        }
     }
 
     fn settings(&self, connection: &str, table: &str) -> anyhow::Result<Settings> {
@@ -179,7 +194,7 @@ async fn raw_read_once(source: &TableSource, check: bool) -> anyhow::Result<(usi
 }
 
 async fn raw_read(ctx: &Ctx) -> anyhow::Result<RawRead> {
-    let source = ctx.source(&ctx.direct(), TABLE)?;
+    let source = ctx.source(&ctx.throughput(), TABLE)?;
     // Warm-up pass, which also checks that every row comes exactly once.
     let (rows, pages, _) = raw_read_once(&source, true).await?;
     ensure!(
@@ -223,7 +238,7 @@ async fn backfill(ctx: &Ctx, sink: Sink, label: &str) -> anyhow::Result<Backfill
     };
     for k in 0..ctx.args.repeat.max(1) {
         let dir = ctx.work.path().join(format!("backfill-{label}-{k}"));
-        let config = ctx.config(&dir, &ctx.direct(), TABLE, &sink, None)?;
+        let config = ctx.config(&dir, &ctx.throughput(), TABLE, &sink, None)?;
         ctx.crm.reset();
         let mut command = match &ctx.args.wrap {
             Some(wrap) => {
@@ -289,7 +304,7 @@ async fn baseline(ctx: &Ctx) -> anyhow::Result<Baseline> {
     let mut command = Command::new(ctx.root.join(&ctx.args.python));
     command
         .arg(ctx.root.join("bench/baseline.py"))
-        .args(["--connection-string", &ctx.direct()])
+        .args(["--connection-string", &ctx.throughput()])
         .args(["--table", TABLE])
         .args(["--login-url", ctx.crm.url()])
         .args(["--client-id", crm::CLIENT_ID])
@@ -652,6 +667,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let azurite = Azurite::start(&root)?;
     let proxy = CountingProxy::start(azurite.port).await?;
     let crm = FakeSalesforce::start(Duration::from_millis(args.crm_delay_ms)).await?;
+    let slow = match args.table_delay_ms {
+        0 => None,
+        ms => Some(CountingProxy::start_with_delay(azurite.port, Duration::from_millis(ms)).await?),
+    };
     let ctx = Ctx {
         args: args.clone(),
         root,
@@ -659,6 +678,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         work,
         azurite,
         proxy,
+        slow,
         crm,
     };
     let n = args.rows;
@@ -749,9 +769,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     writeln!(md, "## Throughput (backfill of the whole table)\n")?;
     writeln!(
         md,
-        "Median of {} runs each (baseline: 1 run); each leadsync run is a fresh child process with an empty state directory. Fake Salesforce delay per API call: {} ms.\n",
+        "Median of {} runs each (baseline: 1 run); each leadsync run is a fresh child process with an empty state directory. Fake Salesforce delay per API call: {} ms. {}\n",
         args.repeat.max(1),
-        args.crm_delay_ms
+        args.crm_delay_ms,
+        match args.table_delay_ms {
+            0 => "Storage: Azurite directly, on the same machine (no network).".to_owned(),
+            ms => format!("Storage: Azurite behind a proxy that holds every request {ms} ms (raw read, backfills and baseline alike), as a storage account in the same region is behind a network."),
+        }
     )?;
     writeln!(
         md,
