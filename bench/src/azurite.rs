@@ -30,8 +30,10 @@ pub fn connection_string(port: u16) -> String {
 }
 
 impl Azurite {
-    /// Starts `tools/azurite` (installed by `npm ci --prefix tools/azurite`) under `root`.
-    pub fn start(root: &Path) -> anyhow::Result<Azurite> {
+    /// Starts `tools/azurite` (installed by `npm ci --prefix tools/azurite`) under `root`,
+    /// its data on disk, or only in memory (`in_memory`: Azurite's on-disk store slows
+    /// down as it grows, and saves block it; a million rows take over 30 minutes to seed).
+    pub fn start(root: &Path, in_memory: bool) -> anyhow::Result<Azurite> {
         let script = root.join("tools/azurite/node_modules/azurite/dist/src/table/main.js");
         if !script.exists() {
             bail!(
@@ -45,12 +47,17 @@ impl Azurite {
             // Azurite keeps every entity in the V8 heap: a million rows need more than
             // Node's default limit. Its stderr goes to a file named in errors.
             let log = std::env::temp_dir().join(format!("leadsync-bench-azurite-{port}.log"));
-            let mut child = Command::new("node")
+            let mut command = Command::new("node");
+            command
                 .arg("--max-old-space-size=8192")
                 .arg(&script)
                 .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()])
                 .arg("--location")
-                .arg(data.path())
+                .arg(data.path());
+            if in_memory {
+                command.arg("--inMemoryPersistence");
+            }
+            let mut child = command
                 .args([
                     "--skipApiVersionCheck",
                     "--disableProductStyleUrl",

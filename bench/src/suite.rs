@@ -41,6 +41,10 @@ pub struct Args {
     /// Poll intervals of the latency runs, in seconds (30 is leadsync's default).
     #[arg(long, value_delimiter = ',', default_value = "30,1")]
     latency_intervals: Vec<u64>,
+    /// Run Azurite with `--inMemoryPersistence` (its on-disk store slows down as it grows:
+    /// seeding a million rows on disk takes over 30 minutes).
+    #[arg(long)]
+    azurite_in_memory: bool,
     /// Delay added to every storage request of the throughput runs (raw read, backfills,
     /// baseline) by a proxy in front of Azurite: the network a real storage account is
     /// behind (0: Azurite directly, on the same machine).
@@ -664,7 +668,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .prefix("leadsync-bench-")
         .tempdir()?;
     eprintln!("leadsync-bench: starting Azurite");
-    let azurite = Azurite::start(&root)?;
+    let azurite = Azurite::start(&root, args.azurite_in_memory)?;
     let proxy = CountingProxy::start(azurite.port).await?;
     let crm = FakeSalesforce::start(Duration::from_millis(args.crm_delay_ms)).await?;
     let slow = match args.table_delay_ms {
@@ -773,7 +777,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.repeat.max(1),
         args.crm_delay_ms,
         match args.table_delay_ms {
-            0 => "Storage: Azurite directly, on the same machine (no network).".to_owned(),
+            0 => format!("Storage: Azurite directly, on the same machine (no network){}.", if args.azurite_in_memory { ", data in memory (`--inMemoryPersistence`)" } else { ", data on disk" }),
             ms => format!("Storage: Azurite behind a proxy that holds every request {ms} ms (raw read, backfills and baseline alike), as a storage account in the same region is behind a network."),
         }
     )?;
