@@ -51,11 +51,11 @@ impl Azurite {
             command
                 .arg("--max-old-space-size=8192")
                 .arg(&script)
-                .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()])
-                .arg("--location")
-                .arg(data.path());
+                .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()]);
             if in_memory {
                 command.arg("--inMemoryPersistence");
+            } else {
+                command.arg("--location").arg(data.path());
             }
             let mut child = command
                 .args([
