@@ -48,10 +48,12 @@ impl Azurite {
             // Node's default limit. Its stderr goes to a file named in errors.
             let log = std::env::temp_dir().join(format!("leadsync-bench-azurite-{port}.log"));
             let mut command = Command::new("node");
-            command
-                .arg("--max-old-space-size=8192")
-                .arg(&script)
-                .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()]);
+            command.arg("--max-old-space-size=8192").arg(&script).args([
+                "--tableHost",
+                "127.0.0.1",
+                "--tablePort",
+                &port.to_string(),
+            ]);
             if in_memory {
                 command.arg("--inMemoryPersistence");
             } else {
