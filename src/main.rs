@@ -2,8 +2,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = leadsync::cli::Cli::parse();
-    leadsync::cli::main(cli).await
+fn main() -> ExitCode {
+    leadsync::limit_malloc_arenas();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the async runtime");
+    runtime.block_on(async {
+        let cli = leadsync::cli::Cli::parse();
+        leadsync::cli::main(cli).await
+    })
 }

@@ -46,8 +46,17 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // As the `leadsync` binary does (src/main.rs), so the children measure what ships.
+    leadsync::limit_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the async runtime")
+        .block_on(run())
+}
+
+async fn run() -> ExitCode {
     match Cli::parse().command {
         Command::Suite(args) => match suite::run(args).await {
             Ok(()) => ExitCode::SUCCESS,
