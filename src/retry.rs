@@ -1,8 +1,66 @@
-//! Back-off shared by every retry loop: capped exponential with full jitter.
+//! Back-off shared by every retry loop: capped exponential with full jitter, and the
+//! loop itself for storage requests.
 
+use std::future::Future;
 use std::time::Duration;
 
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RetrySettings;
+
+/// Why [`with_backoff`] gave up.
+#[derive(Debug)]
+pub enum GaveUp<E> {
+    /// The last error: not retryable, or the attempts ran out.
+    Failed { error: E, attempts: u32 },
+    /// Cancelled during a back-off.
+    Cancelled,
+}
+
+/// Runs `attempt_once` until it succeeds, an error is not `retryable`, `settings`'
+/// attempts run out, or `cancel` fires during a back-off. `on_retry(attempt, delay,
+/// error)` is called before each back-off (to log it).
+pub async fn with_backoff<T, E, F, Fut>(
+    settings: &RetrySettings,
+    cancel: Option<&CancellationToken>,
+    mut attempt_once: F,
+    retryable: impl Fn(&E) -> bool,
+    on_retry: impl Fn(u32, Duration, &E),
+) -> Result<T, GaveUp<E>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let error = match attempt_once().await {
+            Ok(value) => return Ok(value),
+            Err(e) => e,
+        };
+        if !retryable(&error) || attempt >= settings.max_attempts {
+            return Err(GaveUp::Failed {
+                error,
+                attempts: attempt,
+            });
+        }
+        let delay = backoff(
+            attempt - 1,
+            settings.initial_backoff,
+            settings.max_backoff,
+            &mut rand::thread_rng(),
+        );
+        on_retry(attempt, delay, &error);
+        match cancel {
+            Some(cancel) => tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return Err(GaveUp::Cancelled),
+            },
+            None => tokio::time::sleep(delay).await,
+        }
+    }
+}
 
 /// The delay before retry number `retry` (0 for the first retry): a uniform draw from
 /// `[0, min(max, initial * 2^retry)]` ("full jitter"), so that many clients failing
@@ -33,6 +91,86 @@ mod tests {
                 assert!(d <= ceiling, "retry {retry}: {d:?} > {ceiling:?}");
             }
         }
+    }
+
+    fn quick(max_attempts: u32) -> RetrySettings {
+        RetrySettings {
+            max_attempts,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        }
+    }
+
+    #[tokio::test]
+    async fn retryable_errors_are_retried_until_success_or_the_last_attempt() {
+        let calls = std::cell::Cell::new(0);
+        let retries = std::cell::Cell::new(0);
+        let result: Result<u32, GaveUp<&str>> = with_backoff(
+            &quick(5),
+            None,
+            || {
+                calls.set(calls.get() + 1);
+                let n = calls.get();
+                async move {
+                    if n < 3 {
+                        Err("busy")
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+            |_| true,
+            |_, _, _| retries.set(retries.get() + 1),
+        )
+        .await;
+        assert_eq!(result.unwrap(), 3);
+        assert_eq!(retries.get(), 2);
+
+        let result: Result<(), _> = with_backoff(
+            &quick(4),
+            None,
+            || async { Err("busy") },
+            |_| true,
+            |_, _, _| {},
+        )
+        .await;
+        assert!(matches!(
+            result,
+            Err(GaveUp::Failed {
+                error: "busy",
+                attempts: 4
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_error_that_is_not_retryable_stops_at_once_and_cancel_stops_a_back_off() {
+        let result: Result<(), _> = with_backoff(
+            &quick(9),
+            None,
+            || async { Err("denied") },
+            |_| false,
+            |_, _, _| {},
+        )
+        .await;
+        assert!(matches!(result, Err(GaveUp::Failed { attempts: 1, .. })));
+
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let slow = RetrySettings {
+            initial_backoff: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(60),
+            ..quick(9)
+        };
+        let result: Result<(), GaveUp<&str>> = with_backoff(
+            &slow,
+            Some(&cancel),
+            || async { Err("busy") },
+            |_| true,
+            |_, _, _| {},
+        )
+        .await;
+        assert!(matches!(result, Err(GaveUp::Cancelled)));
     }
 
     #[test]

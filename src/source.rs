@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{RetrySettings, SourceSettings};
-use crate::retry::backoff;
+use crate::retry::{with_backoff, GaveUp};
 use crate::row::{RawRow, RowId};
 use crate::timestamp;
 
@@ -202,54 +202,45 @@ impl TableSource {
         &self,
         operation: &'static str,
         cancel: &CancellationToken,
-        mut attempt_once: F,
+        attempt_once: F,
     ) -> Result<T, SourceError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = azure_core::Result<T>>,
     {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let error = match attempt_once().await {
-                Ok(value) => return Ok(value),
-                Err(e) => e,
-            };
-            if status_of(&error) == Some(StatusCode::NotFound) {
-                return Err(SourceError::TableNotFound {
-                    table: self.name.clone(),
-                });
-            }
-            if !is_transient(&error) {
-                return Err(self.permanent(operation, &error));
-            }
-            if attempt >= self.retry.max_attempts {
-                return Err(SourceError::Exhausted {
-                    table: self.name.clone(),
+        let not_found = |e: &azure_core::Error| status_of(e) == Some(StatusCode::NotFound);
+        let result = with_backoff(
+            &self.retry,
+            Some(cancel),
+            attempt_once,
+            |e| !not_found(e) && is_transient(e),
+            |attempt, delay, error| {
+                tracing::warn!(
+                    table = %self.name,
                     operation,
-                    attempts: attempt,
-                    message: describe(&error),
-                });
+                    attempt,
+                    delay_ms = delay.as_millis() as u64,
+                    error = %describe(error),
+                    "Table request failed; retrying."
+                )
+            },
+        )
+        .await;
+        result.map_err(|gave_up| match gave_up {
+            GaveUp::Cancelled => SourceError::Cancelled,
+            GaveUp::Failed { error, .. } if not_found(&error) => SourceError::TableNotFound {
+                table: self.name.clone(),
+            },
+            GaveUp::Failed { error, .. } if !is_transient(&error) => {
+                self.permanent(operation, &error)
             }
-            let delay = backoff(
-                attempt - 1,
-                self.retry.initial_backoff,
-                self.retry.max_backoff,
-                &mut rand::thread_rng(),
-            );
-            tracing::warn!(
-                table = %self.name,
+            GaveUp::Failed { error, attempts } => SourceError::Exhausted {
+                table: self.name.clone(),
                 operation,
-                attempt,
-                delay_ms = delay.as_millis() as u64,
-                error = %describe(&error),
-                "Table request failed; retrying."
-            );
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = cancel.cancelled() => return Err(SourceError::Cancelled),
-            }
-        }
+                attempts,
+                message: describe(&error),
+            },
+        })
     }
 
     fn permanent(&self, operation: &'static str, error: &azure_core::Error) -> SourceError {

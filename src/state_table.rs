@@ -50,7 +50,7 @@ use time::OffsetDateTime;
 
 use crate::config::{RetrySettings, SourceSettings, StateSettings};
 use crate::identity::CustomerState;
-use crate::retry::backoff;
+use crate::retry::{with_backoff, GaveUp};
 use crate::row::RowId;
 use crate::source::{describe, error_code, is_transient, status_of};
 use crate::state::{
@@ -225,40 +225,37 @@ impl TableStore {
     }
 
     /// Runs one request, retrying timeouts, throttling and 5xx with jittered back-off.
-    async fn request<T, F, Fut>(&self, what: &str, mut attempt_once: F) -> azure_core::Result<T>
+    async fn request<T, F, Fut>(&self, what: &str, attempt_once: F) -> azure_core::Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = azure_core::Result<T>>,
     {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let error = match attempt_once().await {
-                Ok(value) => return Ok(value),
-                Err(e) => e,
-            };
-            if error_code(&error) == Some("TableNotFound") {
-                self.ready.store(false, Ordering::Release);
-            }
-            if !is_transient(&error) || attempt >= self.retry.max_attempts {
-                return Err(error);
-            }
-            let delay = backoff(
-                attempt - 1,
-                self.retry.initial_backoff,
-                self.retry.max_backoff,
-                &mut rand::thread_rng(),
-            );
-            tracing::warn!(
-                table = %self.name,
-                entity = what,
-                attempt,
-                delay_ms = delay.as_millis() as u64,
-                error = %describe(&error),
-                "State table request failed; retrying."
-            );
-            tokio::time::sleep(delay).await;
-        }
+        let result = with_backoff(
+            &self.retry,
+            None,
+            attempt_once,
+            |error| {
+                if error_code(error) == Some("TableNotFound") {
+                    self.ready.store(false, Ordering::Release);
+                }
+                is_transient(error)
+            },
+            |attempt, delay, error| {
+                tracing::warn!(
+                    table = %self.name,
+                    entity = what,
+                    attempt,
+                    delay_ms = delay.as_millis() as u64,
+                    error = %describe(error),
+                    "State table request failed; retrying."
+                )
+            },
+        )
+        .await;
+        result.map_err(|gave_up| match gave_up {
+            GaveUp::Failed { error, .. } => error,
+            GaveUp::Cancelled => unreachable!("no cancellation token was given"),
+        })
     }
 
     /// Creates the table on first use (409: it exists already).
