@@ -254,6 +254,63 @@ impl RedbStore {
     }
 }
 
+/// Handled rows looked at per pruning transaction: the dirty pages of one transaction
+/// stay in memory until it commits, so pruning a million rows at once would hold them all.
+const PRUNE_STEP: usize = 10_000;
+
+impl RedbStore {
+    /// Forgets handled rows stamped before `before`, looking at `step` records per
+    /// write transaction and resuming after the last key of the one before.
+    fn prune_handled_in_steps(
+        &self,
+        before: OffsetDateTime,
+        step: usize,
+    ) -> Result<usize, StateError> {
+        let mut pruned = 0;
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let txn = self.db.begin_write().map_err(io("prune handled rows"))?;
+            let mut stale: Vec<(String, String)> = Vec::new();
+            let mut last = None;
+            {
+                let mut handled = txn.open_table(HANDLED).map_err(io("prune handled rows"))?;
+                {
+                    let entries = match &after {
+                        Some((pk, rk)) => handled.range::<(&str, &str)>((
+                            std::ops::Bound::Excluded((pk.as_str(), rk.as_str())),
+                            std::ops::Bound::Unbounded,
+                        )),
+                        None => handled.range::<(&str, &str)>(..),
+                    }
+                    .map_err(io("prune handled rows"))?;
+                    for entry in entries.take(step) {
+                        let (key, value) = entry.map_err(io("prune handled rows"))?;
+                        let (pk, rk) = key.value();
+                        // An unreadable record is kept: pruning must never cause a re-delivery.
+                        let old = decode_compact::<HandledRecord>("", value.value())
+                            .is_ok_and(|r| r.timestamp < before);
+                        if old {
+                            stale.push((pk.to_owned(), rk.to_owned()));
+                        }
+                        last = Some((pk.to_owned(), rk.to_owned()));
+                    }
+                }
+                for (pk, rk) in &stale {
+                    handled
+                        .remove((pk.as_str(), rk.as_str()))
+                        .map_err(io("prune handled rows"))?;
+                }
+            }
+            txn.commit().map_err(io("prune handled rows"))?;
+            pruned += stale.len();
+            match last {
+                Some(key) => after = Some(key),
+                None => return Ok(pruned),
+            }
+        }
+    }
+}
+
 fn io<E: std::fmt::Display>(operation: &'static str) -> impl Fn(E) -> StateError {
     move |e| StateError::Io {
         operation,
@@ -434,25 +491,7 @@ impl StateStore for RedbStore {
     }
 
     async fn prune_handled(&self, before: OffsetDateTime) -> Result<usize, StateError> {
-        let txn = self.db.begin_write().map_err(io("prune handled rows"))?;
-        let mut pruned = 0;
-        {
-            let mut handled = txn.open_table(HANDLED).map_err(io("prune handled rows"))?;
-            handled
-                .retain(|_, bytes| {
-                    // An unreadable record is kept: pruning must never cause a re-delivery.
-                    let keep = decode_compact::<HandledRecord>("", bytes)
-                        .map(|r| r.timestamp >= before)
-                        .unwrap_or(true);
-                    if !keep {
-                        pruned += 1;
-                    }
-                    keep
-                })
-                .map_err(io("prune handled rows"))?;
-        }
-        txn.commit().map_err(io("prune handled rows"))?;
-        Ok(pruned)
+        self.prune_handled_in_steps(before, PRUNE_STEP)
     }
 
     async fn handled_len(&self) -> Result<u64, StateError> {
@@ -706,5 +745,38 @@ mod tests {
             text.contains("email:x@y.z") && text.contains("unknown record format"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn pruning_in_small_steps_forgets_exactly_the_old_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let rows: Vec<Settlement> = (0..25)
+            .map(|i| {
+                let ts = if i % 3 == 0 {
+                    "2024-05-01T09:00:00Z"
+                } else {
+                    "2024-05-01T11:00:00Z"
+                };
+                delivered(version(&format!("r{i:02}"), "e", ts))
+            })
+            .collect();
+        store.settle(&SettleBatch::rows(rows)).await.unwrap();
+        let cutoff = parse("2024-05-01T10:00:00Z").unwrap();
+        // Steps of 4 records: 7 transactions, old rows on both sides of every boundary.
+        let pruned = store.prune_handled_in_steps(cutoff, 4).unwrap();
+        assert_eq!(pruned, 9);
+        assert_eq!(store.handled_len().await.unwrap(), 16);
+        let kept = store
+            .handled(&[
+                version("r00", "e", "2024-05-01T09:00:00Z"),
+                version("r01", "e", "2024-05-01T11:00:00Z"),
+                version("r24", "e", "2024-05-01T09:00:00Z"),
+                version("r23", "e", "2024-05-01T11:00:00Z"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(kept, vec![false, true, false, true]);
+        assert_eq!(store.prune_handled_in_steps(cutoff, 4).unwrap(), 0);
     }
 }
