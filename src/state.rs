@@ -190,9 +190,10 @@ const CHECKPOINT_VERSION: u32 = 1;
 
 /// The embedded store: one redb file, `leadsync.redb`, in the state directory.
 ///
-/// redb commits are durable (fsync) and atomic, and it holds an exclusive lock on the
-/// file, so a second leadsync pointed at the same directory fails to start instead of
-/// processing the same rows.
+/// redb commits are atomic (page settles are written without fsync, the checkpoint and
+/// pruning commits with it, which makes everything before them durable), and it holds an
+/// exclusive lock on the file, so a second leadsync pointed at the same directory fails
+/// to start instead of processing the same rows.
 pub struct RedbStore {
     db: Database,
 }
