@@ -422,9 +422,6 @@ impl Pipeline {
         }
         let mut to_store = Vec::new();
         let mut deliveries = Vec::new();
-        let delivered_by = || Settled::Delivered {
-            sink: self.sink.name().into(),
-        };
         for ((key, items), stored) in by_customer.into_iter().zip(stored) {
             let mut customer = stored.unwrap_or_else(|| CustomerState::new(&key, &self.identity));
             let changed = customer.apply(items.iter().map(|(_, e)| e), &self.identity);
@@ -432,7 +429,7 @@ impl Pipeline {
             if customer.delivered && !changed && !mode.resend {
                 // A replay of events already merged and delivered: nothing to send.
                 let before = settlements.len();
-                settle_all(rows, delivered_by(), &mut settlements);
+                settle_all(rows, self.delivered(), &mut settlements);
                 summary.unchanged += (settlements.len() - before) as u64;
                 continue;
             }
@@ -481,9 +478,6 @@ impl Pipeline {
             deliveries,
             mut newest_settled,
         } = merged;
-        let delivered_by = || Settled::Delivered {
-            sink: self.sink.name().into(),
-        };
         let mut oldest_open: Option<OffsetDateTime> = None;
         let mut dead_letters = Vec::new();
         let mut resolved = Vec::new();
@@ -508,7 +502,7 @@ impl Pipeline {
                         resolved.push(customer.clone());
                         merge.delivered = true;
                         to_store.push(CustomerState::from_parts(lead, merge));
-                        delivered_by()
+                        self.delivered()
                     }
                     Outcome::Rejected { reason } => {
                         tracing::warn!(%customer, sink = self.sink.name(), %reason, "Sink rejected the lead; kept as a dead letter (leadsync dlq list).");
@@ -564,6 +558,13 @@ impl Pipeline {
             resolved,
         };
         (batch, newest_settled, oldest_open)
+    }
+
+    /// The outcome of a row whose customer this pipeline's sink has.
+    fn delivered(&self) -> Settled {
+        Settled::Delivered {
+            sink: self.sink.name().into(),
+        }
     }
 
     /// Hands a batch to the sink, unless the sink asked for a pause (Retry-After), and
