@@ -4,6 +4,7 @@
 //! Data flows one way: [`source`] rows -> [`lead`] events -> [`sink`] outcomes ->
 //! [`state`] settlements and checkpoint, driven by [`pipeline`].
 
+mod alloc;
 pub mod azure_auth;
 pub mod check;
 pub mod cli;
@@ -150,20 +151,6 @@ fn lease_owner() -> String {
         std::process::id(),
         rand::random::<u32>()
     )
-}
-
-/// Aborts the task when dropped, so a poll future dropped mid-way stops its renewer too.
-/// Caps glibc's malloc at two arenas. glibc gives each thread that allocates an arena
-/// of its own (up to 8 per core) and keeps what is freed in it: with a poll's fetch and
-/// commit tasks on other threads, a 100k-row backfill peaked at 69 MiB instead of 48 MiB
-/// (BENCHMARKS.md). Call it first in `main`, before other threads start.
-pub fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; it is called before other threads
-    // exist, and an unknown value would only make it return 0.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
 }
 
 /// A task that is stopped when its handle is dropped (an early return of its owner).

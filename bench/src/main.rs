@@ -47,8 +47,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // As the `leadsync` binary does (src/main.rs), so the children measure what ships.
-    leadsync::limit_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
