@@ -232,9 +232,9 @@ pub struct SinkSettings {
     /// Which sink receives leads.
     #[serde(default = "default_sink_kind")]
     pub kind: SinkKind,
-    /// Leads per delivery call.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
+    /// Leads per delivery call; unset: [`SinkSettings::batch_size`] picks by sink.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
     #[serde(default)]
     pub jsonl: JsonlSettings,
     /// Required when `kind = "salesforce"`.
@@ -245,11 +245,24 @@ pub struct SinkSettings {
     pub webhook: Option<WebhookSettings>,
 }
 
+impl SinkSettings {
+    /// Leads per delivery call: `batch_size` if set, else 200 for the CRM and webhook
+    /// sinks (a Salesforce sObject Collections request holds at most 200), and 1,000 (a
+    /// full table page) for JSONL, which has no per-call limit and syncs the file once
+    /// per call.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(match self.kind {
+            SinkKind::Jsonl => 1000,
+            SinkKind::Salesforce | SinkKind::Dynamics | SinkKind::Webhook => 200,
+        })
+    }
+}
+
 impl Default for SinkSettings {
     fn default() -> Self {
         Self {
             kind: default_sink_kind(),
-            batch_size: default_batch_size(),
+            batch_size: None,
             jsonl: JsonlSettings::default(),
             salesforce: None,
             dynamics: None,
@@ -443,9 +456,6 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_sink_kind() -> SinkKind {
     SinkKind::Jsonl
-}
-fn default_batch_size() -> usize {
-    200
 }
 fn default_jsonl_path() -> PathBuf {
     PathBuf::from("-")
@@ -687,7 +697,7 @@ impl Settings {
         if self.identity.summary_template.trim().is_empty() {
             return bad("identity.summary_template", "must not be empty");
         }
-        if self.sink.batch_size == 0 {
+        if self.sink.batch_size == Some(0) {
             return bad("sink.batch_size", "must be at least 1");
         }
         let missing = |section: &str| {

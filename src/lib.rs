@@ -135,7 +135,7 @@ pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
         policy: settings.policy.clone(),
         identity: settings.identity.clone(),
         overlap: settings.source.overlap,
-        batch_size: settings.sink.batch_size,
+        batch_size: settings.sink.batch_size(),
         follow_up_warning: settings.run.follow_up_warning,
         memory: Default::default(),
     })

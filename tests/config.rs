@@ -98,6 +98,30 @@ fn the_shipped_example_configs_load_and_the_full_example_states_the_defaults() {
 }
 
 #[test]
+fn the_batch_size_defaults_by_sink_and_can_be_set() {
+    let source = "[source]\nconnection_string = { value = \"UseDevelopmentStorage=true\" }\n";
+    let load = |sink: &str| {
+        Settings::from_toml_with_env(&format!("{source}{sink}"), Path::new("t.toml"), &no_env())
+            .unwrap()
+            .sink
+            .batch_size()
+    };
+    assert_eq!(load(""), 1000, "jsonl: a full page per call");
+    assert_eq!(
+        load("[sink]\nkind = \"webhook\"\n[sink.webhook]\nurl = \"https://example.com/leads\"\n"),
+        200
+    );
+    assert_eq!(load("[sink]\nbatch_size = 7\n"), 7);
+    let err = Settings::from_toml_with_env(
+        &format!("{source}[sink]\nbatch_size = 0\n"),
+        Path::new("t.toml"),
+        &no_env(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("sink.batch_size"), "{err}");
+}
+
+#[test]
 fn environment_variables_override_file_keys() {
     let text = "[source]\nconnection_string = { value = \"UseDevelopmentStorage=true\" }\n[run]\npoll_interval = \"30s\"\n";
     let env: HashMap<String, String> = [
