@@ -238,7 +238,7 @@ async fn the_daemon_survives_azurite_going_down_mid_run_and_loses_no_row() {
 
     world.azurite.stop();
     tokio::time::sleep(Duration::from_millis(800)).await; // polls fail meanwhile
-    world.azurite.restart();
+    world.azurite.restart().expect("restart Azurite");
     let more: Vec<_> = (20..30)
         .map(|i| {
             lead_row(

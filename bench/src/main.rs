@@ -5,7 +5,6 @@
 //! (their peak RSS and CPU come from `wait4` and `/proc`, so each measured leadsync runs in
 //! a process of its own).
 
-mod azurite;
 mod crm;
 mod procinfo;
 mod proxy;

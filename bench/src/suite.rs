@@ -15,11 +15,11 @@ use leadsync::source::{Continuation, TableSource};
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::azurite::{connection_string, Azurite};
 use crate::crm::{self, Counts, FakeSalesforce};
 use crate::procinfo::{self, Finished};
 use crate::proxy::CountingProxy;
 use crate::seed;
+use leadsync_testkit::{connection_string, Azurite};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -668,7 +668,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .prefix("leadsync-bench-")
         .tempdir()?;
     eprintln!("leadsync-bench: starting Azurite");
-    let azurite = Azurite::start(&root, args.azurite_in_memory)?;
+    let azurite = Azurite::start_with(
+        &root,
+        leadsync_testkit::Options {
+            in_memory: args.azurite_in_memory,
+            max_heap_mib: Some(8192),
+            log: Some(work.path().join("azurite.log")),
+        },
+    )?;
     let proxy = CountingProxy::start(azurite.port).await?;
     let crm = FakeSalesforce::start(Duration::from_millis(args.crm_delay_ms)).await?;
     let slow = match args.table_delay_ms {

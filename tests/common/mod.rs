@@ -3,163 +3,18 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use leadsync::config::Settings;
 use leadsync::source::TableSource;
 use serde_json::{json, Map, Value};
 
-/// Azurite's well-known development account key (public, documented by Microsoft).
-pub const DEV_ACCOUNT_KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+#[allow(unused_imports)] // each test crate uses a part of this module
+pub use leadsync_testkit::{Azurite, DEV_ACCOUNT_KEY};
 
-/// A running Azurite table service, killed on drop.
-pub struct Azurite {
-    child: Child,
-    pub port: u16,
-    _data: tempfile::TempDir,
-}
-
-fn azurite_script() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tools/azurite/node_modules/azurite/dist/src/table/main.js");
-    assert!(
-        path.exists(),
-        "Azurite is not installed at {}: run `scripts/test.sh` (or `npm ci --prefix tools/azurite`) first",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-fn spawn_azurite(port: u16, data: &Path) -> Child {
-    Command::new("node")
-        .arg(azurite_script())
-        .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()])
-        .arg("--location")
-        .arg(data)
-        .args([
-            "--skipApiVersionCheck",
-            "--disableProductStyleUrl",
-            "--disableTelemetry",
-            "--silent",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start node (Node.js 20 is required)")
-}
-
-fn wait_listening(port: u16, child: &mut Child) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-impl Azurite {
-    /// Stops the service (SIGINT, on which Azurite saves its data; then SIGKILL if it lingers).
-    pub fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Starts the service again on the same port with the same data.
-    pub fn restart(&mut self) {
-        self.stop();
-        for _ in 0..50 {
-            let mut child = spawn_azurite(self.port, self._data.path());
-            if wait_listening(self.port, &mut child) {
-                self.child = child;
-                return;
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("Azurite did not restart on port {}", self.port);
-    }
-
-    /// Starts the table service on a free port with its data in a temp dir.
-    pub fn start() -> Azurite {
-        let script = azurite_script();
-        for _ in 0..3 {
-            let port = free_port();
-            let data = tempfile::tempdir().expect("temp dir");
-            let mut child = Command::new("node")
-                .arg(&script)
-                .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()])
-                .arg("--location")
-                .arg(data.path())
-                .args([
-                    "--skipApiVersionCheck",
-                    "--disableProductStyleUrl",
-                    "--disableTelemetry",
-                    "--silent",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start node (Node.js 20 is required)");
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Azurite {
-                        child,
-                        port,
-                        _data: data,
-                    };
-                }
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("Azurite did not start on a free port after 3 tries");
-    }
-
-    pub fn connection_string(&self) -> String {
-        format!(
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_ACCOUNT_KEY};TableEndpoint=http://127.0.0.1:{}/devstoreaccount1;",
-            self.port
-        )
-    }
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the pinned Azurite of this repository (`leadsync_testkit`), data on disk.
+pub fn start_azurite() -> Azurite {
+    Azurite::start(Path::new(env!("CARGO_MANIFEST_DIR"))).expect("start Azurite")
 }
 
 /// A test's world: Azurite, a table, a state dir and a JSONL output file.
@@ -171,7 +26,7 @@ pub struct World {
 
 impl World {
     pub async fn new() -> World {
-        let azurite = Azurite::start();
+        let azurite = start_azurite();
         let dir = tempfile::tempdir().expect("temp dir");
         let world = World {
             azurite,

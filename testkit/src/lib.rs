@@ -1,0 +1,181 @@
+//! What leadsync's tests (`tests/common`) and benchmarks (`bench/`) share: the pinned
+//! Azurite table service, started on a free loopback port with its data in a temp dir.
+//! Nothing on the storage side is mocked: this is the real emulator, installed by
+//! `npm ci --prefix tools/azurite` (`scripts/test.sh` and `bench/run.sh` do it).
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Azurite's well-known development account key (public, documented by Microsoft).
+pub const DEV_ACCOUNT_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// `DefaultEndpointsProtocol=http;...;TableEndpoint=http://127.0.0.1:PORT/devstoreaccount1;`
+pub fn connection_string(port: u16) -> String {
+    format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_ACCOUNT_KEY};TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    )
+}
+
+/// A port nobody listens on now (bound and released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// How to run Azurite.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Keep the tables in memory only (`--inMemoryPersistence`): Azurite's on-disk store
+    /// slows down as it grows (a million rows take over 30 minutes to seed on disk).
+    pub in_memory: bool,
+    /// Node's heap limit in MiB (`--max-old-space-size`); Azurite keeps every entity in
+    /// the V8 heap, and a million rows need more than Node's default.
+    pub max_heap_mib: Option<u32>,
+    /// Where Azurite's stderr goes (named in start errors); discarded when unset.
+    pub log: Option<PathBuf>,
+}
+
+/// A running Azurite table service, killed on drop.
+pub struct Azurite {
+    child: Child,
+    pub port: u16,
+    script: PathBuf,
+    options: Options,
+    data: tempfile::TempDir,
+}
+
+impl Azurite {
+    /// Starts `tools/azurite` of the repository at `root` on a free port, data on disk.
+    pub fn start(root: &Path) -> anyhow::Result<Azurite> {
+        Self::start_with(root, Options::default())
+    }
+
+    /// Starts `tools/azurite` of the repository at `root` on a free port (three tries,
+    /// in case another process takes the port first).
+    pub fn start_with(root: &Path, options: Options) -> anyhow::Result<Azurite> {
+        let script = root.join("tools/azurite/node_modules/azurite/dist/src/table/main.js");
+        if !script.exists() {
+            bail!(
+                "Azurite is not installed at {}: run `scripts/test.sh` (or `npm ci --prefix tools/azurite`) first",
+                script.display()
+            );
+        }
+        let data = tempfile::tempdir().context("temp dir for Azurite's data")?;
+        for _ in 0..3 {
+            let port = free_port()?;
+            let mut child = spawn(&script, port, data.path(), &options)?;
+            if wait_listening(port, &mut child) {
+                return Ok(Azurite {
+                    child,
+                    port,
+                    script,
+                    options,
+                    data,
+                });
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let log = match &options.log {
+            Some(log) => format!(" (its log: {})", log.display()),
+            None => String::new(),
+        };
+        bail!("Azurite did not start on a free port after 3 tries{log}")
+    }
+
+    /// This instance's connection string.
+    pub fn connection_string(&self) -> String {
+        connection_string(self.port)
+    }
+
+    /// Stops the service (SIGINT, on which Azurite saves its data; then SIGKILL if it lingers).
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the service again on the same port with the same data (the port may take
+    /// a moment to be free again: up to 50 tries).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        for _ in 0..50 {
+            let mut child = spawn(&self.script, self.port, self.data.path(), &self.options)?;
+            if wait_listening(self.port, &mut child) {
+                self.child = child;
+                return Ok(());
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("Azurite did not restart on port {}", self.port)
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(script: &Path, port: u16, data: &Path, options: &Options) -> anyhow::Result<Child> {
+    let mut command = Command::new("node");
+    if let Some(mib) = options.max_heap_mib {
+        command.arg(format!("--max-old-space-size={mib}"));
+    }
+    command
+        .arg(script)
+        .args(["--tableHost", "127.0.0.1", "--tablePort", &port.to_string()]);
+    if options.in_memory {
+        command.arg("--inMemoryPersistence");
+    } else {
+        command.arg("--location").arg(data);
+    }
+    let stderr = match &options.log {
+        Some(log) => Stdio::from(
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?,
+        ),
+        None => Stdio::null(),
+    };
+    command
+        .args([
+            "--skipApiVersionCheck",
+            "--disableProductStyleUrl",
+            "--disableTelemetry",
+            "--silent",
+        ])
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .context("start node (Node.js 20 is required)")
+}
+
+/// Waits up to 20 s for the port to accept connections; false if the process exits first.
+fn wait_listening(port: u16, child: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
