@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use crate::config::{DoNotContactPolicy, IdentitySettings, PolicySettings, TestLeadPolicy};
 use crate::identity::{customer_key, CustomerKey, CustomerLead, CustomerState, Unidentifiable};
-use crate::lead::{normalise, LeadEvent};
+use crate::lead::{normalise, LeadEvent, Rejection};
 use crate::row::RawRow;
 use crate::sink::{LeadSink, Outcome};
 use crate::source::{Continuation, SourceError, TableSource};
@@ -204,17 +204,21 @@ impl Pipeline {
         // itself): the table's latency and the commit overlap the work, on another core
         // when there is one. A page is delivered only after the page before it is
         // committed. At most three pages are in memory (fetching, working, committing).
+        // The fetch task also normalises its page's rows (pure work on the row alone),
+        // so that work overlaps the previous page's merge and delivery too.
         let fetch = |continuation: Option<Continuation>, pages: u64| {
             let source = self.source.clone();
             let cancel = cancel.clone();
             async move {
-                source
+                let page = source
                     .fetch_page(since, continuation.as_ref(), &cancel)
                     .await
                     .map_err(|e| match e {
                         SourceError::Cancelled => PollError::Interrupted { pages },
                         other => PollError::Source(other),
-                    })
+                    })?;
+                let events: Vec<_> = page.rows.iter().map(normalise).collect();
+                Ok::<_, PollError>((page, events))
             }
         };
         // The last page's batch and the task committing it.
@@ -223,7 +227,7 @@ impl Pipeline {
             tokio::task::JoinHandle<Result<(), StateError>>,
         )> = None;
         let passed: Result<(), PollError> = async {
-            let mut page = fetch(None, 0).await?;
+            let (mut page, mut events) = fetch(None, 0).await?;
             loop {
                 summary.pages += 1;
                 summary.rows_read += page.rows.len() as u64;
@@ -238,7 +242,12 @@ impl Pipeline {
                 };
                 let t0 = Instant::now();
                 let prepared = self
-                    .prepare(std::mem::take(&mut page.rows), mode, &mut summary)
+                    .prepare(
+                        std::mem::take(&mut page.rows),
+                        std::mem::take(&mut events),
+                        mode,
+                        &mut summary,
+                    )
                     .await?;
                 let committing = settling.as_ref().map(|(batch, _)| batch.as_ref());
                 let merged = self.merge(prepared, committing, mode, &mut summary).await?;
@@ -262,7 +271,9 @@ impl Pipeline {
                     (a, b) => a.or(b),
                 };
                 match prefetch {
-                    Some(mut next_page) => page = (&mut next_page.0).await.map_err(joined)??,
+                    Some(mut next_page) => {
+                        (page, events) = (&mut next_page.0).await.map_err(joined)??
+                    }
                     None if more => return Err(PollError::Interrupted { pages }),
                     None => return Ok(()),
                 }
@@ -312,12 +323,14 @@ impl Pipeline {
         Ok(summary)
     }
 
-    /// First half of a page: drops rows already handled, normalises, applies the row
-    /// policies and groups the leads by customer. Reads no customer state, so it can run
+    /// First half of a page: drops rows already handled, takes each row's normalised
+    /// event (`events`, one per row, made by the fetch task), applies the row policies
+    /// and groups the leads by customer. Reads no customer state, so it can run
     /// while the previous page is being committed.
     async fn prepare(
         &self,
         rows: Vec<RawRow>,
+        events: Vec<Result<LeadEvent, Rejection>>,
         mode: PollMode,
         summary: &mut PollSummary,
     ) -> Result<Prepared, PollError> {
@@ -331,13 +344,15 @@ impl Pipeline {
         let mut settlements = Vec::new();
         let mut by_customer: BTreeMap<CustomerKey, Vec<(RowVersion, LeadEvent)>> = BTreeMap::new();
 
-        for ((row, version), done) in rows.into_iter().zip(versions).zip(handled) {
+        for (((row, event), version), done) in
+            rows.into_iter().zip(events).zip(versions).zip(handled)
+        {
             if done {
                 summary.already_handled += 1;
                 newest_settled = newest_settled.max(Some(version.timestamp));
                 continue;
             }
-            let event = match normalise(&row) {
+            let event = match event {
                 Ok(event) => event,
                 Err(rejection) => {
                     tracing::warn!(row = %row.id, reason = %rejection.reason, "Row rejected: it cannot become a lead.");
