@@ -21,9 +21,9 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// A C string pointer jemalloc reads once, at its first allocation.
 #[cfg(not(target_env = "msvc"))]
 #[repr(transparent)]
-pub struct MallocConf(*const u8);
+pub struct MallocConf(*const std::ffi::c_char);
 
-// SAFETY: the pointer is to a `'static` byte string that is never written.
+// SAFETY: the pointer is to a `'static` C string literal, never written.
 #[cfg(not(target_env = "msvc"))]
 unsafe impl Sync for MallocConf {}
 
@@ -32,7 +32,7 @@ unsafe impl Sync for MallocConf {}
 #[export_name = "_rjem_malloc_conf"]
 #[used]
 pub static MALLOC_CONF: MallocConf =
-    MallocConf(b"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0".as_ptr());
+    MallocConf(c"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
 #[cfg(all(test, not(target_env = "msvc")))]
 mod tests {

@@ -75,6 +75,12 @@ pub struct PollSummary {
     pub checkpoint: Option<OffsetDateTime>,
 }
 
+/// A page's batch and the task committing it.
+type Settling = (
+    Arc<SettleBatch>,
+    tokio::task::JoinHandle<Result<(), StateError>>,
+);
+
 /// The parts a poll needs.
 pub struct Pipeline {
     pub source: TableSource,
@@ -222,10 +228,7 @@ impl Pipeline {
             }
         };
         // The last page's batch and the task committing it.
-        let mut settling: Option<(
-            Arc<SettleBatch>,
-            tokio::task::JoinHandle<Result<(), StateError>>,
-        )> = None;
+        let mut settling: Option<Settling> = None;
         let passed: Result<(), PollError> = async {
             let (mut page, mut events) = fetch(None, 0).await?;
             loop {

@@ -17,9 +17,12 @@ use leadsync::azure_auth::{ManagedIdentityCredential, ManagedIdentityEndpoint};
 use leadsync::config::Settings;
 use leadsync::source::TableSource;
 
+/// A token request the fake saw: its form fields and headers.
+type TokenRequest = (HashMap<String, String>, HeaderMap);
+
 #[derive(Clone, Default)]
 struct Seen {
-    token_requests: Arc<Mutex<Vec<(HashMap<String, String>, HeaderMap)>>>,
+    token_requests: Arc<Mutex<Vec<TokenRequest>>>,
     table_auth: Arc<Mutex<Vec<String>>>,
 }
 

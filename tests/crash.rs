@@ -171,7 +171,7 @@ async fn sigkill_at_random_points_of_a_backfill_loses_and_doubles_nothing() {
     .await;
     let (rows, per_customer) = backfill(3_000, 700, 7);
     world.insert(&rows).await;
-    let config = world.config_file_with_sink(&format!("page_size = 150\n"), &sink_toml(&url));
+    let config = world.config_file_with_sink("page_size = 150\n", &sink_toml(&url));
     let mut rng = StdRng::seed_from_u64(2024);
     let mut killed_with = Vec::new();
 
