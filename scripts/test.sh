@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs the pinned Azurite (npm),
-# checks the systemd unit when systemd-analyze exists, then runs every Rust test.
+# checks the systemd unit when systemd-analyze exists, checks that the benchmark
+# harness (bench/) still compiles, then runs every Rust test.
 # Tests start their own Azurite on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,7 @@ cd "$(dirname "$0")/.."
 npm ci --prefix tools/azurite --no-audit --no-fund --loglevel=error
 bash deploy/systemd/verify.sh
 cargo build --locked --examples
+cargo check --locked -p leadsync-bench
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
