@@ -62,6 +62,7 @@ mod tests {
         }
         // A Vec's buffer comes from the global allocator: jemalloc must have served it.
         let v = vec![0u8; 4096];
+        // SAFETY: `v`'s buffer is a live allocation of the global allocator.
         assert!(unsafe { tikv_jemalloc_sys::malloc_usable_size(v.as_ptr().cast()) } >= 4096);
         assert_eq!(option::<u32>("opt.narenas"), 1);
         assert_eq!(option::<isize>("opt.dirty_decay_ms"), 1000);
