@@ -313,6 +313,19 @@ impl RedbStore {
     }
 }
 
+/// Runs file work (a redb read, a commit) without stalling the async runtime: on a
+/// multi-threaded runtime the worker first hands its other tasks (the next page being
+/// fetched, the delivery) to another thread. A current-thread runtime just runs it.
+fn blocking<R>(work: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 fn io<E: std::fmt::Display>(operation: &'static str) -> impl Fn(E) -> StateError {
     move |e| StateError::Io {
         operation,
@@ -383,117 +396,123 @@ impl StateStore for RedbStore {
     }
 
     async fn set_checkpoint(&self, timestamp: OffsetDateTime) -> Result<(), StateError> {
-        let record = CheckpointRecord {
-            version: CHECKPOINT_VERSION,
-            timestamp,
-        };
-        let txn = self.db.begin_write().map_err(io("write checkpoint"))?;
-        {
-            let mut meta = txn.open_table(META).map_err(io("write checkpoint"))?;
-            meta.insert(CHECKPOINT_KEY, encode(&record).as_slice())
-                .map_err(io("write checkpoint"))?;
-        }
-        txn.commit().map_err(io("write checkpoint"))
+        blocking(|| {
+            let record = CheckpointRecord {
+                version: CHECKPOINT_VERSION,
+                timestamp,
+            };
+            let txn = self.db.begin_write().map_err(io("write checkpoint"))?;
+            {
+                let mut meta = txn.open_table(META).map_err(io("write checkpoint"))?;
+                meta.insert(CHECKPOINT_KEY, encode(&record).as_slice())
+                    .map_err(io("write checkpoint"))?;
+            }
+            txn.commit().map_err(io("write checkpoint"))
+        })
     }
 
     async fn handled(&self, rows: &[RowVersion]) -> Result<Vec<bool>, StateError> {
-        let txn = self.db.begin_read().map_err(io("read handled rows"))?;
-        let table = txn.open_table(HANDLED).map_err(io("read handled rows"))?;
-        rows.iter()
-            .map(|row| {
-                let key = (row.id.partition_key.as_str(), row.id.row_key.as_str());
-                match table.get(key).map_err(io("read handled rows"))? {
-                    None => Ok(false),
-                    Some(bytes) => {
-                        let record: HandledRecord =
-                            decode_compact(&row.id.to_string(), bytes.value())?;
-                        Ok(record.etag == row.etag)
+        blocking(|| {
+            let txn = self.db.begin_read().map_err(io("read handled rows"))?;
+            let table = txn.open_table(HANDLED).map_err(io("read handled rows"))?;
+            rows.iter()
+                .map(|row| {
+                    let key = (row.id.partition_key.as_str(), row.id.row_key.as_str());
+                    match table.get(key).map_err(io("read handled rows"))? {
+                        None => Ok(false),
+                        Some(bytes) => {
+                            let record: HandledRecord =
+                                decode_compact(&row.id.to_string(), bytes.value())?;
+                            Ok(record.etag == row.etag)
+                        }
                     }
-                }
-            })
-            .collect()
+                })
+                .collect()
+        })
     }
 
     async fn settle(&self, batch: &SettleBatch) -> Result<(), StateError> {
-        let now = OffsetDateTime::now_utc();
-        let settlements = &batch.rows;
-        let mut txn = self.db.begin_write().map_err(io("settle rows"))?;
-        // Written to the file but not fsynced: a process crash keeps it, a power loss may
-        // roll it back to the last checkpoint commit (which is fsynced, and with it everything
-        // before). What a roll-back forgets is read again, as the checkpoint did not move past
-        // it, and delivered again as an idempotent upsert.
-        txn.set_durability(redb::Durability::Eventual);
-        {
-            let mut letters = txn.open_table(DEAD_LETTERS).map_err(io("settle rows"))?;
-            for id in &batch.resolved {
-                letters.remove(id.as_str()).map_err(io("settle rows"))?;
-            }
-            for letter in &batch.dead_letters {
-                letters
-                    .insert(letter.id.as_str(), encode(letter).as_slice())
+        blocking(|| {
+            let now = OffsetDateTime::now_utc();
+            let settlements = &batch.rows;
+            let mut txn = self.db.begin_write().map_err(io("settle rows"))?;
+            // Written to the file but not fsynced: a process crash keeps it, a power loss may
+            // roll it back to the last checkpoint commit (which is fsynced, and with it everything
+            // before). What a roll-back forgets is read again, as the checkpoint did not move past
+            // it, and delivered again as an idempotent upsert.
+            txn.set_durability(redb::Durability::Eventual);
+            {
+                let mut letters = txn.open_table(DEAD_LETTERS).map_err(io("settle rows"))?;
+                for id in &batch.resolved {
+                    letters.remove(id.as_str()).map_err(io("settle rows"))?;
+                }
+                for letter in &batch.dead_letters {
+                    letters
+                        .insert(letter.id.as_str(), encode(letter).as_slice())
+                        .map_err(io("settle rows"))?;
+                }
+                let mut stored = txn.open_table(CUSTOMERS).map_err(io("settle rows"))?;
+                for customer in &batch.customers {
+                    stored
+                        .insert(
+                            customer.lead.key.as_str(),
+                            encode_compact(customer).as_slice(),
+                        )
+                        .map_err(io("settle rows"))?;
+                }
+                let mut handled = txn.open_table(HANDLED).map_err(io("settle rows"))?;
+                let mut rejected = txn.open_table(REJECTED).map_err(io("settle rows"))?;
+                let mut skipped = txn.open_table(SKIPPED).map_err(io("settle rows"))?;
+                let mut held = txn.open_table(UNIDENTIFIABLE).map_err(io("settle rows"))?;
+                // Which lists hold anything: an empty one (a backfill's usual case) is not
+                // searched once per row.
+                let mut listed = [&rejected, &skipped, &held]
+                    .map(|t| t.is_empty().map(|empty| !empty))
+                    .into_iter()
+                    .collect::<Result<Vec<bool>, _>>()
                     .map_err(io("settle rows"))?;
-            }
-            let mut stored = txn.open_table(CUSTOMERS).map_err(io("settle rows"))?;
-            for customer in &batch.customers {
-                stored
-                    .insert(
-                        customer.lead.key.as_str(),
-                        encode_compact(customer).as_slice(),
-                    )
-                    .map_err(io("settle rows"))?;
-            }
-            let mut handled = txn.open_table(HANDLED).map_err(io("settle rows"))?;
-            let mut rejected = txn.open_table(REJECTED).map_err(io("settle rows"))?;
-            let mut skipped = txn.open_table(SKIPPED).map_err(io("settle rows"))?;
-            let mut held = txn.open_table(UNIDENTIFIABLE).map_err(io("settle rows"))?;
-            // Which lists hold anything: an empty one (a backfill's usual case) is not
-            // searched once per row.
-            let mut listed = [&rejected, &skipped, &held]
-                .map(|t| t.is_empty().map(|empty| !empty))
-                .into_iter()
-                .collect::<Result<Vec<bool>, _>>()
-                .map_err(io("settle rows"))?;
-            for s in settlements {
-                let key = (s.row.id.partition_key.as_str(), s.row.id.row_key.as_str());
-                let record = HandledRecord {
-                    etag: s.row.etag.clone(),
-                    timestamp: s.row.timestamp,
-                };
-                handled
-                    .insert(key, encode_compact(&record).as_slice())
-                    .map_err(io("settle rows"))?;
-                let recorded = || RecordedRow {
-                    row: s.row.clone(),
-                    outcome: s.outcome.clone(),
-                    columns: s.columns.clone(),
-                    recorded_at: now,
-                };
-                // A row's latest version decides where it is listed.
-                let mut lists = [&mut rejected, &mut skipped, &mut held];
-                for (table, listed) in lists.iter_mut().zip(&listed) {
-                    if *listed {
-                        table.remove(key).map_err(io("settle rows"))?;
+                for s in settlements {
+                    let key = (s.row.id.partition_key.as_str(), s.row.id.row_key.as_str());
+                    let record = HandledRecord {
+                        etag: s.row.etag.clone(),
+                        timestamp: s.row.timestamp,
+                    };
+                    handled
+                        .insert(key, encode_compact(&record).as_slice())
+                        .map_err(io("settle rows"))?;
+                    let recorded = || RecordedRow {
+                        row: s.row.clone(),
+                        outcome: s.outcome.clone(),
+                        columns: s.columns.clone(),
+                        recorded_at: now,
+                    };
+                    // A row's latest version decides where it is listed.
+                    let mut lists = [&mut rejected, &mut skipped, &mut held];
+                    for (table, listed) in lists.iter_mut().zip(&listed) {
+                        if *listed {
+                            table.remove(key).map_err(io("settle rows"))?;
+                        }
+                    }
+                    let list = match &s.outcome {
+                        Settled::Delivered { .. } => None,
+                        Settled::Rejected { .. } => Some(0),
+                        Settled::Skipped { .. } => Some(1),
+                        Settled::Unidentifiable { .. } => Some(2),
+                    };
+                    if let Some(i) = list {
+                        lists[i]
+                            .insert(key, encode(&recorded()).as_slice())
+                            .map_err(io("settle rows"))?;
+                        listed[i] = true;
                     }
                 }
-                let list = match &s.outcome {
-                    Settled::Delivered { .. } => None,
-                    Settled::Rejected { .. } => Some(0),
-                    Settled::Skipped { .. } => Some(1),
-                    Settled::Unidentifiable { .. } => Some(2),
-                };
-                if let Some(i) = list {
-                    lists[i]
-                        .insert(key, encode(&recorded()).as_slice())
-                        .map_err(io("settle rows"))?;
-                    listed[i] = true;
-                }
             }
-        }
-        txn.commit().map_err(io("settle rows"))
+            txn.commit().map_err(io("settle rows"))
+        })
     }
 
     async fn prune_handled(&self, before: OffsetDateTime) -> Result<usize, StateError> {
-        self.prune_handled_in_steps(before, PRUNE_STEP)
+        blocking(|| self.prune_handled_in_steps(before, PRUNE_STEP))
     }
 
     async fn handled_len(&self) -> Result<u64, StateError> {
@@ -515,16 +534,18 @@ impl StateStore for RedbStore {
     }
 
     async fn customers(&self, keys: &[String]) -> Result<Vec<Option<CustomerState>>, StateError> {
-        let txn = self.db.begin_read().map_err(io("read customers"))?;
-        let table = txn.open_table(CUSTOMERS).map_err(io("read customers"))?;
-        keys.iter()
-            .map(
-                |key| match table.get(key.as_str()).map_err(io("read customers"))? {
-                    None => Ok(None),
-                    Some(bytes) => decode_compact(key, bytes.value()).map(Some),
-                },
-            )
-            .collect()
+        blocking(|| {
+            let txn = self.db.begin_read().map_err(io("read customers"))?;
+            let table = txn.open_table(CUSTOMERS).map_err(io("read customers"))?;
+            keys.iter()
+                .map(
+                    |key| match table.get(key.as_str()).map_err(io("read customers"))? {
+                        None => Ok(None),
+                        Some(bytes) => decode_compact(key, bytes.value()).map(Some),
+                    },
+                )
+                .collect()
+        })
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError> {
