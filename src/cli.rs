@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LogFormat, Settings, DEFAULT_CONFIG_PATH};
+use crate::pipeline::PollError;
 use crate::state::RecordedRow;
 
 /// Exit code when leadsync cannot start (config, state file, credentials).
@@ -307,35 +308,40 @@ async fn dlq(settings: &Settings, action: DlqAction) -> ExitCode {
         Err(code) => return code,
     };
     let result = match action {
-        DlqAction::List { json } => pipeline.state.dead_letters().await.map(|letters| {
-            if letters.is_empty() {
-                eprintln!("leadsync: no dead letters");
-            }
-            for l in letters {
-                if json {
-                    match serde_json::to_string(&l) {
-                        Ok(line) => println!("{line}"),
-                        Err(e) => eprintln!("leadsync: cannot print {}: {e}", l.id),
-                    }
-                } else {
-                    println!(
-                        "{}  {}  sink={} attempts={} rows={} email={}\n    reason: {}",
-                        l.id,
-                        crate::timestamp::format(l.at),
-                        l.sink,
-                        l.attempts,
-                        l.rows.len(),
-                        l.payload
-                            .customer
-                            .email
-                            .as_ref()
-                            .map_or("-", |e| e.original.as_str()),
-                        l.reason
-                    );
+        DlqAction::List { json } => pipeline
+            .state
+            .dead_letters()
+            .await
+            .map_err(PollError::from)
+            .map(|letters| {
+                if letters.is_empty() {
+                    eprintln!("leadsync: no dead letters");
                 }
-            }
-            ExitCode::SUCCESS
-        }),
+                for l in letters {
+                    if json {
+                        match serde_json::to_string(&l) {
+                            Ok(line) => println!("{line}"),
+                            Err(e) => eprintln!("leadsync: cannot print {}: {e}", l.id),
+                        }
+                    } else {
+                        println!(
+                            "{}  {}  sink={} attempts={} rows={} email={}\n    reason: {}",
+                            l.id,
+                            crate::timestamp::format(l.at),
+                            l.sink,
+                            l.attempts,
+                            l.rows.len(),
+                            l.payload
+                                .customer
+                                .email
+                                .as_ref()
+                                .map_or("-", |e| e.original.as_str()),
+                            l.reason
+                        );
+                    }
+                }
+                ExitCode::SUCCESS
+            }),
         DlqAction::Retry { ids, all } => {
             let ids = (!all).then_some(ids);
             pipeline.retry_dead_letters(ids.as_deref()).await.map(|r| {
@@ -366,6 +372,7 @@ async fn dlq(settings: &Settings, action: DlqAction) -> ExitCode {
                     ..Default::default()
                 })
                 .await
+                .map_err(PollError::from)
                 .map(|()| {
                     tracing::warn!(dead_letter = %id, "Dead letter dropped by an operator.");
                     println!("dropped {id}");
@@ -375,7 +382,7 @@ async fn dlq(settings: &Settings, action: DlqAction) -> ExitCode {
                 eprintln!("leadsync: no dead letter {id}");
                 return ExitCode::from(2);
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         },
     };
     result.unwrap_or_else(|e| {

@@ -39,6 +39,10 @@ pub enum PollError {
     Source(#[from] SourceError),
     #[error(transparent)]
     State(#[from] StateError),
+    /// The sink could not make what it delivered durable; the outcomes were not
+    /// committed, so those rows are read and delivered again.
+    #[error("{0}; the delivered leads were not committed and will be delivered again")]
+    Sink(#[from] crate::sink::SinkError),
     /// Shutdown was requested between two pages; the checkpoint was not moved.
     #[error("poll interrupted by shutdown after {pages} pages; the checkpoint was not moved")]
     Interrupted { pages: u64 },
@@ -78,7 +82,7 @@ pub struct PollSummary {
 /// A page's batch and the task committing it.
 type Settling = (
     Arc<SettleBatch>,
-    tokio::task::JoinHandle<Result<(), StateError>>,
+    tokio::task::JoinHandle<Result<(), PollError>>,
 );
 
 /// The parts a poll needs.
@@ -266,10 +270,19 @@ impl Pipeline {
                 let (batch, settled, open) = self.deliver_all(merged, &mut summary).await;
                 let t3 = Instant::now();
                 let batch = Arc::new(batch);
-                let (state, committing) = (Arc::clone(&self.state), Arc::clone(&batch));
+                let (state, sink, committing) = (
+                    Arc::clone(&self.state),
+                    Arc::clone(&self.sink),
+                    Arc::clone(&batch),
+                );
+                // What the sink took is made durable (a JSONL file synced) before its
+                // outcomes are committed, here, off the path of the next page.
                 settling = Some((
                     batch,
-                    tokio::spawn(async move { state.settle(&committing).await }),
+                    tokio::spawn(async move {
+                        sink.sync().await?;
+                        Ok(state.settle(&committing).await?)
+                    }),
                 ));
                 newest_settled = newest_settled.max(settled);
                 oldest_open = match (oldest_open, open) {
@@ -675,7 +688,7 @@ impl Pipeline {
     pub async fn retry_dead_letters(
         &self,
         ids: Option<&[String]>,
-    ) -> Result<DeadLetterReport, StateError> {
+    ) -> Result<DeadLetterReport, PollError> {
         let mut letters = self.state.dead_letters().await?;
         let mut report = DeadLetterReport::default();
         if let Some(ids) = ids {
@@ -722,6 +735,7 @@ impl Pipeline {
                     }
                 }
             }
+            self.sink.sync().await?;
             self.state.settle(&batch).await?;
         }
         Ok(report)

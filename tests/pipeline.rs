@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::{customer, lead_row, many_rows, World};
-use leadsync::pipeline::Pipeline;
+use leadsync::pipeline::{Pipeline, PollError};
 use leadsync::row::RowId;
 use leadsync::sink::{CustomerLead, JsonlSink, LeadSink, Outcome, SinkError};
 use leadsync::state::{RedbStore, RowVersion, SettleBatch, Settled, Settlement, StateStore};
@@ -294,9 +294,11 @@ async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
     assert_eq!(held[0].row.id, RowId::new("p", "empty"));
 }
 
-/// A sink that is down until told otherwise, then delegates to the JSONL sink.
+/// A sink that is down until told otherwise, then delegates to the JSONL sink; its
+/// `sync` fails while `syncs` is false (a full disk).
 struct FlakySink {
     up: AtomicBool,
+    syncs: AtomicBool,
     inner: JsonlSink,
 }
 
@@ -318,6 +320,15 @@ impl LeadSink for FlakySink {
             ]
         }
     }
+    async fn sync(&self) -> Result<(), SinkError> {
+        if !self.syncs.load(Ordering::SeqCst) {
+            return Err(SinkError {
+                sink: "flaky".into(),
+                message: "cannot sync leads.jsonl: No space left on device".into(),
+            });
+        }
+        self.inner.sync().await
+    }
     async fn healthcheck(&self) -> Result<(), SinkError> {
         Ok(())
     }
@@ -330,6 +341,7 @@ async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is
     world.insert(&many_rows(3, 1)).await;
     let sink = Arc::new(FlakySink {
         up: AtomicBool::new(false),
+        syncs: AtomicBool::new(true),
         inner: JsonlSink::new(&world.output()),
     });
     let built = build_pipeline(&settings).unwrap();
@@ -362,6 +374,46 @@ async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is
     let keys = world.delivered_keys();
     assert_eq!(keys.len(), 4);
     assert_each_once(&keys);
+}
+
+#[tokio::test]
+async fn leads_the_sink_cannot_make_durable_are_not_committed_and_are_delivered_again() {
+    let world = World::new().await;
+    let settings = world.settings();
+    world.insert(&many_rows(3, 1)).await;
+    let sink = Arc::new(FlakySink {
+        up: AtomicBool::new(true),
+        syncs: AtomicBool::new(false),
+        inner: JsonlSink::new(&world.output()),
+    });
+    let built = build_pipeline(&settings).unwrap();
+    let pipeline = Pipeline {
+        sink: sink.clone(),
+        ..built
+    };
+    let cancel = CancellationToken::new();
+
+    let failed = pipeline.poll(&cancel).await.unwrap_err();
+    assert!(matches!(failed, PollError::Sink(_)), "{failed:?}");
+    let message = failed.to_string();
+    assert!(
+        message.contains("No space left on device") && message.contains("delivered again"),
+        "{message}"
+    );
+    assert_eq!(pipeline.state.checkpoint().await.unwrap(), None);
+    assert_eq!(pipeline.state.handled_len().await.unwrap(), 0);
+
+    sink.syncs.store(true, Ordering::SeqCst);
+    let again = pipeline.poll(&cancel).await.unwrap();
+    assert_eq!(again.delivered, 3);
+    assert!(again.checkpoint.is_some());
+    // The file has the three records twice (the first, unsynced attempt stayed in it):
+    // upserts of the same customers, never a lead lost.
+    let keys = world.delivered_keys();
+    assert_eq!(keys.len(), 6);
+    assert_eq!(keys.iter().collect::<HashSet<_>>().len(), 3);
+    let settled = pipeline.poll(&cancel).await.unwrap();
+    assert_eq!((settled.delivered, settled.already_handled), (0, 3));
 }
 
 #[tokio::test]

@@ -1,4 +1,7 @@
 //! Appends one JSON object per lead to a file, or writes them to standard output.
+//! A file is synced by [`LeadSink::sync`], which the pipeline calls once per page before
+//! it commits that page's outcomes, in the task that commits them: the fsync is off the
+//! path of the next page's delivery.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +15,8 @@ use super::{CustomerLead, LeadSink, Outcome, SinkError};
 pub struct JsonlSink {
     target: Target,
     lock: Mutex<()>,
+    /// Files appended to since the last [`LeadSink::sync`], one handle per file.
+    unsynced: std::sync::Mutex<Vec<std::fs::File>>,
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +36,7 @@ impl JsonlSink {
         Self {
             target,
             lock: Mutex::new(()),
+            unsynced: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -43,20 +49,26 @@ impl JsonlSink {
                 out.flush().await
             }
             Target::File(path) => {
-                // Open, append and sync in one blocking call (not one per step): the file
-                // is opened per batch, so a rotated file is followed.
+                // Open and append in one blocking call (not one per step): the file is
+                // opened per batch, so a rotated file is followed. It is synced later, by
+                // `sync`, before the pipeline commits these leads as delivered.
                 let path = path.clone();
-                tokio::task::spawn_blocking(move || append_durably(&path, &bytes))
+                let file = tokio::task::spawn_blocking(move || append(&path, &bytes))
                     .await
-                    .map_err(std::io::Error::other)?
+                    .map_err(std::io::Error::other)??;
+                let mut unsynced = self.unsynced.lock().expect("not poisoned");
+                if !unsynced.iter().any(|f| same_file(f, &file)) {
+                    unsynced.push(file);
+                }
+                Ok(())
             }
         }
     }
 }
 
 /// Appends `bytes` to the file at `path` (created with its directory if missing) and
-/// syncs it: delivered means on disk, as the checkpoint moves past these rows next.
-fn append_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// returns the open file, not yet synced.
+fn append(path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::File> {
     use std::io::Write;
     let open = || {
         std::fs::OpenOptions::new()
@@ -74,7 +86,22 @@ fn append_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         other => other?,
     };
     file.write_all(bytes)?;
-    file.sync_data()
+    Ok(file)
+}
+
+/// Two handles on one file: syncing either makes both's writes durable, so one is kept.
+#[cfg(unix)]
+fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::File, _: &std::fs::File) -> bool {
+    false
 }
 
 #[async_trait::async_trait]
@@ -103,6 +130,23 @@ impl LeadSink for JsonlSink {
                 ]
             }
         }
+    }
+
+    /// Syncs every file appended to since the last call: delivered means on disk from
+    /// here, as the pipeline commits these leads as delivered next.
+    async fn sync(&self) -> Result<(), SinkError> {
+        let files = std::mem::take(&mut *self.unsynced.lock().expect("not poisoned"));
+        if files.is_empty() {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || files.iter().try_for_each(|f| f.sync_data()))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|synced| synced)
+            .map_err(|e| SinkError {
+                sink: "jsonl".into(),
+                message: format!("cannot sync {}: {e}", self.describe()),
+            })
     }
 
     async fn healthcheck(&self) -> Result<(), SinkError> {
@@ -151,6 +195,30 @@ mod tests {
             .map(|l| serde_json::from_str::<CustomerLead>(l).unwrap().key)
             .collect();
         assert_eq!(keys, ["email:a@b.c", "email:d@e.f", "email:g@h.i"]);
+    }
+
+    #[tokio::test]
+    async fn sync_syncs_each_file_appended_to_once_and_follows_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leads.jsonl");
+        let sink = JsonlSink::new(&path);
+        let unsynced = || sink.unsynced.lock().unwrap().len();
+        sink.deliver(&[lead("a@b.c")]).await;
+        sink.deliver(&[lead("d@e.f")]).await;
+        assert_eq!(
+            unsynced(),
+            1,
+            "two batches into one file: one handle to sync"
+        );
+        std::fs::rename(&path, dir.path().join("leads.jsonl.1")).unwrap();
+        sink.deliver(&[lead("g@h.i")]).await;
+        assert_eq!(unsynced(), 2, "the rotated file and the new one");
+        sink.sync().await.unwrap();
+        assert_eq!(unsynced(), 0);
+        sink.sync().await.unwrap();
+        let rotated = std::fs::read_to_string(dir.path().join("leads.jsonl.1")).unwrap();
+        assert_eq!(rotated.lines().count(), 2);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
     }
 
     #[tokio::test]

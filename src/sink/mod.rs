@@ -45,7 +45,15 @@ pub trait LeadSink: Send + Sync {
     /// A short name for logs and state records (`jsonl`, `salesforce`, ...).
     fn name(&self) -> &str;
     /// Delivers a batch; returns exactly one outcome per lead, in input order.
+    /// `Delivered` may still sit in a buffer of the sink until [`LeadSink::sync`].
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome>;
+    /// Makes every lead answered `Delivered` so far durable. The pipeline calls it before
+    /// it commits those outcomes, and off the path of the next delivery, so a sink that
+    /// syncs a file (JSONL) does not hold the next page up. A sink whose `Delivered` is
+    /// durable already (a CRM's acknowledgment) keeps this default.
+    async fn sync(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
     /// Checks that the sink is reachable and authorised, without writing a lead.
     async fn healthcheck(&self) -> Result<(), SinkError>;
 }
