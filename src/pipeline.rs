@@ -269,6 +269,7 @@ impl Pipeline {
                 let t2 = Instant::now();
                 let (batch, settled, open) = self.deliver_all(merged, &mut summary).await;
                 let t3 = Instant::now();
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
                 let batch = Arc::new(batch);
                 let (state, sink, committing) = (
                     Arc::clone(&self.state),
@@ -280,8 +281,19 @@ impl Pipeline {
                 settling = Some((
                     batch,
                     tokio::spawn(async move {
+                        let started = Instant::now();
                         sink.sync().await?;
-                        Ok(state.settle(&committing).await?)
+                        let synced = Instant::now();
+                        state.settle(&committing).await?;
+                        tracing::debug!(
+                            page = pages,
+                            rows = committing.rows.len(),
+                            customers = committing.customers.len(),
+                            sync_ms = ms(synced - started),
+                            settle_ms = ms(synced.elapsed()),
+                            "Page committed."
+                        );
+                        Ok(())
                     }),
                 ));
                 newest_settled = newest_settled.max(settled);
@@ -294,11 +306,19 @@ impl Pipeline {
                         (page, events) = (&mut next_page.0).await.map_err(joined)??
                     }
                     None if more => return Err(PollError::Interrupted { pages }),
-                    None => return Ok(()),
+                    None => {
+                        tracing::debug!(
+                            page = pages,
+                            prepare_merge_ms = ms(t1 - t0),
+                            wait_commit_ms = ms(t2 - t1),
+                            deliver_ms = ms(t3 - t2),
+                            "Last page handled."
+                        );
+                        return Ok(());
+                    }
                 }
                 // Where a page's time goes: says whether the table, the state or the
                 // work (merge and sink) limits a backfill.
-                let ms = |d: Duration| d.as_secs_f64() * 1e3;
                 tracing::debug!(
                     page = pages,
                     prepare_merge_ms = ms(t1 - t0),
@@ -316,10 +336,12 @@ impl Pipeline {
         }
         .await;
         // Whatever happened, the last commit finishes before the poll returns.
+        let last_page = Instant::now();
         if let Some((_, last)) = settling.take() {
             last.await.map_err(joined)??;
         }
         passed?;
+        let last_commit = Instant::now();
 
         let mut candidate = newest_settled;
         if let (Some(c), Some(open)) = (candidate, oldest_open) {
@@ -337,6 +359,12 @@ impl Pipeline {
                 tracing::debug!(pruned, "Forgot handled rows that left the overlap window.");
             }
         }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::debug!(
+            wait_last_commit_ms = ms(last_commit - last_page),
+            checkpoint_and_prune_ms = ms(last_commit.elapsed()),
+            "Poll settled."
+        );
         summary.checkpoint = new_checkpoint;
         summary.duration = started.elapsed();
         Ok(summary)
