@@ -334,21 +334,26 @@ impl LeadSink for FlakySink {
     }
 }
 
-#[tokio::test]
-async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is_back() {
+/// A table of 3 new rows, and a pipeline delivering them through a [`FlakySink`].
+async fn flaky_world(up: bool, syncs: bool) -> (World, Arc<FlakySink>, Pipeline) {
     let world = World::new().await;
-    let settings = world.settings();
     world.insert(&many_rows(3, 1)).await;
     let sink = Arc::new(FlakySink {
-        up: AtomicBool::new(false),
-        syncs: AtomicBool::new(true),
+        up: AtomicBool::new(up),
+        syncs: AtomicBool::new(syncs),
         inner: JsonlSink::new(&world.output()),
     });
-    let built = build_pipeline(&settings).unwrap();
+    let built = build_pipeline(&world.settings()).unwrap();
     let pipeline = Pipeline {
         sink: sink.clone(),
         ..built
     };
+    (world, sink, pipeline)
+}
+
+#[tokio::test]
+async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is_back() {
+    let (world, sink, pipeline) = flaky_world(false, true).await;
     let cancel = CancellationToken::new();
 
     let down = pipeline.poll(&cancel).await.unwrap();
@@ -378,19 +383,7 @@ async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is
 
 #[tokio::test]
 async fn leads_the_sink_cannot_make_durable_are_not_committed_and_are_delivered_again() {
-    let world = World::new().await;
-    let settings = world.settings();
-    world.insert(&many_rows(3, 1)).await;
-    let sink = Arc::new(FlakySink {
-        up: AtomicBool::new(true),
-        syncs: AtomicBool::new(false),
-        inner: JsonlSink::new(&world.output()),
-    });
-    let built = build_pipeline(&settings).unwrap();
-    let pipeline = Pipeline {
-        sink: sink.clone(),
-        ..built
-    };
+    let (world, sink, pipeline) = flaky_world(true, false).await;
     let cancel = CancellationToken::new();
 
     let failed = pipeline.poll(&cancel).await.unwrap_err();
