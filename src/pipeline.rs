@@ -203,6 +203,8 @@ impl Pipeline {
         cancel: &CancellationToken,
     ) -> Result<PollSummary, PollError> {
         let started = Instant::now();
+        // Milliseconds, for the debug timings.
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let checkpoint = self.state.checkpoint().await?;
         let since = mode.since.or(checkpoint.map(|c| c - self.overlap));
         let mut summary = PollSummary::default();
@@ -269,7 +271,6 @@ impl Pipeline {
                 let t2 = Instant::now();
                 let (batch, settled, open) = self.deliver_all(merged, &mut summary).await;
                 let t3 = Instant::now();
-                let ms = |d: Duration| d.as_secs_f64() * 1e3;
                 let batch = Arc::new(batch);
                 let (state, sink, committing) = (
                     Arc::clone(&self.state),
@@ -359,7 +360,6 @@ impl Pipeline {
                 tracing::debug!(pruned, "Forgot handled rows that left the overlap window.");
             }
         }
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         tracing::debug!(
             wait_last_commit_ms = ms(last_commit - last_page),
             checkpoint_and_prune_ms = ms(last_commit.elapsed()),
