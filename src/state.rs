@@ -377,22 +377,24 @@ fn decode_compact<T: serde::de::DeserializeOwned>(
 #[async_trait::async_trait]
 impl StateStore for RedbStore {
     async fn checkpoint(&self) -> Result<Option<OffsetDateTime>, StateError> {
-        let txn = self.db.begin_read().map_err(io("read checkpoint"))?;
-        let meta = txn.open_table(META).map_err(io("read checkpoint"))?;
-        let Some(bytes) = meta.get(CHECKPOINT_KEY).map_err(io("read checkpoint"))? else {
-            return Ok(None);
-        };
-        let record: CheckpointRecord = decode(CHECKPOINT_KEY, bytes.value())?;
-        if record.version > CHECKPOINT_VERSION {
-            return Err(StateError::Corrupt {
-                key: CHECKPOINT_KEY.into(),
-                message: format!(
+        blocking(|| {
+            let txn = self.db.begin_read().map_err(io("read checkpoint"))?;
+            let meta = txn.open_table(META).map_err(io("read checkpoint"))?;
+            let Some(bytes) = meta.get(CHECKPOINT_KEY).map_err(io("read checkpoint"))? else {
+                return Ok(None);
+            };
+            let record: CheckpointRecord = decode(CHECKPOINT_KEY, bytes.value())?;
+            if record.version > CHECKPOINT_VERSION {
+                return Err(StateError::Corrupt {
+                    key: CHECKPOINT_KEY.into(),
+                    message: format!(
                     "written by a newer leadsync (format {}, this one reads {CHECKPOINT_VERSION})",
                     record.version
                 ),
-            });
-        }
-        Ok(Some(record.timestamp))
+                });
+            }
+            Ok(Some(record.timestamp))
+        })
     }
 
     async fn set_checkpoint(&self, timestamp: OffsetDateTime) -> Result<(), StateError> {
@@ -516,21 +518,23 @@ impl StateStore for RedbStore {
     }
 
     async fn handled_len(&self) -> Result<u64, StateError> {
-        let txn = self.db.begin_read().map_err(io("count handled rows"))?;
-        let table = txn.open_table(HANDLED).map_err(io("count handled rows"))?;
-        table.len().map_err(io("count handled rows"))
+        blocking(|| {
+            let txn = self.db.begin_read().map_err(io("count handled rows"))?;
+            let table = txn.open_table(HANDLED).map_err(io("count handled rows"))?;
+            table.len().map_err(io("count handled rows"))
+        })
     }
 
     async fn rejected(&self) -> Result<Vec<RecordedRow>, StateError> {
-        self.recorded(REJECTED)
+        blocking(|| self.recorded(REJECTED))
     }
 
     async fn skipped(&self) -> Result<Vec<RecordedRow>, StateError> {
-        self.recorded(SKIPPED)
+        blocking(|| self.recorded(SKIPPED))
     }
 
     async fn unidentifiable(&self) -> Result<Vec<RecordedRow>, StateError> {
-        self.recorded(UNIDENTIFIABLE)
+        blocking(|| self.recorded(UNIDENTIFIABLE))
     }
 
     async fn customers(&self, keys: &[String]) -> Result<Vec<Option<CustomerState>>, StateError> {
@@ -549,27 +553,31 @@ impl StateStore for RedbStore {
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError> {
-        let txn = self.db.begin_read().map_err(io("read dead letters"))?;
-        let table = txn
-            .open_table(DEAD_LETTERS)
-            .map_err(io("read dead letters"))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(io("read dead letters"))? {
-            let (key, value) = entry.map_err(io("read dead letters"))?;
-            out.push(decode_compact(key.value(), value.value())?);
-        }
-        Ok(out)
+        blocking(|| {
+            let txn = self.db.begin_read().map_err(io("read dead letters"))?;
+            let table = txn
+                .open_table(DEAD_LETTERS)
+                .map_err(io("read dead letters"))?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(io("read dead letters"))? {
+                let (key, value) = entry.map_err(io("read dead letters"))?;
+                out.push(decode_compact(key.value(), value.value())?);
+            }
+            Ok(out)
+        })
     }
 
     async fn all_customers(&self) -> Result<Vec<CustomerState>, StateError> {
-        let txn = self.db.begin_read().map_err(io("read customers"))?;
-        let table = txn.open_table(CUSTOMERS).map_err(io("read customers"))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(io("read customers"))? {
-            let (key, value) = entry.map_err(io("read customers"))?;
-            out.push(decode_compact(key.value(), value.value())?);
-        }
-        Ok(out)
+        blocking(|| {
+            let txn = self.db.begin_read().map_err(io("read customers"))?;
+            let table = txn.open_table(CUSTOMERS).map_err(io("read customers"))?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(io("read customers"))? {
+                let (key, value) = entry.map_err(io("read customers"))?;
+                out.push(decode_compact(key.value(), value.value())?);
+            }
+            Ok(out)
+        })
     }
 }
 
