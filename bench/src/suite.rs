@@ -256,55 +256,53 @@ async fn backfill_once(
     k: usize,
     out: &mut Backfill,
 ) -> anyhow::Result<()> {
-    {
-        let dir = ctx.work.path().join(format!("backfill-{label}-{k}"));
-        let config = ctx.config(&dir, &ctx.throughput(), TABLE, sink, None)?;
-        ctx.crm.reset();
-        let mut command = match &ctx.args.wrap {
-            Some(wrap) => {
-                let wrap = wrap.replace("{label}", &format!("{label}-{k}"));
-                let mut words = wrap.split_whitespace();
-                let mut command = Command::new(words.next().context("empty --wrap")?);
-                command.args(words).arg(&ctx.exe);
-                command
-            }
-            None => Command::new(&ctx.exe),
-        };
-        command
-            .arg("backfill")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("stderr.log"))?);
-        let finished = procinfo::run(command, &dir.join("stdout.json")).await?;
-        let text = std::fs::read_to_string(dir.join("stdout.json"))?;
-        if finished.code != 0 {
-            bail!(
-                "backfill {label} exited with {}: {}",
-                finished.code,
-                tail(&dir.join("stderr.log"))
-            );
+    let dir = ctx.work.path().join(format!("backfill-{label}-{k}"));
+    let config = ctx.config(&dir, &ctx.throughput(), TABLE, sink, None)?;
+    ctx.crm.reset();
+    let mut command = match &ctx.args.wrap {
+        Some(wrap) => {
+            let wrap = wrap.replace("{label}", &format!("{label}-{k}"));
+            let mut words = wrap.split_whitespace();
+            let mut command = Command::new(words.next().context("empty --wrap")?);
+            command.args(words).arg(&ctx.exe);
+            command
         }
-        let summary: Value = serde_json::from_str(text.trim())
-            .with_context(|| format!("backfill summary {text:?}"))?;
-        ensure!(
-            summary["rows_read"] == json!(ctx.args.rows) && summary["exit_code"] == json!(0),
-            "backfill {label} did not read and settle every row: {summary}"
+        None => Command::new(&ctx.exe),
+    };
+    command
+        .arg("backfill")
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.log"))?);
+    let finished = procinfo::run(command, &dir.join("stdout.json")).await?;
+    let text = std::fs::read_to_string(dir.join("stdout.json"))?;
+    if finished.code != 0 {
+        bail!(
+            "backfill {label} exited with {}: {}",
+            finished.code,
+            tail(&dir.join("stderr.log"))
         );
-        out.seconds
-            .push(summary["seconds"].as_f64().unwrap_or(f64::NAN));
-        out.wall.push(finished.wall.as_secs_f64());
-        let hwm = summary["vm_hwm_kib"].as_u64().context("no vm_hwm_kib")?;
-        out.max_rss_kib = out.max_rss_kib.max(hwm);
-        out.wait4_kib = out.wait4_kib.max(finished.wait4_max_rss_kib);
-        out.cpu_s.push(finished.cpu_s());
-        out.summary = summary;
-        if matches!(sink, Sink::Salesforce) {
-            out.crm = Some(ctx.crm.counts());
-            out.crm_leads = ctx.crm.leads();
-        }
-        let _ = std::fs::remove_dir_all(&dir);
     }
+    let summary: Value =
+        serde_json::from_str(text.trim()).with_context(|| format!("backfill summary {text:?}"))?;
+    ensure!(
+        summary["rows_read"] == json!(ctx.args.rows) && summary["exit_code"] == json!(0),
+        "backfill {label} did not read and settle every row: {summary}"
+    );
+    out.seconds
+        .push(summary["seconds"].as_f64().unwrap_or(f64::NAN));
+    out.wall.push(finished.wall.as_secs_f64());
+    let hwm = summary["vm_hwm_kib"].as_u64().context("no vm_hwm_kib")?;
+    out.max_rss_kib = out.max_rss_kib.max(hwm);
+    out.wait4_kib = out.wait4_kib.max(finished.wait4_max_rss_kib);
+    out.cpu_s.push(finished.cpu_s());
+    out.summary = summary;
+    if matches!(sink, Sink::Salesforce) {
+        out.crm = Some(ctx.crm.counts());
+        out.crm_leads = ctx.crm.leads();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
