@@ -35,7 +35,7 @@ pub fn write(t: OffsetDateTime, out: &mut String) {
 }
 
 /// The 28 bytes of [`format`], for years 0 to 9999 (all the service writes).
-fn ascii(t: OffsetDateTime) -> Option<[u8; 28]> {
+pub(crate) fn ascii(t: OffsetDateTime) -> Option<[u8; 28]> {
     let t = t.to_offset(UtcOffset::UTC);
     let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
     let mut buf = *b"0000-00-00T00:00:00.0000000Z";
@@ -103,6 +103,18 @@ fn parse_service_form(text: &str) -> Option<OffsetDateTime> {
     )
     .ok()?;
     Some(date.with_time(clock).assume_utc())
+}
+
+/// The time as a count of 100 ns ticks since the Unix epoch: the service's precision
+/// in 8 bytes or fewer, for the compact state records.
+pub fn to_ticks(t: OffsetDateTime) -> i64 {
+    // In range for every year `time` represents (about ±29,000 years in ticks).
+    (t.unix_timestamp_nanos() / 100) as i64
+}
+
+/// The inverse of [`to_ticks`]; `None` outside the years `time` represents.
+pub fn from_ticks(ticks: i64) -> Option<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ticks) * 100).ok()
 }
 
 /// Serde helpers writing [`format`] and reading [`parse`].
