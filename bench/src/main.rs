@@ -38,6 +38,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Child: the raw read of the table in `config` from a fresh process, timed as
+    /// `backfill` times leadsync (connect, then every page); prints a JSON summary.
+    RawRead {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Child: leadsync's own CLI, `leadsync --config FILE run` (stops on SIGTERM).
     Daemon {
         #[arg(long)]
@@ -66,6 +72,13 @@ async fn run() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("leadsync-bench backfill: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::RawRead { config } => match raw_read(config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("leadsync-bench raw-read: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -110,6 +123,24 @@ async fn backfill(config: PathBuf) -> anyhow::Result<()> {
             "exit_code": report.exit_code(),
             "last_error": report.last_error,
             // The peak of this process, after exec (see procinfo::Finished).
+            "vm_hwm_kib": procinfo::status_kib(std::process::id(), "VmHWM").ok(),
+        })
+    );
+    Ok(())
+}
+
+/// The ceiling as a fresh process sees it: what `backfill` times, minus leadsync's work.
+async fn raw_read(config: PathBuf) -> anyhow::Result<()> {
+    let settings = Settings::load(&config)?;
+    let started = Instant::now();
+    let source = leadsync::source::TableSource::connect(&settings.source)?;
+    let (rows, pages) = suite::read_table(&source).await?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "seconds": started.elapsed().as_secs_f64(),
+            "rows": rows,
+            "pages": pages,
             "vm_hwm_kib": procinfo::status_kib(std::process::id(), "VmHWM").ok(),
         })
     );

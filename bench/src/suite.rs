@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use leadsync::config::Settings;
+use leadsync::row::RawRow;
 use leadsync::source::{Continuation, TableSource};
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -167,34 +168,86 @@ impl Ctx {
 // Measurements
 
 struct RawRead {
+    /// In this process, on its warm connection.
     seconds: Vec<f64>,
+    /// In a fresh child process, timed from connecting (see `raw_read_child`).
+    fresh: Vec<f64>,
     pages: u64,
 }
 
 /// The ceiling: `TableSource::fetch_page` from the first page to the last, counting rows.
 async fn raw_read_once(source: &TableSource, check: bool) -> anyhow::Result<(usize, u64, f64)> {
-    let cancel = CancellationToken::new();
     let started = Instant::now();
+    let mut seen = HashSet::new();
+    let (rows, pages) = read_pages(source, |rows| {
+        if check {
+            for row in rows {
+                ensure!(seen.insert(row.id.clone()), "row {} came twice", row.id);
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok((rows, pages, started.elapsed().as_secs_f64()))
+}
+
+/// Reads the whole table, page by page, doing nothing with the rows; returns (rows, pages).
+pub(crate) async fn read_table(source: &TableSource) -> anyhow::Result<(usize, u64)> {
+    read_pages(source, |_| Ok(())).await
+}
+
+/// Reads the whole table, handing each page's rows to `each`; returns (rows, pages).
+async fn read_pages(
+    source: &TableSource,
+    mut each: impl FnMut(&[RawRow]) -> anyhow::Result<()>,
+) -> anyhow::Result<(usize, u64)> {
+    let cancel = CancellationToken::new();
     let mut continuation: Option<Continuation> = None;
     let (mut rows, mut pages) = (0usize, 0u64);
-    let mut seen = HashSet::new();
     loop {
         let page = source
             .fetch_page(None, continuation.as_ref(), &cancel)
             .await?;
         pages += 1;
         rows += page.rows.len();
-        if check {
-            for row in &page.rows {
-                ensure!(seen.insert(row.id.clone()), "row {} came twice", row.id);
-            }
-        }
+        each(&page.rows)?;
         match page.next {
             Some(next) => continuation = Some(next),
-            None => break,
+            None => return Ok((rows, pages)),
         }
     }
-    Ok((rows, pages, started.elapsed().as_secs_f64()))
+}
+
+/// The raw read `k` in a fresh child process (`leadsync-bench raw-read`): the ceiling for
+/// a backfill, which is timed the same way in a fresh process. Returns its seconds.
+async fn raw_read_child(ctx: &Ctx, k: usize) -> anyhow::Result<f64> {
+    let dir = ctx.work.path().join(format!("raw-read-{k}"));
+    let config = ctx.config(&dir, &ctx.throughput(), TABLE, &Sink::Jsonl, None)?;
+    let mut command = Command::new(&ctx.exe);
+    command
+        .arg("raw-read")
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.log"))?);
+    let finished = procinfo::run(command, &dir.join("stdout.json")).await?;
+    if finished.code != 0 {
+        bail!(
+            "raw read exited with {}: {}",
+            finished.code,
+            tail(&dir.join("stderr.log"))
+        );
+    }
+    let text = std::fs::read_to_string(dir.join("stdout.json"))?;
+    let summary: Value =
+        serde_json::from_str(text.trim()).with_context(|| format!("raw read summary {text:?}"))?;
+    ensure!(
+        summary["rows"] == json!(ctx.args.rows),
+        "raw read in a child read {} rows",
+        summary["rows"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    summary["seconds"].as_f64().context("no seconds")
 }
 
 /// The warm-up pass of the raw read, which also checks that every row comes exactly once.
@@ -208,6 +261,7 @@ async fn raw_read_check(ctx: &Ctx, source: &TableSource) -> anyhow::Result<RawRe
     );
     Ok(RawRead {
         seconds: Vec::new(),
+        fresh: Vec::new(),
         pages,
     })
 }
@@ -227,6 +281,7 @@ async fn rounds(ctx: &Ctx) -> anyhow::Result<(RawRead, Backfill, Backfill)> {
         let (rows, _, s) = raw_read_once(&source, false).await?;
         ensure!(rows == ctx.args.rows, "raw read returned {rows} rows");
         raw.seconds.push(s);
+        raw.fresh.push(raw_read_child(ctx, k).await?);
         backfill_once(ctx, &Sink::Jsonl, "jsonl", k, &mut jsonl).await?;
         backfill_once(ctx, &Sink::Salesforce, "salesforce", k, &mut sf).await?;
     }
@@ -757,6 +812,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map(|(raw, jsonl)| raw / jsonl)
         .collect();
     let jsonl_share = median(&jsonl_shares);
+    let fresh_rate = n as f64 / median(&raw.fresh);
+    let fresh_shares: Vec<f64> = raw
+        .fresh
+        .iter()
+        .zip(&jsonl.seconds)
+        .map(|(raw, jsonl)| raw / jsonl)
+        .collect();
+    let fresh_share = median(&fresh_shares);
     let sf_counts = sf.crm.clone().unwrap_or_default();
     let rows_per_call = n as f64 / sf_counts.api_calls().max(1) as f64;
     let base_rate = base.as_ref().map(|b| b.rows as f64 / b.seconds);
@@ -821,8 +884,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )?;
     writeln!(
         md,
-        "| leadsync backfill -> JSONL (temp file) | {jsonl_rate:.0} | {:.0}% of raw | – | – | {:.1} MiB | {:.2} | {} |",
+        "| raw paged read in a fresh process (`leadsync-bench raw-read`: connect, then the same loop; timed as the backfills are) | {fresh_rate:.0} | {:.0}% of raw | – | – | – | – | {} |",
+        100.0 * fresh_rate / raw_rate,
+        runs(&raw.fresh)
+    )?;
+    writeln!(
+        md,
+        "| leadsync backfill -> JSONL (temp file) | {jsonl_rate:.0} | {:.0}% of raw ({:.0}% of the fresh-process read) | – | – | {:.1} MiB | {:.2} | {} |",
         100.0 * jsonl_share,
+        100.0 * fresh_share,
         mib(jsonl.max_rss_kib),
         median(&jsonl.cpu_s),
         runs(&jsonl.seconds)
