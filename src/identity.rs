@@ -419,8 +419,8 @@ fn offers_of(history: &[HistoryEntry]) -> Vec<OfferInterest> {
 /// the email's normalised form from the email, a field's stamp names its row by its
 /// place in the history (every stamped row is in it), and times are 100 ns ticks.
 /// An ETag of the service's standard form for the entry's Timestamp is left out.
-/// About half the size of the same state as serde writes it (1.6 KB for a customer
-/// with three events), which halves the pages a settle rewrites (BENCHMARKS.md).
+/// A customer with three events takes 962 bytes instead of the 1,595 the serde form
+/// took, and a settle rewrites that many fewer B-tree pages (BENCHMARKS.md).
 ///
 /// `S` is `&str` to write and `String` to read: one definition, so the two cannot
 /// drift apart. postcard writes fields in order: fields may be added at the end only.
@@ -479,13 +479,16 @@ impl CustomerState {
         fn s(v: &Option<String>) -> Option<&str> {
             v.as_deref()
         }
+        // A stamp's row is always in the history: `apply` stamps a field from an event
+        // and adds the event's row to the history in the same call, and rows never leave it.
         let stamps = self.stamps.all().map(|stamp| {
             stamp.as_ref().and_then(|Stamp(at, pk, rk)| {
                 let place = lead
                     .history
                     .iter()
-                    .position(|h| &h.row.partition_key == pk && &h.row.row_key == rk)?;
-                Some((timestamp::to_ticks(*at), place as u32))
+                    .position(|h| &h.row.partition_key == pk && &h.row.row_key == rk);
+                debug_assert!(place.is_some(), "a stamp names a row outside the history");
+                Some((timestamp::to_ticks(*at), place? as u32))
             })
         });
         let stored = StoredCustomer {

@@ -289,7 +289,7 @@ impl RedbStore {
                         let (key, value) = entry.map_err(io("prune handled rows"))?;
                         let (pk, rk) = key.value();
                         // An unreadable record is kept: pruning must never cause a re-delivery.
-                        let old = decode_handled(&RowId::new(pk, rk), value.value())
+                        let old = decode_handled((pk, rk), value.value())
                             .is_ok_and(|r| r.timestamp < before);
                         if old {
                             stale.push((pk.to_owned(), rk.to_owned()));
@@ -365,7 +365,7 @@ fn encode_compact<T: Serialize>(value: &T) -> Vec<u8> {
 const STORED: u8 = 2;
 
 /// A handled row's record: `(ETag, Timestamp ticks)`, the ETag `None` when it is the
-/// service's standard one for the Timestamp. 12 bytes instead of about 80.
+/// service's standard one for the Timestamp: at most 12 bytes instead of about 80.
 fn encode_handled(row: &RowVersion) -> Vec<u8> {
     let etag =
         (!crate::row::is_standard_etag(&row.etag, row.timestamp)).then_some(row.etag.as_str());
@@ -373,13 +373,17 @@ fn encode_handled(row: &RowVersion) -> Vec<u8> {
     postcard::to_extend(&record, vec![STORED]).expect("handled rows serialise to postcard")
 }
 
-/// Reads a handled row's record in any of the three forms.
-fn decode_handled(key: &RowId, bytes: &[u8]) -> Result<HandledRecord, StateError> {
+/// Reads the record of the handled row (`partition_key`, `row_key`) in any of the three forms.
+fn decode_handled(
+    (partition_key, row_key): (&str, &str),
+    bytes: &[u8],
+) -> Result<HandledRecord, StateError> {
+    let key = || RowId::new(partition_key, row_key).to_string();
     if bytes.first() != Some(&STORED) {
-        return decode_compact(&key.to_string(), bytes);
+        return decode_compact(&key(), bytes);
     }
     let corrupt = |message: String| StateError::Corrupt {
-        key: key.to_string(),
+        key: key(),
         message,
     };
     let (etag, ticks): (Option<String>, i64) =
@@ -472,7 +476,7 @@ impl StateStore for RedbStore {
                     match table.get(key).map_err(io("read handled rows"))? {
                         None => Ok(false),
                         Some(bytes) => {
-                            let record = decode_handled(&row.id, bytes.value())?;
+                            let record = decode_handled(key, bytes.value())?;
                             Ok(record.etag == row.etag)
                         }
                     }
