@@ -224,23 +224,8 @@ async fn raw_read_child(ctx: &Ctx, k: usize) -> anyhow::Result<f64> {
     let dir = ctx.work.path().join(format!("raw-read-{k}"));
     let config = ctx.config(&dir, &ctx.throughput(), TABLE, &Sink::Jsonl, None)?;
     let mut command = Command::new(&ctx.exe);
-    command
-        .arg("raw-read")
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("stderr.log"))?);
-    let finished = procinfo::run(command, &dir.join("stdout.json")).await?;
-    if finished.code != 0 {
-        bail!(
-            "raw read exited with {}: {}",
-            finished.code,
-            tail(&dir.join("stderr.log"))
-        );
-    }
-    let text = std::fs::read_to_string(dir.join("stdout.json"))?;
-    let summary: Value =
-        serde_json::from_str(text.trim()).with_context(|| format!("raw read summary {text:?}"))?;
+    command.arg("raw-read").arg("--config").arg(&config);
+    let (_, summary) = run_child(command, &dir, "raw read").await?;
     ensure!(
         summary["rows"] == json!(ctx.args.rows),
         "raw read in a child read {} rows",
@@ -248,6 +233,30 @@ async fn raw_read_child(ctx: &Ctx, k: usize) -> anyhow::Result<f64> {
     );
     let _ = std::fs::remove_dir_all(&dir);
     summary["seconds"].as_f64().context("no seconds")
+}
+
+/// Runs a child that prints a JSON summary on stdout (into `dir/stdout.json`, its
+/// stderr into `dir/stderr.log`); fails with the end of its stderr unless it exits 0.
+async fn run_child(
+    mut command: Command,
+    dir: &Path,
+    what: &str,
+) -> anyhow::Result<(Finished, Value)> {
+    command
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.log"))?);
+    let finished = procinfo::run(command, &dir.join("stdout.json")).await?;
+    if finished.code != 0 {
+        bail!(
+            "{what} exited with {}: {}",
+            finished.code,
+            tail(&dir.join("stderr.log"))
+        );
+    }
+    let text = std::fs::read_to_string(dir.join("stdout.json"))?;
+    let summary: Value =
+        serde_json::from_str(text.trim()).with_context(|| format!("{what} summary {text:?}"))?;
+    Ok((finished, summary))
 }
 
 /// The warm-up pass of the raw read, which also checks that every row comes exactly once.
@@ -324,23 +333,8 @@ async fn backfill_once(
         }
         None => Command::new(&ctx.exe),
     };
-    command
-        .arg("backfill")
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("stderr.log"))?);
-    let finished = procinfo::run(command, &dir.join("stdout.json")).await?;
-    let text = std::fs::read_to_string(dir.join("stdout.json"))?;
-    if finished.code != 0 {
-        bail!(
-            "backfill {label} exited with {}: {}",
-            finished.code,
-            tail(&dir.join("stderr.log"))
-        );
-    }
-    let summary: Value =
-        serde_json::from_str(text.trim()).with_context(|| format!("backfill summary {text:?}"))?;
+    command.arg("backfill").arg("--config").arg(&config);
+    let (finished, summary) = run_child(command, &dir, &format!("backfill {label}")).await?;
     ensure!(
         summary["rows_read"] == json!(ctx.args.rows) && summary["exit_code"] == json!(0),
         "backfill {label} did not read and settle every row: {summary}"
@@ -381,20 +375,8 @@ async fn baseline(ctx: &Ctx) -> anyhow::Result<Baseline> {
         .args(["--table", TABLE])
         .args(["--login-url", ctx.crm.url()])
         .args(["--client-id", crm::CLIENT_ID])
-        .args(["--client-secret", crm::CLIENT_SECRET])
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("stderr.log"))?);
-    let finished = procinfo::run(command, &dir.join("stdout.json")).await?;
-    if finished.code != 0 {
-        bail!(
-            "baseline exited with {}: {}",
-            finished.code,
-            tail(&dir.join("stderr.log"))
-        );
-    }
-    let text = std::fs::read_to_string(dir.join("stdout.json"))?;
-    let summary: Value =
-        serde_json::from_str(text.trim()).with_context(|| format!("baseline summary {text:?}"))?;
+        .args(["--client-secret", crm::CLIENT_SECRET]);
+    let (finished, summary) = run_child(command, &dir, "baseline").await?;
     Ok(Baseline {
         seconds: summary["seconds"].as_f64().unwrap_or(f64::NAN),
         rows: summary["rows"].as_u64().unwrap_or(0),
@@ -805,21 +787,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let jsonl_rate = n as f64 / median(&jsonl.seconds);
     let sf_rate = n as f64 / median(&sf.seconds);
     // JSONL against the raw read of its own round (see `rounds`), the median over rounds.
-    let jsonl_shares: Vec<f64> = raw
-        .seconds
-        .iter()
-        .zip(&jsonl.seconds)
-        .map(|(raw, jsonl)| raw / jsonl)
-        .collect();
+    let shares = |raw: &[f64]| -> Vec<f64> {
+        raw.iter()
+            .zip(&jsonl.seconds)
+            .map(|(raw, jsonl)| raw / jsonl)
+            .collect()
+    };
+    let jsonl_shares = shares(&raw.seconds);
     let jsonl_share = median(&jsonl_shares);
     let fresh_rate = n as f64 / median(&raw.fresh);
-    let fresh_shares: Vec<f64> = raw
-        .fresh
-        .iter()
-        .zip(&jsonl.seconds)
-        .map(|(raw, jsonl)| raw / jsonl)
-        .collect();
-    let fresh_share = median(&fresh_shares);
+    let fresh_share = median(&shares(&raw.fresh));
     let sf_counts = sf.crm.clone().unwrap_or_default();
     let rows_per_call = n as f64 / sf_counts.api_calls().max(1) as f64;
     let base_rate = base.as_ref().map(|b| b.rows as f64 / b.seconds);
