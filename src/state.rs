@@ -373,14 +373,36 @@ fn encode_handled(row: &RowVersion) -> Vec<u8> {
     postcard::to_extend(&record, vec![STORED]).expect("handled rows serialise to postcard")
 }
 
+/// A handled row's record as read, in any form.
+struct Handled {
+    /// `None`: the service's standard ETag for `timestamp`, which is not built unless
+    /// asked for (the prune scan reads every record, the overlap re-read many).
+    etag: Option<String>,
+    timestamp: OffsetDateTime,
+}
+
+impl Handled {
+    /// The record is of the row at this ETag.
+    fn has_etag(&self, etag: &str) -> bool {
+        match &self.etag {
+            Some(stored) => stored == etag,
+            None => crate::row::is_standard_etag(etag, self.timestamp),
+        }
+    }
+}
+
 /// Reads the record of the handled row (`partition_key`, `row_key`) in any of the three forms.
 fn decode_handled(
     (partition_key, row_key): (&str, &str),
     bytes: &[u8],
-) -> Result<HandledRecord, StateError> {
+) -> Result<Handled, StateError> {
     let key = || RowId::new(partition_key, row_key).to_string();
     if bytes.first() != Some(&STORED) {
-        return decode_compact(&key(), bytes);
+        let record: HandledRecord = decode_compact(&key(), bytes)?;
+        return Ok(Handled {
+            etag: Some(record.etag),
+            timestamp: record.timestamp,
+        });
     }
     let corrupt = |message: String| StateError::Corrupt {
         key: key(),
@@ -390,10 +412,7 @@ fn decode_handled(
         postcard::from_bytes(&bytes[1..]).map_err(|e| corrupt(e.to_string()))?;
     let timestamp = crate::timestamp::from_ticks(ticks)
         .ok_or_else(|| corrupt(format!("time {ticks} is out of range")))?;
-    Ok(HandledRecord {
-        etag: etag.unwrap_or_else(|| crate::row::standard_etag(timestamp)),
-        timestamp,
-    })
+    Ok(Handled { etag, timestamp })
 }
 
 /// Reads a customer record in any of the three forms.
@@ -477,7 +496,7 @@ impl StateStore for RedbStore {
                         None => Ok(false),
                         Some(bytes) => {
                             let record = decode_handled(key, bytes.value())?;
-                            Ok(record.etag == row.etag)
+                            Ok(record.has_etag(&row.etag))
                         }
                     }
                 })
