@@ -128,12 +128,14 @@ poll_interval = "200ms"
         }
     }
 
-    /// The JSON objects the JSONL sink wrote, in order.
+    /// The JSON objects the JSONL sink wrote, in order. Read while a daemon runs, the
+    /// file may end in a line still being appended: only lines ending in a newline count.
     pub fn delivered(&self) -> Vec<Value> {
         match std::fs::read_to_string(self.output()) {
             Ok(text) => text
-                .lines()
-                .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
+                .map(|l| serde_json::from_str(l).expect("each complete line is JSON"))
                 .collect(),
             Err(_) => Vec::new(),
         }
