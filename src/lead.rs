@@ -13,6 +13,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -317,7 +318,7 @@ pub fn normalise(row: &RawRow) -> Result<LeadEvent, Rejection> {
         match Column::from_name(name) {
             Some(Column::System) => {}
             Some(column) => found.entry(column).or_default().push(Candidate {
-                path: name.clone(),
+                place: Place::Column(name),
                 value,
                 level: 0,
                 preferred: name == column.name(),
@@ -448,15 +449,7 @@ fn parse_customer(
 
     let mut found: BTreeMap<Field, Vec<Candidate<'_>>> = BTreeMap::new();
     let mut index = 0;
-    collect_fields(
-        object,
-        "CustomerInfo",
-        0,
-        &mut index,
-        &mut found,
-        extra,
-        notes,
-    );
+    collect_fields(object, None, &mut index, &mut found, extra, notes);
 
     let mut field = |field: Field| {
         let candidates = found.remove(&field).unwrap_or_default();
@@ -473,52 +466,78 @@ fn parse_customer(
     })
 }
 
-/// Sorts the keys of a `CustomerInfo` object (and of its `UserDetails` object)
+/// Sorts the keys of a `CustomerInfo` object (and of its `UserDetails` object, `nested`)
 /// into known fields and `extra`.
 fn collect_fields<'a>(
     object: &'a Map<String, Value>,
-    prefix: &str,
-    level: u8,
+    nested: Option<&'a str>,
     index: &mut usize,
     found: &mut BTreeMap<Field, Vec<Candidate<'a>>>,
     extra: &mut BTreeMap<String, Value>,
     notes: &mut Vec<String>,
 ) {
     for (key, value) in object {
-        let path = format!("{prefix}.{key}");
+        let place = Place::Info { nested, key };
         *index += 1;
         if let Some(field) = Field::from_key(key) {
             found.entry(field).or_default().push(Candidate {
-                path,
+                place,
                 value,
-                level,
+                level: u8::from(nested.is_some()),
                 preferred: key == field.name(),
                 index: *index,
             });
-        } else if level == 0 && key.eq_ignore_ascii_case("UserDetails") {
+        } else if nested.is_none() && key.eq_ignore_ascii_case("UserDetails") {
             match value {
-                Value::Object(nested) => {
-                    collect_fields(nested, &path, 1, index, found, extra, notes)
+                Value::Object(inner) => {
+                    collect_fields(inner, Some(key), index, found, extra, notes)
                 }
                 Value::Null => {}
                 other => {
                     notes.push(format!(
-                        "{path} is {}, not an object; kept in extra",
+                        "{place} is {}, not an object; kept in extra",
                         json_kind(other)
                     ));
-                    extra.insert(path, other.clone());
+                    extra.insert(place.to_string(), other.clone());
                 }
             }
         } else {
-            extra.insert(path, value.clone());
+            extra.insert(place.to_string(), value.clone());
+        }
+    }
+}
+
+/// Where a candidate value was found. Spelled out (`CustomerInfo.UserDetails.Email`)
+/// only when it goes to `extra` or into a note, which few rows need.
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    /// A table column.
+    Column(&'a str),
+    /// A key of `CustomerInfo`, or of its `nested` object.
+    Info {
+        nested: Option<&'a str>,
+        key: &'a str,
+    },
+}
+
+impl fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Place::Column(name) => f.write_str(name),
+            Place::Info { nested: None, key } => write!(f, "CustomerInfo.{key}"),
+            Place::Info {
+                nested: Some(nested),
+                key,
+            } => write!(f, "CustomerInfo.{nested}.{key}"),
         }
     }
 }
 
 /// One value found for a known column or field, under one of its spellings.
 struct Candidate<'a> {
-    /// The name under which it goes to `extra` if another spelling wins.
-    path: String,
+    /// Where it was found: the name under which it goes to `extra` if another
+    /// spelling wins.
+    place: Place<'a>,
     value: &'a Value,
     /// 0 for a column or a flat `CustomerInfo` key, 1 under `UserDetails`.
     level: u8,
@@ -543,7 +562,7 @@ fn pick<'a>(
     notes: &mut Vec<String>,
 ) -> Option<PickedValue<'a>> {
     candidates.sort_by_key(|c| (c.level, !c.preferred, c.index));
-    let mut chosen: Option<(String, PickedValue<'a>)> = None;
+    let mut chosen: Option<(Place<'a>, PickedValue<'a>)> = None;
     for candidate in candidates {
         let Some(text) = text_of(candidate.value) else {
             continue;
@@ -551,21 +570,22 @@ fn pick<'a>(
         match &chosen {
             None => {
                 chosen = Some((
-                    candidate.path,
+                    candidate.place,
                     PickedValue {
                         text,
                         value: candidate.value,
                     },
                 ))
             }
-            Some((chosen_path, chosen_value)) => {
+            Some((chosen_place, chosen_value)) => {
                 if chosen_value.text != text {
+                    let (place, chosen_place) =
+                        (candidate.place.to_string(), chosen_place.to_string());
                     notes.push(format!(
-                        "{:?} and {chosen_path:?} hold different values; \
-                         using {chosen_path:?}, the other is kept in extra",
-                        candidate.path
+                        "{place:?} and {chosen_place:?} hold different values; \
+                         using {chosen_place:?}, the other is kept in extra"
                     ));
-                    extra.insert(candidate.path, candidate.value.clone());
+                    extra.insert(place, candidate.value.clone());
                 }
             }
         }

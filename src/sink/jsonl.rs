@@ -17,7 +17,15 @@ pub struct JsonlSink {
     lock: Mutex<()>,
     /// Files appended to since the last [`LeadSink::sync`], one handle per file.
     unsynced: std::sync::Mutex<Vec<std::fs::File>>,
+    /// The last batch's buffer, cleared and reused by the next: a page of leads is a
+    /// megabyte or two of JSON, which a fresh buffer would grow into by reallocating and
+    /// page-faulting every time.
+    spare: std::sync::Mutex<Vec<u8>>,
 }
+
+/// A spare buffer larger than this is dropped rather than kept (one unusually large
+/// batch does not pin its memory for the life of the daemon).
+const SPARE_MAX: usize = 8 << 20;
 
 #[derive(Debug, Clone)]
 enum Target {
@@ -37,15 +45,18 @@ impl JsonlSink {
             target,
             lock: Mutex::new(()),
             unsynced: std::sync::Mutex::new(Vec::new()),
+            spare: std::sync::Mutex::new(Vec::new()),
         }
     }
 
+    /// Writes `bytes` and keeps the buffer for the next batch.
     async fn write(&self, bytes: Vec<u8>) -> std::io::Result<()> {
         let _guard = self.lock.lock().await;
         match &self.target {
             Target::Stdout => {
                 let mut out = tokio::io::stdout();
                 out.write_all(&bytes).await?;
+                self.keep(bytes);
                 out.flush().await
             }
             Target::File(path) => {
@@ -53,15 +64,34 @@ impl JsonlSink {
                 // opened per batch, so a rotated file is followed. It is synced later, by
                 // `sync`, before the pipeline commits these leads as delivered.
                 let path = path.clone();
-                let file = tokio::task::spawn_blocking(move || append(&path, &bytes))
-                    .await
-                    .map_err(std::io::Error::other)??;
+                let (file, bytes) = tokio::task::spawn_blocking(move || {
+                    append(&path, &bytes).map(|file| (file, bytes))
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                self.keep(bytes);
                 let mut unsynced = self.unsynced.lock().expect("not poisoned");
                 if !unsynced.iter().any(|f| same_file(f, &file)) {
                     unsynced.push(file);
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+impl JsonlSink {
+    /// An empty buffer for a batch of `leads`: the spare one when there is one.
+    fn buffer(&self, leads: usize) -> Vec<u8> {
+        let mut bytes = std::mem::take(&mut *self.spare.lock().expect("not poisoned"));
+        bytes.clear();
+        bytes.reserve(leads * 512);
+        bytes
+    }
+
+    fn keep(&self, bytes: Vec<u8>) {
+        if bytes.capacity() <= SPARE_MAX {
+            *self.spare.lock().expect("not poisoned") = bytes;
         }
     }
 }
@@ -111,7 +141,7 @@ impl LeadSink for JsonlSink {
     }
 
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
-        let mut bytes = Vec::with_capacity(batch.len() * 512);
+        let mut bytes = self.buffer(batch.len());
         for lead in batch {
             // Serialising our own types cannot fail (string keys, no non-finite floats).
             serde_json::to_writer(&mut bytes, lead).expect("a lead serialises to JSON");
