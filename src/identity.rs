@@ -97,9 +97,15 @@ pub fn external_key(key: &CustomerKey, form: ExternalKeyForm) -> String {
     match (form, key) {
         (ExternalKeyForm::Email, CustomerKey::Email(email)) => email.clone(),
         _ => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
             let digest = Sha256::digest(key.as_string().as_bytes());
-            let hex: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
-            format!("ls-{hex}")
+            let mut out = String::with_capacity(23);
+            out.push_str("ls-");
+            for b in digest.iter().take(10) {
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+            out
         }
     }
 }
@@ -759,6 +765,21 @@ mod tests {
 
     fn settings() -> IdentitySettings {
         IdentitySettings::default()
+    }
+
+    #[test]
+    fn the_hashed_external_key_is_the_first_80_bits_of_sha256_of_the_key_in_hex() {
+        // The CRM's upsert key: it must never change between versions. Expected value
+        // from `python3 -c "import hashlib; print(hashlib.sha256(b'email:ana.silva@fabrikam.com').hexdigest()[:20])"`.
+        let key = CustomerKey::Email("ana.silva@fabrikam.com".into());
+        assert_eq!(
+            external_key(&key, ExternalKeyForm::Hash),
+            "ls-e1cc8599f3776e4be354"
+        );
+        assert_eq!(
+            external_key(&key, ExternalKeyForm::Email),
+            "ana.silva@fabrikam.com"
+        );
     }
 
     fn event(rk: &str, ts: &str, lead_source: &str, customer: serde_json::Value) -> LeadEvent {
