@@ -261,73 +261,25 @@ impl RedbStore {
     /// that copies it: a crash part way leaves every record in exactly one of the two,
     /// and the next open goes on. Returns the number of records moved.
     fn move_string_keyed(&self, step: usize) -> Result<usize, StateError> {
-        fn err(e: impl std::fmt::Display) -> StateError {
-            io("upgrade the state file")(e)
-        }
         let mut moved = 0;
         loop {
-            let txn = self.db.begin_write().map_err(err)?;
+            let txn = self.db.begin_write().map_err(upgrade)?;
             let old: Vec<String> = txn
                 .list_tables()
-                .map_err(err)?
+                .map_err(upgrade)?
                 .map(|t| t.name().to_owned())
                 .filter(|name| name == CUSTOMERS_STR.name() || name == HANDLED_STR.name())
                 .collect();
             if old.is_empty() {
                 return Ok(moved);
             }
-            let mut emptied = Vec::new();
             if old.iter().any(|name| name == CUSTOMERS_STR.name()) {
-                let mut from = txn.open_table(CUSTOMERS_STR).map_err(err)?;
-                let mut to = txn.open_table(CUSTOMERS).map_err(err)?;
-                let batch = from
-                    .iter()
-                    .map_err(err)?
-                    .take(step)
-                    .map(|entry| {
-                        let (key, value) = entry.map_err(err)?;
-                        Ok((key.value().to_owned(), value.value().to_vec()))
-                    })
-                    .collect::<Result<Vec<_>, StateError>>()?;
-                for (key, value) in &batch {
-                    to.insert(key.as_bytes(), value.as_slice()).map_err(err)?;
-                    from.remove(key.as_str()).map_err(err)?;
-                }
-                moved += batch.len();
-                if batch.len() < step {
-                    emptied.push(CUSTOMERS_STR.name());
-                }
+                moved += move_step(&txn, CUSTOMERS_STR, CUSTOMERS, step)?;
             }
             if old.iter().any(|name| name == HANDLED_STR.name()) {
-                let mut from = txn.open_table(HANDLED_STR).map_err(err)?;
-                let mut to = txn.open_table(HANDLED).map_err(err)?;
-                let batch = from
-                    .iter()
-                    .map_err(err)?
-                    .take(step)
-                    .map(|entry| {
-                        let (key, value) = entry.map_err(err)?;
-                        let (pk, rk) = key.value();
-                        Ok(((pk.to_owned(), rk.to_owned()), value.value().to_vec()))
-                    })
-                    .collect::<Result<Vec<_>, StateError>>()?;
-                for ((pk, rk), value) in &batch {
-                    to.insert((pk.as_bytes(), rk.as_bytes()), value.as_slice())
-                        .map_err(err)?;
-                    from.remove((pk.as_str(), rk.as_str())).map_err(err)?;
-                }
-                moved += batch.len();
-                if batch.len() < step {
-                    emptied.push(HANDLED_STR.name());
-                }
+                moved += move_step(&txn, HANDLED_STR, HANDLED, step)?;
             }
-            if emptied.contains(&CUSTOMERS_STR.name()) {
-                txn.delete_table(CUSTOMERS_STR).map_err(err)?;
-            }
-            if emptied.contains(&HANDLED_STR.name()) {
-                txn.delete_table(HANDLED_STR).map_err(err)?;
-            }
-            txn.commit().map_err(err)?;
+            txn.commit().map_err(upgrade)?;
         }
     }
 
@@ -345,6 +297,80 @@ impl RedbStore {
         }
         Ok(out)
     }
+}
+
+fn upgrade(e: impl std::fmt::Display) -> StateError {
+    io("upgrade the state file")(e)
+}
+
+/// A string key of an earlier version's table and its byte-keyed successor's key.
+trait StringKey: redb::Key + 'static {
+    type Bytes: redb::Key + 'static;
+    type Owned;
+    fn to_owned_key(key: Self::SelfType<'_>) -> Self::Owned;
+    fn as_str_key(key: &Self::Owned) -> Self::SelfType<'_>;
+    fn as_byte_key(key: &Self::Owned) -> <Self::Bytes as redb::Value>::SelfType<'_>;
+}
+
+impl StringKey for &'static str {
+    type Bytes = &'static [u8];
+    type Owned = String;
+    fn to_owned_key(key: &str) -> String {
+        key.to_owned()
+    }
+    fn as_str_key(key: &String) -> &str {
+        key
+    }
+    fn as_byte_key(key: &String) -> &[u8] {
+        key.as_bytes()
+    }
+}
+
+impl StringKey for (&'static str, &'static str) {
+    type Bytes = (&'static [u8], &'static [u8]);
+    type Owned = (String, String);
+    fn to_owned_key((a, b): (&str, &str)) -> (String, String) {
+        (a.to_owned(), b.to_owned())
+    }
+    fn as_str_key((a, b): &(String, String)) -> (&str, &str) {
+        (a, b)
+    }
+    fn as_byte_key((a, b): &(String, String)) -> (&[u8], &[u8]) {
+        (a.as_bytes(), b.as_bytes())
+    }
+}
+
+/// One transaction's share of moving `from` into `to`: up to `step` records, and the old
+/// table dropped once it is empty. Returns the number moved.
+fn move_step<K: StringKey>(
+    txn: &redb::WriteTransaction,
+    from: TableDefinition<K, &[u8]>,
+    to: TableDefinition<K::Bytes, &[u8]>,
+    step: usize,
+) -> Result<usize, StateError> {
+    let moved = {
+        let mut old = txn.open_table(from).map_err(upgrade)?;
+        let mut new = txn.open_table(to).map_err(upgrade)?;
+        let batch = old
+            .iter()
+            .map_err(upgrade)?
+            .take(step)
+            .map(|entry| {
+                let (key, value) = entry.map_err(upgrade)?;
+                Ok((K::to_owned_key(key.value()), value.value().to_vec()))
+            })
+            .collect::<Result<Vec<_>, StateError>>()?;
+        for (key, value) in &batch {
+            new.insert(K::as_byte_key(key), value.as_slice())
+                .map_err(upgrade)?;
+            old.remove(K::as_str_key(key)).map_err(upgrade)?;
+        }
+        batch.len()
+    };
+    if moved < step {
+        txn.delete_table(from).map_err(upgrade)?;
+    }
+    Ok(moved)
 }
 
 /// Records moved per transaction when a state file of an earlier version is upgraded.
