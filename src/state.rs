@@ -243,9 +243,18 @@ impl RedbStore {
         txn.open_table(META).map_err(io("open"))?;
         txn.open_table(CUSTOMERS).map_err(io("open"))?;
         txn.open_table(DEAD_LETTERS).map_err(io("open"))?;
+        // Only a file of a version before byte keys has the string-keyed tables: the
+        // usual start-up looks for them in this transaction and begins no other.
+        let upgrade_due = txn
+            .list_tables()
+            .map_err(io("open"))?
+            .any(|t| t.name() == CUSTOMERS_STR.name() || t.name() == HANDLED_STR.name());
         txn.commit().map_err(io("open"))?;
         let store = Self { db };
-        let moved = store.move_string_keyed(MOVE_STEP)?;
+        let moved = match upgrade_due {
+            true => store.move_string_keyed(MOVE_STEP)?,
+            false => 0,
+        };
         if moved > 0 {
             tracing::info!(
                 records = moved,
