@@ -127,6 +127,13 @@ pub struct HistoryEntry {
     pub description: Option<String>,
 }
 
+impl HistoryEntry {
+    /// Whether this entry (of the event's row) is the event's version or a later one.
+    fn holds(&self, event: &LeadEvent) -> bool {
+        (self.timestamp, self.etag.as_str()) >= (event.timestamp, event.etag.as_str())
+    }
+}
+
 /// An offer the customer showed interest in.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct OfferInterest {
@@ -287,6 +294,15 @@ impl CustomerState {
         }
     }
 
+    /// Whether the history holds this event's row at this version or a later one: the
+    /// event was merged before, and merging it again changes nothing.
+    pub fn has_version(&self, event: &LeadEvent) -> bool {
+        self.lead
+            .history
+            .iter()
+            .any(|h| h.row == event.row && h.holds(event))
+    }
+
     /// Merges events into the record. Returns whether the record (`lead`) changed, so a
     /// replay of events already merged sends nothing.
     pub fn apply<'a>(
@@ -336,9 +352,7 @@ impl CustomerState {
         // One entry per row: a row changed in the table replaces its older version.
         let existing = self.lead.history.iter_mut().find(|h| h.row == event.row);
         if let Some(existing) = &existing {
-            if (existing.timestamp, existing.etag.as_str())
-                >= (event.timestamp, event.etag.as_str())
-            {
+            if existing.holds(event) {
                 return changed;
             }
         }

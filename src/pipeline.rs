@@ -8,9 +8,11 @@
 //! - It moves to the newest Timestamp seen, but never past the oldest row whose
 //!   outcome is still open (the sink said "retry later"), so that row is read again.
 //! - Every poll re-reads `checkpoint - overlap`, because a row can become visible after
-//!   a later-stamped row was read; the (PartitionKey, RowKey, ETag) of every settled
-//!   row in that window is remembered so that re-reading delivers nothing twice, and a
-//!   row changed since (new ETag) is handled again.
+//!   a later-stamped row was read; re-reading delivers nothing twice, and a row changed
+//!   since (new ETag) is handled again. The (PartitionKey, RowKey, ETag) of every row
+//!   settled without delivery is remembered for that window; a delivered row's version
+//!   is in its customer's history (committed with its outcome), where the merge
+//!   recognises it. The table store remembers delivered rows too.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,7 +55,8 @@ pub enum PollError {
 pub struct PollSummary {
     /// Entities returned by the table (including ones already handled).
     pub rows_read: u64,
-    /// Rows skipped because this version was handled by an earlier poll.
+    /// Rows skipped because this version was handled by an earlier poll (remembered by
+    /// the store, or, for a delivered row, found in its customer's history).
     pub already_handled: u64,
     /// Rows whose customer record the sink acknowledged.
     pub delivered: u64,
@@ -466,7 +469,7 @@ impl Pipeline {
         let Prepared {
             mut settlements,
             by_customer,
-            newest_settled,
+            mut newest_settled,
         } = prepared;
         let keys: Vec<String> = by_customer.keys().map(CustomerKey::as_string).collect();
         let mut stored = self.state.customers(&keys).await?;
@@ -484,8 +487,25 @@ impl Pipeline {
         }
         let mut to_store = Vec::new();
         let mut deliveries = Vec::new();
-        for ((key, items), stored) in by_customer.into_iter().zip(stored) {
+        for ((key, mut items), stored) in by_customer.into_iter().zip(stored) {
             let mut customer = stored.unwrap_or_else(|| CustomerState::new(&key, &self.identity));
+            if customer.delivered && !mode.ignore_handled {
+                // Rows read again (the overlap window, or after a crash) whose version the
+                // store did not remember as handled: the file store leaves delivered rows to
+                // their customers' histories. They are already handled, as a remembered
+                // row would be: not merged, not counted, not settled again.
+                items.retain(|(version, event)| {
+                    let seen = customer.has_version(event);
+                    if seen {
+                        summary.already_handled += 1;
+                        newest_settled = newest_settled.max(Some(version.timestamp));
+                    }
+                    !seen
+                });
+                if items.is_empty() {
+                    continue;
+                }
+            }
             let changed = customer.apply(items.iter().map(|(_, e)| e), &self.identity);
             let rows = items.into_iter().map(|(v, _)| v);
             if customer.delivered && !changed && !mode.resend {

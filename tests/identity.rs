@@ -95,20 +95,76 @@ async fn a_replay_of_delivered_events_sends_nothing() {
         )])
         .await;
     world.poll_with(&world.settings(), sink.clone()).await;
-    // Forget which rows were handled, as `replay` will: the merge sees nothing new.
+    // Forget every handled row the store remembers: the file store keeps none for a
+    // delivered row, whose version is in its customer's history.
     {
         let state = RedbStore::open(&world.state_dir()).unwrap();
         state
             .prune_handled(time::OffsetDateTime::now_utc() + time::Duration::days(1))
             .await
             .unwrap();
+        assert_eq!(state.handled_len().await.unwrap(), 0);
     }
 
     let again = world.poll_with(&world.settings(), sink.clone()).await;
 
     assert_eq!(again.records_sent, 0);
-    assert_eq!(again.unchanged, 1);
+    assert_eq!((again.already_handled, again.unchanged), (1, 0));
     assert_eq!(sink.deliveries.lock().unwrap().values().sum::<usize>(), 1);
+}
+
+#[tokio::test]
+async fn a_delivered_row_read_again_with_a_new_event_of_its_customer_is_not_counted_twice() {
+    let world = World::new().await;
+    let sink = Arc::new(MemorySink::default());
+    world
+        .insert(&[lead_row(
+            "p",
+            "1",
+            "AzureMarketplace-INS | a.b",
+            ana("a@b.c"),
+        )])
+        .await;
+    let first = world.poll_with(&world.settings(), sink.clone()).await;
+    assert_eq!(first.delivered, 1);
+    {
+        let state = RedbStore::open(&world.state_dir()).unwrap();
+        assert_eq!(
+            state.handled_len().await.unwrap(),
+            0,
+            "a delivered row is left to its customer's history"
+        );
+    }
+    // The same customer again; the overlap window reads the first row too.
+    world
+        .insert(&[lead_row("p", "2", "SPZA-PLT | a.c", ana("a@b.c"))])
+        .await;
+
+    let second = world.poll_with(&world.settings(), sink.clone()).await;
+
+    assert_eq!((second.rows_read, second.already_handled), (2, 1));
+    assert_eq!((second.delivered, second.records_sent), (1, 1));
+    let records = sink.records.lock().unwrap();
+    assert_eq!(records.values().next().unwrap().history.len(), 2);
+    // A row changed in the table (a new ETag) is handled again.
+    drop(records);
+    world
+        .insert(&[lead_row(
+            "p",
+            "1",
+            "AzureMarketplace-INS | a.d",
+            ana("a@b.c"),
+        )])
+        .await;
+    let third = world.poll_with(&world.settings(), sink.clone()).await;
+    assert_eq!((third.already_handled, third.delivered), (1, 1));
+    let records = sink.records.lock().unwrap();
+    let lead = records.values().next().unwrap();
+    assert_eq!(lead.history.len(), 2);
+    assert!(lead
+        .history
+        .iter()
+        .any(|h| h.offer.as_deref() == Some("a.d")));
 }
 
 #[tokio::test]
