@@ -132,21 +132,28 @@ async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivere
     let late = page.rows.iter().find(|r| r.id.row_key == "late").unwrap();
     assert!(late.timestamp < seen.timestamp);
     {
+        // As a poll that delivered `seen` leaves it: its outcome, and its customer with
+        // the row in the history.
+        let identity = world.settings().identity;
+        let event = leadsync::lead::normalise(seen).unwrap();
+        let key = leadsync::identity::customer_key(&event.customer, identity.fallback).unwrap();
+        let mut customer = leadsync::identity::CustomerState::new(&key, &identity);
+        customer.apply([&event], &identity);
+        customer.delivered = true;
+        let mut batch = SettleBatch::rows(vec![Settlement {
+            row: RowVersion {
+                id: seen.id.clone(),
+                etag: seen.etag.clone(),
+                timestamp: seen.timestamp,
+            },
+            outcome: Settled::Delivered {
+                sink: "jsonl".into(),
+            },
+            columns: None,
+        }]);
+        batch.customers.push(customer);
         let state = RedbStore::open(&world.state_dir()).unwrap();
-        state
-            .settle(&SettleBatch::rows(vec![Settlement {
-                row: RowVersion {
-                    id: seen.id.clone(),
-                    etag: seen.etag.clone(),
-                    timestamp: seen.timestamp,
-                },
-                outcome: Settled::Delivered {
-                    sink: "jsonl".into(),
-                },
-                columns: None,
-            }]))
-            .await
-            .unwrap();
+        state.settle(&batch).await.unwrap();
         state.set_checkpoint(seen.timestamp).await.unwrap();
     }
 
