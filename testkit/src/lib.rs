@@ -3,9 +3,11 @@
 //! Nothing on the storage side is mocked: this is the real emulator, installed by
 //! `npm ci --prefix tools/azurite` (`scripts/test.sh` and `bench/run.sh` do it).
 
+use std::collections::BTreeSet;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -21,9 +23,21 @@ pub fn connection_string(port: u16) -> String {
     )
 }
 
-/// A port nobody listens on now (bound and released).
+/// A port nobody listens on now (bound and released), and not handed out before by this
+/// process. Tests start Azurites in parallel, and Node takes a moment to listen: the
+/// kernel may offer a port again in that moment, and the second Azurite would then fail
+/// to bind while the first one answered its readiness check (a test talking to
+/// another test's Azurite, refused when that one stops).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port that this process has not used already")
 }
 
 /// How to run Azurite.
@@ -178,4 +192,16 @@ fn wait_listening(port: u16, child: &mut Child) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_is_handed_out_once_per_process() {
+        let ports: Vec<u16> = (0..200).map(|_| free_port().unwrap()).collect();
+        let unique: BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(unique.len(), ports.len());
+    }
 }
