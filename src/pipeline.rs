@@ -27,7 +27,7 @@ use crate::identity::{customer_key, CustomerKey, CustomerLead, CustomerState, Un
 use crate::lead::{normalise, LeadEvent, Rejection};
 use crate::row::RawRow;
 use crate::sink::{LeadSink, Outcome};
-use crate::source::{Continuation, SourceError, TableSource};
+use crate::source::{Continuation, Page, SourceError, TableSource};
 use crate::state::{
     DeadLetter, RowVersion, SettleBatch, Settled, Settlement, StateError, StateStore,
 };
@@ -187,6 +187,13 @@ fn settle_all(
     }));
 }
 
+/// A page being fetched: where the page after it starts (said as soon as the service
+/// answered), and the task that builds and normalises its rows.
+struct Fetching {
+    next: tokio::sync::oneshot::Receiver<Option<Continuation>>,
+    task: AbortOnDrop<Result<(Page, Vec<Result<LeadEvent, Rejection>>), PollError>>,
+}
+
 /// A customer whose merged record goes to the sink, with the rows it settles.
 struct Delivery {
     customer: CustomerState,
@@ -219,42 +226,56 @@ impl Pipeline {
         // itself): the table's latency and the commit overlap the work, on another core
         // when there is one. A page is delivered only after the page before it is
         // committed. At most three pages are in memory (fetching, working, committing).
-        // The fetch task also normalises its page's rows (pure work on the row alone),
-        // so that work overlaps the previous page's merge and delivery too. Rows found
-        // already handled (the overlap re-read, a replay after a crash) are normalised
-        // and then dropped: about 10 µs each, less than fetching them, and it keeps the
-        // handled-row lookup, which reads state, out of the fetch task.
+        // A page's task says where the next page starts as soon as the service's answer
+        // is in, before it builds the rows from the answer's JSON and normalises them, so
+        // the next page's request is already out while that work is done: the table
+        // never waits for leadsync to parse a page. Rows found already handled (the
+        // overlap re-read, a replay after a crash) are normalised and then dropped: about
+        // 10 µs each, less than fetching them, and it keeps the handled-row lookup, which
+        // reads state, out of the fetch task.
         let fetch = |continuation: Option<Continuation>, pages: u64| {
             let source = self.source.clone();
             let cancel = cancel.clone();
-            async move {
-                let page = source
-                    .fetch_page(since, continuation.as_ref(), &cancel)
+            let (said_next, next) = tokio::sync::oneshot::channel();
+            let task = async move {
+                let raw = source
+                    .fetch_raw_page(since, continuation.as_ref(), &cancel)
                     .await
                     .map_err(|e| match e {
                         SourceError::Cancelled => PollError::Interrupted { pages },
                         other => PollError::Source(other),
                     })?;
-                let events: Vec<_> = page.rows.iter().map(normalise).collect();
-                Ok::<_, PollError>((page, events))
+                // The receiver is gone only when the poll has ended.
+                let _ = said_next.send(raw.next.clone());
+                let rows = raw.rows()?;
+                let next = raw.next;
+                let events: Vec<_> = rows.iter().map(normalise).collect();
+                Ok::<_, PollError>((Page { rows, next }, events))
+            };
+            Fetching {
+                next,
+                task: AbortOnDrop(tokio::spawn(task)),
             }
         };
         // The last page's batch and the task committing it.
         let mut settling: Option<Settling> = None;
         let passed: Result<(), PollError> = async {
-            let (mut page, mut events) = fetch(None, 0).await?;
+            let mut fetching = fetch(None, 0);
             loop {
+                let waiting = Instant::now();
+                // A failed fetch says nothing here; its error comes from the task below.
+                let next = (&mut fetching.next).await.ok().flatten();
+                let prefetch = match next {
+                    Some(c) if !cancel.is_cancelled() => Some(fetch(Some(c), summary.pages + 1)),
+                    _ => None,
+                };
+                let (mut page, mut events) = (&mut fetching.task.0).await.map_err(joined)??;
+                let wait_table = waiting.elapsed();
                 summary.pages += 1;
                 summary.rows_read += page.rows.len() as u64;
                 self.memory.metrics.touch();
                 let pages = summary.pages;
                 let more = page.next.is_some();
-                let prefetch = match page.next.take() {
-                    Some(c) if !cancel.is_cancelled() => {
-                        Some(AbortOnDrop(tokio::spawn(fetch(Some(c), pages))))
-                    }
-                    _ => None,
-                };
                 let t0 = Instant::now();
                 let prepared = self
                     .prepare(
@@ -305,32 +326,22 @@ impl Pipeline {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                match prefetch {
-                    Some(mut next_page) => {
-                        (page, events) = (&mut next_page.0).await.map_err(joined)??
-                    }
-                    None if more => return Err(PollError::Interrupted { pages }),
-                    None => {
-                        tracing::debug!(
-                            page = pages,
-                            prepare_merge_ms = ms(t1 - t0),
-                            wait_commit_ms = ms(t2 - t1),
-                            deliver_ms = ms(t3 - t2),
-                            "Last page handled."
-                        );
-                        return Ok(());
-                    }
-                }
-                // Where a page's time goes: says whether the table, the state or the
-                // work (merge and sink) limits a backfill.
+                // Where a page's time goes: says whether the table (waiting for the page),
+                // the state or the work (merge and sink) limits a backfill.
                 tracing::debug!(
                     page = pages,
+                    wait_table_ms = ms(wait_table),
                     prepare_merge_ms = ms(t1 - t0),
                     wait_commit_ms = ms(t2 - t1),
                     deliver_ms = ms(t3 - t2),
-                    wait_table_ms = ms(t3.elapsed()),
+                    last = prefetch.is_none(),
                     "Page handled."
                 );
+                match prefetch {
+                    Some(next) => fetching = next,
+                    None if more => return Err(PollError::Interrupted { pages }),
+                    None => return Ok(()),
+                }
                 if cancel.is_cancelled() {
                     return Err(PollError::Interrupted {
                         pages: summary.pages,

@@ -12,12 +12,13 @@ use azure_core::error::ErrorKind;
 use azure_core::prelude::Continuable;
 use azure_core::{RetryOptions, StatusCode, TransportOptions};
 use azure_data_tables::clients::{TableServiceClient, TableServiceClientBuilder};
+use azure_data_tables::operations::QueryEntityResponse;
 use azure_data_tables::prelude::*;
 use azure_storage::{CloudLocation, ConnectionString, StorageCredentials};
 use futures::StreamExt;
 use secrecy::ExposeSecret;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +85,39 @@ pub struct Page {
     pub next: Option<Continuation>,
 }
 
+/// One page of a query, each entity still its JSON text (see [`TableSource::fetch_raw_page`]).
+pub struct RawPage {
+    pub entities: Vec<Box<RawValue>>,
+    /// `None` only when the service said there is nothing more.
+    pub next: Option<Continuation>,
+    table: String,
+}
+
+impl std::fmt::Debug for RawPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawPage")
+            .field("entities", &self.entities.len())
+            .field("next", &self.next)
+            .finish()
+    }
+}
+
+impl RawPage {
+    /// The page's rows, as [`TableSource::fetch_page`] returns them.
+    pub fn rows(&self) -> Result<Vec<RawRow>, SourceError> {
+        self.entities
+            .iter()
+            .map(|entity| {
+                raw_row_of_json(entity.get()).map_err(|(row, message)| SourceError::Malformed {
+                    table: self.table.clone(),
+                    row,
+                    message,
+                })
+            })
+            .collect()
+    }
+}
+
 /// A client of the lead table.
 #[derive(Clone)]
 pub struct TableSource {
@@ -125,6 +159,47 @@ impl TableSource {
         continuation: Option<&Continuation>,
         cancel: &CancellationToken,
     ) -> Result<Page, SourceError> {
+        let response = self
+            .query::<Map<String, Value>>(since, continuation, cancel)
+            .await?;
+        let next = next_of(&response);
+        let rows = response
+            .entities
+            .into_iter()
+            .map(|entity| raw_row(entity).map_err(|(row, message)| self.malformed(row, message)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page { rows, next })
+    }
+
+    /// As [`TableSource::fetch_page`], with each entity left as its JSON text: the
+    /// response is only split into entities, so the continuation is known, and the
+    /// next page can be asked for, before the rows are built ([`RawPage::rows`]).
+    pub async fn fetch_raw_page(
+        &self,
+        since: Option<OffsetDateTime>,
+        continuation: Option<&Continuation>,
+        cancel: &CancellationToken,
+    ) -> Result<RawPage, SourceError> {
+        let response = self
+            .query::<Box<RawValue>>(since, continuation, cancel)
+            .await?;
+        Ok(RawPage {
+            next: next_of(&response),
+            entities: response.entities,
+            table: self.name.clone(),
+        })
+    }
+
+    /// One query request for a page of entities of type `E`, with retries.
+    async fn query<E>(
+        &self,
+        since: Option<OffsetDateTime>,
+        continuation: Option<&Continuation>,
+        cancel: &CancellationToken,
+    ) -> Result<QueryEntityResponse<E>, SourceError>
+    where
+        E: serde::de::DeserializeOwned + Send + Sync,
+    {
         let filter = since.map(|t| format!("Timestamp ge datetime'{}'", timestamp::format(t)));
         self.with_retries("query", cancel, || async {
             let mut query = self.table.query().top(self.page_size);
@@ -137,30 +212,11 @@ impl TableSource {
                     query = query.initial_row_key(rk.clone());
                 }
             }
-            let response = query
-                .into_stream::<Map<String, Value>>()
-                .next()
-                .await
-                .ok_or_else(|| {
-                    azure_core::Error::message(ErrorKind::Other, "the query returned no page")
-                })??;
-            Ok(response)
+            query.into_stream::<E>().next().await.ok_or_else(|| {
+                azure_core::Error::message(ErrorKind::Other, "the query returned no page")
+            })?
         })
         .await
-        .and_then(|response| {
-            let next = response.continuation().map(|(pk, rk)| Continuation {
-                next_partition_key: pk,
-                next_row_key: rk,
-            });
-            let rows = response
-                .entities
-                .into_iter()
-                .map(|entity| {
-                    raw_row(entity).map_err(|(row, message)| self.malformed(row, message))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Page { rows, next })
-        })
     }
 
     /// Creates the table when it does not exist (tests, the demo and `check` use it;
@@ -283,6 +339,17 @@ pub fn service_client(settings: &SourceSettings) -> Result<TableServiceClient, S
 }
 
 /// The SDK does not escape `'` when it builds `(PartitionKey='..',RowKey='..')`.
+/// Where the page after `response` starts, if the service said there is one.
+fn next_of<E>(response: &QueryEntityResponse<E>) -> Option<Continuation>
+where
+    E: serde::de::DeserializeOwned + Send + Sync,
+{
+    response.continuation().map(|(pk, rk)| Continuation {
+        next_partition_key: pk,
+        next_row_key: rk,
+    })
+}
+
 fn escape_key(key: &str) -> String {
     key.replace('\'', "''")
 }
@@ -350,43 +417,157 @@ pub(crate) fn redact_sas(text: &str) -> String {
     out
 }
 
-/// Splits the system columns off an entity returned with `odata=fullmetadata`.
-fn raw_row(mut entity: Map<String, Value>) -> Result<RawRow, (String, String)> {
-    let take = |entity: &mut Map<String, Value>, name: &str| match entity.remove(name) {
-        Some(Value::String(s)) => Some(s),
-        _ => None,
-    };
-    let pk = take(&mut entity, "PartitionKey");
-    let rk = take(&mut entity, "RowKey");
-    let (pk, rk) = match (pk, rk) {
-        (Some(pk), Some(rk)) => (pk, rk),
-        (pk, rk) => {
-            return Err((
-                format!("PartitionKey={pk:?} RowKey={rk:?}"),
-                "PartitionKey or RowKey missing".into(),
-            ))
+/// An entity's system columns, split off the rest as it is read.
+struct Entity {
+    partition_key: Option<Value>,
+    row_key: Option<Value>,
+    etag: Option<Value>,
+    timestamp: Option<Value>,
+    /// Every other column, OData annotations left out.
+    columns: Map<String, Value>,
+}
+
+/// The columns of an entity returned with `odata=fullmetadata` that are not leadsync's
+/// to keep: the OData annotations (`odata.id`, `odata.editLink`, `Timestamp@odata.type`, ...).
+fn is_annotation(name: &str) -> bool {
+    name.starts_with("odata.") || name.contains("@odata.")
+}
+
+impl Entity {
+    fn from_map(mut entity: Map<String, Value>) -> Self {
+        let partition_key = entity.remove("PartitionKey");
+        let row_key = entity.remove("RowKey");
+        let etag = entity.remove("odata.etag");
+        let timestamp = entity.remove("Timestamp");
+        entity.retain(|k, _| !is_annotation(k));
+        Self {
+            partition_key,
+            row_key,
+            etag,
+            timestamp,
+            columns: entity,
         }
-    };
-    let id = RowId::new(pk, rk);
-    let etag = take(&mut entity, "odata.etag")
-        .ok_or_else(|| (id.to_string(), "no odata.etag".to_owned()))?;
-    let timestamp = take(&mut entity, "Timestamp")
-        .ok_or_else(|| (id.to_string(), "no Timestamp".to_owned()))
-        .and_then(|t| {
-            OffsetDateTime::parse(&t, &Rfc3339).map_err(|e| {
-                (
-                    id.to_string(),
-                    format!("Timestamp {t:?} is not RFC 3339: {e}"),
-                )
-            })
-        })?;
-    entity.retain(|k, _| !k.starts_with("odata.") && !k.contains("@odata."));
-    Ok(RawRow {
-        id,
-        etag,
-        timestamp,
-        columns: entity,
-    })
+    }
+
+    /// As [`Entity::from_map`] of the entity's JSON, without building the annotations
+    /// (a third of a marketplace entity's text) only to drop them.
+    fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    fn into_row(self) -> Result<RawRow, (String, String)> {
+        let text = |v: Option<Value>| match v {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let (pk, rk) = match (text(self.partition_key), text(self.row_key)) {
+            (Some(pk), Some(rk)) => (pk, rk),
+            (pk, rk) => {
+                return Err((
+                    format!("PartitionKey={pk:?} RowKey={rk:?}"),
+                    "PartitionKey or RowKey missing".into(),
+                ))
+            }
+        };
+        let id = RowId::new(pk, rk);
+        let etag = text(self.etag).ok_or_else(|| (id.to_string(), "no odata.etag".to_owned()))?;
+        let timestamp = text(self.timestamp)
+            .ok_or_else(|| (id.to_string(), "no Timestamp".to_owned()))
+            .and_then(|t| {
+                timestamp::parse(&t).map_err(|e| {
+                    (
+                        id.to_string(),
+                        format!("Timestamp {t:?} is not RFC 3339: {e}"),
+                    )
+                })
+            })?;
+        Ok(RawRow {
+            id,
+            etag,
+            timestamp,
+            columns: self.columns,
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Entity {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entity;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an entity (a JSON object)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Entity, A::Error> {
+                let mut entity = Entity {
+                    partition_key: None,
+                    row_key: None,
+                    etag: None,
+                    timestamp: None,
+                    columns: Map::new(),
+                };
+                while let Some(Key(name)) = map.next_key()? {
+                    let slot = match &*name {
+                        "PartitionKey" => &mut entity.partition_key,
+                        "RowKey" => &mut entity.row_key,
+                        "odata.etag" => &mut entity.etag,
+                        "Timestamp" => &mut entity.timestamp,
+                        other if is_annotation(other) => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                        _ => {
+                            entity.columns.insert(name.into_owned(), map.next_value()?);
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(entity)
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
+/// A column name, borrowed from the page's text when it has no escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a column name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(v.to_owned().into()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(v.into()))
+            }
+        }
+        deserializer.deserialize_str(Visit)
+    }
+}
+
+/// Splits the system columns off an entity returned with `odata=fullmetadata`.
+fn raw_row(entity: Map<String, Value>) -> Result<RawRow, (String, String)> {
+    Entity::from_map(entity).into_row()
+}
+
+/// [`raw_row`] of an entity's JSON text.
+fn raw_row_of_json(text: &str) -> Result<RawRow, (String, String)> {
+    Entity::from_json(text)
+        .map_err(|e| ("(not an entity)".to_owned(), e.to_string()))?
+        .into_row()
 }
 
 fn location_and_credentials(
@@ -509,27 +690,57 @@ mod tests {
         assert!(redacted.ends_with("sig=[redacted])"), "{redacted}");
     }
 
+    /// [`raw_row`] of the parsed entity and [`raw_row_of_json`] of its text.
+    fn both_ways(text: &str) -> [Result<RawRow, (String, String)>; 2] {
+        let entity: Map<String, Value> = serde_json::from_str(text).unwrap();
+        [raw_row(entity), raw_row_of_json(text)]
+    }
+
     #[test]
     fn an_entity_keeps_its_columns_and_drops_odata_annotations() {
-        let entity: Map<String, Value> = serde_json::from_str(
-            r#"{"odata.etag":"W/\"1\"","PartitionKey":"p","RowKey":"r",
-                "Timestamp":"2024-05-01T10:00:00.1234567Z","Timestamp@odata.type":"Edm.DateTime",
-                "LeadSource":"AzureMarketplace-INS | a.b"}"#,
-        )
-        .unwrap();
-        let row = raw_row(entity).unwrap();
+        // As the service sends it with odata=fullmetadata, a key with an escape included.
+        let text = r#"{"odata.type":"acct.Leads","odata.id":"http://127.0.0.1/acct/Leads(PartitionKey='p',RowKey='r')",
+            "odata.etag":"W/\"1\"","odata.editLink":"Leads(PartitionKey='p',RowKey='r')",
+            "PartitionKey":"p","RowKey":"r",
+            "Timestamp":"2024-05-01T10:00:00.1234567Z","Timestamp@odata.type":"Edm.DateTime",
+            "LeadSource":"AzureMarketplace-INS | a.b","Count":3,"Count@odata.type":"Edm.Int64",
+            "Caf\u00e9":{"nested":[1,"two",null]},"Empty":null}"#;
+        let [from_map, from_json] = both_ways(text);
+        let row = from_map.unwrap();
         assert_eq!(row.id, RowId::new("p", "r"));
+        assert_eq!(row.etag, "W/\"1\"");
         assert_eq!(row.timestamp.nanosecond(), 123_456_700);
-        assert_eq!(row.columns.len(), 1);
-        assert!(row.columns.contains_key("LeadSource"));
+        let names: Vec<&str> = row.columns.keys().map(String::as_str).collect();
+        assert_eq!(names, ["Café", "Count", "Empty", "LeadSource"]);
+        assert_eq!(from_json.unwrap(), row);
     }
 
     #[test]
     fn an_entity_without_a_timestamp_is_malformed_and_named() {
-        let entity: Map<String, Value> =
-            serde_json::from_str(r#"{"odata.etag":"x","PartitionKey":"p","RowKey":"r"}"#).unwrap();
-        let (row, message) = raw_row(entity).unwrap_err();
-        assert!(row.contains("\"r\""), "{row}");
-        assert!(message.contains("Timestamp"));
+        for result in both_ways(r#"{"odata.etag":"x","PartitionKey":"p","RowKey":"r"}"#) {
+            let (row, message) = result.unwrap_err();
+            assert!(row.contains("\"r\""), "{row}");
+            assert!(message.contains("Timestamp"));
+        }
+    }
+
+    #[test]
+    fn an_entity_with_a_system_column_of_the_wrong_type_is_malformed_either_way() {
+        for text in [
+            r#"{"odata.etag":"x","PartitionKey":1,"RowKey":"r","Timestamp":"2024-05-01T10:00:00Z"}"#,
+            r#"{"odata.etag":"x","PartitionKey":"p","RowKey":"r","Timestamp":"yesterday"}"#,
+            r#"{"PartitionKey":"p","RowKey":"r","Timestamp":"2024-05-01T10:00:00Z"}"#,
+        ] {
+            let [from_map, from_json] = both_ways(text);
+            assert_eq!(
+                from_map.clone().unwrap_err(),
+                from_json.unwrap_err(),
+                "{text}"
+            );
+            assert!(from_map.is_err());
+        }
+        let (row, message) = raw_row_of_json("[1, 2]").unwrap_err();
+        assert_eq!(row, "(not an entity)");
+        assert!(message.contains("an entity"), "{message}");
     }
 }

@@ -666,12 +666,15 @@ impl StateStore for RedbStore {
                         .map_err(io("settle rows"))?;
                 }
                 let mut stored = txn.open_table(CUSTOMERS).map_err(io("settle rows"))?;
+                // One buffer for every record of the batch: a record grown from empty
+                // reallocated eight times on the way to its kilobyte.
+                let mut record = Vec::with_capacity(4096);
                 for customer in &batch.customers {
+                    record.clear();
+                    record.push(STORED);
+                    record = customer.write_stored(record);
                     stored
-                        .insert(
-                            customer.lead.key.as_bytes(),
-                            customer.write_stored(vec![STORED]).as_slice(),
-                        )
+                        .insert(customer.lead.key.as_bytes(), record.as_slice())
                         .map_err(io("settle rows"))?;
                 }
                 let mut handled = txn.open_table(HANDLED).map_err(io("settle rows"))?;

@@ -143,8 +143,8 @@ impl LeadSink for JsonlSink {
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
         let mut bytes = self.buffer(batch.len());
         for lead in batch {
-            // Serialising our own types cannot fail (string keys, no non-finite floats).
-            serde_json::to_writer(&mut bytes, lead).expect("a lead serialises to JSON");
+            // Exactly what serde_json writes for the lead, faster (see `json_line`).
+            super::json_line::write_lead(&mut bytes, lead);
             bytes.push(b'\n');
         }
         match self.write(bytes).await {

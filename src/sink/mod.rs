@@ -7,6 +7,7 @@ pub use crate::identity::CustomerLead;
 
 pub mod dynamics;
 pub mod http;
+mod json_line;
 pub mod jsonl;
 pub mod mapping;
 pub mod salesforce;

@@ -179,11 +179,13 @@ fn spawn(script: &Path, port: u16, data: &Path, options: &Options) -> anyhow::Re
         .context("start node (Node.js 20 is required)")
 }
 
-/// Waits up to 20 s for the port to accept connections; false if the process exits first.
+/// Waits up to 20 s for the port to answer an HTTP request; false if the process exits
+/// first. An accepted connection alone is not enough: a test once had its first request
+/// reset by an Azurite that accepted connections before it served them.
 fn wait_listening(port: u16, child: &mut Child) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if answers_http(port) {
             return true;
         }
         if let Ok(Some(_)) = child.try_wait() {
@@ -192,6 +194,24 @@ fn wait_listening(port: u16, child: &mut Child) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// Whether the port answers a request with an HTTP status line (any status: an
+/// unauthenticated request is refused, and that is an answer).
+fn answers_http(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!(
+        "GET /devstoreaccount1/Tables HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 8];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.")
 }
 
 #[cfg(test)]
