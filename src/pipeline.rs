@@ -307,13 +307,18 @@ impl Pipeline {
                     batch,
                     tokio::spawn(async move {
                         let started = Instant::now();
-                        sink.sync().await?;
+                        // The store encodes what it will write while the sink syncs.
+                        let syncing = tokio::spawn(async move { sink.sync().await });
+                        let prepared = state.prepare(&committing);
+                        let prepare_ms = ms(started.elapsed());
+                        syncing.await.map_err(joined)??;
                         let synced = Instant::now();
-                        state.settle(&committing).await?;
+                        state.settle_prepared(&committing, prepared).await?;
                         tracing::debug!(
                             page = pages,
                             rows = committing.rows.len(),
                             customers = committing.customers.len(),
+                            prepare_ms,
                             sync_ms = ms(synced - started),
                             settle_ms = ms(synced.elapsed()),
                             "Page committed."

@@ -115,6 +115,34 @@ impl SettleBatch {
     }
 }
 
+/// A batch's customer records as a store writes them, encoded by [`StateStore::prepare`].
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// Each customer's key, then its record.
+    bytes: Vec<u8>,
+    /// Where each customer's key and record end in `bytes`, in the batch's order.
+    ends: Vec<(usize, usize)>,
+}
+
+impl Prepared {
+    /// (key, record) of each customer.
+    fn records(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, end)| end));
+        starts
+            .zip(&self.ends)
+            .map(|(start, &(key, end))| (&self.bytes[start..key], &self.bytes[key..end]))
+    }
+
+    /// Whether this was prepared for `batch`: the same customers, in the same order.
+    fn is_for(&self, batch: &SettleBatch) -> bool {
+        self.ends.len() == batch.customers.len()
+            && self
+                .records()
+                .zip(&batch.customers)
+                .all(|((key, _), c)| key == c.lead.key.as_bytes())
+    }
+}
+
 /// A row that was rejected or skipped, as kept for people to inspect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordedRow {
@@ -153,6 +181,20 @@ pub trait StateStore: Send + Sync {
     async fn handled(&self, rows: &[RowVersion]) -> Result<Vec<bool>, StateError>;
     /// Records settled outcomes, the customers they changed and the dead letters, all or none.
     async fn settle(&self, batch: &SettleBatch) -> Result<(), StateError>;
+    /// The work of [`StateStore::settle`] that writes nothing (the file store encodes the
+    /// batch's customer records), done ahead so that a caller can do it while it waits,
+    /// for the sink to make the batch's deliveries durable. `None`: nothing to do ahead.
+    fn prepare(&self, _batch: &SettleBatch) -> Option<Prepared> {
+        None
+    }
+    /// [`StateStore::settle`], with what [`StateStore::prepare`] returned for this batch.
+    async fn settle_prepared(
+        &self,
+        batch: &SettleBatch,
+        _prepared: Option<Prepared>,
+    ) -> Result<(), StateError> {
+        self.settle(batch).await
+    }
     /// Every dead letter, by id.
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError>;
     /// Takes or renews the processing lease for `owner`, so two leadsync processes
@@ -642,6 +684,37 @@ impl StateStore for RedbStore {
     }
 
     async fn settle(&self, batch: &SettleBatch) -> Result<(), StateError> {
+        self.settle_prepared(batch, None).await
+    }
+
+    /// Encodes the batch's customers, a few milliseconds of a page's commit that can
+    /// overlap the JSONL sink's fsync.
+    fn prepare(&self, batch: &SettleBatch) -> Option<Prepared> {
+        let mut prepared = Prepared {
+            bytes: Vec::with_capacity(batch.customers.len() * 1024),
+            ends: Vec::with_capacity(batch.customers.len()),
+        };
+        for customer in &batch.customers {
+            prepared
+                .bytes
+                .extend_from_slice(customer.lead.key.as_bytes());
+            let key = prepared.bytes.len();
+            prepared.bytes.push(STORED);
+            prepared.bytes = customer.write_stored(std::mem::take(&mut prepared.bytes));
+            prepared.ends.push((key, prepared.bytes.len()));
+        }
+        Some(prepared)
+    }
+
+    async fn settle_prepared(
+        &self,
+        batch: &SettleBatch,
+        prepared: Option<Prepared>,
+    ) -> Result<(), StateError> {
+        let prepared = match prepared {
+            Some(p) if p.is_for(batch) => p,
+            _ => StateStore::prepare(self, batch).expect("the file store prepares"),
+        };
         blocking(|| {
             let now = OffsetDateTime::now_utc();
             let settlements = &batch.rows;
@@ -666,16 +739,8 @@ impl StateStore for RedbStore {
                         .map_err(io("settle rows"))?;
                 }
                 let mut stored = txn.open_table(CUSTOMERS).map_err(io("settle rows"))?;
-                // One buffer for every record of the batch: a record grown from empty
-                // reallocated eight times on the way to its kilobyte.
-                let mut record = Vec::with_capacity(4096);
-                for customer in &batch.customers {
-                    record.clear();
-                    record.push(STORED);
-                    record = customer.write_stored(record);
-                    stored
-                        .insert(customer.lead.key.as_bytes(), record.as_slice())
-                        .map_err(io("settle rows"))?;
+                for (key, record) in prepared.records() {
+                    stored.insert(key, record).map_err(io("settle rows"))?;
                 }
                 let mut handled = txn.open_table(HANDLED).map_err(io("settle rows"))?;
                 let mut rejected = txn.open_table(REJECTED).map_err(io("settle rows"))?;
@@ -996,6 +1061,49 @@ mod tests {
             CustomerState::new(&CustomerKey::Email("ana@fabrikam.com".into()), &settings);
         customer.apply([&event], &settings);
         customer
+    }
+
+    #[tokio::test]
+    async fn a_batch_prepared_ahead_settles_as_the_batch_itself_and_a_stale_preparation_is_not_used(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let ana = a_customer();
+        let mut bo = a_customer();
+        bo.lead.key = "email:bo@fabrikam.com".into();
+        bo.lead.summary = "Bo, another customer".into();
+        let mut batch = SettleBatch::rows(vec![]);
+        batch.customers = vec![ana.clone(), bo.clone()];
+        let prepared = store.prepare(&batch);
+        assert_eq!(prepared.as_ref().map(|p| p.ends.len()), Some(2));
+        store.settle_prepared(&batch, prepared).await.unwrap();
+        let keys = [ana.lead.key.clone(), bo.lead.key.clone()];
+        assert_eq!(
+            store.customers(&keys).await.unwrap(),
+            vec![Some(ana.clone()), Some(bo.clone())]
+        );
+
+        // Prepared for other batches (one customer; the two in another order): the
+        // store encodes this one itself.
+        let stale = store.prepare(&SettleBatch {
+            customers: vec![ana.clone()],
+            ..SettleBatch::default()
+        });
+        let reordered = store.prepare(&SettleBatch {
+            customers: vec![bo.clone(), ana.clone()],
+            ..SettleBatch::default()
+        });
+        assert!(!reordered.as_ref().unwrap().is_for(&batch));
+        assert!(!stale.as_ref().unwrap().is_for(&batch));
+        let mut changed = batch.clone();
+        changed.customers[1].lead.summary = "Bo, changed".into();
+        store.settle_prepared(&changed, stale).await.unwrap();
+        assert_eq!(
+            store.customers(&keys).await.unwrap()[1]
+                .as_ref()
+                .map(|c| c.lead.summary.as_str()),
+            Some("Bo, changed")
+        );
     }
 
     #[tokio::test]
