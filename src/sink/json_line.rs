@@ -51,10 +51,13 @@ pub fn write_lead(out: &mut Vec<u8>, lead: &CustomerLead) {
 }
 
 fn customer(out: &mut Vec<u8>, c: &Customer) {
-    out.extend_from_slice(b"{\"first_name\":");
-    optional(out, c.first_name.as_deref());
-    out.extend_from_slice(b",\"last_name\":");
-    optional(out, c.last_name.as_deref());
+    optionals(
+        out,
+        [
+            ("{\"first_name\":", c.first_name.as_deref()),
+            (",\"last_name\":", c.last_name.as_deref()),
+        ],
+    );
     out.extend_from_slice(b",\"email\":");
     match &c.email {
         None => out.extend_from_slice(b"null"),
@@ -66,14 +69,15 @@ fn customer(out: &mut Vec<u8>, c: &Customer) {
             out.push(b'}');
         }
     }
-    out.extend_from_slice(b",\"phone\":");
-    optional(out, c.phone.as_deref());
-    out.extend_from_slice(b",\"country\":");
-    optional(out, c.country.as_deref());
-    out.extend_from_slice(b",\"company\":");
-    optional(out, c.company.as_deref());
-    out.extend_from_slice(b",\"title\":");
-    optional(out, c.title.as_deref());
+    optionals(
+        out,
+        [
+            (",\"phone\":", c.phone.as_deref()),
+            (",\"country\":", c.country.as_deref()),
+            (",\"company\":", c.company.as_deref()),
+            (",\"title\":", c.title.as_deref()),
+        ],
+    );
     out.push(b'}');
 }
 
@@ -88,12 +92,14 @@ fn history(out: &mut Vec<u8>, h: &HistoryEntry) {
     time(out, h.timestamp);
     out.extend_from_slice(b",\"action\":");
     string(out, &h.action);
-    out.extend_from_slice(b",\"source\":");
-    optional(out, h.source.as_deref());
-    out.extend_from_slice(b",\"offer\":");
-    optional(out, h.offer.as_deref());
-    out.extend_from_slice(b",\"offer_title\":");
-    optional(out, h.offer_title.as_deref());
+    optionals(
+        out,
+        [
+            (",\"source\":", h.source.as_deref()),
+            (",\"offer\":", h.offer.as_deref()),
+            (",\"offer_title\":", h.offer_title.as_deref()),
+        ],
+    );
     out.extend_from_slice(b",\"stage\":");
     string(out, h.stage.as_str());
     out.extend_from_slice(b",\"description\":");
@@ -103,6 +109,14 @@ fn history(out: &mut Vec<u8>, h: &HistoryEntry) {
 
 fn boolean(out: &mut Vec<u8>, value: bool) {
     out.extend_from_slice(if value { b"true" } else { b"false" });
+}
+
+/// `,"name":value` for each (`,"name":`, value).
+fn optionals<const N: usize>(out: &mut Vec<u8>, fields: [(&str, Option<&str>); N]) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_bytes());
+        optional(out, value);
+    }
 }
 
 fn optional(out: &mut Vec<u8>, value: Option<&str>) {
