@@ -174,15 +174,22 @@ async fn sigkill_at_random_points_of_a_backfill_loses_and_doubles_nothing() {
     let config = world.config_file_with_sink("page_size = 150\n", &sink_toml(&url));
     let mut rng = StdRng::seed_from_u64(2024);
     let mut killed_with = Vec::new();
+    // The daemons' warnings and errors, for the message should no kill fall mid-backfill.
+    let log_path = world.dir.path().join("daemons.log");
 
     for _ in 0..20 {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_leadsync"))
             .arg("--config")
             .arg(&config)
             .arg("run")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         tokio::time::sleep(Duration::from_millis(rng.gen_range(40..500))).await;
@@ -193,7 +200,8 @@ async fn sigkill_at_random_points_of_a_backfill_loses_and_doubles_nothing() {
     eprintln!("CRM records after each kill: {killed_with:?}");
     assert!(
         killed_with.first() < killed_with.last(),
-        "the kills fell during the backfill: {killed_with:?}"
+        "the kills fell during the backfill: {killed_with:?}; what the daemons said:\n{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
     );
     let finish = Command::new(env!("CARGO_BIN_EXE_leadsync"))
         .arg("--config")
