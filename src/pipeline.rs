@@ -187,11 +187,14 @@ fn settle_all(
     }));
 }
 
+/// Each row's normalised event, or why it cannot become one.
+type Events = Vec<Result<LeadEvent, Rejection>>;
+
 /// A page being fetched: where the page after it starts (said as soon as the service
 /// answered), and the task that builds and normalises its rows.
 struct Fetching {
     next: tokio::sync::oneshot::Receiver<Option<Continuation>>,
-    task: AbortOnDrop<Result<(Page, Vec<Result<LeadEvent, Rejection>>), PollError>>,
+    task: AbortOnDrop<Result<(Page, Events), PollError>>,
 }
 
 /// A customer whose merged record goes to the sink, with the rows it settles.
