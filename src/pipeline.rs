@@ -27,7 +27,7 @@ use crate::identity::{customer_key, CustomerKey, CustomerLead, CustomerState, Un
 use crate::lead::{normalise, LeadEvent, Rejection};
 use crate::row::RawRow;
 use crate::sink::{LeadSink, Outcome};
-use crate::source::{Continuation, Page, SourceError, TableSource};
+use crate::source::{Continuation, SourceError, TableSource};
 use crate::state::{
     DeadLetter, RowVersion, SettleBatch, Settled, Settlement, StateError, StateStore,
 };
@@ -194,7 +194,7 @@ type Events = Vec<Result<LeadEvent, Rejection>>;
 /// answered), and the task that builds and normalises its rows.
 struct Fetching {
     next: tokio::sync::oneshot::Receiver<Option<Continuation>>,
-    task: AbortOnDrop<Result<(Page, Events), PollError>>,
+    task: AbortOnDrop<Result<(Vec<RawRow>, Events), PollError>>,
 }
 
 /// A customer whose merged record goes to the sink, with the rows it settles.
@@ -250,10 +250,9 @@ impl Pipeline {
                     })?;
                 // The receiver is gone only when the poll has ended.
                 let _ = said_next.send(raw.next.clone());
-                let rows = raw.rows()?;
-                let next = raw.next;
+                let rows = source.rows(&raw)?;
                 let events: Vec<_> = rows.iter().map(normalise).collect();
-                Ok::<_, PollError>((Page { rows, next }, events))
+                Ok::<_, PollError>((rows, events))
             };
             Fetching {
                 next,
@@ -268,26 +267,19 @@ impl Pipeline {
                 let waiting = Instant::now();
                 // A failed fetch says nothing here; its error comes from the task below.
                 let next = (&mut fetching.next).await.ok().flatten();
+                let more = next.is_some();
                 let prefetch = match next {
                     Some(c) if !cancel.is_cancelled() => Some(fetch(Some(c), summary.pages + 1)),
                     _ => None,
                 };
-                let (mut page, mut events) = (&mut fetching.task.0).await.map_err(joined)??;
+                let (rows, events) = (&mut fetching.task.0).await.map_err(joined)??;
                 let wait_table = waiting.elapsed();
                 summary.pages += 1;
-                summary.rows_read += page.rows.len() as u64;
+                summary.rows_read += rows.len() as u64;
                 self.memory.metrics.touch();
                 let pages = summary.pages;
-                let more = page.next.is_some();
                 let t0 = Instant::now();
-                let prepared = self
-                    .prepare(
-                        std::mem::take(&mut page.rows),
-                        std::mem::take(&mut events),
-                        mode,
-                        &mut summary,
-                    )
-                    .await?;
+                let prepared = self.prepare(rows, events, mode, &mut summary).await?;
                 let committing = settling.as_ref().map(|(batch, _)| batch.as_ref());
                 let merged = self.merge(prepared, committing, mode, &mut summary).await?;
                 let t1 = Instant::now();

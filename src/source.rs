@@ -90,7 +90,6 @@ pub struct RawPage {
     pub entities: Vec<Box<RawValue>>,
     /// `None` only when the service said there is nothing more.
     pub next: Option<Continuation>,
-    table: String,
 }
 
 impl std::fmt::Debug for RawPage {
@@ -99,22 +98,6 @@ impl std::fmt::Debug for RawPage {
             .field("entities", &self.entities.len())
             .field("next", &self.next)
             .finish()
-    }
-}
-
-impl RawPage {
-    /// The page's rows, as [`TableSource::fetch_page`] returns them.
-    pub fn rows(&self) -> Result<Vec<RawRow>, SourceError> {
-        self.entities
-            .iter()
-            .map(|entity| {
-                raw_row_of_json(entity.get()).map_err(|(row, message)| SourceError::Malformed {
-                    table: self.table.clone(),
-                    row,
-                    message,
-                })
-            })
-            .collect()
     }
 }
 
@@ -173,7 +156,7 @@ impl TableSource {
 
     /// As [`TableSource::fetch_page`], with each entity left as its JSON text: the
     /// response is only split into entities, so the continuation is known, and the
-    /// next page can be asked for, before the rows are built ([`RawPage::rows`]).
+    /// next page can be asked for, before the rows are built ([`TableSource::rows`]).
     pub async fn fetch_raw_page(
         &self,
         since: Option<OffsetDateTime>,
@@ -186,8 +169,18 @@ impl TableSource {
         Ok(RawPage {
             next: next_of(&response),
             entities: response.entities,
-            table: self.name.clone(),
         })
+    }
+
+    /// The rows of a page from [`TableSource::fetch_raw_page`], as
+    /// [`TableSource::fetch_page`] returns them.
+    pub fn rows(&self, page: &RawPage) -> Result<Vec<RawRow>, SourceError> {
+        page.entities
+            .iter()
+            .map(|entity| {
+                raw_row_of_json(entity.get()).map_err(|(row, message)| self.malformed(row, message))
+            })
+            .collect()
     }
 
     /// One query request for a page of entities of type `E`, with retries.
