@@ -122,6 +122,11 @@ impl Ctx {
         )?)
     }
 
+    /// Azurite's CPU seconds so far (all its threads).
+    fn azurite_cpu(&self) -> anyhow::Result<f64> {
+        procinfo::cpu_seconds_fine(self.azurite.pid())
+    }
+
     fn source(&self, connection: &str, table: &str) -> anyhow::Result<TableSource> {
         Ok(TableSource::connect(
             &self.settings(connection, table)?.source,
@@ -172,6 +177,10 @@ struct RawRead {
     seconds: Vec<f64>,
     /// In a fresh child process, timed from connecting (see `raw_read_child`).
     fresh: Vec<f64>,
+    /// Azurite's CPU seconds during each warm read (`seconds`).
+    azurite_cpu: Vec<f64>,
+    /// This process's CPU seconds during each warm read (the crate's parse of the pages).
+    reader_cpu: Vec<f64>,
     pages: u64,
 }
 
@@ -271,6 +280,8 @@ async fn raw_read_check(ctx: &Ctx, source: &TableSource) -> anyhow::Result<RawRe
     Ok(RawRead {
         seconds: Vec::new(),
         fresh: Vec::new(),
+        azurite_cpu: Vec::new(),
+        reader_cpu: Vec::new(),
         pages,
     })
 }
@@ -287,7 +298,10 @@ async fn rounds(ctx: &Ctx) -> anyhow::Result<(RawRead, Backfill, Backfill)> {
             "leadsync-bench: round {}: raw read, JSONL, fake Salesforce",
             k + 1
         );
+        let (azurite, reader) = (ctx.azurite_cpu()?, procinfo::own_cpu_seconds());
         let (rows, _, s) = raw_read_once(&source, false).await?;
+        raw.azurite_cpu.push(ctx.azurite_cpu()? - azurite);
+        raw.reader_cpu.push(procinfo::own_cpu_seconds() - reader);
         ensure!(rows == ctx.args.rows, "raw read returned {rows} rows");
         raw.seconds.push(s);
         raw.fresh.push(raw_read_child(ctx, k).await?);
@@ -307,6 +321,8 @@ struct Backfill {
     /// `ru_maxrss` from wait4, for comparison (it includes the parent's RSS).
     wait4_kib: u64,
     cpu_s: Vec<f64>,
+    /// Azurite's CPU seconds while each child ran.
+    azurite_cpu: Vec<f64>,
     summary: Value,
     crm: Option<Counts>,
     crm_leads: usize,
@@ -334,7 +350,9 @@ async fn backfill_once(
         None => Command::new(&ctx.exe),
     };
     command.arg("backfill").arg("--config").arg(&config);
+    let azurite = ctx.azurite_cpu()?;
     let (finished, summary) = run_child(command, &dir, &format!("backfill {label}")).await?;
+    out.azurite_cpu.push(ctx.azurite_cpu()? - azurite);
     ensure!(
         summary["rows_read"] == json!(ctx.args.rows) && summary["exit_code"] == json!(0),
         "backfill {label} did not read and settle every row: {summary}"
@@ -605,6 +623,32 @@ fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// Where the machine's CPU goes in the warm raw read and the JSONL backfill: whether the
+/// backfill waits (for the table, for a commit) or the two processes keep every core busy,
+/// and so how close to the raw read this machine lets a backfill that does this much work
+/// come. Medians over the rounds.
+fn cpu_bound(raw: &RawRead, jsonl: &Backfill) -> String {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
+    let (read_s, read_azurite, reader) = (
+        median(&raw.seconds),
+        median(&raw.azurite_cpu),
+        median(&raw.reader_cpu),
+    );
+    let (wall, leadsync, azurite) = (
+        median(&jsonl.wall),
+        median(&jsonl.cpu_s),
+        median(&jsonl.azurite_cpu),
+    );
+    // With every core busy all the time, the backfill's process could take no less.
+    let floor = (leadsync + azurite) / cores;
+    format!(
+        "CPU, medians over the rounds, {cores:.0} cores shared by Azurite and the reader: the warm raw read took {read_s:.3} s, with Azurite {read_azurite:.3} CPU s and the reader {reader:.3} ({:.0}% of the cores busy). The JSONL backfill's process took {wall:.3} s with {leadsync:.3} CPU s, Azurite {azurite:.3} ({:.0}% of the cores busy). Both using every core all the time, the backfill's process could take no less than {floor:.3} s: {:.0}% of the raw read's rate is the most this much CPU allows here (its start-up included). Past that, only less CPU per row makes a backfill faster on this machine.\n",
+        100.0 * (read_azurite + reader) / (cores * read_s),
+        100.0 * (leadsync + azurite) / (cores * wall),
+        100.0 * read_s / floor,
+    )
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -911,6 +955,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         sf_counts.updated,
         sf_counts.refused,
     )?;
+
+    writeln!(md, "{}", cpu_bound(&raw, &jsonl))?;
 
     if !latencies.is_empty() {
         writeln!(

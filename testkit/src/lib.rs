@@ -101,6 +101,11 @@ impl Azurite {
         bail!("Azurite did not start on a free port after 3 tries{log}")
     }
 
+    /// The Node process serving the tables (to read what it costs from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// This instance's connection string.
     pub fn connection_string(&self) -> String {
         connection_string(self.port)
