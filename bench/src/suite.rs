@@ -644,7 +644,7 @@ fn cpu_bound(raw: &RawRead, jsonl: &Backfill) -> String {
     // With every core busy all the time, the backfill's process could take no less.
     let floor = (leadsync + azurite) / cores;
     format!(
-        "CPU, medians over the rounds, {cores:.0} cores shared by Azurite and the reader: the warm raw read took {read_s:.3} s, with Azurite {read_azurite:.3} CPU s and the reader {reader:.3} ({:.0}% of the cores busy). The JSONL backfill's process took {wall:.3} s with {leadsync:.3} CPU s, Azurite {azurite:.3} ({:.0}% of the cores busy). Both using every core all the time, the backfill's process could take no less than {floor:.3} s: {:.0}% of the raw read's rate is the most this much CPU allows here (its start-up included). Past that, only less CPU per row makes a backfill faster on this machine.\n",
+        "CPU, medians over the rounds, on {cores:.0} cores: the warm raw read took {read_s:.3} s, with Azurite {read_azurite:.3} CPU s and the reader {reader:.3} ({:.0}% of the cores busy). The JSONL backfill's process took {wall:.3} s with {leadsync:.3} CPU s, Azurite {azurite:.3} ({:.0}% of the cores busy). Both using every core all the time, the backfill's process could take no less than {floor:.3} s: {:.0}% of the raw read's rate is the most this much CPU allows here (its start-up included). Past that, only less CPU per row makes a backfill faster on this machine.\n",
         100.0 * (read_azurite + reader) / (cores * read_s),
         100.0 * (leadsync + azurite) / (cores * wall),
         100.0 * read_s / floor,
