@@ -177,7 +177,9 @@ async fn sigkill_at_random_points_of_a_backfill_loses_and_doubles_nothing() {
     // The daemons' warnings and errors, for the message should no kill fall mid-backfill.
     let log_path = world.dir.path().join("daemons.log");
 
-    for _ in 0..20 {
+    let customers = per_customer.len();
+    for round in 0..20 {
+        let before = crm.records.lock().unwrap().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -192,7 +194,22 @@ async fn sigkill_at_random_points_of_a_backfill_loses_and_doubles_nothing() {
             .stderr(log)
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(40..500))).await;
+        if round % 2 == 0 {
+            // Anywhere: start-up, state repair after the last kill, a page, a delivery.
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(40..500))).await;
+        } else {
+            // Mid-delivery: soon after this daemon's first new record, however long a busy
+            // machine takes to get there (once, every kill fell before any delivery).
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let delivered = || crm.records.lock().unwrap().len();
+            while before < customers
+                && delivered() == before
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..50))).await;
+        }
         child.kill().unwrap(); // SIGKILL: no chance to finish the batch or persist anything
         child.wait().unwrap();
         killed_with.push(crm.records.lock().unwrap().len());
