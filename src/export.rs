@@ -6,6 +6,7 @@ use std::io::Write;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::config::IdentitySettings;
 use crate::identity::CustomerState;
 use crate::state::{RecordedRow, Settled, StateError, StateStore};
 use crate::timestamp;
@@ -131,6 +132,7 @@ fn held_line(r: &RecordedRow) -> Line {
 /// Writes the export; returns the number of lines written.
 pub async fn export(
     state: &dyn StateStore,
+    identity: &IdentitySettings,
     format: Format,
     since: Option<OffsetDateTime>,
     include_held: bool,
@@ -139,9 +141,12 @@ pub async fn export(
     let mut lines: Vec<Line> = state
         .all_customers()
         .await?
-        .iter()
+        .into_iter()
         .filter(|c| since.is_none_or(|t| c.lead.last_seen >= t))
-        .map(customer_line)
+        .map(|mut c| {
+            c.complete_summary(identity);
+            customer_line(&c)
+        })
         .collect();
     if include_held {
         let mut held = state.unidentifiable().await?;

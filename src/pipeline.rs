@@ -760,7 +760,10 @@ impl Pipeline {
         }
         for chunk in letters.chunks(self.batch_size.max(1)) {
             let keys: Vec<String> = chunk.iter().map(|l| l.payload.key.clone()).collect();
-            let current = self.state.customers(&keys).await?;
+            let mut current = self.state.customers(&keys).await?;
+            for customer in current.iter_mut().flatten() {
+                customer.complete_summary(&self.identity);
+            }
             let leads: Vec<CustomerLead> = chunk
                 .iter()
                 .zip(&current)

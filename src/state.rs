@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use crate::identity::CustomerState;
+use crate::identity::{CustomerState, SummaryForm};
 use crate::row::RowId;
 use crate::timestamp::serde_ticks;
 
@@ -537,6 +537,11 @@ fn encode_compact<T: Serialize>(value: &T) -> Vec<u8> {
 /// [`encode_handled`]). Records in the two earlier forms are still read.
 const STORED: u8 = 2;
 
+/// First byte of a customer record in the form that keeps a hash of the summary
+/// instead of its text ([`CustomerState::write_stored`]), about half the size. Customers
+/// in the [`STORED`] form and the two before are still read.
+const SUMMARY_HASHED: u8 = 3;
+
 /// A handled row's record: `(ETag, Timestamp ticks)`, the ETag `None` when it is the
 /// service's standard one for the Timestamp: at most 12 bytes instead of about 80.
 fn encode_handled(row: &RowVersion) -> Vec<u8> {
@@ -594,17 +599,18 @@ fn decode_handled(
     Ok(Handled { etag, timestamp })
 }
 
-/// Reads a customer record in any of the three forms.
+/// Reads a customer record in any of the four forms. One in the newest form has no
+/// summary text ([`CustomerState::complete_summary`]).
 fn decode_customer(key: &str, bytes: &[u8]) -> Result<CustomerState, StateError> {
-    match bytes.first() {
-        Some(&STORED) => {
-            CustomerState::read_stored(key, &bytes[1..]).map_err(|message| StateError::Corrupt {
-                key: key.to_owned(),
-                message,
-            })
-        }
-        _ => decode_compact(key, bytes),
-    }
+    let form = match bytes.first() {
+        Some(&SUMMARY_HASHED) => SummaryForm::Hash,
+        Some(&STORED) => SummaryForm::Text,
+        _ => return decode_compact(key, bytes),
+    };
+    CustomerState::read_stored(key, &bytes[1..], form).map_err(|message| StateError::Corrupt {
+        key: key.to_owned(),
+        message,
+    })
 }
 
 /// Reads a record written by [`encode_compact`] or, by an earlier version, as JSON.
@@ -699,7 +705,7 @@ impl StateStore for RedbStore {
                 .bytes
                 .extend_from_slice(customer.lead.key.as_bytes());
             let key = prepared.bytes.len();
-            prepared.bytes.push(STORED);
+            prepared.bytes.push(SUMMARY_HASHED);
             prepared.bytes = customer.write_stored(std::mem::take(&mut prepared.bytes));
             prepared.ends.push((key, prepared.bytes.len()));
         }
@@ -1071,7 +1077,7 @@ mod tests {
         let ana = a_customer();
         let mut bo = a_customer();
         bo.lead.key = "email:bo@fabrikam.com".into();
-        bo.lead.summary = "Bo, another customer".into();
+        bo.lead.customer.phone = Some("+1 555 0100".into());
         let mut batch = SettleBatch::rows(vec![]);
         batch.customers = vec![ana.clone(), bo.clone()];
         let prepared = store.prepare(&batch);
@@ -1079,7 +1085,7 @@ mod tests {
         store.settle_prepared(&batch, prepared).await.unwrap();
         let keys = [ana.lead.key.clone(), bo.lead.key.clone()];
         assert_eq!(
-            store.customers(&keys).await.unwrap(),
+            completed(store.customers(&keys).await.unwrap()),
             vec![Some(ana.clone()), Some(bo.clone())]
         );
 
@@ -1096,14 +1102,23 @@ mod tests {
         assert!(!reordered.as_ref().unwrap().is_for(&batch));
         assert!(!stale.as_ref().unwrap().is_for(&batch));
         let mut changed = batch.clone();
-        changed.customers[1].lead.summary = "Bo, changed".into();
+        changed.customers[1].lead.customer.phone = Some("+1 555 0199".into());
         store.settle_prepared(&changed, stale).await.unwrap();
         assert_eq!(
             store.customers(&keys).await.unwrap()[1]
                 .as_ref()
-                .map(|c| c.lead.summary.as_str()),
-            Some("Bo, changed")
+                .and_then(|c| c.lead.customer.phone.as_deref()),
+            Some("+1 555 0199")
         );
+    }
+
+    /// Customers as read, with the summaries the store keeps as hashes rebuilt.
+    fn completed(mut read: Vec<Option<CustomerState>>) -> Vec<Option<CustomerState>> {
+        let settings = crate::config::IdentitySettings::default();
+        for customer in read.iter_mut().flatten() {
+            customer.complete_summary(&settings);
+        }
+        read
     }
 
     #[tokio::test]
@@ -1121,8 +1136,18 @@ mod tests {
         old.lead.key = "email:old@fabrikam.com".into();
         let mut compact = customer.clone();
         compact.lead.key = "email:compact@fabrikam.com".into();
+        let mut with_text = customer.clone();
+        with_text.lead.key = "email:text@fabrikam.com".into();
         {
             let txn = store.db.begin_write().unwrap();
+            // The form before the summary's hash, with its text.
+            txn.open_table(CUSTOMERS)
+                .unwrap()
+                .insert(
+                    with_text.lead.key.as_bytes(),
+                    with_text.write_stored_with_text(vec![STORED]).as_slice(),
+                )
+                .unwrap();
             let mut table = txn.open_table(CUSTOMERS_STR).unwrap();
             table
                 .insert(old.lead.key.as_str(), encode(&old).as_slice())
@@ -1142,26 +1167,32 @@ mod tests {
             customer.lead.key.clone(),
             old.lead.key.clone(),
             compact.lead.key.clone(),
+            with_text.lead.key.clone(),
             "email:none".into(),
         ];
         let read = store.customers(&keys).await.unwrap();
-        assert_eq!(
-            read,
-            vec![Some(customer.clone()), Some(old), Some(compact), None]
-        );
+        // Only the newest form leaves the summary to be rebuilt.
+        assert_eq!(read[0].as_ref().map(|c| c.lead.summary.as_str()), Some(""));
+        assert_eq!(read[1..], [Some(old), Some(compact), Some(with_text), None]);
+        assert_eq!(completed(read)[0], Some(customer.clone()));
         let mut all = store.all_customers().await.unwrap();
         all.sort_by(|a, b| a.lead.key.cmp(&b.lead.key));
-        assert_eq!(all.len(), 3);
+        assert_eq!(all.len(), 4);
         assert!(all.iter().all(|c| c.lead.history == customer.lead.history));
 
         // Each form is a fraction of the one before.
-        let stored = customer.write_stored(vec![STORED]).len();
+        let hashed = customer.write_stored(vec![SUMMARY_HASHED]).len();
+        let stored = customer.write_stored_with_text(vec![STORED]).len();
         let compact = encode_compact(&customer).len();
         let json = encode(&customer).len();
         assert!(compact * 3 < json * 2, "compact {compact} B, JSON {json} B");
         assert!(
             stored * 4 < compact * 3,
             "stored {stored} B, compact {compact} B"
+        );
+        assert!(
+            hashed + customer.lead.summary.len() <= stored + 10,
+            "hashed {hashed} B, with the text {stored} B"
         );
     }
 
@@ -1241,7 +1272,7 @@ mod tests {
                 let mut customers = txn.open_table(CUSTOMERS).unwrap();
                 let mut handled = txn.open_table(HANDLED).unwrap();
                 for (i, (key, row)) in keys.iter().zip(&rows).enumerate() {
-                    let record = customer.write_stored(vec![STORED]);
+                    let record = customer.write_stored(vec![SUMMARY_HASHED]);
                     let done = encode_handled(row);
                     if i < 5 {
                         customers.insert(key.as_bytes(), record.as_slice()).unwrap();
