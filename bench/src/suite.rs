@@ -27,9 +27,11 @@ pub struct Args {
     /// Rows in the seeded table (10000, 100000 or 1000000).
     #[arg(long, default_value_t = 10_000)]
     rows: usize,
-    /// Runs of each throughput measurement (the median is reported; the baseline runs once).
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
+    /// Runs of each throughput measurement (the median is reported; the baseline runs
+    /// once). Default: 7 below 100,000 rows, where a round takes a few seconds and one
+    /// round's share moves by ±20% with the machine, else 3.
+    #[arg(long)]
+    repeat: Option<usize>,
     /// Length of the idle measurement window.
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
@@ -73,6 +75,15 @@ pub struct Args {
     /// The command line to print in the report.
     #[arg(long, default_value = "bench/run.sh")]
     command_line: String,
+}
+
+impl Args {
+    /// The throughput rounds to run (`--repeat`, or its default for the table's size).
+    fn rounds(&self) -> usize {
+        self.repeat
+            .unwrap_or(if self.rows < 100_000 { 7 } else { 3 })
+            .max(1)
+    }
 }
 
 /// Everything the measurements share.
@@ -293,7 +304,7 @@ async fn rounds(ctx: &Ctx) -> anyhow::Result<(RawRead, Backfill, Backfill)> {
     let source = ctx.source(&ctx.throughput(), TABLE)?;
     let mut raw = raw_read_check(ctx, &source).await?;
     let (mut jsonl, mut sf) = (Backfill::default(), Backfill::default());
-    for k in 0..ctx.args.repeat.max(1) {
+    for k in 0..ctx.args.rounds() {
         eprintln!(
             "leadsync-bench: round {}: raw read, JSONL, fake Salesforce",
             k + 1
@@ -882,7 +893,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     writeln!(
         md,
         "{} rounds, each a raw read, a backfill to JSONL and one to the fake Salesforce, one after the other (so the ceiling and the runs measured against it share the machine's state); rates are medians over the rounds, and \"of raw\" is the median of each round's JSONL rate over that round's raw read (baseline: 1 run). Each leadsync run is a fresh child process with an empty state directory. Fake Salesforce delay per API call: {} ms. {}\n",
-        args.repeat.max(1),
+        args.rounds(),
         args.crm_delay_ms,
         match args.table_delay_ms {
             0 => format!("Storage: Azurite directly, on the same machine (no network){}.", if args.azurite_in_memory { ", data in memory (`--inMemoryPersistence`)" } else { ", data on disk" }),
