@@ -1082,8 +1082,8 @@ mod tests {
         assert_eq!(state, before);
     }
 
-    #[test]
-    fn a_stored_record_naming_a_history_entry_it_lacks_is_refused() {
+    /// One event of Ana's, and her customer merged from it.
+    fn ana_merged() -> (LeadEvent, CustomerState) {
         let e = event(
             "1",
             "2024-05-01T10:00:00Z",
@@ -1093,6 +1093,12 @@ mod tests {
         let key = customer_key(&e.customer, FallbackKey::NameCompanyPhone).unwrap();
         let mut state = CustomerState::new(&key, &settings());
         state.apply([&e], &settings());
+        (e, state)
+    }
+
+    #[test]
+    fn a_stored_record_naming_a_history_entry_it_lacks_is_refused() {
+        let (e, state) = ana_merged();
         let bytes = state.write_stored(Vec::new());
         let mut stored: StoredCustomer<String, u64> = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(
@@ -1108,15 +1114,7 @@ mod tests {
 
     #[test]
     fn a_stored_record_replayed_is_unchanged_unless_the_template_changed_its_summary() {
-        let e = event(
-            "1",
-            "2024-05-01T10:00:00Z",
-            "x-INS|a.b",
-            json!({"Email": "a@b.c", "FirstName": "Ana"}),
-        );
-        let key = customer_key(&e.customer, FallbackKey::NameCompanyPhone).unwrap();
-        let mut state = CustomerState::new(&key, &settings());
-        state.apply([&e], &settings());
+        let (e, state) = ana_merged();
         let bytes = state.write_stored(Vec::new());
         let read = || CustomerState::read_stored(&state.lead.key, &bytes, SummaryForm::Hash);
 
