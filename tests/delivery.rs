@@ -114,7 +114,8 @@ async fn a_permanent_rejection_becomes_a_dead_letter_and_dlq_retry_delivers_it_o
     assert_eq!(fixed.delivered, vec![letters[0].id.clone()]);
     assert!(p.state.dead_letters().await.unwrap().is_empty());
     // The customer's record as stored, whose summary the store keeps as a hash: the
-    // retry sends it with its text rebuilt, the text the dead letter was refused with.
+    // retry sends it with its text rebuilt from the template (unchanged here), the text
+    // the dead letter was refused with.
     let sent = crm.records.lock().unwrap()[&letters[0].id].clone();
     assert!(sent.summary.contains("Next step:"), "{}", sent.summary);
     assert_eq!(sent.summary, letters[0].payload.summary);
