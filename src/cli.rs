@@ -279,16 +279,7 @@ async fn export(
             }
         },
     };
-    match crate::export::export(
-        store.as_ref(),
-        &settings.identity,
-        format,
-        since,
-        include_held,
-        &mut out,
-    )
-    .await
-    {
+    match crate::export::export(store.as_ref(), format, since, include_held, &mut out).await {
         Ok(n) => {
             if let Err(e) = out.flush() {
                 eprintln!("leadsync: cannot write the export: {e}");

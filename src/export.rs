@@ -6,7 +6,6 @@ use std::io::Write;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::config::IdentitySettings;
 use crate::identity::CustomerState;
 use crate::state::{RecordedRow, Settled, StateError, StateStore};
 use crate::timestamp;
@@ -132,7 +131,6 @@ fn held_line(r: &RecordedRow) -> Line {
 /// Writes the export; returns the number of lines written.
 pub async fn export(
     state: &dyn StateStore,
-    identity: &IdentitySettings,
     format: Format,
     since: Option<OffsetDateTime>,
     include_held: bool,
@@ -141,12 +139,9 @@ pub async fn export(
     let mut lines: Vec<Line> = state
         .all_customers()
         .await?
-        .into_iter()
+        .iter()
         .filter(|c| since.is_none_or(|t| c.lead.last_seen >= t))
-        .map(|mut c| {
-            c.complete_summary(identity);
-            customer_line(&c)
-        })
+        .map(customer_line)
         .collect();
     if include_held {
         let mut held = state.unidentifiable().await?;

@@ -215,8 +215,9 @@ pub struct CustomerState {
     /// `Some` when read from the stored form, which keeps only a hash of the summary
     /// ([`StoredCustomer`]): `lead.summary` is empty until [`CustomerState::apply`]
     /// rebuilds it (comparing the new text with this hash, so a replay still sends
-    /// nothing) or [`CustomerState::complete_summary`] does. Compared like the rest: a
-    /// record read in that form equals one in memory only once completed.
+    /// nothing) or [`CustomerState::complete_summary`] does. Only the merge sees a record
+    /// in that state ([`crate::state::StateStore::customers_to_merge`]); every other read
+    /// completes it.
     #[serde(skip)]
     summary_hash: Option<u64>,
 }
@@ -311,13 +312,13 @@ impl CustomerState {
         }
     }
 
-    /// Rebuilds the summary of a record read from the store (which keeps only its
-    /// hash), with the configured template, for a caller that uses the record without
-    /// merging into it first (a dead-letter retry, an export). Does nothing to a record
-    /// whose summary is in memory.
-    pub fn complete_summary(&mut self, settings: &IdentitySettings) {
+    /// Rebuilds the summary of a record read in the stored form (which keeps only its
+    /// hash) with `template`, for a reader that uses the record without merging into it
+    /// (the store does it for every read but the merge's). Does nothing to a record whose
+    /// summary is in memory.
+    pub(crate) fn complete_summary(&mut self, template: &str) {
         if self.summary_hash.take().is_some() {
-            self.lead.summary = summarise(&self.lead, &settings.summary_template);
+            self.lead.summary = summarise(&self.lead, template);
         }
     }
 
@@ -610,7 +611,7 @@ impl CustomerState {
     /// Reads what [`CustomerState::write_stored`] wrote for the customer `key`
     /// ([`SummaryForm::Hash`]), or what the version before wrote ([`SummaryForm::Text`]).
     /// From the hash form, the summary is rebuilt by the next `apply`, or by
-    /// [`CustomerState::complete_summary`].
+    /// `CustomerState::complete_summary`.
     pub fn read_stored(key: &str, bytes: &[u8], form: SummaryForm) -> Result<Self, String> {
         let read = |e: postcard::Error| e.to_string();
         match form {
@@ -1133,7 +1134,7 @@ mod tests {
         assert_eq!(retemplated.lead.summary, "Ana, once more");
 
         let mut exported = read().unwrap();
-        exported.complete_summary(&other);
+        exported.complete_summary(&other.summary_template);
         assert_eq!(exported.lead.summary, "Ana, once more");
         let mut again = exported.clone();
         assert!(
@@ -1234,7 +1235,7 @@ mod tests {
             // Without the summary's text, which the template rebuilds.
             prop_assert_eq!(&back.lead.summary, "");
             let mut completed = back.clone();
-            completed.complete_summary(&settings());
+            completed.complete_summary(&settings().summary_template);
             prop_assert_eq!(&completed, &state);
             // The form before, with the text, reads back as it was written.
             let old = state.write_stored_with_text(Vec::new());

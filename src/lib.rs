@@ -119,7 +119,10 @@ pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
 /// Opens the configured state store (a local file, or a table in the storage account).
 pub fn open_state(settings: &Settings) -> Result<Arc<dyn StateStore>, StateError> {
     Ok(match settings.state.backend {
-        StateBackend::File => Arc::new(RedbStore::open(&settings.state.dir)?),
+        StateBackend::File => Arc::new(
+            RedbStore::open(&settings.state.dir)?
+                .with_summary_template(&settings.identity.summary_template),
+        ),
         StateBackend::Table => state_table::open(&settings.source, &settings.state)?,
     })
 }

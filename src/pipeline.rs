@@ -483,7 +483,7 @@ impl Pipeline {
             mut newest_settled,
         } = prepared;
         let keys: Vec<String> = by_customer.keys().map(CustomerKey::as_string).collect();
-        let mut stored = self.state.customers(&keys).await?;
+        let mut stored = self.state.customers_to_merge(&keys).await?;
         if let Some(batch) = committing.filter(|b| !b.customers.is_empty()) {
             let newer: std::collections::HashMap<&str, &CustomerState> = batch
                 .customers
@@ -760,10 +760,7 @@ impl Pipeline {
         }
         for chunk in letters.chunks(self.batch_size.max(1)) {
             let keys: Vec<String> = chunk.iter().map(|l| l.payload.key.clone()).collect();
-            let mut current = self.state.customers(&keys).await?;
-            for customer in current.iter_mut().flatten() {
-                customer.complete_summary(&self.identity);
-            }
+            let current = self.state.customers(&keys).await?;
             let leads: Vec<CustomerLead> = chunk
                 .iter()
                 .zip(&current)

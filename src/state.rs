@@ -208,6 +208,15 @@ pub trait StateStore: Send + Sync {
     }
     /// The stored customers with these keys (`None` where there is none yet), in order.
     async fn customers(&self, keys: &[String]) -> Result<Vec<Option<CustomerState>>, StateError>;
+    /// As [`StateStore::customers`], for a merge into them, which rebuilds what follows
+    /// from each record: a store may leave such parts out (the file store leaves out the
+    /// summary, see `CustomerState::complete_summary`).
+    async fn customers_to_merge(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<CustomerState>>, StateError> {
+        self.customers(keys).await
+    }
     /// Every stored customer, in key order.
     async fn all_customers(&self) -> Result<Vec<CustomerState>, StateError>;
     /// Leads held because they could not be attributed to a customer.
@@ -246,6 +255,9 @@ const CHECKPOINT_VERSION: u32 = 1;
 /// to start instead of processing the same rows.
 pub struct RedbStore {
     db: Database,
+    /// `identity.summary_template`: the file keeps a hash of each customer's summary,
+    /// and a read rebuilds the text with this.
+    summary_template: String,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -256,6 +268,13 @@ impl std::fmt::Debug for RedbStore {
 
 impl RedbStore {
     pub const FILE_NAME: &'static str = "leadsync.redb";
+
+    /// The template the summaries of customers read from this file are rebuilt with
+    /// (`identity.summary_template`; the default one until this is called).
+    pub fn with_summary_template(mut self, template: &str) -> Self {
+        self.summary_template = template.to_owned();
+        self
+    }
 
     /// Opens (or creates) the store in `dir`, creating the directory if needed.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
@@ -294,7 +313,10 @@ impl RedbStore {
             .map_err(io("open"))?
             .any(|t| t.name() == CUSTOMERS_STR.name() || t.name() == HANDLED_STR.name());
         txn.commit().map_err(io("open"))?;
-        let store = Self { db };
+        let store = Self {
+            db,
+            summary_template: crate::config::IdentitySettings::default().summary_template,
+        };
         let moved = match upgrade_due {
             true => store.move_string_keyed(MOVE_STEP)?,
             false => 0,
@@ -600,7 +622,7 @@ fn decode_handled(
 }
 
 /// Reads a customer record in any of the four forms. One in the newest form has no
-/// summary text ([`CustomerState::complete_summary`]).
+/// summary text until [`CustomerState::complete_summary`].
 fn decode_customer(key: &str, bytes: &[u8]) -> Result<CustomerState, StateError> {
     let form = match bytes.first() {
         Some(&SUMMARY_HASHED) => SummaryForm::Hash,
@@ -831,6 +853,19 @@ impl StateStore for RedbStore {
     }
 
     async fn customers(&self, keys: &[String]) -> Result<Vec<Option<CustomerState>>, StateError> {
+        let mut read = self.customers_to_merge(keys).await?;
+        for customer in read.iter_mut().flatten() {
+            customer.complete_summary(&self.summary_template);
+        }
+        Ok(read)
+    }
+
+    /// Customers in the newest form come without their summary's text, which the merge
+    /// rebuilds anyway.
+    async fn customers_to_merge(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<CustomerState>>, StateError> {
         blocking(|| {
             let txn = self.db.begin_read().map_err(io("read customers"))?;
             let table = txn.open_table(CUSTOMERS).map_err(io("read customers"))?;
@@ -871,7 +906,9 @@ impl StateStore for RedbStore {
                     key: String::from_utf8_lossy(key.value()).into_owned(),
                     message: format!("the key is not UTF-8: {e}"),
                 })?;
-                out.push(decode_customer(key, value.value())?);
+                let mut customer = decode_customer(key, value.value())?;
+                customer.complete_summary(&self.summary_template);
+                out.push(customer);
             }
             Ok(out)
         })
@@ -1085,7 +1122,7 @@ mod tests {
         store.settle_prepared(&batch, prepared).await.unwrap();
         let keys = [ana.lead.key.clone(), bo.lead.key.clone()];
         assert_eq!(
-            completed(store.customers(&keys).await.unwrap()),
+            store.customers(&keys).await.unwrap(),
             vec![Some(ana.clone()), Some(bo.clone())]
         );
 
@@ -1112,13 +1149,24 @@ mod tests {
         );
     }
 
-    /// Customers as read, with the summaries the store keeps as hashes rebuilt.
-    fn completed(mut read: Vec<Option<CustomerState>>) -> Vec<Option<CustomerState>> {
-        let settings = crate::config::IdentitySettings::default();
-        for customer in read.iter_mut().flatten() {
-            customer.complete_summary(&settings);
-        }
-        read
+    #[tokio::test]
+    async fn a_customer_read_back_has_its_summary_rebuilt_with_the_configured_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path())
+            .unwrap()
+            .with_summary_template("{name}, from the file");
+        let customer = a_customer();
+        let mut batch = SettleBatch::rows(vec![]);
+        batch.customers.push(customer.clone());
+        store.settle(&batch).await.unwrap();
+        let keys = [customer.lead.key.clone()];
+        let read = store.customers(&keys).await.unwrap().remove(0).unwrap();
+        assert_eq!(read.lead.summary, "Ana, from the file");
+        let all = store.all_customers().await.unwrap();
+        assert_eq!(all[0].lead.summary, "Ana, from the file");
+        // The merge's read leaves it to the merge.
+        let to_merge = store.customers_to_merge(&keys).await.unwrap().remove(0);
+        assert_eq!(to_merge.unwrap().lead.summary, "");
     }
 
     #[tokio::test]
@@ -1171,14 +1219,32 @@ mod tests {
             "email:none".into(),
         ];
         let read = store.customers(&keys).await.unwrap();
-        // Only the newest form leaves the summary to be rebuilt.
-        assert_eq!(read[0].as_ref().map(|c| c.lead.summary.as_str()), Some(""));
-        assert_eq!(read[1..], [Some(old), Some(compact), Some(with_text), None]);
-        assert_eq!(completed(read)[0], Some(customer.clone()));
+        assert_eq!(
+            read,
+            vec![
+                Some(customer.clone()),
+                Some(old),
+                Some(compact),
+                Some(with_text),
+                None
+            ]
+        );
+        // Only the merge's read leaves out the summary it rebuilds, in the newest form only.
+        let to_merge = store.customers_to_merge(&keys).await.unwrap();
+        let summaries: Vec<_> = to_merge
+            .iter()
+            .map(|c| c.as_ref().map(|c| c.lead.summary.is_empty()))
+            .collect();
+        assert_eq!(
+            summaries,
+            [Some(true), Some(false), Some(false), Some(false), None]
+        );
         let mut all = store.all_customers().await.unwrap();
         all.sort_by(|a, b| a.lead.key.cmp(&b.lead.key));
         assert_eq!(all.len(), 4);
+        assert!(all.contains(&customer));
         assert!(all.iter().all(|c| c.lead.history == customer.lead.history));
+        assert!(all.iter().all(|c| c.lead.summary == customer.lead.summary));
 
         // Each form is a fraction of the one before.
         let hashed = customer.write_stored(vec![SUMMARY_HASHED]).len();
