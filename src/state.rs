@@ -5,6 +5,7 @@
 //! [`StateStore`] is the boundary; [`RedbStore`] keeps it all in one file under the
 //! state directory. A table-backed store for jobs without a disk can implement the same trait.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -249,10 +250,11 @@ const CHECKPOINT_VERSION: u32 = 1;
 
 /// The embedded store: one redb file, `leadsync.redb`, in the state directory.
 ///
-/// redb commits are atomic (page settles are written without fsync, the checkpoint and
-/// pruning commits with it, which makes everything before them durable), and it holds an
-/// exclusive lock on the file, so a second leadsync pointed at the same directory fails
-/// to start instead of processing the same rows.
+/// redb commits are atomic (page settles with `Durability::Eventual`, the checkpoint and
+/// pruning commits with `Immediate`, which makes everything before them durable whatever
+/// the platform does with `Eventual`), and it holds an exclusive lock on the file, so a
+/// second leadsync pointed at the same directory fails to start instead of processing the
+/// same rows.
 pub struct RedbStore {
     db: Database,
     /// `identity.summary_template`: the file keeps a hash of each customer's summary,
@@ -747,10 +749,13 @@ impl StateStore for RedbStore {
             let now = OffsetDateTime::now_utc();
             let settlements = &batch.rows;
             let mut txn = self.db.begin_write().map_err(io("settle rows"))?;
-            // Written to the file but not fsynced: a process crash keeps it, a power loss may
-            // roll it back to the last checkpoint commit (which is fsynced, and with it everything
-            // before). What a roll-back forgets is read again, as the checkpoint did not move past
-            // it, and delivered again as an idempotent upsert.
+            // redb promises only that an `Eventual` commit is persisted some time after it
+            // returns: a process crash keeps it, and a power loss may roll it back to the last
+            // checkpoint commit (`Immediate`, and with it everything before). What a roll-back
+            // forgets is read again, as the checkpoint did not move past it, and delivered
+            // again as an idempotent upsert. (redb 2.6 implements `Eventual` with an
+            // `fdatasync` on Linux, a barrier on macOS: more than this relies on. The sync
+            // runs in the commit task, off the page's path, and waits on the disk, not the CPU.)
             txn.set_durability(redb::Durability::Eventual);
             {
                 let mut letters = txn.open_table(DEAD_LETTERS).map_err(io("settle rows"))?;
@@ -774,13 +779,42 @@ impl StateStore for RedbStore {
                 let mut rejected = txn.open_table(REJECTED).map_err(io("settle rows"))?;
                 let mut skipped = txn.open_table(SKIPPED).map_err(io("settle rows"))?;
                 let mut held = txn.open_table(UNIDENTIFIABLE).map_err(io("settle rows"))?;
-                // Which lists hold anything: an empty one (a backfill's usual case) is not
-                // searched once per row.
-                let mut listed = [&rejected, &skipped, &held]
-                    .map(|t| t.is_empty().map(|empty| !empty))
+                // A row's latest version decides where it is listed, so each row settled
+                // leaves the lists it was on. A list shorter than the batch (a backfill's
+                // usual case: a few test leads) is read once and only the batch's rows on
+                // it removed, instead of one B-tree search per row and list; a longer one
+                // is searched per row.
+                let batch_keys: HashSet<(&str, &str)> = settlements
+                    .iter()
+                    .map(|s| (s.row.id.partition_key.as_str(), s.row.id.row_key.as_str()))
+                    .collect();
+                let mut search_per_row = [false; 3];
+                for (table, per_row) in [&mut rejected, &mut skipped, &mut held]
                     .into_iter()
-                    .collect::<Result<Vec<bool>, _>>()
-                    .map_err(io("settle rows"))?;
+                    .zip(&mut search_per_row)
+                {
+                    let len = table.len().map_err(io("settle rows"))?;
+                    if len > settlements.len() as u64 {
+                        *per_row = true;
+                        continue;
+                    }
+                    let mut on_list = Vec::new();
+                    for entry in table.iter().map_err(io("settle rows"))? {
+                        let (key, _) = entry.map_err(io("settle rows"))?;
+                        let (pk, rk) = key.value();
+                        if batch_keys.contains(&(pk, rk)) {
+                            on_list.push((pk.to_owned(), rk.to_owned()));
+                        }
+                    }
+                    for (pk, rk) in &on_list {
+                        table
+                            .remove((pk.as_str(), rk.as_str()))
+                            .map_err(io("settle rows"))?;
+                    }
+                }
+                // Rows listed by this batch, and where: a second version of one in the
+                // same batch moves it.
+                let mut listed_here: HashMap<(&str, &str), usize> = HashMap::new();
                 for s in settlements {
                     let key = (s.row.id.partition_key.as_str(), s.row.id.row_key.as_str());
                     // A delivered row is not remembered here: its version is in its
@@ -803,12 +837,14 @@ impl StateStore for RedbStore {
                         columns: s.columns.clone(),
                         recorded_at: now,
                     };
-                    // A row's latest version decides where it is listed.
                     let mut lists = [&mut rejected, &mut skipped, &mut held];
-                    for (table, listed) in lists.iter_mut().zip(&listed) {
-                        if *listed {
+                    for (table, per_row) in lists.iter_mut().zip(search_per_row) {
+                        if per_row {
                             table.remove(key).map_err(io("settle rows"))?;
                         }
+                    }
+                    if let Some(i) = listed_here.remove(&key) {
+                        lists[i].remove(key).map_err(io("settle rows"))?;
                     }
                     let list = match &s.outcome {
                         Settled::Delivered { .. } => None,
@@ -820,7 +856,7 @@ impl StateStore for RedbStore {
                         lists[i]
                             .insert(key, encode(&recorded()).as_slice())
                             .map_err(io("settle rows"))?;
-                        listed[i] = true;
+                        listed_here.insert(key, i);
                     }
                 }
             }
@@ -1073,6 +1109,56 @@ mod tests {
             .await
             .unwrap();
         assert!(store.rejected().await.unwrap().is_empty());
+    }
+
+    /// Each list is cleared of a batch's rows either way: read once when it is no
+    /// longer than the batch, searched per row when it is longer.
+    #[tokio::test]
+    async fn a_row_is_listed_only_where_its_latest_version_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let rejected = |row: RowVersion| Settlement {
+            row,
+            outcome: Settled::Rejected {
+                reason: "no CustomerInfo".into(),
+            },
+            columns: Some(Map::new()),
+        };
+        let at =
+            |rk: &str, n: u32| version(rk, &format!("W/{n}"), &format!("2024-05-01T1{n}:00:00Z"));
+        let listed = |rows: Vec<RecordedRow>| -> Vec<String> {
+            rows.into_iter().map(|r| r.row.id.row_key).collect()
+        };
+        store
+            .settle(&SettleBatch::rows(vec![
+                rejected(at("a", 1)),
+                rejected(at("b", 1)),
+                rejected(at("c", 1)),
+                skipped(at("d", 1)),
+            ]))
+            .await
+            .unwrap();
+        // One row: the rejected list (3) is longer than the batch, the skipped one (1) is not.
+        store
+            .settle(&SettleBatch::rows(vec![skipped(at("a", 2))]))
+            .await
+            .unwrap();
+        assert_eq!(listed(store.rejected().await.unwrap()), ["b", "c"]);
+        assert_eq!(listed(store.skipped().await.unwrap()), ["a", "d"]);
+        // Two versions of "e" in one batch: the second decides.
+        store
+            .settle(&SettleBatch::rows(vec![
+                delivered(at("b", 3)),
+                rejected(at("d", 3)),
+                skipped(at("e", 3)),
+                rejected(at("e", 4)),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(listed(store.rejected().await.unwrap()), ["c", "d", "e"]);
+        assert_eq!(listed(store.skipped().await.unwrap()), ["a"]);
+        let e = store.rejected().await.unwrap().pop().unwrap();
+        assert_eq!(e.row.etag, "W/4");
     }
 
     #[tokio::test]
