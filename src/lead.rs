@@ -313,11 +313,12 @@ impl Email {
 pub fn normalise(row: &RawRow) -> Result<LeadEvent, Rejection> {
     let mut notes = Vec::new();
     let mut extra = BTreeMap::new();
-    let mut found: BTreeMap<Column, Vec<Candidate<'_>>> = BTreeMap::new();
+    // The candidates of each column, by its place in `Column` (a row has a handful).
+    let mut found: [Vec<Candidate<'_>>; Column::ALL.len()] = Default::default();
     for (index, (name, value)) in row.columns.iter().enumerate() {
         match Column::from_name(name) {
             Some(Column::System) => {}
-            Some(column) => found.entry(column).or_default().push(Candidate {
+            Some(column) => found[column as usize].push(Candidate {
                 place: Place::Column(name),
                 value,
                 level: 0,
@@ -330,7 +331,7 @@ pub fn normalise(row: &RawRow) -> Result<LeadEvent, Rejection> {
         }
     }
     let mut column = |column: Column| {
-        let candidates = found.remove(&column).unwrap_or_default();
+        let candidates = std::mem::take(&mut found[column as usize]);
         pick(candidates, &mut extra, &mut notes)
     };
     let customer_info = column(Column::CustomerInfo);
@@ -447,12 +448,12 @@ fn parse_customer(
         }
     };
 
-    let mut found: BTreeMap<Field, Vec<Candidate<'_>>> = BTreeMap::new();
+    let mut found: [Vec<Candidate<'_>>; Field::ALL.len()] = Default::default();
     let mut index = 0;
     collect_fields(object, None, &mut index, &mut found, extra, notes);
 
     let mut field = |field: Field| {
-        let candidates = found.remove(&field).unwrap_or_default();
+        let candidates = std::mem::take(&mut found[field as usize]);
         pick(candidates, extra, notes).map(|picked| picked.text)
     };
     Ok(Customer {
@@ -472,7 +473,7 @@ fn collect_fields<'a>(
     object: &'a Map<String, Value>,
     nested: Option<&'a str>,
     index: &mut usize,
-    found: &mut BTreeMap<Field, Vec<Candidate<'a>>>,
+    found: &mut [Vec<Candidate<'a>>; Field::ALL.len()],
     extra: &mut BTreeMap<String, Value>,
     notes: &mut Vec<String>,
 ) {
@@ -480,7 +481,7 @@ fn collect_fields<'a>(
         let place = Place::Info { nested, key };
         *index += 1;
         if let Some(field) = Field::from_key(key) {
-            found.entry(field).or_default().push(Candidate {
+            found[field as usize].push(Candidate {
                 place,
                 value,
                 level: u8::from(nested.is_some()),
@@ -561,7 +562,9 @@ fn pick<'a>(
     extra: &mut BTreeMap<String, Value>,
     notes: &mut Vec<String>,
 ) -> Option<PickedValue<'a>> {
-    candidates.sort_by_key(|c| (c.level, !c.preferred, c.index));
+    if candidates.len() > 1 {
+        candidates.sort_by_key(|c| (c.level, !c.preferred, c.index));
+    }
     let mut chosen: Option<(Place<'a>, PickedValue<'a>)> = None;
     for candidate in candidates {
         let Some(text) = text_of(candidate.value) else {
@@ -742,6 +745,17 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
     use time::macros::datetime;
+
+    /// `normalise` keeps each column's and field's candidates at its place in `ALL`.
+    #[test]
+    fn every_known_column_and_field_is_at_its_own_place_in_all() {
+        for (i, column) in Column::ALL.into_iter().enumerate() {
+            assert_eq!(column as usize, i, "{}", column.name());
+        }
+        for (i, field) in Field::ALL.into_iter().enumerate() {
+            assert_eq!(field as usize, i, "{}", field.name());
+        }
+    }
 
     fn row_with(columns: Value) -> RawRow {
         let Value::Object(columns) = columns else {
