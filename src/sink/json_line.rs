@@ -158,7 +158,10 @@ fn needs_escape(word: u64) -> bool {
 /// Whether any byte of `bytes` is `"`, `\\` or below 0x20.
 fn any_needs_escape(bytes: &[u8]) -> bool {
     let mut words = bytes.chunks_exact(8);
-    if (&mut words).any(|w| needs_escape(u64::from_le_bytes(w.try_into().expect("8 bytes")))) {
+    if words
+        .by_ref()
+        .any(|w| needs_escape(u64::from_le_bytes(w.try_into().expect("8 bytes"))))
+    {
         return true;
     }
     let rest = words.remainder();
