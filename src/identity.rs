@@ -577,7 +577,7 @@ impl CustomerState {
                 let place = lead
                     .history
                     .iter()
-                    .position(|h| &h.row.partition_key == pk && &h.row.row_key == rk);
+                    .position(|h| h.row.partition_key == *pk && h.row.row_key == *rk);
                 debug_assert!(place.is_some(), "a stamp names a row outside the history");
                 Some((timestamp::to_ticks(*at), place? as u32))
             })
