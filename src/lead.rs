@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::row::{RawRow, RowId};
@@ -424,10 +424,37 @@ fn parse_customer(
     extra: &mut BTreeMap<String, Value>,
     notes: &mut Vec<String>,
 ) -> Result<Customer, String> {
+    let mut found: [Vec<Candidate<'_>>; Field::ALL.len()] = Default::default();
+    let mut index = 0;
+    let info;
     let parsed;
-    let object = match value {
+    match value {
         // Not what the marketplace sends, but unambiguous: the object itself.
-        Value::Object(object) => object,
+        Value::Object(object) => collect_fields(
+            &mut object.iter().map(|(k, v)| (k.as_str(), v)),
+            None,
+            &mut index,
+            &mut found,
+            extra,
+            notes,
+        ),
+        // The usual case: an object's text, read with its keys borrowed from the text.
+        _ if {
+            info = serde_json::from_str::<InfoObject<'_>>(text);
+            info.is_ok()
+        } =>
+        {
+            let info = info.as_ref().expect("checked");
+            collect_fields(
+                &mut info.0.iter().map(|(k, v)| (k.as_ref(), v)),
+                None,
+                &mut index,
+                &mut found,
+                extra,
+                notes,
+            )
+        }
+        // Anything else, read again as any JSON to say what is wrong with it.
         _ => {
             parsed = serde_json::from_str::<Value>(text).map_err(|error| {
                 format!(
@@ -436,7 +463,14 @@ fn parse_customer(
                 )
             })?;
             match &parsed {
-                Value::Object(object) => object,
+                Value::Object(object) => collect_fields(
+                    &mut object.iter().map(|(k, v)| (k.as_str(), v)),
+                    None,
+                    &mut index,
+                    &mut found,
+                    extra,
+                    notes,
+                ),
                 other => {
                     return Err(format!(
                         "CustomerInfo is JSON but not an object: it is {} (value {})",
@@ -446,11 +480,7 @@ fn parse_customer(
                 }
             }
         }
-    };
-
-    let mut found: [Vec<Candidate<'_>>; Field::ALL.len()] = Default::default();
-    let mut index = 0;
-    collect_fields(object, None, &mut index, &mut found, extra, notes);
+    }
 
     let mut field = |field: Field| {
         let candidates = std::mem::take(&mut found[field as usize]);
@@ -470,7 +500,7 @@ fn parse_customer(
 /// Sorts the keys of a `CustomerInfo` object (and of its `UserDetails` object, `nested`)
 /// into known fields and `extra`.
 fn collect_fields<'a>(
-    object: &'a Map<String, Value>,
+    object: &mut dyn Iterator<Item = (&'a str, &'a Value)>,
     nested: Option<&'a str>,
     index: &mut usize,
     found: &mut [Vec<Candidate<'a>>; Field::ALL.len()],
@@ -490,9 +520,14 @@ fn collect_fields<'a>(
             });
         } else if nested.is_none() && key.eq_ignore_ascii_case("UserDetails") {
             match value {
-                Value::Object(inner) => {
-                    collect_fields(inner, Some(key), index, found, extra, notes)
-                }
+                Value::Object(inner) => collect_fields(
+                    &mut inner.iter().map(|(k, v)| (k.as_str(), v)),
+                    Some(key),
+                    index,
+                    found,
+                    extra,
+                    notes,
+                ),
                 Value::Null => {}
                 other => {
                     notes.push(format!(
@@ -505,6 +540,69 @@ fn collect_fields<'a>(
         } else {
             extra.insert(place.to_string(), value.clone());
         }
+    }
+}
+
+/// A JSON object's members with their keys borrowed from its text where they need no
+/// unescaping, in the order and with the values a `serde_json::Map` would hold: sorted
+/// by key, the last of repeated keys kept. `CustomerInfo` is one per row, and its keys
+/// need not be allocated and put into a tree to be looked at once.
+struct InfoObject<'a>(Vec<(Cow<'a, str>, Value)>);
+
+impl<'de> Deserialize<'de> for InfoObject<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = InfoObject<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<InfoObject<'de>, A::Error> {
+                let mut members: Vec<(Cow<'de, str>, Value)> = Vec::new();
+                while let Some(BorrowedKey(key)) = map.next_key()? {
+                    members.push((key, map.next_value()?));
+                }
+                // Stable: of repeated keys, the last stays last, and is the one kept.
+                members.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut kept: Vec<(Cow<'de, str>, Value)> = Vec::with_capacity(members.len());
+                for member in members {
+                    match kept.last_mut() {
+                        Some(last) if last.0 == member.0 => *last = member,
+                        _ => kept.push(member),
+                    }
+                }
+                Ok(InfoObject(kept))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
+}
+
+/// An object key, borrowed from the text when it has no escapes.
+struct BorrowedKey<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for BorrowedKey<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = BorrowedKey<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<BorrowedKey<'de>, E> {
+                Ok(BorrowedKey(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<BorrowedKey<'de>, E> {
+                Ok(BorrowedKey(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<BorrowedKey<'de>, E> {
+                Ok(BorrowedKey(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visit)
     }
 }
 
@@ -743,7 +841,7 @@ impl Field {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use serde_json::json;
+    use serde_json::{json, Map};
     use time::macros::datetime;
 
     /// `normalise` keeps each column's and field's candidates at its place in `ALL`.
@@ -1738,8 +1836,44 @@ mod tests {
             })
     }
 
+    /// A `CustomerInfo` object's text as a client may write it: members in any order,
+    /// keys repeated, some keys escaped.
+    fn customer_info_members() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            4 => customer_key(),
+            1 => Just("First\\u004eame".to_owned()),
+        ];
+        prop::collection::vec((key, json_value(), any::<bool>()), 0..10).prop_map(|members| {
+            let members: Vec<String> = members
+                .into_iter()
+                .map(|(key, value, raw)| {
+                    // A key given as `\u0045mail` spelled out rather than as JSON text.
+                    let key = if raw && key.contains('\\') {
+                        format!("\"{key}\"")
+                    } else {
+                        Value::String(key).to_string()
+                    };
+                    format!("{key}:{value}")
+                })
+                .collect();
+            format!("{{{}}}", members.join(","))
+        })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// `CustomerInfo` as text (read with borrowed keys) and as the object serde_json
+        /// makes of the same text (a `Map`) normalise to the same lead or rejection.
+        #[test]
+        fn customer_info_text_reads_as_the_object_it_holds(text in customer_info_members()) {
+            let Ok(object @ Value::Object(_)) = serde_json::from_str::<Value>(&text) else {
+                return Ok(()); // not an object after all (a key spelled out badly)
+            };
+            let as_text = normalise(&row_with(json!({ "CustomerInfo": text })));
+            let as_object = normalise(&row_with(json!({ "CustomerInfo": object })));
+            prop_assert_eq!(as_text, as_object);
+        }
 
         #[test]
         fn normalise_never_panics_on_arbitrary_columns(columns in columns()) {
