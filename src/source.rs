@@ -415,7 +415,13 @@ struct Entity {
 /// The columns of an entity returned with `odata=fullmetadata` that are not leadsync's
 /// to keep: the OData annotations (`odata.id`, `odata.editLink`, `Timestamp@odata.type`, ...).
 fn is_annotation(name: &str) -> bool {
-    name.starts_with("odata.") || name.contains("@odata.")
+    // `str::contains` with a pattern costs a searcher's set-up per name (1% of a
+    // backfill's instructions); a column name rarely holds an `@`.
+    name.starts_with("odata.")
+        || name
+            .bytes()
+            .enumerate()
+            .any(|(i, b)| b == b'@' && name[i..].starts_with("@odata."))
 }
 
 impl Entity {
@@ -654,6 +660,30 @@ mod tests {
         let redacted = redact_sas(text);
         assert!(!redacted.contains("abc%2F"), "{redacted}");
         assert!(redacted.ends_with("sig=[redacted])"), "{redacted}");
+    }
+
+    #[test]
+    fn odata_annotations_are_told_from_column_names() {
+        for name in [
+            "odata.etag",
+            "Count@odata.type",
+            "a@b@odata.type",
+            "é@odata.type",
+            "x@odata.",
+        ] {
+            assert!(is_annotation(name), "{name}");
+        }
+        for name in [
+            "Email@contoso.com",
+            "Odata.x",
+            "odata",
+            "x@odata",
+            "@",
+            "",
+            "LeadSource",
+        ] {
+            assert!(!is_annotation(name), "{name}");
+        }
     }
 
     #[test]
