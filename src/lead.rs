@@ -20,6 +20,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::row::{RawRow, RowId};
+use crate::source::Key;
 
 /// The marker the marketplace puts in every field of the lead it sends when an
 /// offer is published or the publisher presses "validate".
@@ -430,14 +431,7 @@ fn parse_customer(
     let parsed;
     match value {
         // Not what the marketplace sends, but unambiguous: the object itself.
-        Value::Object(object) => collect_fields(
-            &mut object.iter().map(|(k, v)| (k.as_str(), v)),
-            None,
-            &mut index,
-            &mut found,
-            extra,
-            notes,
-        ),
+        Value::Object(object) => collect_object(object, None, &mut index, &mut found, extra, notes),
         // The usual case: an object's text, read with its keys borrowed from the text.
         _ if {
             info = serde_json::from_str::<InfoObject<'_>>(text);
@@ -463,14 +457,9 @@ fn parse_customer(
                 )
             })?;
             match &parsed {
-                Value::Object(object) => collect_fields(
-                    &mut object.iter().map(|(k, v)| (k.as_str(), v)),
-                    None,
-                    &mut index,
-                    &mut found,
-                    extra,
-                    notes,
-                ),
+                Value::Object(object) => {
+                    collect_object(object, None, &mut index, &mut found, extra, notes)
+                }
                 other => {
                     return Err(format!(
                         "CustomerInfo is JSON but not an object: it is {} (value {})",
@@ -497,6 +486,19 @@ fn parse_customer(
     })
 }
 
+/// [`collect_fields`] of an object already read as a `serde_json::Map`.
+fn collect_object<'a>(
+    object: &'a serde_json::Map<String, Value>,
+    nested: Option<&'a str>,
+    index: &mut usize,
+    found: &mut [Vec<Candidate<'a>>; Field::ALL.len()],
+    extra: &mut BTreeMap<String, Value>,
+    notes: &mut Vec<String>,
+) {
+    let mut members = object.iter().map(|(k, v)| (k.as_str(), v));
+    collect_fields(&mut members, nested, index, found, extra, notes)
+}
+
 /// Sorts the keys of a `CustomerInfo` object (and of its `UserDetails` object, `nested`)
 /// into known fields and `extra`.
 fn collect_fields<'a>(
@@ -520,14 +522,9 @@ fn collect_fields<'a>(
             });
         } else if nested.is_none() && key.eq_ignore_ascii_case("UserDetails") {
             match value {
-                Value::Object(inner) => collect_fields(
-                    &mut inner.iter().map(|(k, v)| (k.as_str(), v)),
-                    Some(key),
-                    index,
-                    found,
-                    extra,
-                    notes,
-                ),
+                Value::Object(inner) => {
+                    collect_object(inner, Some(key), index, found, extra, notes)
+                }
                 Value::Null => {}
                 other => {
                     notes.push(format!(
@@ -562,7 +559,7 @@ impl<'de> Deserialize<'de> for InfoObject<'de> {
                 mut map: A,
             ) -> Result<InfoObject<'de>, A::Error> {
                 let mut members: Vec<(Cow<'de, str>, Value)> = Vec::new();
-                while let Some(BorrowedKey(key)) = map.next_key()? {
+                while let Some(Key(key)) = map.next_key()? {
                     members.push((key, map.next_value()?));
                 }
                 // Stable: of repeated keys, the last stays last, and is the one kept.
@@ -578,31 +575,6 @@ impl<'de> Deserialize<'de> for InfoObject<'de> {
             }
         }
         deserializer.deserialize_map(Visit)
-    }
-}
-
-/// An object key, borrowed from the text when it has no escapes.
-struct BorrowedKey<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for BorrowedKey<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = BorrowedKey<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<BorrowedKey<'de>, E> {
-                Ok(BorrowedKey(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<BorrowedKey<'de>, E> {
-                Ok(BorrowedKey(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<BorrowedKey<'de>, E> {
-                Ok(BorrowedKey(Cow::Owned(v)))
-            }
-        }
-        deserializer.deserialize_str(Visit)
     }
 }
 

@@ -509,8 +509,9 @@ impl<'de> serde::Deserialize<'de> for Entity {
     }
 }
 
-/// A column name, borrowed from the page's text when it has no escapes.
-struct Key<'de>(std::borrow::Cow<'de, str>);
+/// A column name (or any object key), borrowed from the JSON text when it has no
+/// escapes.
+pub(crate) struct Key<'de>(pub(crate) std::borrow::Cow<'de, str>);
 
 impl<'de> serde::Deserialize<'de> for Key<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
