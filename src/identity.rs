@@ -752,10 +752,13 @@ fn action_label(action: &str) -> &str {
 pub fn summarise(lead: &CustomerLead, template: &str) -> String {
     let mut out = String::with_capacity(template.len() + 256);
     let mut rest = template;
-    while let Some(open) = rest.find('{') {
+    // Braces are ASCII, so a byte search finds them on character boundaries; it is
+    // cheaper than `str::find`'s searcher on the template's short pieces, 13 a summary.
+    let find = |text: &str, brace: u8| text.bytes().position(|b| b == brace);
+    while let Some(open) = find(rest, b'{') {
         out.push_str(&rest[..open]);
         let tail = &rest[open..];
-        let placeholder = tail.find('}').map(|close| &tail[..=close]);
+        let placeholder = find(tail, b'}').map(|close| &tail[..=close]);
         if placeholder.is_some_and(|p| placeholder_value(lead, p, &mut out)) {
             rest = &tail[placeholder.map_or(0, str::len)..];
         } else {
