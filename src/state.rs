@@ -784,25 +784,32 @@ impl StateStore for RedbStore {
                 // usual case: a few test leads) is read once and only the batch's rows on
                 // it removed, instead of one B-tree search per row and list; a longer one
                 // is searched per row.
-                let batch_keys: HashSet<(&str, &str)> = settlements
-                    .iter()
-                    .map(|s| (s.row.id.partition_key.as_str(), s.row.id.row_key.as_str()))
-                    .collect();
+                // An empty list (no test lead yet) costs nothing, not even the key set.
+                let mut batch_keys: Option<HashSet<(&str, &str)>> = None;
                 let mut search_per_row = [false; 3];
                 for (table, per_row) in [&mut rejected, &mut skipped, &mut held]
                     .into_iter()
                     .zip(&mut search_per_row)
                 {
                     let len = table.len().map_err(io("settle rows"))?;
+                    if len == 0 {
+                        continue;
+                    }
                     if len > settlements.len() as u64 {
                         *per_row = true;
                         continue;
                     }
+                    let keys = batch_keys.get_or_insert_with(|| {
+                        settlements
+                            .iter()
+                            .map(|s| (s.row.id.partition_key.as_str(), s.row.id.row_key.as_str()))
+                            .collect()
+                    });
                     let mut on_list = Vec::new();
                     for entry in table.iter().map_err(io("settle rows"))? {
                         let (key, _) = entry.map_err(io("settle rows"))?;
                         let (pk, rk) = key.value();
-                        if batch_keys.contains(&(pk, rk)) {
+                        if keys.contains(&(pk, rk)) {
                             on_list.push((pk.to_owned(), rk.to_owned()));
                         }
                     }

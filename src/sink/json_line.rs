@@ -155,23 +155,21 @@ fn needs_escape(word: u64) -> bool {
         != 0
 }
 
-/// Whether any byte of `bytes` is `"`, `\\` or below 0x20.
-fn any_needs_escape(bytes: &[u8]) -> bool {
+/// Where the first 8-byte word of `bytes` that holds a `"`, a `\\` or a byte below 0x20
+/// starts (the last, short word padded with spaces, which need no escape); `None` when
+/// nothing needs an escape.
+fn first_escape_word(bytes: &[u8]) -> Option<usize> {
     let mut words = bytes.chunks_exact(8);
-    if words
+    if let Some(n) = words
         .by_ref()
-        .any(|w| needs_escape(u64::from_le_bytes(w.try_into().expect("8 bytes"))))
+        .position(|w| needs_escape(u64::from_le_bytes(w.try_into().expect("8 bytes"))))
     {
-        return true;
+        return Some(n * 8);
     }
     let rest = words.remainder();
-    if rest.is_empty() {
-        return false;
-    }
-    // Spaces need no escape.
     let mut last = [b' '; 8];
     last[..rest.len()].copy_from_slice(rest);
-    needs_escape(u64::from_le_bytes(last))
+    needs_escape(u64::from_le_bytes(last)).then_some(bytes.len() - rest.len())
 }
 
 /// A JSON string, escaped as serde_json escapes it: `\"`, `\\`, the short forms of
@@ -182,14 +180,15 @@ fn string(out: &mut Vec<u8>, value: &str) {
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     // Most strings (names, keys, offers) need no escape: checked a word at a time, the
-    // last few bytes padded to a word, and copied in one piece.
-    if !any_needs_escape(bytes) {
+    // last few bytes padded to a word, and copied in one piece. The others are escaped
+    // from the first word that needs it, the words before it not checked again.
+    let Some(first) = first_escape_word(bytes) else {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
-    }
+    };
     let mut start = 0;
-    let mut i = 0;
+    let mut i = first;
     while i < bytes.len() {
         if let Some(chunk) = bytes.get(i..i + 8) {
             let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
