@@ -267,6 +267,7 @@ impl Pipeline {
                 let waiting = Instant::now();
                 // A failed fetch says nothing here; its error comes from the task below.
                 let next = (&mut fetching.next).await.ok().flatten();
+                let wait_response = waiting.elapsed();
                 let more = next.is_some();
                 let prefetch = match next {
                     Some(c) if !cancel.is_cancelled() => Some(fetch(Some(c), summary.pages + 1)),
@@ -331,6 +332,7 @@ impl Pipeline {
                 tracing::debug!(
                     page = pages,
                     wait_table_ms = ms(wait_table),
+                    wait_response_ms = ms(wait_response),
                     prepare_merge_ms = ms(t1 - t0),
                     wait_commit_ms = ms(t2 - t1),
                     deliver_ms = ms(t3 - t2),
