@@ -499,7 +499,9 @@ impl Pipeline {
             }
         }
         let mut to_store = Vec::new();
-        let mut deliveries = Vec::new();
+        // A page's customers are almost all delivered: their records (a kilobyte each)
+        // are not copied again and again as the vector grows.
+        let mut deliveries = Vec::with_capacity(by_customer.len());
         for ((key, mut items), stored) in by_customer.into_iter().zip(stored) {
             let mut customer = stored.unwrap_or_else(|| CustomerState::new(&key, &self.identity));
             if customer.delivered && !mode.ignore_handled {
@@ -575,7 +577,11 @@ impl Pipeline {
         } = merged;
         let mut oldest_open: Option<OffsetDateTime> = None;
         let mut dead_letters = Vec::new();
-        let mut resolved = Vec::new();
+        // Room for what the deliveries add, so that neither the records nor the rows are
+        // copied as these vectors grow.
+        let mut resolved = Vec::with_capacity(deliveries.len());
+        to_store.reserve(deliveries.len());
+        settlements.reserve(deliveries.iter().map(|d| d.rows.len()).sum());
         let mut deliveries = deliveries.into_iter().peekable();
         while deliveries.peek().is_some() {
             // The records are lent to the sink, not copied: they go back to state after.
