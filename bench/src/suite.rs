@@ -28,8 +28,10 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000)]
     rows: usize,
     /// Runs of each throughput measurement (the median is reported; the baseline runs
-    /// once). Default: 7 below 100,000 rows, where a round takes a few seconds and one
-    /// round's share moves by ±20% with the machine, else 3.
+    /// once). Default: 15 below 100,000 rows, else 3. At 10k a round takes about two
+    /// seconds and one round's JSONL share moves between about 55% and 115% with the
+    /// machine: the median of 7 such rounds moved by 15 points between runs of one
+    /// build, that of 15 by about half that (BENCHMARKS.md, *Twelfth round*).
     #[arg(long)]
     repeat: Option<usize>,
     /// Length of the idle measurement window.
@@ -81,7 +83,7 @@ impl Args {
     /// The throughput rounds to run (`--repeat`, or its default for the table's size).
     fn rounds(&self) -> usize {
         self.repeat
-            .unwrap_or(if self.rows < 100_000 { 7 } else { 3 })
+            .unwrap_or(if self.rows < 100_000 { 15 } else { 3 })
             .max(1)
     }
 }
