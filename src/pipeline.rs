@@ -303,20 +303,29 @@ impl Pipeline {
                     batch,
                     tokio::spawn(async move {
                         let started = Instant::now();
-                        // The store encodes what it will write while the sink syncs.
-                        let syncing = tokio::spawn(async move { sink.sync().await });
+                        // The store encodes and writes what it will commit while the sink
+                        // syncs, and commits once the sync has succeeded.
+                        let (synced, when) = tokio::sync::oneshot::channel();
+                        let syncing = tokio::spawn(async move {
+                            let result = sink.sync().await;
+                            let _ = synced.send(result.is_ok());
+                            (result, started.elapsed())
+                        });
                         let prepared = state.prepare(&committing);
                         let prepare_ms = ms(started.elapsed());
-                        syncing.await.map_err(joined)??;
-                        let synced = Instant::now();
-                        state.settle_prepared(&committing, prepared).await?;
+                        state
+                            .settle_prepared_when(&committing, prepared, when)
+                            .await?;
+                        // A failed sync committed nothing: its error is the poll's.
+                        let (result, sync) = syncing.await.map_err(joined)?;
+                        result?;
                         tracing::debug!(
                             page = pages,
                             rows = committing.rows.len(),
                             customers = committing.customers.len(),
                             prepare_ms,
-                            sync_ms = ms(synced - started),
-                            settle_ms = ms(synced.elapsed()),
+                            sync_ms = ms(sync),
+                            settle_ms = ms(started.elapsed()),
                             "Page committed."
                         );
                         Ok(())

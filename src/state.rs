@@ -169,6 +169,16 @@ struct HandledRecord {
     timestamp: OffsetDateTime,
 }
 
+/// Says when a batch may be committed: `true` once its deliveries are durable.
+pub type CommitWhen = tokio::sync::oneshot::Receiver<bool>;
+
+/// A [`CommitWhen`] that says "now".
+pub fn commit_now() -> CommitWhen {
+    let (now, when) = tokio::sync::oneshot::channel();
+    let _ = now.send(true);
+    when
+}
+
 /// The state leadsync keeps. Every method is one atomic read or write.
 #[async_trait::async_trait]
 pub trait StateStore: Send + Sync {
@@ -195,6 +205,21 @@ pub trait StateStore: Send + Sync {
         _prepared: Option<Prepared>,
     ) -> Result<(), StateError> {
         self.settle(batch).await
+    }
+    /// [`StateStore::settle_prepared`], committed only when `when` says `true` (the sink
+    /// has made the batch's deliveries durable); with `false`, or if the sender is
+    /// dropped, nothing is committed. A store may write everything but the commit before
+    /// that (the file store does: the B-tree inserts overlap the JSONL file's fsync).
+    async fn settle_prepared_when(
+        &self,
+        batch: &SettleBatch,
+        prepared: Option<Prepared>,
+        when: CommitWhen,
+    ) -> Result<(), StateError> {
+        match when.await {
+            Ok(true) => self.settle_prepared(batch, prepared).await,
+            _ => Ok(()),
+        }
     }
     /// Every dead letter, by id.
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError>;
@@ -741,11 +766,21 @@ impl StateStore for RedbStore {
         batch: &SettleBatch,
         prepared: Option<Prepared>,
     ) -> Result<(), StateError> {
+        self.settle_prepared_when(batch, prepared, commit_now())
+            .await
+    }
+
+    async fn settle_prepared_when(
+        &self,
+        batch: &SettleBatch,
+        prepared: Option<Prepared>,
+        when: CommitWhen,
+    ) -> Result<(), StateError> {
         let prepared = match prepared {
             Some(p) if p.is_for(batch) => p,
             _ => StateStore::prepare(self, batch).expect("the file store prepares"),
         };
-        blocking(|| {
+        let txn = blocking(|| {
             let now = OffsetDateTime::now_utc();
             let settlements = &batch.rows;
             let mut txn = self.db.begin_write().map_err(io("settle rows"))?;
@@ -867,8 +902,14 @@ impl StateStore for RedbStore {
                     }
                 }
             }
-            txn.commit().map_err(io("settle rows"))
-        })
+            Ok::<_, StateError>(txn)
+        })?;
+        // Written, not committed: the outcomes become durable only after the deliveries
+        // they record. A transaction dropped uncommitted is rolled back.
+        if when.await != Ok(true) {
+            return Ok(());
+        }
+        blocking(|| txn.commit().map_err(io("settle rows")))
     }
 
     async fn prune_handled(&self, before: OffsetDateTime) -> Result<usize, StateError> {
@@ -962,6 +1003,7 @@ impl StateStore for RedbStore {
 mod tests {
     use super::*;
     use crate::timestamp::parse;
+    use std::sync::Arc;
 
     fn version(rk: &str, etag: &str, ts: &str) -> RowVersion {
         RowVersion {
@@ -1197,6 +1239,50 @@ mod tests {
             CustomerState::new(&CustomerKey::Email("ana@fabrikam.com".into()), &settings);
         customer.apply([&event], &settings);
         customer
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_committed_only_once_its_deliveries_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let ana = a_customer();
+        let row = version("r9", "W/9", "2024-05-01T10:00:00Z");
+        let mut batch = SettleBatch::rows(vec![skipped(row.clone())]);
+        batch.customers = vec![ana.clone()];
+        let keys = [ana.lead.key.clone()];
+
+        // The sink could not sync, or went away without saying: nothing is committed.
+        let (failed, when) = tokio::sync::oneshot::channel();
+        failed.send(false).unwrap();
+        let prepared = store.prepare(&batch);
+        store
+            .settle_prepared_when(&batch, prepared, when)
+            .await
+            .unwrap();
+        let (gone, when) = tokio::sync::oneshot::channel::<bool>();
+        drop(gone);
+        store
+            .settle_prepared_when(&batch, None, when)
+            .await
+            .unwrap();
+        assert_eq!(store.customers(&keys).await.unwrap(), vec![None]);
+        assert_eq!(store.handled(&[row.clone()]).await.unwrap(), vec![false]);
+        assert!(store.skipped().await.unwrap().is_empty());
+
+        // Written while the sink syncs, committed when it has: not visible before.
+        let (synced, when) = tokio::sync::oneshot::channel();
+        let settling = tokio::spawn({
+            let (store, batch) = (Arc::clone(&store), batch.clone());
+            async move { store.settle_prepared_when(&batch, None, when).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(store.customers(&keys).await.unwrap(), vec![None]);
+        assert_eq!(store.handled(&[row.clone()]).await.unwrap(), vec![false]);
+        synced.send(true).unwrap();
+        settling.await.unwrap().unwrap();
+        assert_eq!(store.customers(&keys).await.unwrap(), vec![Some(ana)]);
+        assert_eq!(store.handled(&[row]).await.unwrap(), vec![true]);
+        assert_eq!(store.skipped().await.unwrap().len(), 1);
     }
 
     #[tokio::test]
