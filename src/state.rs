@@ -1266,7 +1266,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.customers(&keys).await.unwrap(), vec![None]);
-        assert_eq!(store.handled(&[row.clone()]).await.unwrap(), vec![false]);
+        assert_eq!(
+            store.handled(std::slice::from_ref(&row)).await.unwrap(),
+            vec![false]
+        );
         assert!(store.skipped().await.unwrap().is_empty());
 
         // Written while the sink syncs, committed when it has: not visible before.
@@ -1277,7 +1280,10 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert_eq!(store.customers(&keys).await.unwrap(), vec![None]);
-        assert_eq!(store.handled(&[row.clone()]).await.unwrap(), vec![false]);
+        assert_eq!(
+            store.handled(std::slice::from_ref(&row)).await.unwrap(),
+            vec![false]
+        );
         synced.send(true).unwrap();
         settling.await.unwrap().unwrap();
         assert_eq!(store.customers(&keys).await.unwrap(), vec![Some(ana)]);
