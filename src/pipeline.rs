@@ -325,7 +325,8 @@ impl Pipeline {
                             customers = committing.customers.len(),
                             prepare_ms,
                             sync_ms = ms(sync),
-                            settle_ms = ms(started.elapsed()),
+                            // Encoding, inserts and commit, the sync overlapped.
+                            commit_ms = ms(started.elapsed()),
                             "Page committed."
                         );
                         Ok(())

@@ -198,26 +198,20 @@ pub trait StateStore: Send + Sync {
     fn prepare(&self, _batch: &SettleBatch) -> Option<Prepared> {
         None
     }
-    /// [`StateStore::settle`], with what [`StateStore::prepare`] returned for this batch.
-    async fn settle_prepared(
-        &self,
-        batch: &SettleBatch,
-        _prepared: Option<Prepared>,
-    ) -> Result<(), StateError> {
-        self.settle(batch).await
-    }
-    /// [`StateStore::settle_prepared`], committed only when `when` says `true` (the sink
-    /// has made the batch's deliveries durable); with `false`, or if the sender is
-    /// dropped, nothing is committed. A store may write everything but the commit before
-    /// that (the file store does: the B-tree inserts overlap the JSONL file's fsync).
+    /// [`StateStore::settle`], with what [`StateStore::prepare`] returned for this batch,
+    /// committed only when `when` says `true` (the sink has made the batch's deliveries
+    /// durable; [`commit_now`] when there is nothing to wait for); with `false`, or if
+    /// the sender is dropped, nothing is committed. A store may write everything but the
+    /// commit before that (the file store does: the B-tree inserts overlap the JSONL
+    /// file's fsync).
     async fn settle_prepared_when(
         &self,
         batch: &SettleBatch,
-        prepared: Option<Prepared>,
+        _prepared: Option<Prepared>,
         when: CommitWhen,
     ) -> Result<(), StateError> {
         match when.await {
-            Ok(true) => self.settle_prepared(batch, prepared).await,
+            Ok(true) => self.settle(batch).await,
             _ => Ok(()),
         }
     }
@@ -739,7 +733,7 @@ impl StateStore for RedbStore {
     }
 
     async fn settle(&self, batch: &SettleBatch) -> Result<(), StateError> {
-        self.settle_prepared(batch, None).await
+        self.settle_prepared_when(batch, None, commit_now()).await
     }
 
     /// Encodes the batch's customers, a few milliseconds of a page's commit that can
@@ -759,15 +753,6 @@ impl StateStore for RedbStore {
             prepared.ends.push((key, prepared.bytes.len()));
         }
         Some(prepared)
-    }
-
-    async fn settle_prepared(
-        &self,
-        batch: &SettleBatch,
-        prepared: Option<Prepared>,
-    ) -> Result<(), StateError> {
-        self.settle_prepared_when(batch, prepared, commit_now())
-            .await
     }
 
     async fn settle_prepared_when(
@@ -1304,7 +1289,10 @@ mod tests {
         batch.customers = vec![ana.clone(), bo.clone()];
         let prepared = store.prepare(&batch);
         assert_eq!(prepared.as_ref().map(|p| p.ends.len()), Some(2));
-        store.settle_prepared(&batch, prepared).await.unwrap();
+        store
+            .settle_prepared_when(&batch, prepared, commit_now())
+            .await
+            .unwrap();
         let keys = [ana.lead.key.clone(), bo.lead.key.clone()];
         assert_eq!(
             store.customers(&keys).await.unwrap(),
@@ -1325,7 +1313,10 @@ mod tests {
         assert!(!stale.as_ref().unwrap().is_for(&batch));
         let mut changed = batch.clone();
         changed.customers[1].lead.customer.phone = Some("+1 555 0199".into());
-        store.settle_prepared(&changed, stale).await.unwrap();
+        store
+            .settle_prepared_when(&changed, stale, commit_now())
+            .await
+            .unwrap();
         assert_eq!(
             store.customers(&keys).await.unwrap()[1]
                 .as_ref()
