@@ -519,7 +519,12 @@ impl RedbStore {
                         .map_err(io("prune handled rows"))?;
                 }
             }
-            txn.commit().map_err(io("prune handled rows"))?;
+            // A step that found nothing to forget (the usual poll) writes nothing: no
+            // commit, and none of its fsyncs.
+            match stale.is_empty() {
+                true => txn.abort().map_err(io("prune handled rows"))?,
+                false => txn.commit().map_err(io("prune handled rows"))?,
+            }
             pruned += stale.len();
             match last {
                 Some(key) => after = Some(key),
@@ -1608,5 +1613,38 @@ mod tests {
             .unwrap();
         assert_eq!(kept, vec![false, true, false, true]);
         assert_eq!(store.prune_handled_in_steps(cutoff, 4).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn pruning_that_finds_nothing_old_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let rows: Vec<Settlement> = (0..6)
+            .map(|i| skipped(version(&format!("r{i}"), "e", "2024-05-01T11:00:00Z")))
+            .collect();
+        store.settle(&SettleBatch::rows(rows)).await.unwrap();
+        let file = dir.path().join(RedbStore::FILE_NAME);
+        let before = std::fs::read(&file).unwrap();
+        // Every row is newer than the cutoff; steps of 4: two transactions look, none commits.
+        let cutoff = parse("2024-05-01T10:00:00Z").unwrap();
+        assert_eq!(store.prune_handled_in_steps(cutoff, 4).unwrap(), 0);
+        assert!(
+            std::fs::read(&file).unwrap() == before,
+            "a prune that removed nothing changed the state file"
+        );
+        assert_eq!(store.handled_len().await.unwrap(), 6);
+        // One row old enough: its step commits, and the file changes.
+        store
+            .settle(&SettleBatch::rows(vec![skipped(version(
+                "r9",
+                "e",
+                "2024-05-01T09:00:00Z",
+            ))]))
+            .await
+            .unwrap();
+        let before = std::fs::read(&file).unwrap();
+        assert_eq!(store.prune_handled_in_steps(cutoff, 4).unwrap(), 1);
+        assert!(std::fs::read(&file).unwrap() != before);
+        assert_eq!(store.handled_len().await.unwrap(), 6);
     }
 }
