@@ -1625,7 +1625,8 @@ mod tests {
         store.settle(&SettleBatch::rows(rows)).await.unwrap();
         let file = dir.path().join(RedbStore::FILE_NAME);
         let before = std::fs::read(&file).unwrap();
-        // Every row is newer than the cutoff; steps of 4: two transactions look, none commits.
+        // Every row is newer than the cutoff; steps of 4: three transactions look (4, 2 and
+        // no rows), none commits.
         let cutoff = parse("2024-05-01T10:00:00Z").unwrap();
         assert_eq!(store.prune_handled_in_steps(cutoff, 4).unwrap(), 0);
         assert!(
