@@ -289,8 +289,10 @@ impl Pipeline {
                     previous.await.map_err(joined)??;
                 }
                 let t2 = Instant::now();
-                let (batch, settled, open) = self.deliver_all(merged, &mut summary).await;
+                let (mut batch, settled, open) = self.deliver_all(merged, &mut summary).await;
                 let t3 = Instant::now();
+                // The store may commit this page with the next ones (`StateStore::commit_held`).
+                batch.continued = prefetch.is_some();
                 let batch = Arc::new(batch);
                 let (state, sink, committing) = (
                     Arc::clone(&self.state),
@@ -366,6 +368,16 @@ impl Pipeline {
         let last_page = Instant::now();
         if let Some((_, last)) = settling.take() {
             last.await.map_err(joined)??;
+        }
+        // A poll that ended early may leave pages settled but held uncommitted: their
+        // deliveries are durable, so they are committed (a no-op after the last page).
+        if let Err(e) = self.state.commit_held().await {
+            match &passed {
+                Ok(()) => return Err(e.into()),
+                Err(_) => {
+                    tracing::warn!(error = %e, "Could not commit the pages settled before the poll failed; their rows will be delivered again.");
+                }
+            }
         }
         passed?;
         let last_commit = Instant::now();
@@ -667,6 +679,7 @@ impl Pipeline {
             customers: to_store,
             dead_letters,
             resolved,
+            continued: false,
         };
         (batch, newest_settled, oldest_open)
     }

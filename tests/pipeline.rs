@@ -465,6 +465,9 @@ impl StateStore for SlowCommits {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         self.0.settle(batch).await
     }
+    async fn commit_held(&self) -> Result<(), leadsync::state::StateError> {
+        self.0.commit_held().await
+    }
     async fn dead_letters(
         &self,
     ) -> Result<Vec<leadsync::state::DeadLetter>, leadsync::state::StateError> {
@@ -555,5 +558,109 @@ async fn a_customer_on_consecutive_pages_of_one_poll_keeps_every_event() {
         let n = record["history"].as_array().unwrap().len();
         let last = seen.insert(record["external_key"].as_str().unwrap().into(), n);
         assert!(last.is_none_or(|l| n > l), "{last:?} then {n}");
+    }
+}
+
+#[tokio::test]
+async fn a_customer_seen_again_pages_later_keeps_every_event_and_an_interrupted_poll_keeps_its_pages(
+) {
+    // Customers 0 and 1 on pages 1 and 3, 2 and 3 on page 2 (page_size 2): page 3 is
+    // merged while page 1 may still be held uncommitted by the store, with page 2's
+    // batch (not page 1's) the one the merge lays over the store's records.
+    let world = World::new().await;
+    let plan = [
+        (0, "AppSource-PLT | a.b"),
+        (1, "AppSource-PLT | a.b"),
+        (2, "AppSource-PLT | a.b"),
+        (3, "AppSource-PLT | a.b"),
+        (0, "AzureMarketplace-INS | a.b"),
+        (1, "AzureMarketplace-INS | a.b"),
+    ];
+    let rows: Vec<_> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, (n, action))| lead_row("p", &format!("r{i}"), action, customer(*n)))
+        .collect();
+    world.insert(&rows).await;
+    let pipeline = build_pipeline(&world.settings_with("page_size = 2")).unwrap();
+
+    let summary = pipeline.poll(&CancellationToken::new()).await.unwrap();
+
+    assert_eq!((summary.pages, summary.delivered), (3, 6));
+    let latest = world.latest_records();
+    assert_eq!(latest.len(), 4, "{latest:?}");
+    for n in [0, 1] {
+        let record = latest
+            .values()
+            .find(|r| r.to_string().contains(&format!("customer{n}@contoso.com")))
+            .unwrap();
+        assert_eq!(
+            record["history"].as_array().unwrap().len(),
+            2,
+            "page 3 merged into page 1's record: {record}"
+        );
+    }
+    // Every customer is in the file, committed, not only held.
+    assert_eq!(pipeline.state.all_customers().await.unwrap().len(), 4);
+
+    // A poll stopped after its first page of three: that page's outcomes are committed
+    // (the store may have held them), so they are not delivered again.
+    let more: Vec<_> = (0..6)
+        .map(|i| {
+            lead_row(
+                "q",
+                &format!("s{i}"),
+                "AppSource-PLT | a.b",
+                customer(10 + i),
+            )
+        })
+        .collect();
+    world.insert(&more).await;
+    let cancel = CancellationToken::new();
+    let stopping = StopAfterFirstPage {
+        sink: pipeline.sink.clone(),
+        cancel: cancel.clone(),
+    };
+    let stopped = Pipeline {
+        sink: Arc::new(stopping),
+        ..pipeline
+    };
+    let failed = stopped.poll(&cancel).await.unwrap_err();
+    assert!(
+        matches!(failed, PollError::Interrupted { .. }),
+        "{failed:?}"
+    );
+    // The first page of the new rows was delivered: its two customers are committed.
+    let committed = stopped.state.all_customers().await.unwrap().len();
+    assert_eq!(committed, 6, "the page before the stop was committed");
+    assert_eq!(
+        stopped.state.checkpoint().await.unwrap(),
+        summary.checkpoint
+    );
+}
+
+/// A sink that requests shutdown once it has taken a batch of leads.
+struct StopAfterFirstPage {
+    sink: Arc<dyn LeadSink>,
+    cancel: CancellationToken,
+}
+
+#[async_trait::async_trait]
+impl LeadSink for StopAfterFirstPage {
+    fn name(&self) -> &str {
+        self.sink.name()
+    }
+    async fn deliver(&self, leads: &[CustomerLead]) -> Vec<Outcome> {
+        let outcomes = self.sink.deliver(leads).await;
+        if !leads.is_empty() {
+            self.cancel.cancel();
+        }
+        outcomes
+    }
+    async fn sync(&self) -> Result<(), SinkError> {
+        self.sink.sync().await
+    }
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        self.sink.healthcheck().await
     }
 }
