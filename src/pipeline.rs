@@ -29,7 +29,7 @@ use crate::row::RawRow;
 use crate::sink::{LeadSink, Outcome};
 use crate::source::{Continuation, SourceError, TableSource};
 use crate::state::{
-    DeadLetter, RowVersion, SettleBatch, Settled, Settlement, StateError, StateStore,
+    Continued, DeadLetter, RowVersion, SettleBatch, Settled, Settlement, StateError, StateStore,
 };
 use crate::timestamp;
 use crate::AbortOnDrop;
@@ -261,6 +261,10 @@ impl Pipeline {
         };
         // The last page's batch and the task committing it.
         let mut settling: Option<Settling> = None;
+        // Whether pages follow the ones being settled: ended as soon as the last page's
+        // answer is in, so that the page before it commits instead of holding its
+        // outcomes for the last page's commit.
+        let continued = Continued::new(true);
         let passed: Result<(), PollError> = async {
             let mut fetching = fetch(None, 0);
             loop {
@@ -273,6 +277,9 @@ impl Pipeline {
                     Some(c) if !cancel.is_cancelled() => Some(fetch(Some(c), summary.pages + 1)),
                     _ => None,
                 };
+                if prefetch.is_none() {
+                    continued.end();
+                }
                 let (rows, events) = (&mut fetching.task.0).await.map_err(joined)??;
                 let wait_table = waiting.elapsed();
                 summary.pages += 1;
@@ -292,7 +299,10 @@ impl Pipeline {
                 let (mut batch, settled, open) = self.deliver_all(merged, &mut summary).await;
                 let t3 = Instant::now();
                 // The store may commit this page with the next ones (`StateStore::commit_held`).
-                batch.continued = prefetch.is_some();
+                batch.continued = match prefetch {
+                    Some(_) => continued.clone(),
+                    None => Continued::new(false),
+                };
                 let batch = Arc::new(batch);
                 let (state, sink, committing) = (
                     Arc::clone(&self.state),
@@ -679,7 +689,7 @@ impl Pipeline {
             customers: to_store,
             dead_letters,
             resolved,
-            continued: false,
+            continued: Continued::default(),
         };
         (batch, newest_settled, oldest_open)
     }

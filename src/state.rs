@@ -107,7 +107,29 @@ pub struct SettleBatch {
     pub resolved: Vec<String>,
     /// More pages of the same poll follow: a store may leave this batch written but
     /// uncommitted, to commit it with a later one (see [`StateStore::commit_held`]).
-    pub continued: bool,
+    pub continued: Continued,
+}
+
+/// Whether more pages of a poll follow a batch's, as the poll knows it when the batch
+/// is committed: a poll often learns that its next page is the last only after this
+/// page's settle has begun. Committing then, instead of holding, keeps the poll's
+/// last commit to one page's work.
+#[derive(Debug, Clone, Default)]
+pub struct Continued(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Continued {
+    pub fn new(more: bool) -> Self {
+        Self(std::sync::Arc::new(more.into()))
+    }
+
+    /// No more pages follow, for every batch given this flag.
+    pub fn end(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn more(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl SettleBatch {
@@ -1006,7 +1028,7 @@ impl StateStore for RedbStore {
         if when.await != Ok(true) {
             return Ok(());
         }
-        if batch.continued && pages < HOLD_PAGES {
+        if batch.continued.more() && pages < HOLD_PAGES {
             {
                 let mut records = locked(&self.held.customers);
                 let records = std::sync::Arc::make_mut(&mut records);
@@ -1374,7 +1396,7 @@ mod tests {
         let row = version(&format!("r-{name}"), "W/1", "2024-05-01T10:00:00Z");
         let mut batch = SettleBatch::rows(vec![skipped(row)]);
         batch.customers.push(customer_named(name));
-        batch.continued = continued;
+        batch.continued = Continued::new(continued);
         batch
     }
 
@@ -1433,6 +1455,24 @@ mod tests {
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(store.all_customers().await.unwrap().len(), HOLD_PAGES + 2);
         assert_eq!(store.checkpoint().await.unwrap(), Some(checkpoint));
+    }
+
+    #[tokio::test]
+    async fn a_page_whose_poll_ends_before_its_commit_commits_instead_of_holding() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let batch = page("last-but-one", true);
+        let (synced, when) = tokio::sync::oneshot::channel();
+        let settling = tokio::spawn({
+            let (store, batch) = (Arc::clone(&store), batch.clone());
+            async move { store.settle_prepared_when(&batch, None, when).await }
+        });
+        tokio::task::yield_now().await;
+        // The poll learns that the next page is its last while this one's sink syncs.
+        batch.continued.end();
+        synced.send(true).unwrap();
+        settling.await.unwrap().unwrap();
+        assert_eq!(store.all_customers().await.unwrap().len(), 1);
     }
 
     #[tokio::test]
