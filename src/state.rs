@@ -314,10 +314,13 @@ pub struct RedbStore {
     /// and a read rebuilds the text with this.
     summary_template: String,
     held: Held,
+    /// [`HOLD_PAGES`] and [`HOLD_BYTES`] (tests set smaller ones).
+    hold_limits: (usize, usize),
 }
 
 /// The settles of one poll's pages left uncommitted (`SettleBatch::continued`), committed
-/// as one transaction with a later page's, at most [`HOLD_PAGES`] pages together.
+/// as one transaction with a later page's, at most [`HOLD_PAGES`] pages together and
+/// while their customer records take at most [`HOLD_BYTES`].
 ///
 /// A commit rewrites every B-tree page its inserts touched, and a page's customers are
 /// spread over the whole customer table (their keys are hashes): on a small table each
@@ -335,10 +338,34 @@ struct Held {
     customers: std::sync::Mutex<std::sync::Arc<HeldRecords>>,
 }
 
-type HeldRecords = HashMap<Box<[u8]>, Box<[u8]>>;
+#[derive(Clone, Default)]
+struct HeldRecords {
+    records: HashMap<Box<[u8]>, Box<[u8]>>,
+    /// The keys' and records' bytes.
+    bytes: usize,
+}
+
+impl HeldRecords {
+    fn insert(&mut self, key: &[u8], record: &[u8]) {
+        self.bytes += key.len() + record.len();
+        if let Some(old) = self.records.insert(key.into(), record.into()) {
+            self.bytes -= key.len() + old.len();
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.records.get(key).map(|r| &**r)
+    }
+}
 
 /// Settles committed together at most (see [`Held`]).
 const HOLD_PAGES: usize = 10;
+
+/// The held customer records' bytes (keys and records) after which a settle commits
+/// instead of holding: the memory they take stays about the same at every table size
+/// (a 10k table's 3,333 customers take 1.8 MB, so its polls hold all ten pages; on
+/// larger tables a transaction holds five or six).
+const HOLD_BYTES: usize = 3 << 20;
 
 fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
@@ -430,6 +457,7 @@ impl RedbStore {
             db,
             summary_template: crate::config::IdentitySettings::default().summary_template,
             held: Held::default(),
+            hold_limits: (HOLD_PAGES, HOLD_BYTES),
         };
         let moved = match upgrade_due {
             true => store.move_string_keyed(MOVE_STEP)?,
@@ -1026,12 +1054,17 @@ impl StateStore for RedbStore {
         if when.await != Ok(true) {
             return Ok(());
         }
-        if batch.continued.more() && pages < HOLD_PAGES {
+        let (max_pages, max_bytes) = self.hold_limits;
+        let held_bytes = locked(&self.held.customers).bytes;
+        if batch.continued.more()
+            && pages < max_pages
+            && held_bytes + prepared.bytes.len() <= max_bytes
+        {
             {
                 let mut records = locked(&self.held.customers);
                 let records = std::sync::Arc::make_mut(&mut records);
                 for (key, record) in prepared.records() {
-                    records.insert(key.into(), record.into());
+                    records.insert(key, record);
                 }
             }
             *locked(&self.held.txn) = Some((txn, pages));
@@ -1453,6 +1486,26 @@ mod tests {
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(store.all_customers().await.unwrap().len(), HOLD_PAGES + 2);
         assert_eq!(store.checkpoint().await.unwrap(), Some(checkpoint));
+    }
+
+    #[tokio::test]
+    async fn held_pages_are_committed_once_their_customer_records_reach_the_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = RedbStore::open(dir.path()).unwrap();
+        let one = store.prepare(&page("a", true)).unwrap().bytes.len();
+        // Room for two pages' records, not three.
+        store.hold_limits = (HOLD_PAGES, 2 * one + one / 2);
+        store.settle(&page("a", true)).await.unwrap();
+        store.settle(&page("b", true)).await.unwrap();
+        assert!(store.all_customers().await.unwrap().is_empty());
+        store.settle(&page("c", true)).await.unwrap();
+        assert_eq!(store.all_customers().await.unwrap().len(), 3);
+        // A customer held again takes its room once: its newer record replaces the older.
+        for _ in 0..4 {
+            store.settle(&page("a", true)).await.unwrap();
+        }
+        assert_eq!(store.all_customers().await.unwrap().len(), 3);
+        assert_eq!(locked(&store.held.customers).bytes, one);
     }
 
     #[tokio::test]
