@@ -228,7 +228,9 @@ impl Pipeline {
         // is normalised and merged (reading the customers being committed from the batch
         // itself): the table's latency and the commit overlap the work, on another core
         // when there is one. A page is delivered only after the page before it is
-        // committed. At most three pages are in memory (fetching, working, committing).
+        // committed. At most three pages are in memory (fetching, working, committing),
+        // and the customer records of the pages whose commit the store holds (a few MiB
+        // at most, `StateStore::commit_held`).
         // A page's task says where the next page starts as soon as the service's answer
         // is in, before it builds the rows from the answer's JSON and normalises them, so
         // the next page's request is already out while that work is done: the table
