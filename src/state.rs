@@ -323,9 +323,10 @@ pub struct RedbStore {
 /// while their customer records take at most [`HOLD_BYTES`].
 ///
 /// A commit rewrites every B-tree page its inserts touched, and a page's customers are
-/// spread over the whole customer table (their keys are hashes): on a small table each
-/// commit rewrote most of it. Committing up to ten pages at a time takes about an eighth
-/// of a 10k-row backfill's CPU away (BENCHMARKS.md, fourteenth round). A crash or a failed
+/// spread over the whole customer table (their keys are emails, in no order the table's
+/// rows follow): on a small table each commit rewrote most of it. Committing up to ten
+/// pages at a time takes about a sixth of a 10k-row backfill's CPU away (BENCHMARKS.md,
+/// fourteenth round). A crash or a failed
 /// sync loses at most the held pages' outcomes, not their deliveries: those rows are
 /// read again and delivered again as idempotent upserts, as after a power loss.
 #[derive(Default)]
