@@ -326,9 +326,12 @@ pub struct RedbStore {
 /// spread over the whole customer table (their keys are emails, in no order the table's
 /// rows follow): on a small table each commit rewrote most of it. Committing up to ten
 /// pages at a time takes about a sixth of a 10k-row backfill's CPU away (BENCHMARKS.md,
-/// fourteenth round). A crash or a failed
-/// sync loses at most the held pages' outcomes, not their deliveries: those rows are
-/// read again and delivered again as idempotent upserts, as after a power loss.
+/// fourteenth round). A crash or a failed sync loses at most the held pages' outcomes,
+/// not their deliveries: those rows are read again and delivered again as idempotent
+/// upserts, as after a power loss.
+///
+/// Only a poll's batches are `continued`, and a poll settles its pages one after the
+/// other; a settle started while another is writing would wait in `begin_write` for it.
 #[derive(Default)]
 struct Held {
     /// The open transaction and how many batches it holds.
