@@ -1447,8 +1447,8 @@ mod tests {
         let store = RedbStore::open(dir.path()).unwrap();
         let all: Vec<String> = (0..HOLD_PAGES + 2).map(|i| format!("c{i}")).collect();
         let key = |i: usize| page(&all[i], true).customers[0].lead.key.clone();
-        for i in 0..HOLD_PAGES - 1 {
-            store.settle(&page(&all[i], true)).await.unwrap();
+        for (i, name) in all.iter().enumerate().take(HOLD_PAGES - 1) {
+            store.settle(&page(name, true)).await.unwrap();
             // Held: a merge reads it, the file does not have it yet.
             let read = store.customers_to_merge(&[key(i)]).await.unwrap();
             assert_eq!(read[0].as_ref().map(|c| c.lead.key.clone()), Some(key(i)));
@@ -1544,7 +1544,10 @@ mod tests {
             .await
             .unwrap();
         // Neither page is committed, and the held customer is no longer read back.
-        assert_eq!(store.customers(&[key.clone()]).await.unwrap(), vec![None]);
+        assert_eq!(
+            store.customers(std::slice::from_ref(&key)).await.unwrap(),
+            vec![None]
+        );
         assert!(store.all_customers().await.unwrap().is_empty());
         assert!(store.skipped().await.unwrap().is_empty());
 
