@@ -300,11 +300,9 @@ impl Pipeline {
                 let t2 = Instant::now();
                 let (mut batch, settled, open) = self.deliver_all(merged, &mut summary).await;
                 let t3 = Instant::now();
-                // The store may commit this page with the next ones (`StateStore::commit_held`).
-                batch.continued = match prefetch {
-                    Some(_) => continued.clone(),
-                    None => Continued::new(false),
-                };
+                // The store may commit this page with the next ones (`StateStore::commit_held`);
+                // on the last page the flag has ended already.
+                batch.continued = continued.clone();
                 let batch = Arc::new(batch);
                 let (state, sink, committing) = (
                     Arc::clone(&self.state),

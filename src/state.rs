@@ -337,12 +337,11 @@ struct Held {
     /// The open transaction and how many batches it holds.
     txn: std::sync::Mutex<Option<(redb::WriteTransaction, usize)>>,
     /// The customer records written by the held batches, newest for each key: a read
-    /// of customers sees them, as it would once committed. Replaced, never changed,
-    /// while a reader has it.
-    customers: std::sync::Mutex<std::sync::Arc<HeldRecords>>,
+    /// of customers sees them, as it would once committed.
+    customers: std::sync::Mutex<HeldRecords>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Default)]
 struct HeldRecords {
     records: HashMap<Box<[u8]>, Box<[u8]>>,
     /// The keys' and records' bytes.
@@ -387,7 +386,7 @@ struct ForgetHeld<'a> {
 impl Drop for ForgetHeld<'_> {
     fn drop(&mut self) {
         if self.armed {
-            *locked(&self.held.customers) = std::sync::Arc::default();
+            *locked(&self.held.customers) = HeldRecords::default();
         }
     }
 }
@@ -1059,21 +1058,17 @@ impl StateStore for RedbStore {
             return Ok(());
         }
         let (max_pages, max_bytes) = self.hold_limits;
-        let held_bytes = locked(&self.held.customers).bytes;
-        if batch.continued.more()
-            && pages < max_pages
-            && held_bytes + prepared.bytes.len() <= max_bytes
-        {
-            {
-                let mut records = locked(&self.held.customers);
-                let records = std::sync::Arc::make_mut(&mut records);
+        if batch.continued.more() && pages < max_pages {
+            let mut records = locked(&self.held.customers);
+            if records.bytes + prepared.bytes.len() <= max_bytes {
                 for (key, record) in prepared.records() {
                     records.insert(key, record);
                 }
+                drop(records);
+                *locked(&self.held.txn) = Some((txn, pages));
+                forget.armed = false;
+                return Ok(());
             }
-            *locked(&self.held.txn) = Some((txn, pages));
-            forget.armed = false;
-            return Ok(());
         }
         blocking(|| txn.commit().map_err(io("settle rows")))
     }
@@ -1122,16 +1117,26 @@ impl StateStore for RedbStore {
     ) -> Result<Vec<Option<CustomerState>>, StateError> {
         blocking(|| {
             // The snapshot and the held records are taken together: a commit of the held
-            // transaction forgets its records only after the snapshot has them.
+            // transaction forgets its records only after the snapshot has them. The held
+            // records asked for are copied out (a page's worth at most, some hundred KiB),
+            // so that the lock is not held while they are decoded.
             let (txn, held) = {
-                let held = locked(&self.held.customers);
+                let records = locked(&self.held.customers);
                 let txn = self.db.begin_read().map_err(io("read customers"))?;
-                (txn, std::sync::Arc::clone(&held))
+                let held: Vec<Option<Box<[u8]>>> = match records.records.is_empty() {
+                    true => Vec::new(),
+                    false => keys
+                        .iter()
+                        .map(|key| records.get(key.as_bytes()).map(Box::from))
+                        .collect(),
+                };
+                (txn, held)
             };
             let table = txn.open_table(CUSTOMERS).map_err(io("read customers"))?;
             keys.iter()
-                .map(|key| {
-                    if let Some(record) = held.get(key.as_bytes()) {
+                .enumerate()
+                .map(|(i, key)| {
+                    if let Some(Some(record)) = held.get(i) {
                         return decode_customer(key, record).map(Some);
                     }
                     match table.get(key.as_bytes()).map_err(io("read customers"))? {
