@@ -741,7 +741,7 @@ impl Settings {
         if self.run.shutdown_grace.is_zero() {
             return bad("run.shutdown_grace", "must be greater than zero");
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if crate::telemetry::filter(&self.log.level).is_err() {
             return bad(
                 "log.level",
                 "is not a valid filter (e.g. `info`, `leadsync=debug`)",

@@ -188,3 +188,76 @@ async fn an_identity_endpoint_error_fails_the_poll_with_the_reason() {
 
     assert!(err.contains("Identity not found"), "{err}");
 }
+
+/// A log buffer the test's subscriber writes to.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn at_debug_level_no_request_signature_sas_or_token_reaches_the_logs() {
+    // Arrange: leadsync's filter for a level that asks for the SDK's request dumps too.
+    let world = common::World::new().await;
+    let seen = Seen::default();
+    let base = common::serve(
+        Router::new()
+            .route("/msi/token", get(token))
+            .route("/acct/MarketplaceLeads()", get(table))
+            .with_state(seen.clone()),
+    )
+    .await;
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let filter = leadsync::telemetry::filter("debug,azure_core::policies::transport=trace")
+        .expect("a valid level");
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let source = |extra: &str| {
+        let toml = format!(
+            "[source]\naccount = \"acct\"\nendpoint = \"{base}/acct\"\nretry = {{ max_attempts = 1 }}\n{extra}"
+        );
+        let settings =
+            Settings::from_toml_with_env(&toml, std::path::Path::new("t.toml"), &HashMap::new())
+                .unwrap();
+        TableSource::connect(&settings.source).unwrap()
+    };
+    let sas = source("sas_token = { value = \"sv=2020-08-04&ss=t&srt=sco&sp=rl&se=2099-01-01T00:00:00Z&sig=TOPSECRETSIGNATURE\" }");
+    let identity = source(&format!(
+        "identity = \"managed_identity\"\nidentity_endpoint = \"{base}/msi/token\""
+    ));
+
+    // Act: a shared-key read of Azurite, a SAS read and a token read of the fake.
+    tracing::debug!("debug events are written");
+    let shared_key = world
+        .source()
+        .fetch_page(None, None, &Default::default())
+        .await;
+    let refused = sas.fetch_page(None, None, &Default::default()).await;
+    let bearer = identity.fetch_page(None, None, &Default::default()).await;
+
+    // Assert
+    assert!(shared_key.is_ok() && refused.is_err() && bearer.is_ok());
+    assert_eq!(
+        *seen.table_auth.lock().unwrap(),
+        ["", "Bearer tok-1"],
+        "both requests reached the fake"
+    );
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(text.contains("debug events are written"), "{text}");
+    for secret in ["SharedKey", "TOPSECRETSIGNATURE", "tok-1"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+}
