@@ -7,8 +7,9 @@ use crate::config::LogFormat;
 
 /// Crates whose debug and trace events carry credentials: azure_core logs every
 /// request's URL (with a SAS token's `sig`) and its `Authorization` header (a SharedKey
-/// signature, which replays the request for 15 minutes), and azure_storage its
-/// credentials. They log at warn at most, whatever `log.level` or `RUST_LOG` says.
+/// signature, with which anyone can replay the request for 15 minutes, or an Entra
+/// token), and azure_storage its credentials. They log at warn at most, whatever
+/// `log.level` or `RUST_LOG` says.
 const CREDENTIALED: [&str; 4] = [
     "azure_core",
     "azure_storage",
@@ -17,7 +18,8 @@ const CREDENTIALED: [&str; 4] = [
 ];
 
 /// The filter for a `log.level` (or `RUST_LOG`) text: its directives, except any about
-/// the [`CREDENTIALED`] crates, which are capped at warn.
+/// the [`CREDENTIALED`] crates, which log at warn (or at `error` or not at all, when
+/// that is the text's default level).
 pub fn filter(spec: &str) -> Result<EnvFilter, ParseError> {
     let kept: Vec<&str> = spec
         .split(',')
@@ -29,9 +31,14 @@ pub fn filter(spec: &str) -> Result<EnvFilter, ParseError> {
     } else {
         kept.join(",")
     };
-    let mut filter = EnvFilter::try_new(kept)?;
+    let cap = match kept.split(',').find(|d| !d.contains('=')) {
+        Some(level) if level.eq_ignore_ascii_case("off") => "off",
+        Some(level) if level.eq_ignore_ascii_case("error") => "error",
+        _ => "warn",
+    };
+    let mut filter = EnvFilter::try_new(&kept)?;
     for target in CREDENTIALED {
-        filter = filter.add_directive(format!("{target}=warn").parse()?);
+        filter = filter.add_directive(format!("{target}={cap}").parse()?);
     }
     Ok(filter)
 }
@@ -55,5 +62,27 @@ pub fn init(format: LogFormat, level: &str) -> bool {
             .with_current_span(false)
             .try_init()
             .is_ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sdk_crates_are_capped_at_warn_or_at_a_quieter_default() {
+        let shown = |spec: &str| filter(spec).unwrap().to_string();
+
+        let debug = shown("debug,azure_core::policies::transport=trace");
+        let quiet = shown("error");
+        let bad = filter("leadsync=loud");
+
+        assert!(
+            debug.contains("azure_core=warn") && !debug.contains("trace"),
+            "{debug}"
+        );
+        assert!(debug.contains("azure_storage=warn"), "{debug}");
+        assert!(quiet.contains("azure_core=error"), "{quiet}");
+        assert!(bad.is_err(), "an invalid level is still refused");
     }
 }
