@@ -86,16 +86,21 @@ async fn table(State(seen): State<Seen>, headers: HeaderMap) -> impl IntoRespons
         .into_response()
 }
 
-#[tokio::test]
-async fn a_user_assigned_managed_identity_token_is_requested_and_sent_to_the_table() {
-    let seen = Seen::default();
-    let base = common::serve(
+/// The fake managed-identity endpoint and table service; returns the base URL.
+async fn identity_and_table(seen: &Seen) -> String {
+    common::serve(
         Router::new()
             .route("/msi/token", get(token))
             .route("/acct/MarketplaceLeads()", get(table))
             .with_state(seen.clone()),
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_user_assigned_managed_identity_token_is_requested_and_sent_to_the_table() {
+    let seen = Seen::default();
+    let base = identity_and_table(&seen).await;
     let toml = format!(
         "[source]\naccount = \"acct\"\nendpoint = \"{base}/acct\"\nidentity = \"managed_identity\"\nidentity_client_id = \"cid-123\"\nidentity_endpoint = \"{base}/msi/token\"\nretry = {{ max_attempts = 1 }}\n"
     );
@@ -189,42 +194,15 @@ async fn an_identity_endpoint_error_fails_the_poll_with_the_reason() {
     assert!(err.contains("Identity not found"), "{err}");
 }
 
-/// A log buffer the test's subscriber writes to.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn at_debug_level_no_request_signature_sas_or_token_reaches_the_logs() {
     // Arrange: leadsync's filter for a level that asks for the SDK's request dumps too.
     let world = common::World::new().await;
     let seen = Seen::default();
-    let base = common::serve(
-        Router::new()
-            .route("/msi/token", get(token))
-            .route("/acct/MarketplaceLeads()", get(table))
-            .with_state(seen.clone()),
-    )
-    .await;
-    let logs = Logs::default();
-    let writer = logs.clone();
+    let base = identity_and_table(&seen).await;
     let filter = leadsync::telemetry::filter("debug,azure_core::policies::transport=trace")
         .expect("a valid level");
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = common::capture_logs(filter);
     let source = |extra: &str| {
         let toml = format!(
             "[source]\naccount = \"acct\"\nendpoint = \"{base}/acct\"\nretry = {{ max_attempts = 1 }}\n{extra}"
@@ -255,7 +233,7 @@ async fn at_debug_level_no_request_signature_sas_or_token_reaches_the_logs() {
         ["", "Bearer tok-1"],
         "both requests reached the fake"
     );
-    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let text = logs.text();
     assert!(text.contains("debug events are written"), "{text}");
     for secret in ["SharedKey", "TOPSECRETSIGNATURE", "tok-1"] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -1014,31 +1013,10 @@ async fn long_values_are_cut_to_the_column_sizes_dataverse_accepts() {
     );
 }
 
-/// Collects everything logged while a test runs.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn the_secret_and_the_tokens_never_appear_in_outcomes_debug_or_logs() {
     // Arrange
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("leadsync=trace")
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = common::capture_logs(tracing_subscriber::EnvFilter::new("leadsync=trace"));
     let fake = start(Fake::new("leadsync_key")).await;
     let settings = settings(&fake, SECRET, QUICK_RETRY);
     let sink = DynamicsSink::new(&settings).unwrap();
@@ -1066,7 +1044,7 @@ async fn the_secret_and_the_tokens_never_appear_in_outcomes_debug_or_logs() {
     // Assert
     let tokens: Vec<String> = fake.lock().tokens.keys().cloned().collect();
     assert!(!tokens.is_empty());
-    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logged = logs.text();
     assert!(logged.contains("retrying"), "the capture works: {logged}");
     let texts = [
         format!("{outcomes:?}"),
