@@ -21,22 +21,26 @@ const CREDENTIALED: [&str; 4] = [
 /// the [`CREDENTIALED`] crates, which log at warn (or at `error` or not at all, when
 /// that is the text's default level).
 pub fn filter(spec: &str) -> Result<EnvFilter, ParseError> {
+    let about_credentialed = |directive: &str| {
+        let target = directive.split('=').next().unwrap_or_default();
+        CREDENTIALED
+            .iter()
+            .any(|c| target == *c || target.starts_with(&format!("{c}::")))
+    };
     let kept: Vec<&str> = spec
         .split(',')
         .map(str::trim)
-        .filter(|d| !d.is_empty() && !CREDENTIALED.iter().any(|c| d.starts_with(c)))
+        .filter(|d| !d.is_empty() && !about_credentialed(d))
         .collect();
-    let kept = if kept.is_empty() {
-        "info".to_owned()
-    } else {
-        kept.join(",")
-    };
-    let cap = match kept.split(',').find(|d| !d.contains('=')) {
+    let cap = match kept.iter().find(|d| !d.contains('=')) {
         Some(level) if level.eq_ignore_ascii_case("off") => "off",
         Some(level) if level.eq_ignore_ascii_case("error") => "error",
         _ => "warn",
     };
-    let mut filter = EnvFilter::try_new(&kept)?;
+    let mut filter = match kept.is_empty() {
+        true => EnvFilter::try_new("info")?,
+        false => EnvFilter::try_new(kept.join(","))?,
+    };
     for target in CREDENTIALED {
         filter = filter.add_directive(format!("{target}={cap}").parse()?);
     }
@@ -76,6 +80,7 @@ mod tests {
         let debug = shown("debug,azure_core::policies::transport=trace");
         let quiet = shown("error");
         let bad = filter("leadsync=loud");
+        let other = shown("info,azure_core_like=debug");
 
         assert!(
             debug.contains("azure_core=warn") && !debug.contains("trace"),
@@ -84,5 +89,9 @@ mod tests {
         assert!(debug.contains("azure_storage=warn"), "{debug}");
         assert!(quiet.contains("azure_core=error"), "{quiet}");
         assert!(bad.is_err(), "an invalid level is still refused");
+        assert!(
+            other.contains("azure_core_like=debug"),
+            "only the crates themselves: {other}"
+        );
     }
 }

@@ -97,17 +97,25 @@ async fn identity_and_table(seen: &Seen) -> String {
     .await
 }
 
-#[tokio::test]
-async fn a_user_assigned_managed_identity_token_is_requested_and_sent_to_the_table() {
-    let seen = Seen::default();
-    let base = identity_and_table(&seen).await;
+/// A client of the fake's table `acct` (one attempt a request); `extra` adds `[source]` keys.
+fn source(base: &str, extra: &str) -> TableSource {
     let toml = format!(
-        "[source]\naccount = \"acct\"\nendpoint = \"{base}/acct\"\nidentity = \"managed_identity\"\nidentity_client_id = \"cid-123\"\nidentity_endpoint = \"{base}/msi/token\"\nretry = {{ max_attempts = 1 }}\n"
+        "[source]\naccount = \"acct\"\nendpoint = \"{base}/acct\"\nretry = {{ max_attempts = 1 }}\n{extra}"
     );
     let settings =
         Settings::from_toml_with_env(&toml, std::path::Path::new("t.toml"), &HashMap::new())
             .unwrap();
-    let source = TableSource::connect(&settings.source).unwrap();
+    TableSource::connect(&settings.source).unwrap()
+}
+
+#[tokio::test]
+async fn a_user_assigned_managed_identity_token_is_requested_and_sent_to_the_table() {
+    let seen = Seen::default();
+    let base = identity_and_table(&seen).await;
+    let source = source(
+        &base,
+        &format!("identity = \"managed_identity\"\nidentity_client_id = \"cid-123\"\nidentity_endpoint = \"{base}/msi/token\""),
+    );
 
     let page = source
         .fetch_page(None, None, &Default::default())
@@ -177,13 +185,10 @@ async fn an_identity_endpoint_error_fails_the_poll_with_the_reason() {
         }),
     ))
     .await;
-    let toml = format!(
-        "[source]\naccount = \"acct\"\nendpoint = \"{base}/acct\"\nidentity = \"managed_identity\"\nidentity_endpoint = \"{base}/msi/token\"\nretry = {{ max_attempts = 1 }}\n"
+    let source = source(
+        &base,
+        &format!("identity = \"managed_identity\"\nidentity_endpoint = \"{base}/msi/token\""),
     );
-    let settings =
-        Settings::from_toml_with_env(&toml, std::path::Path::new("t.toml"), &HashMap::new())
-            .unwrap();
-    let source = TableSource::connect(&settings.source).unwrap();
 
     let err = source
         .fetch_page(None, None, &Default::default())
@@ -203,19 +208,11 @@ async fn at_debug_level_no_request_signature_sas_or_token_reaches_the_logs() {
     let filter = leadsync::telemetry::filter("debug,azure_core::policies::transport=trace")
         .expect("a valid level");
     let (logs, _guard) = common::capture_logs(filter);
-    let source = |extra: &str| {
-        let toml = format!(
-            "[source]\naccount = \"acct\"\nendpoint = \"{base}/acct\"\nretry = {{ max_attempts = 1 }}\n{extra}"
-        );
-        let settings =
-            Settings::from_toml_with_env(&toml, std::path::Path::new("t.toml"), &HashMap::new())
-                .unwrap();
-        TableSource::connect(&settings.source).unwrap()
-    };
-    let sas = source("sas_token = { value = \"sv=2020-08-04&ss=t&srt=sco&sp=rl&se=2099-01-01T00:00:00Z&sig=TOPSECRETSIGNATURE\" }");
-    let identity = source(&format!(
-        "identity = \"managed_identity\"\nidentity_endpoint = \"{base}/msi/token\""
-    ));
+    let sas = source(&base, "sas_token = { value = \"sv=2020-08-04&ss=t&srt=sco&sp=rl&se=2099-01-01T00:00:00Z&sig=TOPSECRETSIGNATURE\" }");
+    let identity = source(
+        &base,
+        &format!("identity = \"managed_identity\"\nidentity_endpoint = \"{base}/msi/token\""),
+    );
 
     // Act: a shared-key read of Azurite, a SAS read and a token read of the fake.
     tracing::debug!("debug events are written");
