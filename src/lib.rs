@@ -13,6 +13,7 @@ pub mod export;
 pub mod identity;
 pub mod lead;
 pub mod pipeline;
+pub mod progress;
 pub mod retry;
 pub mod row;
 pub mod service;
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, SinkKind, StateBackend};
-use crate::pipeline::{log_summary, Pipeline, PollError, PollSummary};
+use crate::pipeline::{log_summary, Pipeline, PollError, PollMode, PollSummary};
 use crate::sink::{DynamicsSink, JsonlSink, LeadSink, SalesforceSink, SinkError, WebhookSink};
 use crate::source::{SourceError, TableSource};
 use crate::state::{Lease, RedbStore, StateError, StateStore};
@@ -90,7 +91,7 @@ impl RunReport {
         t.oldest_pending_age = s.oldest_pending_age;
         t.pages += s.pages;
         t.duration += s.duration;
-        t.checkpoint = s.checkpoint;
+        t.checkpoint = s.checkpoint.or(t.checkpoint);
         self.pending = s.pending;
     }
 }
@@ -277,7 +278,15 @@ pub async fn run_pipeline(
             poll_cancel.clone(),
         )));
         metrics.set_polling(true);
-        let result = pipeline.poll(&poll_cancel).await;
+        // Counted as it goes: a poll that fails still reports what it delivered first.
+        let mut summary = PollSummary::default();
+        let result = pipeline
+            .poll_counting(PollMode::default(), &poll_cancel, &mut summary)
+            .await
+            .map(|()| summary.clone());
+        if result.is_err() {
+            report.add(&summary);
+        }
         metrics.set_polling(false);
         renewer.0.abort();
         // Wait for it to go, so it drops its handle on the state before we return.

@@ -27,7 +27,7 @@ use crate::identity::{customer_key, CustomerKey, CustomerLead, CustomerState, Un
 use crate::lead::{normalise, LeadEvent, Rejection};
 use crate::row::RawRow;
 use crate::sink::{LeadSink, Outcome};
-use crate::source::{Continuation, SourceError, TableSource};
+use crate::source::{Continuation, MalformedEntity, SourceError, TableSource};
 use crate::state::{
     Continued, DeadLetter, RowVersion, SettleBatch, Settled, Settlement, StateError, StateStore,
 };
@@ -190,11 +190,15 @@ fn settle_all(
 /// Each row's normalised event, or why it cannot become one.
 type Events = Vec<Result<LeadEvent, Rejection>>;
 
-/// A page being fetched: where the page after it starts (said as soon as the service
-/// answered), and the task that builds and normalises its rows.
+/// A page's rows, their events, and the entities that could not be read as rows.
+type FetchedPage = (Vec<RawRow>, Events, Vec<MalformedEntity>);
+
+/// A page being fetched: where the page after it starts and the service's clock when it
+/// answered (said as soon as the service answered), and the task that builds and
+/// normalises its rows.
 struct Fetching {
-    next: tokio::sync::oneshot::Receiver<Option<Continuation>>,
-    task: AbortOnDrop<Result<(Vec<RawRow>, Events), PollError>>,
+    next: tokio::sync::oneshot::Receiver<(Option<Continuation>, OffsetDateTime)>,
+    task: AbortOnDrop<Result<FetchedPage, PollError>>,
 }
 
 /// A customer whose merged record goes to the sink, with the rows it settles.
@@ -215,14 +219,29 @@ impl Pipeline {
         mode: PollMode,
         cancel: &CancellationToken,
     ) -> Result<PollSummary, PollError> {
+        let mut summary = PollSummary::default();
+        self.poll_counting(mode, cancel, &mut summary).await?;
+        Ok(summary)
+    }
+
+    /// As [`Pipeline::poll_with`], counting into `summary` as it goes, so that a poll
+    /// that fails still tells what it read and delivered before the failure.
+    pub async fn poll_counting(
+        &self,
+        mode: PollMode,
+        cancel: &CancellationToken,
+        summary: &mut PollSummary,
+    ) -> Result<(), PollError> {
         let started = Instant::now();
         // Milliseconds, for the debug timings.
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let checkpoint = self.state.checkpoint().await?;
         let since = mode.since.or(checkpoint.map(|c| c - self.overlap));
-        let mut summary = PollSummary::default();
         let mut newest_settled: Option<OffsetDateTime> = None;
         let mut oldest_open: Option<OffsetDateTime> = None;
+        // When the poll began, on the storage service's clock: the `Date` of the first
+        // page's answer. See the checkpoint below.
+        let mut began: Option<OffsetDateTime> = None;
         // Each page is fetched in its own task while the one before is processed, and
         // each page's settle (the state commit) runs in its own task while the next page
         // is normalised and merged (reading the customers being committed from the batch
@@ -251,10 +270,10 @@ impl Pipeline {
                         other => PollError::Source(other),
                     })?;
                 // The receiver is gone only when the poll has ended.
-                let _ = said_next.send(raw.next.clone());
-                let rows = source.rows(&raw)?;
+                let _ = said_next.send((raw.next.clone(), raw.date));
+                let (rows, malformed) = source.rows_and_malformed(&raw);
                 let events: Vec<_> = rows.iter().map(normalise).collect();
-                Ok::<_, PollError>((rows, events))
+                Ok::<_, PollError>((rows, events, malformed))
             };
             Fetching {
                 next,
@@ -272,8 +291,12 @@ impl Pipeline {
             loop {
                 let waiting = Instant::now();
                 // A failed fetch says nothing here; its error comes from the task below.
-                let next = (&mut fetching.next).await.ok().flatten();
+                let answer = (&mut fetching.next).await.ok();
                 let wait_response = waiting.elapsed();
+                if began.is_none() {
+                    began = answer.as_ref().map(|(_, date)| *date);
+                }
+                let next = answer.and_then(|(next, _)| next);
                 let more = next.is_some();
                 let prefetch = match next {
                     Some(c) if !cancel.is_cancelled() => Some(fetch(Some(c), summary.pages + 1)),
@@ -282,23 +305,23 @@ impl Pipeline {
                 if prefetch.is_none() {
                     continued.end();
                 }
-                let (rows, events) = (&mut fetching.task.0).await.map_err(joined)??;
+                let (rows, events, malformed) = (&mut fetching.task.0).await.map_err(joined)??;
                 let wait_table = waiting.elapsed();
                 summary.pages += 1;
-                summary.rows_read += rows.len() as u64;
+                summary.rows_read += (rows.len() + malformed.len()) as u64;
                 self.memory.metrics.touch();
                 let pages = summary.pages;
                 let t0 = Instant::now();
-                let prepared = self.prepare(rows, events, mode, &mut summary).await?;
+                let prepared = self.prepare(rows, events, malformed, mode, summary).await?;
                 let committing = settling.as_ref().map(|(batch, _)| batch.as_ref());
-                let merged = self.merge(prepared, committing, mode, &mut summary).await?;
+                let merged = self.merge(prepared, committing, mode, summary).await?;
                 let t1 = Instant::now();
                 // Nothing of this page reaches the sink before the last page is committed.
                 if let Some((_, previous)) = settling.take() {
                     previous.await.map_err(joined)??;
                 }
                 let t2 = Instant::now();
-                let (mut batch, settled, open) = self.deliver_all(merged, &mut summary).await;
+                let (mut batch, settled, open) = self.deliver_all(merged, summary).await;
                 let t3 = Instant::now();
                 // The store may commit this page with the next ones (`StateStore::commit_held`);
                 // on the last page the flag has ended already.
@@ -389,12 +412,21 @@ impl Pipeline {
                 }
             }
         }
+        summary.duration = started.elapsed();
         passed?;
         let last_commit = Instant::now();
 
+        // The scan runs in key order, not Timestamp order: while it runs, a row written
+        // into a key range it has already passed is not read, while a later row written
+        // ahead of it is. So the checkpoint never passes the poll's beginning on the
+        // service's clock (the first answer's `Date`, at or before any Timestamp the
+        // service gave a row this scan could miss): the next poll reads from there
+        // less the overlap, whatever the poll's length and wherever new rows landed.
         let mut candidate = newest_settled;
-        if let (Some(c), Some(open)) = (candidate, oldest_open) {
-            candidate = Some(c.min(open));
+        for bound in [oldest_open, began] {
+            if let (Some(c), Some(b)) = (candidate, bound) {
+                candidate = Some(c.min(b));
+            }
         }
         let new_checkpoint = checkpoint.max(candidate);
         if new_checkpoint != checkpoint {
@@ -415,7 +447,24 @@ impl Pipeline {
         );
         summary.checkpoint = new_checkpoint;
         summary.duration = started.elapsed();
-        Ok(summary)
+        self.warn_if_long(summary);
+        Ok(())
+    }
+
+    /// A poll longer than half the overlap is a warning sign: the overlap is what
+    /// catches a row that became visible after a later-stamped one was read, and a
+    /// poll near its length leaves that margin thin. Logged and counted
+    /// (`leadsync_long_polls_total`).
+    fn warn_if_long(&self, summary: &PollSummary) {
+        if summary.duration > self.overlap / 2 {
+            self.memory.metrics.saw_long_poll();
+            tracing::warn!(
+                duration_s = summary.duration.as_secs(),
+                overlap_s = self.overlap.as_secs(),
+                pages = summary.pages,
+                "Poll took longer than half of source.overlap; nothing is skipped (the checkpoint stays at the poll's start), but consider a longer overlap or a faster sink."
+            );
+        }
     }
 
     /// First half of a page: drops rows already handled, takes each row's normalised
@@ -426,17 +475,42 @@ impl Pipeline {
         &self,
         rows: Vec<RawRow>,
         events: Vec<Result<LeadEvent, Rejection>>,
+        malformed: Vec<MalformedEntity>,
         mode: PollMode,
         summary: &mut PollSummary,
     ) -> Result<Prepared, PollError> {
-        let versions: Vec<RowVersion> = rows.iter().map(version).collect();
-        let handled = if mode.ignore_handled {
+        let mut versions: Vec<RowVersion> = rows.iter().map(version).collect();
+        let mut malformed = self.malformed_versions(malformed)?;
+        versions.extend(malformed.iter().map(|(v, _)| v.clone()));
+        let mut handled = if mode.ignore_handled {
             vec![false; versions.len()]
         } else {
             self.state.handled(&versions).await?
         };
         let mut newest_settled = None;
         let mut settlements = Vec::new();
+        // Entities that cannot be read as rows are rejected rows, by their keys: the
+        // poll goes on, and `leadsync rows rejected` shows them with the entity's text.
+        let malformed_handled = handled.split_off(rows.len());
+        versions.truncate(rows.len());
+        for ((version, entity), done) in malformed.drain(..).zip(malformed_handled) {
+            if done {
+                summary.already_handled += 1;
+                newest_settled = newest_settled.max(Some(version.timestamp));
+                continue;
+            }
+            tracing::warn!(row = %version.id, reason = %entity.message, "Row rejected: the table returned an entity that cannot be read.");
+            summary.rejected += 1;
+            let mut columns = serde_json::Map::new();
+            columns.insert("entity".into(), serde_json::Value::String(entity.text));
+            settlements.push(Settlement {
+                row: version,
+                outcome: Settled::Rejected {
+                    reason: format!("malformed entity: {}", entity.message),
+                },
+                columns: Some(columns),
+            });
+        }
         let mut by_customer: BTreeMap<CustomerKey, Vec<(RowVersion, LeadEvent)>> = BTreeMap::new();
 
         for (((row, event), version), done) in
@@ -499,6 +573,38 @@ impl Pipeline {
             by_customer,
             newest_settled,
         })
+    }
+
+    /// The version each malformed entity is settled at. An entity without its keys
+    /// cannot be recorded or retried by anyone: the table service never returns one,
+    /// so it fails the poll, as a storage fault would.
+    fn malformed_versions(
+        &self,
+        malformed: Vec<MalformedEntity>,
+    ) -> Result<Vec<(RowVersion, MalformedEntity)>, PollError> {
+        malformed
+            .into_iter()
+            .map(
+                |entity| match (&entity.id, &entity.etag, entity.timestamp) {
+                    (Some(id), Some(etag), Some(timestamp)) => Ok((
+                        RowVersion {
+                            id: id.clone(),
+                            etag: etag.clone(),
+                            timestamp,
+                        },
+                        entity,
+                    )),
+                    _ => Err(PollError::Source(SourceError::Malformed {
+                        table: self.source.table_name().to_owned(),
+                        row: entity
+                            .id
+                            .as_ref()
+                            .map_or_else(|| "(no keys)".to_owned(), ToString::to_string),
+                        message: format!("{}; its system columns cannot be read", entity.message),
+                    })),
+                },
+            )
+            .collect()
     }
 
     /// Second step of a page: merges each customer's leads into its stored record.
@@ -626,6 +732,9 @@ impl Pipeline {
                 })
                 .unzip();
             let outcomes = self.deliver(&leads).await;
+            // Each batch is progress for the watchdog: a page of a thousand customers to
+            // a slow CRM can take longer than its period.
+            self.memory.metrics.touch();
             for ((lead, (mut merge, rows)), outcome) in leads.into_iter().zip(rest).zip(outcomes) {
                 let customer = &lead.external_key;
                 let settled = match outcome {

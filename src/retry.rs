@@ -52,12 +52,13 @@ where
             &mut rand::thread_rng(),
         );
         on_retry(attempt, delay, &error);
+        // A back-off is a deliberate wait: it beats the watchdog (`progress::wait`).
         match cancel {
             Some(cancel) => tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = crate::progress::wait(delay) => {}
                 _ = cancel.cancelled() => return Err(GaveUp::Cancelled),
             },
-            None => tokio::time::sleep(delay).await,
+            None => crate::progress::wait(delay).await,
         }
     }
 }

@@ -51,6 +51,7 @@ pub struct Metrics {
     poll_duration: Histogram,
     sink_latency: Family<SinkLabels, Histogram>,
     sink_retries: Counter,
+    long_polls: Counter,
     /// Unix seconds of the last poll that completed without error.
     last_ok_poll: AtomicI64,
     /// Unix seconds of the last sign of progress (a page, a poll, an idle tick).
@@ -130,8 +131,15 @@ impl Default for Metrics {
             "CRM requests retried after a transient failure",
             sink_retries.clone(),
         );
+        let long_polls = Counter::default();
+        registry.register(
+            "long_polls",
+            "Polls that took longer than half of source.overlap",
+            long_polls.clone(),
+        );
         Self {
             registry,
+            long_polls,
             rows_read,
             rows,
             records_sent,
@@ -156,6 +164,12 @@ impl Metrics {
     /// Records that the daemon is making progress (fed to the systemd watchdog).
     pub fn touch(&self) {
         self.last_progress.store(now(), Ordering::Relaxed);
+        crate::progress::beat();
+    }
+
+    /// Counts a poll longer than half the overlap.
+    pub fn saw_long_poll(&self) {
+        self.long_polls.inc();
     }
 
     /// Remembers the last marketplace test lead seen.
@@ -169,9 +183,11 @@ impl Metrics {
         self.polling.store(polling, Ordering::Relaxed);
     }
 
-    /// Alive: idle between polls, or a poll that made progress within `period`.
+    /// Alive: idle between polls, or a poll that made progress within `period` (a page,
+    /// a batch, a CRM answer, a second of a back-off or throttle wait: `progress`).
     fn alive(&self, period: Duration) -> bool {
         !self.polling.load(Ordering::Relaxed)
+            || crate::progress::since_last().is_some_and(|since| since <= period)
             || self.seconds_since_progress() <= period.as_secs() as i64
     }
 

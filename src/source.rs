@@ -90,6 +90,11 @@ pub struct RawPage {
     pub entities: Vec<Box<RawValue>>,
     /// `None` only when the service said there is nothing more.
     pub next: Option<Continuation>,
+    /// The service's clock when it answered (the response's `Date`, whole seconds, so
+    /// at or before the moment the answer was made). The same clock stamps every
+    /// entity's `Timestamp`, so a poll can bound its checkpoint by when it started
+    /// without trusting the local clock.
+    pub date: OffsetDateTime,
 }
 
 impl std::fmt::Debug for RawPage {
@@ -97,6 +102,7 @@ impl std::fmt::Debug for RawPage {
         f.debug_struct("RawPage")
             .field("entities", &self.entities.len())
             .field("next", &self.next)
+            .field("date", &self.date)
             .finish()
     }
 }
@@ -162,12 +168,14 @@ impl TableSource {
         let response = self.query(since, continuation, cancel).await?;
         Ok(RawPage {
             next: next_of(&response),
+            date: response.common_storage_response_headers.date,
             entities: response.entities,
         })
     }
 
     /// The rows of a page from [`TableSource::fetch_raw_page`], the system columns split
-    /// off and the OData annotations dropped.
+    /// off and the OData annotations dropped. Fails on the first entity that cannot be
+    /// read (tools and tests; the pipeline uses [`TableSource::rows_and_malformed`]).
     pub fn rows(&self, page: &RawPage) -> Result<Vec<RawRow>, SourceError> {
         page.entities
             .iter()
@@ -175,6 +183,22 @@ impl TableSource {
                 raw_row_of_json(entity.get()).map_err(|(row, message)| self.malformed(row, message))
             })
             .collect()
+    }
+
+    /// The rows of a page, and apart from them the entities that cannot be read as rows
+    /// (a column value that is not valid JSON text, such as a lone UTF-16 surrogate),
+    /// each with the keys it could still be read at. One bad entity does not fail the
+    /// page: the pipeline settles it as a rejected row, by its keys.
+    pub fn rows_and_malformed(&self, page: &RawPage) -> (Vec<RawRow>, Vec<MalformedEntity>) {
+        let mut rows = Vec::with_capacity(page.entities.len());
+        let mut malformed = Vec::new();
+        for entity in &page.entities {
+            match raw_row_of_json(entity.get()) {
+                Ok(row) => rows.push(row),
+                Err((_, message)) => malformed.push(MalformedEntity::read(entity.get(), message)),
+            }
+        }
+        (rows, malformed)
     }
 
     /// One query request for a page of entities, with retries.
@@ -400,6 +424,54 @@ pub(crate) fn redact_sas(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// An entity that could not be read as a row: its system columns as far as they could
+/// be read (by a pass that skips every other column unchecked), the reason, and the
+/// entity's text for a person to look at.
+#[derive(Debug, Clone)]
+pub struct MalformedEntity {
+    pub id: Option<RowId>,
+    pub etag: Option<String>,
+    pub timestamp: Option<OffsetDateTime>,
+    pub message: String,
+    pub text: String,
+}
+
+impl MalformedEntity {
+    fn read(text: &str, message: String) -> Self {
+        #[derive(serde::Deserialize)]
+        struct Keys {
+            #[serde(rename = "PartitionKey")]
+            partition_key: Option<String>,
+            #[serde(rename = "RowKey")]
+            row_key: Option<String>,
+            #[serde(rename = "odata.etag")]
+            etag: Option<String>,
+            #[serde(rename = "Timestamp")]
+            timestamp: Option<String>,
+        }
+        // Unknown fields are skipped without decoding their strings, so a column the
+        // full read refused does not stop this one.
+        let keys: Option<Keys> = serde_json::from_str(text).ok();
+        let (id, etag, timestamp) = match keys {
+            Some(k) => (
+                k.partition_key
+                    .zip(k.row_key)
+                    .map(|(pk, rk)| RowId::new(pk, rk)),
+                k.etag,
+                k.timestamp.and_then(|t| timestamp::parse(&t).ok()),
+            ),
+            None => (None, None, None),
+        };
+        MalformedEntity {
+            id,
+            etag,
+            timestamp,
+            message,
+            text: text.to_owned(),
+        }
+    }
 }
 
 /// An entity's system columns, split off the rest as it is read.

@@ -111,7 +111,10 @@ where
     let mut n = 0;
     loop {
         n += 1;
-        let (after, reason) = match attempt(n).await {
+        let answered = attempt(n).await;
+        // An answer, even a refusal, is progress for the watchdog.
+        crate::progress::beat();
+        let (after, reason) = match answered {
             Step::Done(value) => return Finished::Done(value),
             Step::Fail { reason } => return Finished::Failed { reason },
             Step::Retry { after, reason } => (after, reason),
@@ -130,7 +133,7 @@ where
             )
         });
         tracing::warn!(sink, attempt = n, delay_ms = delay.as_millis() as u64, %reason, "CRM request failed; retrying.");
-        tokio::time::sleep(delay).await;
+        crate::progress::wait(delay).await;
     }
 }
 

@@ -98,25 +98,67 @@ impl JsonlSink {
 
 /// Appends `bytes` to the file at `path` (created with its directory if missing) and
 /// returns the open file, not yet synced.
+///
+/// A write that fails half-way (disk full, a file size limit) is cut back off, so the
+/// file never keeps a torn line for the next append to be glued to; and should a torn
+/// line be there anyway (the process killed mid-write), the next append starts on a
+/// line of its own. When the file is created (first run, or after a rotation) its
+/// directory is synced too, so the file's name is as durable as its lines.
 fn append(path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::File> {
-    use std::io::Write;
-    let open = || {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let open = |create: bool| {
         std::fs::OpenOptions::new()
-            .create(true)
+            .create(create)
+            .read(true)
             .append(true)
             .open(path)
     };
-    let mut file = match open() {
+    let (mut file, created) = match open(false) {
+        Ok(file) => (file, false),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            if let Some(parent) = parent {
                 std::fs::create_dir_all(parent)?;
             }
-            open()?
+            let file = open(true)?;
+            sync_dir(parent.unwrap_or(Path::new(".")))?;
+            (file, true)
         }
-        other => other?,
+        Err(e) => return Err(e),
     };
-    file.write_all(bytes)?;
+    if bytes.is_empty() {
+        return Ok(file);
+    }
+    let len = if created { 0 } else { file.metadata()?.len() };
+    let mut torn = false;
+    if len > 0 {
+        let mut last = [0u8; 1];
+        file.seek(SeekFrom::Start(len - 1))?;
+        file.read_exact(&mut last)?;
+        torn = last[0] != b'\n';
+    }
+    let written = if torn {
+        file.write_all(b"\n").and_then(|()| file.write_all(bytes))
+    } else {
+        file.write_all(bytes)
+    };
+    if let Err(e) = written {
+        // Best effort: if even this fails, the next append starts a line of its own.
+        let _ = file.set_len(len);
+        return Err(e);
+    }
     Ok(file)
+}
+
+/// Makes a new entry in `dir` durable.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_: &Path) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Two handles on one file: syncing either makes both's writes durable, so one is kept.
@@ -249,6 +291,21 @@ mod tests {
         let rotated = std::fs::read_to_string(dir.path().join("leads.jsonl.1")).unwrap();
         assert_eq!(rotated.lines().count(), 2);
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_torn_line_left_by_a_killed_process_is_not_glued_to_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leads.jsonl");
+        std::fs::write(&path, "{\"key\":\"email:a@b.c\"}\n{\"key\":\"em").unwrap();
+        let sink = JsonlSink::new(&path);
+        assert_eq!(sink.deliver(&[lead("d@e.f")]).await, [Outcome::Delivered]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[1], "{\"key\":\"em", "the torn line stays alone");
+        let last: CustomerLead = serde_json::from_str(lines[2]).unwrap();
+        assert_eq!(last.key, "email:d@e.f");
     }
 
     #[tokio::test]
