@@ -86,6 +86,7 @@ impl RunReport {
         t.rejected += s.rejected;
         t.unidentifiable += s.unidentifiable;
         t.unchanged += s.unchanged;
+        t.followed_up += s.followed_up;
         t.records_sent += s.records_sent;
         t.overdue = s.overdue;
         t.oldest_pending_age = s.oldest_pending_age;

@@ -34,6 +34,11 @@ use crate::state::{
 use crate::timestamp;
 use crate::AbortOnDrop;
 
+/// The first pause after an endpoint-level failure; it doubles with each one in a row.
+const ENDPOINT_BACKOFF_FIRST: Duration = Duration::from_secs(30);
+/// The longest pause after endpoint-level failures.
+const ENDPOINT_BACKOFF_MAX: Duration = Duration::from_secs(15 * 60);
+
 /// Why a poll did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
@@ -68,6 +73,9 @@ pub struct PollSummary {
     pub unidentifiable: u64,
     /// Rows whose customer record was already delivered exactly as merged (replays).
     pub unchanged: u64,
+    /// Rows whose CRM record is sales' now (converted, qualified): not updated, the
+    /// people working it told instead (`Outcome::FollowedUp`).
+    pub followed_up: u64,
     /// Merged customer records the sink acknowledged (one per customer per batch).
     pub records_sent: u64,
     /// Pending rows waiting longer than `run.follow_up_warning` since their table Timestamp.
@@ -110,6 +118,8 @@ pub struct Memory {
     /// Counters and liveness shared with the metrics listener and the watchdog.
     pub metrics: Arc<crate::service::Metrics>,
     sink_paused_until: std::sync::Mutex<Option<Instant>>,
+    /// Endpoint-level failures in a row (see [`Pipeline::endpoint_health`]).
+    endpoint_failures: std::sync::Mutex<u32>,
     warned_overdue: std::sync::Mutex<std::collections::HashSet<crate::row::RowId>>,
 }
 
@@ -767,7 +777,18 @@ impl Pipeline {
                         to_store.push(CustomerState::from_parts(lead, merge));
                         settled
                     }
-                    Outcome::RetryLater { reason, .. } => {
+                    Outcome::FollowedUp { note } => {
+                        tracing::info!(%customer, sink = self.sink.name(), %note, "The CRM record is sales' now; not updated, the people working it were told.");
+                        summary.followed_up += rows.len() as u64;
+                        summary.records_sent += 1;
+                        resolved.push(customer.clone());
+                        merge.delivered = true;
+                        to_store.push(CustomerState::from_parts(lead, merge));
+                        Settled::Skipped {
+                            policy: format!("followed_up: {note}"),
+                        }
+                    }
+                    Outcome::RetryLater { reason, .. } | Outcome::EndpointFailed { reason } => {
                         summary.pending += rows.len() as u64;
                         for row in &rows {
                             oldest_open =
@@ -845,6 +866,7 @@ impl Pipeline {
                 leads.len()
             ];
         }
+        self.endpoint_health(&outcomes);
         let longest = outcomes
             .iter()
             .filter_map(|o| match o {
@@ -862,6 +884,51 @@ impl Pipeline {
                 Some(Instant::now() + after);
         }
         outcomes
+    }
+
+    /// Keeps the sink's endpoint health: an `EndpointFailed` outcome pauses the sink
+    /// for a back-off that doubles with each failure in a row (30 s up to 15 min) and
+    /// reports the reason (`/readyz`, `/status`, `leadsync_sink_endpoint_failing`); any
+    /// answer that reached a record (delivered, followed up, rejected) clears it.
+    fn endpoint_health(&self, outcomes: &[Outcome]) {
+        let failed = outcomes.iter().find_map(|o| match o {
+            Outcome::EndpointFailed { reason } => Some(reason),
+            _ => None,
+        });
+        let reached = outcomes.iter().any(|o| {
+            matches!(
+                o,
+                Outcome::Delivered | Outcome::FollowedUp { .. } | Outcome::Rejected { .. }
+            )
+        });
+        let sink = self.sink.name();
+        let mut failures = self.memory.endpoint_failures.lock().expect("not poisoned");
+        match failed {
+            Some(reason) => {
+                *failures += 1;
+                let pause = ENDPOINT_BACKOFF_FIRST
+                    .saturating_mul(1 << (*failures - 1).min(10))
+                    .min(ENDPOINT_BACKOFF_MAX);
+                *self.memory.sink_paused_until.lock().expect("not poisoned") =
+                    Some(Instant::now() + pause);
+                self.memory.metrics.endpoint_failed(sink, reason);
+                tracing::error!(
+                    sink,
+                    %reason,
+                    failures_in_a_row = *failures,
+                    pause_s = pause.as_secs(),
+                    "The sink's endpoint refused the call, not the leads: they stay pending and the sink pauses. Fix the configuration or the CRM side; delivery resumes by itself."
+                );
+            }
+            None if reached => {
+                if *failures > 0 {
+                    tracing::info!(sink, "The sink's endpoint answers again.");
+                }
+                *failures = 0;
+                self.memory.metrics.endpoint_recovered(sink);
+            }
+            None => {}
+        }
     }
 
     /// Tracks how long a pending lead has waited since the marketplace wrote it.
@@ -923,7 +990,8 @@ impl Pipeline {
             let mut batch = SettleBatch::default();
             for ((letter, customer), outcome) in chunk.iter().zip(current).zip(outcomes) {
                 match outcome {
-                    Outcome::Delivered => {
+                    // A converted lead's follow-up settles its dead letter too.
+                    Outcome::Delivered | Outcome::FollowedUp { .. } => {
                         report.delivered.push(letter.id.clone());
                         batch.resolved.push(letter.id.clone());
                         if let Some(mut c) = customer {
@@ -939,7 +1007,7 @@ impl Pipeline {
                         again.at = OffsetDateTime::now_utc();
                         batch.dead_letters.push(again);
                     }
-                    Outcome::RetryLater { reason, .. } => {
+                    Outcome::RetryLater { reason, .. } | Outcome::EndpointFailed { reason } => {
                         report.pending.push((letter.id.clone(), reason))
                     }
                 }
@@ -959,6 +1027,7 @@ pub fn log_summary(summary: &PollSummary) {
         skipped = summary.skipped,
         rejected = summary.rejected,
         unidentifiable = summary.unidentifiable,
+        followed_up = summary.followed_up,
         records_sent = summary.records_sent,
         unchanged = summary.unchanged,
         pending = summary.pending,

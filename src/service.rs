@@ -52,6 +52,9 @@ pub struct Metrics {
     sink_latency: Family<SinkLabels, Histogram>,
     sink_retries: Counter,
     long_polls: Counter,
+    endpoint_failing: Family<SinkLabels, Gauge>,
+    /// The last endpoint-level failure of each sink still failing, for `/readyz` and `/status`.
+    endpoint_failures: Mutex<std::collections::BTreeMap<String, String>>,
     /// Unix seconds of the last poll that completed without error.
     last_ok_poll: AtomicI64,
     /// Unix seconds of the last sign of progress (a page, a poll, an idle tick).
@@ -137,9 +140,17 @@ impl Default for Metrics {
             "Polls that took longer than half of source.overlap",
             long_polls.clone(),
         );
+        let endpoint_failing = Family::<SinkLabels, Gauge>::default();
+        registry.register(
+            "sink_endpoint_failing",
+            "1 while the sink's endpoint refuses calls for a reason that is not the leads' (credentials, permissions, a wrong object or field); its leads wait",
+            endpoint_failing.clone(),
+        );
         Self {
             registry,
             long_polls,
+            endpoint_failing,
+            endpoint_failures: Mutex::new(Default::default()),
             rows_read,
             rows,
             records_sent,
@@ -165,6 +176,42 @@ impl Metrics {
     pub fn touch(&self) {
         self.last_progress.store(now(), Ordering::Relaxed);
         crate::progress::beat();
+    }
+
+    /// Records that `sink`'s endpoint refused a call for `reason` (not the leads' fault).
+    pub fn endpoint_failed(&self, sink: &str, reason: &str) {
+        self.endpoint_failing
+            .get_or_create(&SinkLabels { sink: sink.into() })
+            .set(1);
+        self.endpoint_failures
+            .lock()
+            .expect("not poisoned")
+            .insert(sink.into(), reason.into());
+    }
+
+    /// Records that `sink`'s endpoint answered for a record again.
+    pub fn endpoint_recovered(&self, sink: &str) {
+        if self
+            .endpoint_failures
+            .lock()
+            .expect("not poisoned")
+            .remove(sink)
+            .is_some()
+        {
+            self.endpoint_failing
+                .get_or_create(&SinkLabels { sink: sink.into() })
+                .set(0);
+        }
+    }
+
+    /// The sinks whose endpoint is failing, each with its last reason.
+    pub fn endpoint_failures(&self) -> Vec<(String, String)> {
+        self.endpoint_failures
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(s, r)| (s.clone(), r.clone()))
+            .collect()
     }
 
     /// Counts a poll longer than half the overlap.
@@ -213,6 +260,7 @@ impl Metrics {
             ("rejected", s.rejected),
             ("unidentifiable", s.unidentifiable),
             ("unchanged", s.unchanged),
+            ("followed_up", s.followed_up),
         ] {
             self.rows
                 .get_or_create(&OutcomeLabels {
@@ -275,12 +323,18 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(l): State<Listener>) -> impl IntoResponse {
+    if let Some((sink, reason)) = l.metrics.endpoint_failures().into_iter().next() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("sink {sink} endpoint failing, leads wait: {reason}\n"),
+        );
+    }
     if l.metrics.ready(l.ready_window) {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_owned())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "no successful poll recently\n",
+            "no successful poll recently\n".to_owned(),
         )
     }
 }
@@ -291,6 +345,9 @@ async fn status(State(l): State<Listener>) -> impl IntoResponse {
         "version": env!("CARGO_PKG_VERSION"),
         "ready": l.metrics.ready(l.ready_window),
         "last_test_lead": l.metrics.last_test_lead.lock().expect("not poisoned").clone(),
+        "sink_endpoint_failures": l.metrics.endpoint_failures().into_iter()
+            .map(|(sink, reason)| serde_json::json!({"sink": sink, "reason": reason}))
+            .collect::<Vec<_>>(),
         "last_poll": summary.map(|s| serde_json::json!({
             "rows_read": s.rows_read,
             "delivered": s.delivered,

@@ -153,8 +153,10 @@ async fn nothing_pending(world: &World) {
         .iter()
         .map(|r| r.timestamp)
         .max();
+    // The checkpoint never passes a poll's start on the service's clock, a `Date` in
+    // whole seconds: a poll that began within a second of the newest row stops there.
     assert!(
-        state.checkpoint().await.unwrap() >= newest,
+        state.checkpoint().await.unwrap() >= newest.map(|t| t - std::time::Duration::from_secs(1)),
         "the checkpoint reached the newest row"
     );
 }

@@ -28,8 +28,21 @@ pub enum Outcome {
         after: Option<Duration>,
         reason: String,
     },
-    /// The sink refused it for good, with the sink's reason.
+    /// The sink refused it for good, with the sink's reason. Only a refusal of this
+    /// record (a field the CRM rejects, a duplicate rule) is one; see `EndpointFailed`.
     Rejected { reason: String },
+    /// The endpoint, not this lead, is at fault: credentials refused with a fresh token,
+    /// a permission missing, a wrong object or external-id field, a result count that
+    /// does not match, a receiver that is gone or redirects. Every lead of the call stays
+    /// pending (the checkpoint holds), the pipeline pauses the sink with a growing
+    /// back-off, and `/readyz`, `/status`, the metrics and the log say `reason` in one
+    /// line until a delivery succeeds.
+    EndpointFailed { reason: String },
+    /// The CRM record is sales' now (a converted or qualified lead): the sink did not
+    /// update it, and told the people working the customer instead; `note` says how
+    /// (e.g. the Task it created, on which record). The rows are settled as handled by
+    /// the `followed_up` policy (`leadsync rows skipped`), never dead-lettered.
+    FollowedUp { note: String },
 }
 
 /// A sink-level failure outside any single lead (used by healthchecks).
