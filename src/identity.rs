@@ -47,13 +47,24 @@ pub fn customer_key(
     customer: &Customer,
     fallback: FallbackKey,
 ) -> Result<CustomerKey, Unidentifiable> {
-    if let Some(email) = &customer.email {
+    // Only a plausible address keys a customer: `n/a`, `-` or `none` in the Email field
+    // would otherwise merge unrelated people into one CRM record. Anything else is
+    // kept as data and the lead falls back to the fallback key.
+    let email = customer
+        .email
+        .as_ref()
+        .filter(|e| plausible_email(&e.normalized));
+    if let Some(email) = email {
         return Ok(CustomerKey::Email(email.normalized.clone()));
     }
+    let no_email = match &customer.email {
+        Some(_) => "no plausible email (the Email field is not an address)",
+        None => "no email",
+    };
     if fallback == FallbackKey::None {
-        return Err(Unidentifiable(
-            "no email, and identity.fallback = \"none\"".into(),
-        ));
+        return Err(Unidentifiable(format!(
+            "{no_email}, and identity.fallback = \"none\""
+        )));
     }
     let fold = |s: &Option<String>| {
         s.as_deref()
@@ -85,11 +96,24 @@ pub fn customer_key(
         return Ok(CustomerKey::Fallback(format!("{name}|{company}|{phone}")));
     }
     Err(Unidentifiable(format!(
-        "no email, and not enough for a fallback key (needs a name plus a company or a phone number of 7+ digits; has name: {}, company: {}, phone digits: {})",
+        "{no_email}, and not enough for a fallback key (needs a name plus a company or a phone number of 7+ digits; has name: {}, company: {}, phone digits: {})",
         !name.is_empty(),
         !company.is_empty(),
         digits.len()
     )))
+}
+
+/// An address that can key a customer: one `@` with text on both sides, no whitespace.
+pub fn plausible_email(email: &str) -> bool {
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.is_empty()
+                && !domain.contains('@')
+                && !email.chars().any(char::is_whitespace)
+        }
+        None => false,
+    }
 }
 
 /// The key a sink upserts on, derived only from the customer key: the same customer
@@ -975,6 +999,51 @@ mod tests {
             CustomerKey::Fallback("ana silva|fabrikam|".into())
         );
         assert!(customer_key(&c, FallbackKey::None).is_err());
+    }
+
+    #[test]
+    fn an_email_field_that_is_not_an_address_keys_no_one_and_the_lead_falls_back() {
+        for not_an_address in [
+            "n/a",
+            "-",
+            "none",
+            "@contoso.com",
+            "ana@",
+            "ana silva@contoso.com",
+            "a@b@c",
+        ] {
+            let c = event(
+                "1",
+                "2024-05-01T10:00:00Z",
+                "x-INS|a.b",
+                json!({"Email": not_an_address, "FirstName": "Ana", "LastName": "Silva", "Company": "Fabrikam"}),
+            )
+            .customer;
+            assert_eq!(
+                customer_key(&c, FallbackKey::NameCompanyPhone).unwrap(),
+                CustomerKey::Fallback("ana silva|fabrikam|".into()),
+                "{not_an_address}"
+            );
+            let reason = customer_key(&c, FallbackKey::None).unwrap_err().0;
+            assert!(reason.contains("no plausible email"), "{reason}");
+            assert!(c.email.is_some(), "kept as data: {not_an_address}");
+        }
+        for address in ["ana@fabrikam.com", "x@y", "o'brien+tag@sub.example.co.uk"] {
+            let c = event(
+                "1",
+                "2024-05-01T10:00:00Z",
+                "x-INS|a.b",
+                json!({"Email": address}),
+            )
+            .customer;
+            assert!(
+                matches!(
+                    customer_key(&c, FallbackKey::None),
+                    Ok(CustomerKey::Email(_))
+                ),
+                "{address}"
+            );
+        }
     }
 
     #[test]

@@ -563,7 +563,10 @@ fn lead(n: usize) -> CustomerLead {
 fn reason(outcome: &Outcome) -> &str {
     match outcome {
         Outcome::Delivered => "",
-        Outcome::RetryLater { reason, .. } | Outcome::Rejected { reason } => reason,
+        Outcome::RetryLater { reason, .. }
+        | Outcome::Rejected { reason }
+        | Outcome::EndpointFailed { reason } => reason,
+        Outcome::FollowedUp { note } => note,
     }
 }
 

@@ -572,7 +572,7 @@ async fn a_wrong_hmac_secret_holds_the_lead_instead_of_dead_lettering_it() {
 
     let outcomes = sink.deliver(&[ordinary(1)]).await;
 
-    let [Outcome::RetryLater { reason, .. }] = outcomes.as_slice() else {
+    let [Outcome::EndpointFailed { reason }] = outcomes.as_slice() else {
         panic!("{outcomes:?}")
     };
     assert!(reason.contains("HTTP 401"), "{reason}");
@@ -701,23 +701,92 @@ async fn a_receiver_slower_than_the_request_timeout_is_retried_then_left_for_lat
 }
 
 #[tokio::test]
-async fn a_redirect_is_not_taken_for_a_delivery() {
+async fn a_redirect_is_not_followed_and_holds_the_lead_as_an_endpoint_failure() {
+    for status in [301, 302, 307, 308] {
+        let fake = Fake::new();
+        fake.answer_always(Reply::status(status).header("location", "/elsewhere"));
+        let base = fake.start().await;
+
+        let outcomes = sink(
+            &base,
+            "hmac_secret = { value = \"s\" }\nheaders = { \"X-Api-Key\" = \"k\" }",
+        )
+        .deliver(&[ordinary(1)])
+        .await;
+
+        let [Outcome::EndpointFailed { reason }] = outcomes.as_slice() else {
+            panic!("{status}: {outcomes:?}")
+        };
+        assert!(reason.contains(&format!("HTTP {status}")), "{reason}");
+        assert!(reason.contains("sink.webhook.url"), "{reason}");
+        assert!(
+            fake.requests().iter().all(|r| r.path != "/elsewhere"),
+            "{status}: the redirect was followed, with the signature and headers"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_receiver_that_is_gone_holds_the_lead_as_an_endpoint_failure_not_a_rejection() {
+    for status in [404, 410] {
+        let fake = Fake::new();
+        fake.answer_always(Reply::status(status).body("flow not found"));
+        let base = fake.start().await;
+
+        let outcomes = sink(&base, "").deliver(&[ordinary(1), ordinary(2)]).await;
+
+        assert_eq!(outcomes.len(), 2);
+        for outcome in &outcomes {
+            let Outcome::EndpointFailed { reason } = outcome else {
+                panic!("{status}: {outcomes:?}")
+            };
+            assert!(reason.contains("does not exist"), "{reason}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_post_carries_an_event_id_that_is_the_same_for_the_same_customer_version() {
     let fake = Fake::new();
-    fake.answer_always(Reply::status(302).header("location", "/elsewhere"));
     let base = fake.start().await;
-
-    let outcomes = sink(&base, "").deliver(&[ordinary(1)]).await;
-
-    let [Outcome::Rejected { reason }] = outcomes.as_slice() else {
-        panic!("{outcomes:?}")
-    };
-    assert!(reason.contains("redirected"), "{reason}");
-    let followed = fake.requests().into_iter().find(|r| r.path == "/elsewhere");
-    assert_eq!(
-        followed.map(|r| r.method),
-        Some(Method::GET),
-        "the client turned the POST into a GET"
+    let sink = sink(&base, "");
+    let one = lead(customer(1), &["AppSource (SPZA)-PLT | contoso.analytics"]);
+    let one_later = lead(
+        customer(1),
+        &[
+            "AppSource (SPZA)-PLT | contoso.analytics",
+            "AzureMarketplace-INS | contoso.analytics",
+        ],
     );
+
+    sink.deliver(&[one.clone(), ordinary(2)]).await;
+    sink.deliver(std::slice::from_ref(&one)).await;
+    sink.deliver(&[one_later]).await;
+
+    let ids: Vec<String> = fake
+        .posts()
+        .iter()
+        .map(|p| {
+            header(p, "x-leadsync-event-id")
+                .expect("an event id")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 4);
+    assert!(
+        ids.iter()
+            .all(|id| id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit())),
+        "{ids:?}"
+    );
+    let first_of_one = ids
+        .iter()
+        .zip(fake.posts())
+        .find(|(_, p)| header(p, "x-leadsync-key") == Some(one.external_key.as_str()))
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    assert_eq!(ids[2], first_of_one, "the same version again: the same id");
+    assert_ne!(ids[3], first_of_one, "a new version: a new id");
+    assert_ne!(ids[0], ids[1], "two customers: two ids");
 }
 
 #[tokio::test]
@@ -851,7 +920,7 @@ async fn secrets_appear_neither_in_debug_output_nor_in_outcome_reasons() {
     )
     .unwrap();
 
-    let [Outcome::RetryLater { reason, .. }] = outcomes.as_slice() else {
+    let [Outcome::EndpointFailed { reason }] = outcomes.as_slice() else {
         panic!("{outcomes:?}")
     };
     assert!(
@@ -989,4 +1058,73 @@ async fn leads_flow_from_the_table_to_the_receiver_and_a_restart_updates_each_cu
         .posts()
         .iter()
         .all(|p| p.query.as_deref() == Some("sig=E2ESIG")));
+}
+
+#[tokio::test]
+async fn a_receiver_gone_leaves_the_poll_pending_with_no_dead_letter_and_says_why_until_it_is_back()
+{
+    let fake = Fake::new();
+    fake.answer_always(Reply::status(404).body("The workflow was not found."));
+    let base = fake.start().await;
+    let world = World::new().await;
+    world
+        .insert(
+            &(1..=3)
+                .map(|n| {
+                    lead_row(
+                        "p00",
+                        &format!("r{n:06}"),
+                        "AzureMarketplace-INS | contoso.analytics",
+                        customer(n),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    let sink_toml = format!(
+        "[sink]\nkind = \"webhook\"\n[sink.webhook]\nurl = \"{base}{HOOK_PATH}\"\nallow_http = true\nretry = {{ max_attempts = 3, initial_backoff = \"10ms\", max_backoff = \"50ms\" }}\n"
+    );
+    let settings = world.settings_with_sink(&sink_toml);
+    let cancel = CancellationToken::new();
+
+    let pipeline = leadsync::build_pipeline(&settings).unwrap();
+    let failed = pipeline.poll(&cancel).await.unwrap();
+    let posts_after_first = fake.posts().len();
+    let paused = pipeline.poll(&cancel).await.unwrap();
+    let metrics = pipeline.memory.metrics.render();
+    let failures = pipeline.memory.metrics.endpoint_failures();
+    let dead = pipeline.state.dead_letters().await.unwrap();
+    let checkpoint = pipeline.state.checkpoint().await.unwrap();
+    drop(pipeline);
+
+    assert_eq!(
+        (failed.pending, failed.rejected, failed.delivered),
+        (3, 0, 0)
+    );
+    assert!(dead.is_empty(), "not the leads' fault: {dead:?}");
+    assert_eq!(checkpoint, None, "the checkpoint holds");
+    assert_eq!(
+        posts_after_first, 3,
+        "one try each, no retries against a missing flow"
+    );
+    assert_eq!(paused.pending, 3);
+    assert_eq!(
+        fake.posts().len(),
+        3,
+        "the sink pauses instead of calling again"
+    );
+    assert!(
+        metrics.contains(r#"leadsync_sink_endpoint_failing{sink="webhook"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(failures.len(), 1);
+    assert!(failures[0].1.contains("HTTP 404"), "{failures:?}");
+
+    // The flow is back: the next start delivers everything and moves the checkpoint.
+    fake.answer_always(Reply::status(202));
+    let pipeline = leadsync::build_pipeline(&settings).unwrap();
+    let recovered = pipeline.poll(&cancel).await.unwrap();
+    assert_eq!((recovered.delivered, recovered.pending), (3, 0));
+    assert!(pipeline.state.checkpoint().await.unwrap().is_some());
+    assert!(pipeline.memory.metrics.endpoint_failures().is_empty());
 }

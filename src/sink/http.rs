@@ -11,12 +11,26 @@ use crate::retry::backoff;
 
 /// Builds the HTTP client of a sink: rustls, a timeout on every request, our user agent.
 pub fn client(timeout: Duration) -> Result<reqwest::Client, String> {
+    builder(timeout)
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// As [`client`], following no redirect: a redirect would carry a request's
+/// signature and custom headers to another URL (and a 301/302/303 turns a POST into a
+/// GET without its body), so the sink sees the 3xx and says so instead.
+pub fn client_without_redirects(timeout: Duration) -> Result<reqwest::Client, String> {
+    builder(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+fn builder(timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .user_agent(concat!("leadsync/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
 /// Parses a CRM URL; `http://` is refused unless `allow_http` (tests and local fakes).

@@ -34,6 +34,11 @@ pub const KEY_HEADER: &str = "x-leadsync-key";
 pub const STAGE_HEADER: &str = "x-leadsync-stage";
 /// `true` or `false`.
 pub const DO_NOT_CONTACT_HEADER: &str = "x-leadsync-do-not-contact";
+/// The same for every POST of the same customer version (a retry, a replay, the
+/// re-delivery after a crash), different for each new version: a receiver that keeps
+/// the ids it has processed never acts on one version twice. 32 lowercase hex digits
+/// of SHA-256 over the customer key and the body.
+pub const EVENT_ID_HEADER: &str = "x-leadsync-event-id";
 /// Unix seconds of a signed request; part of the signed material.
 pub const TIMESTAMP_HEADER: &str = "x-leadsync-timestamp";
 /// The default name of the signature header.
@@ -302,6 +307,15 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The idempotency key of one customer version (see [`EVENT_ID_HEADER`]).
+fn event_id(key: &str, body: &[u8]) -> String {
+    let mut hash = <Sha256 as sha2::Digest>::new();
+    sha2::Digest::update(&mut hash, key.as_bytes());
+    sha2::Digest::update(&mut hash, b"\n");
+    sha2::Digest::update(&mut hash, body);
+    hex(&sha2::Digest::finalize(hash)[..16])
+}
+
 /// `sha256=` + lowercase hex of HMAC-SHA256(secret, `<timestamp>.<body>`).
 fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
@@ -320,9 +334,11 @@ enum Verdict {
         after: Option<Duration>,
         reason: String,
     },
-    /// The receiver refuses our credentials: nothing is wrong with the lead, so it
-    /// waits for the configuration to be fixed instead of becoming a dead letter.
-    Hold {
+    /// The endpoint, not the lead, is wrong: our credentials refused (401, 403), the
+    /// receiver gone (404, 410: a deleted flow, a changed URL), or a redirect. Nothing
+    /// is wrong with the lead, so it waits for the configuration to be fixed instead
+    /// of becoming a dead letter.
+    Endpoint {
         reason: String,
     },
     /// The receiver refuses this lead for good.
@@ -353,9 +369,23 @@ fn classify(status: StatusCode, after: Option<Duration>, body: &str) -> Verdict 
             reason: format!("the endpoint answered {}{quoted}", status_text(status)),
         }
     } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        Verdict::Hold {
+        Verdict::Endpoint {
             reason: format!(
                 "the endpoint refused our credentials ({}{quoted}); check sink.webhook.bearer_token, headers and hmac_secret",
+                status_text(status)
+            ),
+        }
+    } else if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+        Verdict::Endpoint {
+            reason: format!(
+                "the endpoint does not exist ({}{quoted}): was the flow deleted or its URL changed? check sink.webhook.url",
+                status_text(status)
+            ),
+        }
+    } else if status.is_redirection() {
+        Verdict::Endpoint {
+            reason: format!(
+                "the endpoint answered {} (a redirect, not followed: it would send the lead, its signature and headers elsewhere); set sink.webhook.url to the final URL",
                 status_text(status)
             ),
         }
@@ -468,7 +498,8 @@ impl WebhookSink {
             .map_err(|_| {
                 sink_error("config key `sink.webhook.signature_header`: not a header name")
             })?;
-        let client = http::client(settings.request_timeout).map_err(sink_error)?;
+        let client =
+            http::client_without_redirects(settings.request_timeout).map_err(sink_error)?;
         Ok(Self {
             client,
             shown_url: shown_url(url.as_str()),
@@ -548,16 +579,6 @@ impl WebhookSink {
                 }
             }
         };
-        // The shared client follows redirects, and a 301/302/303 turns the POST into
-        // a GET without the lead: a 2xx from elsewhere proves nothing.
-        if response.url() != &self.url {
-            return Step::Fail {
-                reason: format!(
-                    "the endpoint redirected to {}; set sink.webhook.url to the final URL (a redirect can drop the POST body)",
-                    shown_url(response.url().as_str())
-                ),
-            };
-        }
         let status = response.status();
         let after = http::retry_after(response.headers());
         let text = if status.is_success() {
@@ -570,7 +591,7 @@ impl WebhookSink {
         };
         match classify(status, after, &self.scrub(text)) {
             Verdict::Delivered => Step::Done(Ok(())),
-            Verdict::Hold { reason } => Step::Done(Err(reason)),
+            Verdict::Endpoint { reason } => Step::Done(Err(reason)),
             Verdict::Retry { after, reason } => Step::Retry { after, reason },
             Verdict::Reject { reason } => Step::Fail { reason },
         }
@@ -582,6 +603,12 @@ impl WebhookSink {
             Err(reason) => return Outcome::Rejected { reason },
         };
         let body = body(lead);
+        let mut lead_headers = lead_headers;
+        lead_headers.insert(
+            EVENT_ID_HEADER,
+            HeaderValue::from_str(&event_id(&lead.external_key, &body))
+                .expect("hex is a valid header value"),
+        );
         let finished =
             http::retrying(&self.retry, SINK, |_| self.attempt(&body, &lead_headers)).await;
         match finished {
@@ -589,10 +616,7 @@ impl WebhookSink {
                 tracing::debug!(customer = %lead.external_key, "Lead posted to the HTTPS endpoint.");
                 Outcome::Delivered
             }
-            Finished::Done(Err(reason)) => Outcome::RetryLater {
-                after: None,
-                reason,
-            },
+            Finished::Done(Err(reason)) => Outcome::EndpointFailed { reason },
             Finished::GaveUp { after, reason } => Outcome::RetryLater { after, reason },
             Finished::Failed { reason } => Outcome::Rejected { reason },
         }
@@ -766,10 +790,13 @@ mod tests {
             (500, "retry"),
             (502, "retry"),
             (503, "retry"),
-            (401, "hold"),
-            (403, "hold"),
+            (401, "endpoint"),
+            (403, "endpoint"),
+            (404, "endpoint"),
+            (410, "endpoint"),
+            (301, "endpoint"),
+            (307, "endpoint"),
             (400, "reject"),
-            (404, "reject"),
             (409, "reject"),
             (413, "reject"),
             (422, "reject"),
@@ -779,7 +806,7 @@ mod tests {
             let got = match verdict {
                 Verdict::Delivered => "delivered",
                 Verdict::Retry { .. } => "retry",
-                Verdict::Hold { .. } => "hold",
+                Verdict::Endpoint { .. } => "endpoint",
                 Verdict::Reject { .. } => "reject",
             };
             assert_eq!(got, expected, "HTTP {code}");
