@@ -138,7 +138,7 @@ pub async fn main(cli: Cli) -> ExitCode {
         Some(LogFormatArg::Text) => LogFormat::Text,
         None => settings.log.format,
     };
-    crate::telemetry::init(format, &settings.log.level);
+    crate::telemetry::init(format, &settings.log.level, settings.log.personal_data);
 
     match cli.command {
         Command::Run { once } => run(&settings, once).await,
@@ -271,7 +271,12 @@ async fn export(
     };
     let mut out: Box<dyn std::io::Write> = match &output {
         None => Box::new(std::io::stdout().lock()),
-        Some(path) => match std::fs::File::create(path) {
+        Some(path) => match crate::private_fs::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+        {
             Ok(f) => Box::new(std::io::BufWriter::new(f)),
             Err(e) => {
                 eprintln!("leadsync: cannot create {}: {e}", path.display());

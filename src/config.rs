@@ -394,6 +394,10 @@ pub struct LogSettings {
     /// A `tracing` filter, e.g. `info` or `leadsync=debug,info`. `RUST_LOG` overrides it.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// Let email addresses through to the logs (debugging a mapping, say); off by
+    /// default: leadsync masks every address in a log line as `[email]`.
+    #[serde(default)]
+    pub personal_data: bool,
 }
 
 impl Default for LogSettings {
@@ -401,6 +405,7 @@ impl Default for LogSettings {
         Self {
             format: default_log_format(),
             level: default_log_level(),
+            personal_data: false,
         }
     }
 }

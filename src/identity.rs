@@ -121,16 +121,32 @@ pub fn plausible_email(email: &str) -> bool {
 pub fn external_key(key: &CustomerKey, form: ExternalKeyForm) -> String {
     match (form, key) {
         (ExternalKeyForm::Email, CustomerKey::Email(email)) => email.clone(),
-        _ => {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            let digest = Sha256::digest(key.as_string().as_bytes());
-            let mut out = String::with_capacity(23);
-            out.push_str("ls-");
-            for b in digest.iter().take(10) {
-                out.push(char::from(HEX[usize::from(b >> 4)]));
-                out.push(char::from(HEX[usize::from(b & 0xf)]));
-            }
-            out
+        _ => hashed_key(&key.as_string()),
+    }
+}
+
+/// `ls-` + 20 hex digits of SHA-256 of a customer key's text (`email:...`).
+fn hashed_key(key: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(23);
+    out.push_str("ls-");
+    for b in digest.iter().take(10) {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+impl CustomerLead {
+    /// How logs name this customer: the hashed external key (`ls-...`), which holds no
+    /// personal data, whatever `identity.external_key` says (with `"email"` the key
+    /// the CRM sees is the address itself). The same as the CRM's key by default.
+    pub fn log_key(&self) -> String {
+        if self.external_key.starts_with("ls-") {
+            self.external_key.clone()
+        } else {
+            hashed_key(&self.key)
         }
     }
 }

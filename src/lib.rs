@@ -13,6 +13,7 @@ pub mod export;
 pub mod identity;
 pub mod lead;
 pub mod pipeline;
+pub mod private_fs;
 pub mod progress;
 pub mod retry;
 pub mod row;

@@ -684,7 +684,7 @@ impl Pipeline {
                 && !customer.delivered
                 && self.policy.do_not_contact == DoNotContactPolicy::Skip
             {
-                tracing::info!(customer = %customer.lead.external_key, "Do-not-contact customer recorded, not delivered (policy.do_not_contact = \"skip\").");
+                tracing::info!(customer = %customer.lead.log_key(), "Do-not-contact customer recorded, not delivered (policy.do_not_contact = \"skip\").");
                 let before = settlements.len();
                 settle_all(
                     rows,
@@ -757,7 +757,7 @@ impl Pipeline {
                         self.delivered()
                     }
                     Outcome::Rejected { reason } => {
-                        tracing::warn!(%customer, sink = self.sink.name(), %reason, "Sink rejected the lead; kept as a dead letter (leadsync dlq list).");
+                        tracing::warn!(customer = %lead.log_key(), sink = self.sink.name(), %reason, "Sink rejected the lead; kept as a dead letter (leadsync dlq list).");
                         summary.rejected += rows.len() as u64;
                         let settled = Settled::Rejected {
                             reason: format!(
@@ -778,7 +778,7 @@ impl Pipeline {
                         settled
                     }
                     Outcome::FollowedUp { note } => {
-                        tracing::info!(%customer, sink = self.sink.name(), %note, "The CRM record is sales' now; not updated, the people working it were told.");
+                        tracing::info!(customer = %lead.log_key(), sink = self.sink.name(), %note, "The CRM record is sales' now; not updated, the people working it were told.");
                         summary.followed_up += rows.len() as u64;
                         summary.records_sent += 1;
                         resolved.push(customer.clone());

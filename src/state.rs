@@ -422,8 +422,16 @@ impl RedbStore {
             path: path.clone(),
             message,
         };
-        std::fs::create_dir_all(dir)
+        crate::private_fs::create_dir_all(dir)
             .map_err(|e| open_err(format!("cannot create directory: {e}")))?;
+        // redb creates a missing file with the umask's mode: it is created first, 0600
+        // (an empty file is what redb initialises a new database in).
+        crate::private_fs::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| open_err(format!("cannot create the state file: {e}")))?;
+        crate::private_fs::warn_if_shared(&path, "state file");
         // redb's default page cache is 1 GiB, and it keeps what settle writes: RSS would
         // grow with the state file. 4 MiB keeps the process at about 37 MiB from 10k to
         // 100k rows (16 MiB: 45 -> 53 MiB) with no loss of throughput: what falls out of

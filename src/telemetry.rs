@@ -47,9 +47,13 @@ pub fn filter(spec: &str) -> Result<EnvFilter, ParseError> {
     Ok(filter)
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
+/// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`. Unless
+/// `personal_data` (`log.personal_data`), every email address in a log line is
+/// replaced by `[email]` on its way out ([`mask_emails`]): leadsync names customers
+/// by their stable key and rows by their keys, and this catches what a CRM or a
+/// receiver echoes back in an error text.
 /// Returns false when one was already installed (tests call this repeatedly).
-pub fn init(format: LogFormat, level: &str) -> bool {
+pub fn init(format: LogFormat, level: &str, personal_data: bool) -> bool {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|spec| filter(&spec).ok())
@@ -57,7 +61,7 @@ pub fn init(format: LogFormat, level: &str) -> bool {
         .unwrap_or_else(|| filter("info").expect("a valid filter"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(move || Stderr { personal_data });
     match format {
         LogFormat::Text => builder.try_init().is_ok(),
         LogFormat::Json => builder
@@ -69,9 +73,78 @@ pub fn init(format: LogFormat, level: &str) -> bool {
     }
 }
 
+/// Standard error, each formatted event written in one call with its email
+/// addresses masked (unless `personal_data`).
+struct Stderr {
+    personal_data: bool,
+}
+
+impl std::io::Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.personal_data || !buf.contains(&b'@') {
+            return std::io::stderr().write(buf);
+        }
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(mask_emails(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// `text` with every email address (text of address characters on both sides of an
+/// `@`) replaced by `[email]`.
+pub fn mask_emails(text: &str) -> String {
+    let local = |c: char| c.is_alphanumeric() || "._%+-'".contains(c);
+    let domain = |c: char| c.is_alphanumeric() || c == '.' || c == '-';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('@') {
+        let before = &rest[..at];
+        let start = before
+            .char_indices()
+            .rev()
+            .take_while(|(_, c)| local(*c))
+            .last()
+            .map_or(at, |(i, _)| i);
+        let after = &rest[at + 1..];
+        let end = after
+            .char_indices()
+            .find(|(_, c)| !domain(*c))
+            .map_or(after.len(), |(i, _)| i);
+        if start < at && end > 0 {
+            out.push_str(&rest[..start]);
+            out.push_str("[email]");
+            rest = &after[end..];
+        } else {
+            out.push_str(&rest[..=at]);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn email_addresses_are_masked_and_nothing_else() {
+        assert_eq!(
+            mask_emails(
+                r#"customer="email:ana.silva+x@fabrikam.com" reason=Email: bob@ex-ample.co.uk, ok"#
+            ),
+            r#"customer="email:[email]" reason=Email: [email], ok"#
+        );
+        assert_eq!(
+            mask_emails("a @ b, x@, @y, ls-12ab"),
+            "a @ b, x@, @y, ls-12ab"
+        );
+        assert_eq!(mask_emails("customer=ana@x.com"), "customer=[email]");
+        assert_eq!(mask_emails("é@ü.de and a@b"), "[email] and [email]");
+    }
 
     #[test]
     fn the_sdk_crates_are_capped_at_warn_or_at_a_quieter_default() {

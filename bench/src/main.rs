@@ -97,7 +97,11 @@ async fn run() -> ExitCode {
 /// What `leadsync run --once` does, timed from inside, with a machine-readable summary.
 async fn backfill(config: PathBuf) -> anyhow::Result<()> {
     let settings = Settings::load(&config)?;
-    leadsync::telemetry::init(settings.log.format, &settings.log.level);
+    leadsync::telemetry::init(
+        settings.log.format,
+        &settings.log.level,
+        settings.log.personal_data,
+    );
     let started = Instant::now();
     let report = leadsync::run(
         &settings,

@@ -107,7 +107,7 @@ impl JsonlSink {
 fn append(path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::File> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let open = |create: bool| {
-        std::fs::OpenOptions::new()
+        crate::private_fs::options()
             .create(create)
             .read(true)
             .append(true)
@@ -118,7 +118,7 @@ fn append(path: &Path, bytes: &[u8]) -> std::io::Result<std::fs::File> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
             if let Some(parent) = parent {
-                std::fs::create_dir_all(parent)?;
+                crate::private_fs::create_dir_all(parent)?;
             }
             let file = open(true)?;
             sync_dir(parent.unwrap_or(Path::new(".")))?;
