@@ -668,40 +668,41 @@ async fn a_backfill_whose_customers_recur_on_every_page_settles_in_one_run() {
     let (_proxy, settings) =
         FaultProxy::start(&world, Duration::from_millis(150), "page_size = 10\n").await;
     let (customers, rows_per_customer) = (15, 8);
-    let rows: Vec<_> = (0..customers * rows_per_customer)
-        .map(|i| {
-            lead_row(
-                &format!("p{}", i % 3),
-                &format!("r{i:05}"),
-                "AzureMarketplace-INS | contoso.analytics",
-                customer(i % customers),
-            )
-        })
-        .collect();
-    world.insert(&rows).await;
+    // Half of each customer's rows in a wave, every customer on most pages of it.
+    let wave = |w: usize| -> Vec<_> {
+        (0..customers * rows_per_customer / 2)
+            .map(|i| {
+                lead_row(
+                    &format!("p{}", i % 3),
+                    &format!("w{w}-{i:05}"),
+                    "AzureMarketplace-INS | contoso.analytics",
+                    customer(i % customers),
+                )
+            })
+            .collect()
+    };
+    world.insert(&wave(1)).await;
+    let run = || {
+        leadsync::run(
+            &settings,
+            RunOptions { once: true },
+            CancellationToken::new(),
+        )
+    };
 
-    // Act
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    // Act: a backfill of new customers (inserts raced the next page's reads, 409),
+    // then one of customers stored already (updates raced them, 412), then nothing new.
+    let first = run().await.unwrap();
+    world.insert(&wave(2)).await;
+    let more = run().await.unwrap();
+    let second = run().await.unwrap();
 
     // Assert
     assert_eq!(first.last_error, None, "the backfill's poll failed");
-    assert_eq!(first.exit_code(), 0);
-    assert_eq!(first.totals.pages, 12);
+    assert_eq!(more.last_error, None, "the second backfill's poll failed");
+    assert_eq!((first.totals.pages, first.exit_code()), (6, 0));
     assert_eq!(
-        first.totals.delivered,
+        first.totals.delivered + more.totals.delivered,
         (customers * rows_per_customer) as u64
     );
     let latest = world.latest_records();
