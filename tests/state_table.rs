@@ -1012,14 +1012,16 @@ async fn a_daemon_that_dies_holding_the_lease_is_replaced_after_the_lease_expire
 
 /// A proxy in front of Azurite: it forwards every request, holds each entity group
 /// transaction that writes the `customer` partition for `hold` before forwarding it,
-/// and, while `armed`, fails every request (503) once such a transaction has succeeded,
-/// as if the process had died right after it.
+/// and fails every request (503) once `died`, as if the process had died: while
+/// `armed`, right after such a transaction succeeded; while `batches` is above zero,
+/// right after that many more transactions succeeded.
 #[derive(Clone)]
 struct FaultProxy {
     azurite: String,
     client: reqwest::Client,
     hold: Duration,
     armed: Arc<std::sync::atomic::AtomicBool>,
+    batches: Arc<std::sync::atomic::AtomicUsize>,
     died: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -1032,6 +1034,7 @@ impl FaultProxy {
             client: reqwest::Client::new(),
             hold,
             armed: Default::default(),
+            batches: Default::default(),
             died: Default::default(),
         };
         let url = common::serve(
@@ -1102,13 +1105,22 @@ async fn forward(
     if customers && succeeded && proxy.armed.load(SeqCst) {
         proxy.died.store(true, SeqCst);
     }
+    let batch = parts.uri.path().ends_with("$batch");
+    if batch && succeeded && proxy.batches.load(SeqCst) > 0 {
+        // Only this task counts down: one transaction at a time in a settle.
+        if proxy.batches.fetch_sub(1, SeqCst) == 1 {
+            proxy.died.store(true, SeqCst);
+        }
+    }
     response.body(axum::body::Body::from(bytes)).unwrap()
 }
 
-/// Refuses every customer while `refuse` is set, else delivers (into the JSONL file).
+/// Refuses every customer while `refuse` is set (only those whose key contains `only`,
+/// when given), and delivers the others (into the JSONL file).
 struct Refusing {
     inner: Arc<dyn LeadSink>,
     refuse: std::sync::atomic::AtomicBool,
+    only: Option<&'static str>,
 }
 
 #[async_trait::async_trait]
@@ -1117,15 +1129,21 @@ impl LeadSink for Refusing {
         "refusing"
     }
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
-        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
-            return vec![
-                Outcome::Rejected {
-                    reason: "INVALID_FIELD: Company".into()
-                };
-                batch.len()
-            ];
-        }
-        self.inner.deliver(batch).await
+        let refused = |lead: &CustomerLead| {
+            self.refuse.load(std::sync::atomic::Ordering::SeqCst)
+                && self.only.is_none_or(|only| lead.key.contains(only))
+        };
+        let taken: Vec<CustomerLead> = batch.iter().filter(|l| !refused(l)).cloned().collect();
+        let mut delivered = self.inner.deliver(&taken).await.into_iter();
+        batch
+            .iter()
+            .map(|lead| match refused(lead) {
+                true => Outcome::Rejected {
+                    reason: "INVALID_FIELD: Company".into(),
+                },
+                false => delivered.next().expect("one outcome per lead"),
+            })
+            .collect()
     }
     async fn sync(&self) -> Result<(), SinkError> {
         self.inner.sync().await
@@ -1149,6 +1167,7 @@ async fn a_crash_right_after_the_customers_are_written_keeps_a_refused_rows_outc
     let sink = Arc::new(Refusing {
         inner: built.sink.clone(),
         refuse: false.into(),
+        only: None,
     });
     let pipeline = leadsync::pipeline::Pipeline {
         sink: sink.clone(),
@@ -1212,4 +1231,96 @@ async fn a_crash_right_after_the_customers_are_written_keeps_a_refused_rows_outc
         1,
         "nothing delivered since the first lead"
     );
+}
+
+/// Issue 24, every crash point of a settle: a process that dies after any of a settle's
+/// transactions (dead letters, list entries, customers, markers) leaves, after the next
+/// poll, every row of the page with its outcome: the refused row a dead letter and a
+/// `rows rejected` entry, the malformed row a `rows rejected` entry, the test lead a
+/// `rows skipped` entry, the delivered customer in the CRM; and nothing is read as new
+/// again after that.
+#[tokio::test]
+async fn a_crash_after_any_transaction_of_a_settle_leaves_every_rows_outcome_recorded() {
+    use std::sync::atomic::Ordering::SeqCst;
+    // Dead letters, list entries, customers; after the markers the settle is done.
+    for survived in 1..=3 {
+        // Arrange: customer 1 delivered once; then a page with its second lead (refused),
+        // a new customer's lead, a malformed row and a test lead.
+        let world = World::with_backend(Backend::Table).await;
+        let (proxy, settings) = FaultProxy::start(&world, Duration::ZERO, "").await;
+        let built = leadsync::build_pipeline(&settings).unwrap();
+        let sink = Arc::new(Refusing {
+            inner: built.sink.clone(),
+            refuse: false.into(),
+            only: Some("customer1@"),
+        });
+        let pipeline = leadsync::pipeline::Pipeline {
+            sink: sink.clone(),
+            ..built
+        };
+        let cancel = CancellationToken::new();
+        let poll = || pipeline.poll(&cancel);
+        let product = "AzureMarketplace-INS | contoso.analytics";
+        world
+            .insert(&[lead_row("p", "r1", product, customer(1))])
+            .await;
+        poll().await.expect("the first lead is delivered");
+        let mut malformed = lead_row("p", "bad", product, json!({}));
+        malformed.insert("CustomerInfo".into(), json!("{not json"));
+        let test_lead = json!({"FirstName": "MSFT_TEST_636737558587117715", "Email": "MSFT_TEST_636737558587117715@x.com"});
+        world
+            .insert(&[
+                lead_row("p", "r2", "AppSource-PLT | contoso.insights", customer(1)),
+                lead_row("p", "r3", product, customer(2)),
+                malformed,
+                lead_row("p", "test", product, test_lead),
+            ])
+            .await;
+        sink.refuse.store(true, SeqCst);
+        proxy.batches.store(survived, SeqCst);
+        let crashed = poll().await;
+        assert!(crashed.is_err(), "{survived}: the settle died: {crashed:?}");
+        assert!(proxy.died.load(SeqCst), "{survived}: it died mid-settle");
+        proxy.batches.store(0, SeqCst);
+        proxy.died.store(false, SeqCst);
+
+        // Act: the poll after the restart, and one more.
+        let after = poll().await.unwrap();
+        let again = poll().await.unwrap();
+
+        // Assert
+        let state = store(&settings);
+        let letters = state.dead_letters().await.unwrap();
+        assert_eq!(letters.len(), 1, "{survived}: {letters:?}");
+        assert!(letters[0].rows.iter().any(|r| r.id.row_key == "r2"));
+        let listed = |rows: Vec<leadsync::state::RecordedRow>| -> BTreeSet<String> {
+            rows.into_iter().map(|r| r.row.id.row_key).collect()
+        };
+        assert_eq!(
+            listed(state.rejected().await.unwrap()),
+            BTreeSet::from(["bad".to_owned(), "r2".to_owned()]),
+            "{survived}"
+        );
+        assert_eq!(
+            listed(state.skipped().await.unwrap()),
+            BTreeSet::from(["test".to_owned()]),
+            "{survived}"
+        );
+        let customers: Vec<String> = world
+            .delivered()
+            .iter()
+            .map(|r| r["external_key"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            customers.iter().collect::<BTreeSet<_>>().len(),
+            2,
+            "{survived}: customer 1 before, customer 2 now (maybe twice, an upsert): {customers:?}"
+        );
+        assert!(after.checkpoint.is_some());
+        assert_eq!(
+            (again.already_handled, again.records_sent, again.rejected),
+            (5, 0, 0),
+            "{survived}: every row settled"
+        );
+    }
 }
