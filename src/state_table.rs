@@ -1700,6 +1700,34 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_read_that_began_before_a_write_ended_never_replaces_what_the_write_returned() {
+        let head = |n: &str| Some((Etag::from(n), 0));
+        let etag = |known: &Known| known.customers["k"].0.as_ref().map(|(e, _)| e.to_string());
+        let mut known = Known::default();
+        known.read_customer("k", head("read-1"), known.now());
+        known.settle_begins();
+        // The next page's read begins while the settle's write is under way...
+        let began = known.now();
+        known.writes += 1;
+        known.wrote_customer("k", head("written"));
+        // ...and ends after it: the write's ETag stays.
+        known.read_customer("k", head("read-1"), began);
+        assert_eq!(etag(&known).as_deref(), Some("written"));
+        // A read begun after the write replaces it (it saw the write, or a later change).
+        known.read_customer("k", head("read-2"), known.now());
+        assert_eq!(etag(&known).as_deref(), Some("read-2"));
+        // Two settles later, an entry no settle took is forgotten.
+        known.settle_begins();
+        known.settle_begins();
+        assert!(
+            known.customers.contains_key("k"),
+            "learnt in settle 1's time"
+        );
+        known.settle_begins();
+        assert!(known.customers.is_empty());
+    }
+
     #[tokio::test]
     async fn a_record_larger_than_one_transaction_is_refused_by_name_before_any_request() {
         let text = "[source]\ntable = \"Leads\"\nconnection_string = { value = \"DefaultEndpointsProtocol=http;AccountName=a;AccountKey=a2V5;TableEndpoint=http://127.0.0.1:9/a;\" }\n[state]\nbackend = \"table\"\n";
