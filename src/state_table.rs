@@ -31,7 +31,19 @@
 //! from the read that preceded it in the same poll where there is one (so a change by
 //! anyone else in between fails with 412); a new entity is inserted (409 if someone
 //! else wrote it first). Parts are guarded by their record's ETag, in the same
-//! transaction.
+//! transaction. A poll reads page k+1's customers while page k's settle writes them,
+//! so a customer's ETag is the newest of what this store learnt, by read or by its own
+//! write, and a read that began before one of its writes ended never replaces what
+//! that write returned ([`Known`]).
+//!
+//! A settle writes in four steps, each in transactions of its own partition: dead
+//! letters; the list entries of rows not delivered; customers; the rows' handled
+//! markers (and a delivered row's old list entry goes). A crash between two steps
+//! never hides a row's outcome: until its customer is written, a row is read again
+//! and settled again (a re-delivery is an upsert); once its customer's history holds
+//! it (the merge then drops it as already handled), its dead letter and its list
+//! entry are written already. A marker is never written before the customer holding
+//! its row, whose record the next delivery of that customer starts from.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -107,6 +119,79 @@ struct RowState {
     listed: Head,
 }
 
+/// What the store knows of the customers and rows it will write next: the ETags that
+/// guard those writes.
+///
+/// A poll merges page k+1 (reading its customers and rows) while page k's settle
+/// writes, and the pipeline serialises settles: page k+1's settle starts after page
+/// k's ended. So a read may have begun before a write of the same customer ended, and
+/// then knows an ETag that write has made stale. Each customer entry is stamped with
+/// `writes`, the number of customer transactions that had succeeded when it was
+/// learnt: a read replaces an entry only if it began after the entry was learnt; a
+/// successful write always replaces it with the ETag the service returned for it. A
+/// settle takes (removes) the entries of what it writes; what it finds no entry for
+/// it reads just before writing (after the settle before it ended, so never stale).
+/// Rows need no more: one poll reads each row once.
+///
+/// Entries are also stamped with `settles`, the number of settles begun. When settle
+/// k begins, whatever was learnt before settle k-2 began is forgotten: page k's reads
+/// began after settle k-2 ended, page k+1's after settle k-1 ended, and settle k-1's
+/// writes after it began. So the map holds about three pages of entries however long
+/// a poll is, and whatever the rows it re-reads.
+#[derive(Debug, Default)]
+struct Known {
+    /// Customer transactions that succeeded so far.
+    writes: u64,
+    /// Settles begun so far.
+    settles: u64,
+    /// Each customer's head (by customer key), and when it was learnt.
+    customers: HashMap<String, (Head, Stamp)>,
+    /// Each unhandled row's entities (by row key base), and when they were read.
+    rows: HashMap<String, (RowState, Stamp)>,
+}
+
+/// When something was learnt: [`Known::writes`] and [`Known::settles`] then.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    writes: u64,
+    settles: u64,
+}
+
+impl Known {
+    fn now(&self) -> Stamp {
+        Stamp {
+            writes: self.writes,
+            settles: self.settles,
+        }
+    }
+
+    /// Notes a read that began at `began`, unless a write ended after that.
+    fn read_customer(&mut self, key: &str, head: Head, began: Stamp) {
+        match self.customers.get_mut(key) {
+            Some((_, learnt)) if learnt.writes > began.writes => {}
+            Some(known) => *known = (head, began),
+            None => {
+                self.customers.insert(key.to_owned(), (head, began));
+            }
+        }
+    }
+
+    /// Notes a successful write of a customer, which returned `head`.
+    fn wrote_customer(&mut self, key: &str, head: Head) {
+        let now = self.now();
+        self.customers.insert(key.to_owned(), (head, now));
+    }
+
+    /// Starts a settle: forgets what no settle from this one on can need.
+    fn settle_begins(&mut self) {
+        self.settles += 1;
+        let oldest = self.settles.saturating_sub(2);
+        self.customers
+            .retain(|_, (_, learnt)| learnt.settles >= oldest);
+        self.rows.retain(|_, (_, learnt)| learnt.settles >= oldest);
+    }
+}
+
 /// The state store in an Azure table.
 pub struct TableStore {
     table: TableClient,
@@ -116,10 +201,8 @@ pub struct TableStore {
     ready: AtomicBool,
     /// The checkpoint entity as last read or written (`Some(None)`: known absent).
     checkpoint_seen: Mutex<Option<Head>>,
-    /// Row entities read by the last `handled`, used by the next `settle`.
-    rows_seen: Mutex<HashMap<String, RowState>>,
-    /// Customers read by the last `customers`, used by the next `settle`.
-    customers_seen: Mutex<HashMap<String, Head>>,
+    /// The ETags the next settles write with.
+    known: Mutex<Known>,
 }
 
 impl fmt::Debug for TableStore {
@@ -170,6 +253,8 @@ impl Op {
 struct Group {
     label: String,
     ops: Vec<Op>,
+    /// For a customer's record: its key, and the part count written (see [`Known`]).
+    customer: Option<(String, u32)>,
 }
 
 /// A record read back: its JSON and what a guarded write of it needs.
@@ -195,8 +280,7 @@ impl TableStore {
             retry: source.retry.clone(),
             ready: AtomicBool::new(false),
             checkpoint_seen: Mutex::new(None),
-            rows_seen: Mutex::new(HashMap::new()),
-            customers_seen: Mutex::new(HashMap::new()),
+            known: Mutex::new(Known::default()),
         })
     }
 
@@ -529,11 +613,50 @@ impl TableStore {
             }
             text
         };
+        let result = self.transaction_once(operation, pk, &ops, labels).await;
+        // What this store knows of the customers written: the ETags the service returned,
+        // or nothing (a failed or uncertain write leaves them for a read to say).
+        if groups.iter().any(|g| g.customer.is_some()) {
+            let mut known = self.known.lock().expect("not poisoned");
+            match &result {
+                Ok(responses) => {
+                    known.writes += 1;
+                    let mut first = 0;
+                    for group in groups {
+                        if let Some((key, parts)) = &group.customer {
+                            match responses.get(first).cloned().flatten() {
+                                Some(etag) => known.wrote_customer(key, Some((etag, *parts))),
+                                None => {
+                                    known.customers.remove(key);
+                                }
+                            }
+                        }
+                        first += group.ops.len();
+                    }
+                }
+                Err(_) => {
+                    for (key, _) in groups.iter().filter_map(|g| g.customer.as_ref()) {
+                        known.customers.remove(key);
+                    }
+                }
+            }
+        }
+        result.map(|_| ())
+    }
+
+    /// One transaction, its operations' responses in order.
+    async fn transaction_once(
+        &self,
+        operation: &'static str,
+        pk: &'static str,
+        ops: &[&Op],
+        labels: impl Fn() -> String,
+    ) -> Result<Vec<Option<Etag>>, StateError> {
         let client = self.table.partition_key_client(pk);
         let response = self
             .request("a transaction", || async {
                 let mut tx = client.transaction();
-                for op in &ops {
+                for op in ops {
                     tx = match op {
                         Op::Insert(entity) => tx.insert(entity)?,
                         Op::Update { rk, entity, etag } => tx.update(
@@ -560,7 +683,11 @@ impl TableStore {
             .iter()
             .find(|r| !r.status_code.is_success());
         if failed.is_none() && response.operation_responses.len() == ops.len() {
-            return Ok(());
+            return Ok(response
+                .operation_responses
+                .into_iter()
+                .map(|r| r.etag)
+                .collect());
         }
         let why = match failed.map(|r| r.status_code) {
             Some(StatusCode::PreconditionFailed) => {
@@ -649,11 +776,7 @@ impl TableStore {
             .collect()
     }
 
-    async fn settle_customers(
-        &self,
-        customers: &[CustomerState],
-        mut seen: HashMap<String, Head>,
-    ) -> Result<(), StateError> {
+    async fn settle_customers(&self, customers: &[CustomerState]) -> Result<(), StateError> {
         let mut latest: BTreeMap<&str, &CustomerState> = BTreeMap::new();
         for customer in customers {
             latest.insert(&customer.lead.key, customer);
@@ -661,6 +784,14 @@ impl TableStore {
         if latest.is_empty() {
             return Ok(());
         }
+        // What this store knows of them is taken: the writes below replace it.
+        let mut seen: HashMap<&str, Head> = {
+            let mut known = self.known.lock().expect("not poisoned");
+            latest
+                .keys()
+                .filter_map(|k| known.customers.remove(*k).map(|(head, _)| (*k, head)))
+                .collect()
+        };
         let unknown: Vec<String> = latest
             .keys()
             .filter(|k| !seen.contains_key(**k))
@@ -676,9 +807,15 @@ impl TableStore {
             };
             let json = serde_json::to_string(customer).expect("customers serialise to JSON");
             let props = props([("Kind", CUSTOMER), ("Key", key)]);
+            let ops = write_record(CUSTOMER, &rk, props, &json, head);
+            let entities = ops
+                .iter()
+                .filter(|op| !matches!(op, Op::Delete { .. }))
+                .count();
             groups.push(Group {
                 label: format!("customer {key}"),
-                ops: write_record(CUSTOMER, &rk, props, &json, head),
+                ops,
+                customer: Some((key.to_owned(), entities as u32 - 1)),
             });
         }
         self.commit("settle rows", CUSTOMER, groups).await
@@ -729,6 +866,7 @@ impl TableStore {
             groups.push(Group {
                 label: format!("dead letter {id}"),
                 ops,
+                customer: None,
             });
         }
         self.commit("settle rows", DEAD_LETTER, groups).await
@@ -744,19 +882,29 @@ impl TableStore {
         Ok(!entities.is_empty() || next.is_some())
     }
 
-    async fn settle_rows(
+    /// The writes settling the batch's rows: the list entries of the rows not
+    /// delivered, then (each row in one group) the handled markers with the removal of
+    /// a delivered row's old list entry.
+    async fn row_groups(
         &self,
         batch: &SettleBatch,
-        mut states: HashMap<String, RowState>,
-    ) -> Result<(), StateError> {
+    ) -> Result<(Vec<Group>, Vec<Group>), StateError> {
         let now = OffsetDateTime::now_utc();
         let mut latest: BTreeMap<String, &crate::state::Settlement> = BTreeMap::new();
         for s in &batch.rows {
             latest.insert(row_key_base(&s.row.id), s);
         }
         if latest.is_empty() {
-            return Ok(());
+            return Ok((Vec::new(), Vec::new()));
         }
+        // What the reads before knew of them is taken: the writes below replace it.
+        let mut states: HashMap<String, RowState> = {
+            let mut known = self.known.lock().expect("not poisoned");
+            latest
+                .keys()
+                .filter_map(|b| known.rows.remove(b).map(|(state, _)| (b.clone(), state)))
+                .collect()
+        };
         let unknown: BTreeSet<String> = latest
             .keys()
             .filter(|b| !states.contains_key(*b))
@@ -765,7 +913,7 @@ impl TableStore {
         if !unknown.is_empty() {
             states.extend(self.row_states("settle rows", &unknown).await?);
         }
-        let mut groups = Vec::new();
+        let (mut lists, mut markers) = (Vec::new(), Vec::new());
         for (base, s) in latest {
             let state = states.remove(&base).unwrap_or_default();
             let listed_rk = format!("{base}{LISTED_SUFFIX}");
@@ -773,6 +921,7 @@ impl TableStore {
                 ("SourcePartitionKey", s.row.id.partition_key.as_str()),
                 ("SourceRowKey", s.row.id.row_key.as_str()),
             ];
+            let label = format!("row {}", s.row.id);
             // A row's latest version decides which list it is in.
             let mut ops = match list_of(&s.outcome) {
                 Some(list) => {
@@ -785,7 +934,12 @@ impl TableStore {
                     let json = serde_json::to_string(&recorded).expect("rows serialise to JSON");
                     let mut p = props([("Kind", "listed"), ("List", list)]);
                     p.extend(props(source));
-                    write_record(ROW, &listed_rk, p, &json, state.listed)
+                    lists.push(Group {
+                        label: label.clone(),
+                        ops: write_record(ROW, &listed_rk, p, &json, state.listed),
+                        customer: None,
+                    });
+                    Vec::new()
                 }
                 None => match state.listed {
                     Some(head) => delete_record(&listed_rk, head),
@@ -810,12 +964,13 @@ impl TableStore {
                 },
                 None => Op::Insert(marker),
             });
-            groups.push(Group {
-                label: format!("row {}", s.row.id),
+            markers.push(Group {
+                label,
                 ops,
+                customer: None,
             });
         }
-        self.commit("settle rows", ROW, groups).await
+        Ok((lists, markers))
     }
 
     async fn write_checkpoint(&self, t: OffsetDateTime) -> Result<Etag, StateError> {
@@ -995,8 +1150,9 @@ impl StateStore for TableStore {
         self.ready().await?;
         let bases: Vec<String> = rows.iter().map(|r| row_key_base(&r.id)).collect();
         let wanted: BTreeSet<String> = bases.iter().cloned().collect();
-        let states = self.row_states("read handled rows", &wanted).await?;
-        let answer = rows
+        let began = self.known.lock().expect("not poisoned").now();
+        let mut states = self.row_states("read handled rows", &wanted).await?;
+        let answer: Vec<bool> = rows
             .iter()
             .zip(&bases)
             .map(|(row, base)| {
@@ -1006,24 +1162,37 @@ impl StateStore for TableStore {
                     .is_some_and(|(_, etag)| *etag == row.etag)
             })
             .collect();
-        *self.rows_seen.lock().expect("not poisoned") = states;
+        // Only rows to settle are kept for the settle (not a re-read window's handled ones).
+        let mut known = self.known.lock().expect("not poisoned");
+        for (base, done) in bases.into_iter().zip(&answer) {
+            if let (false, Some(state)) = (*done, states.remove(&base)) {
+                known.rows.insert(base, (state, began));
+            }
+        }
         Ok(answer)
     }
 
-    /// Writes customers, then dead letters, then each row's list entry together with
-    /// its handled marker. A crash in between leaves rows not marked handled, which the
-    /// next poll reads and settles again; never a row marked handled without its outcome.
+    /// Writes dead letters, then the list entries of rows not delivered, then
+    /// customers, then the rows' handled markers: not atomic, but a crash between two
+    /// steps never hides a row's outcome (see the module's documentation).
+    /// - Before the customers: a row is neither marked handled nor in its customer's
+    ///   history, so the next poll reads it, merges and delivers it again (an upsert)
+    ///   and settles it again, overwriting its dead letter and list entry.
+    /// - After them: a row in its customer's history is dropped by the merge as already
+    ///   handled, and its outcome is kept already: a refusal's dead letter and the row
+    ///   under `rows rejected`. A row in no customer's history (cannot become a lead, a
+    ///   test lead, unidentifiable) or in an undelivered one's (do-not-contact) is read
+    ///   and settled again.
     async fn settle(&self, batch: &SettleBatch) -> Result<(), StateError> {
-        // What the reads before this settle saw, used once: a later settle reads again.
-        let customers_seen =
-            std::mem::take(&mut *self.customers_seen.lock().expect("not poisoned"));
-        let rows_seen = std::mem::take(&mut *self.rows_seen.lock().expect("not poisoned"));
+        self.known.lock().expect("not poisoned").settle_begins();
         self.ready().await?;
-        self.settle_customers(&batch.customers, customers_seen)
-            .await?;
+        // Read before anything is written: what is not known is read as it stands now.
+        let (lists, markers) = self.row_groups(batch).await?;
         self.settle_dead_letters(&batch.dead_letters, &batch.resolved)
             .await?;
-        self.settle_rows(batch, rows_seen).await
+        self.commit("settle rows", ROW, lists).await?;
+        self.settle_customers(&batch.customers).await?;
+        self.commit("settle rows", ROW, markers).await
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError> {
@@ -1103,6 +1272,7 @@ impl StateStore for TableStore {
 
     async fn customers(&self, keys: &[String]) -> Result<Vec<Option<CustomerState>>, StateError> {
         self.ready().await?;
+        let began = self.known.lock().expect("not poisoned").now();
         let records: Vec<Option<Record>> = futures::stream::iter(keys.to_vec())
             .map(|key| async move {
                 self.read_record("read customers", CUSTOMER, &text_key(&key))
@@ -1131,7 +1301,10 @@ impl StateStore for TableStore {
                 }
             }
         }
-        *self.customers_seen.lock().expect("not poisoned") = seen;
+        let mut known = self.known.lock().expect("not poisoned");
+        for (key, head) in seen {
+            known.read_customer(&key, head, began);
+        }
         Ok(out)
     }
 
@@ -1186,6 +1359,7 @@ impl StateStore for TableStore {
                             rk: rk.to_owned(),
                             etag: Some(Etag::from(etag)),
                         }],
+                        customer: None,
                     });
                 }
             }
@@ -1526,6 +1700,34 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_read_that_began_before_a_write_ended_never_replaces_what_the_write_returned() {
+        let head = |n: &str| Some((Etag::from(n), 0));
+        let etag = |known: &Known| known.customers["k"].0.as_ref().map(|(e, _)| e.to_string());
+        let mut known = Known::default();
+        known.read_customer("k", head("read-1"), known.now());
+        known.settle_begins();
+        // The next page's read begins while the settle's write is under way...
+        let began = known.now();
+        known.writes += 1;
+        known.wrote_customer("k", head("written"));
+        // ...and ends after it: the write's ETag stays.
+        known.read_customer("k", head("read-1"), began);
+        assert_eq!(etag(&known).as_deref(), Some("written"));
+        // A read begun after the write replaces it (it saw the write, or a later change).
+        known.read_customer("k", head("read-2"), known.now());
+        assert_eq!(etag(&known).as_deref(), Some("read-2"));
+        // Two settles later, an entry no settle took is forgotten.
+        known.settle_begins();
+        known.settle_begins();
+        assert!(
+            known.customers.contains_key("k"),
+            "learnt in settle 1's time"
+        );
+        known.settle_begins();
+        assert!(known.customers.is_empty());
+    }
+
     #[tokio::test]
     async fn a_record_larger_than_one_transaction_is_refused_by_name_before_any_request() {
         let text = "[source]\ntable = \"Leads\"\nconnection_string = { value = \"DefaultEndpointsProtocol=http;AccountName=a;AccountKey=a2V5;TableEndpoint=http://127.0.0.1:9/a;\" }\n[state]\nbackend = \"table\"\n";
@@ -1540,6 +1742,7 @@ mod tests {
         let group = Group {
             label: "customer email:big@contoso.com".into(),
             ops: write_record(CUSTOMER, "ab", Map::new(), &json, None),
+            customer: None,
         };
 
         let error = store

@@ -7,14 +7,46 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{customer, lead_row, many_rows, World};
+use common::{customer, lead_row, many_rows, Backend, World};
 use leadsync::pipeline::{Pipeline, PollError};
 use leadsync::row::RowId;
 use leadsync::sink::{CustomerLead, JsonlSink, LeadSink, Outcome, SinkError};
-use leadsync::state::{RedbStore, RowVersion, SettleBatch, Settled, Settlement, StateStore};
+use leadsync::state::{RowVersion, SettleBatch, Settled, Settlement, StateStore};
 use leadsync::{build_pipeline, RunOptions};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+/// Each test named runs twice: `file::<name>` on the file store, `table::<name>` on the
+/// table store (`state.backend = "table"`), against the same Azurite-backed world.
+macro_rules! over_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod file {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::File).await
+            })*
+        }
+        mod table {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Table).await
+            })*
+        }
+    };
+}
+
+over_both_backends!(
+    rows_inserted_between_two_runs_are_delivered_exactly_once_each,
+    more_than_a_thousand_rows_across_partitions_arrive_exactly_once,
+    small_pages_follow_every_continuation_to_the_end,
+    a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivered,
+    a_row_updated_after_delivery_is_handled_again,
+    hostile_and_odd_rows_each_get_their_stated_outcome,
+    the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is_back,
+    leads_the_sink_cannot_make_durable_are_not_committed_and_are_delivered_again,
+    a_customer_on_consecutive_pages_of_one_poll_keeps_every_event,
+    a_customer_seen_again_pages_later_keeps_every_event_and_an_interrupted_poll_keeps_its_pages,
+);
 
 async fn run_once(world: &World) -> leadsync::RunReport {
     let settings = world.settings();
@@ -32,9 +64,8 @@ fn assert_each_once(keys: &[(String, String)]) {
     assert_eq!(unique.len(), keys.len(), "some lead was delivered twice");
 }
 
-#[tokio::test]
-async fn rows_inserted_between_two_runs_are_delivered_exactly_once_each() {
-    let world = World::new().await;
+async fn rows_inserted_between_two_runs_are_delivered_exactly_once_each(backend: Backend) {
+    let world = World::with_backend(backend).await;
     world.insert(&many_rows(5, 2)).await;
 
     let first = run_once(&world).await;
@@ -68,9 +99,8 @@ async fn rows_inserted_between_two_runs_are_delivered_exactly_once_each() {
     assert_eq!(third.exit_code(), 0);
 }
 
-#[tokio::test]
-async fn more_than_a_thousand_rows_across_partitions_arrive_exactly_once() {
-    let world = World::new().await;
+async fn more_than_a_thousand_rows_across_partitions_arrive_exactly_once(backend: Backend) {
+    let world = World::with_backend(backend).await;
     world.insert(&many_rows(1_234, 7)).await;
 
     let report = run_once(&world).await;
@@ -82,9 +112,8 @@ async fn more_than_a_thousand_rows_across_partitions_arrive_exactly_once() {
     assert_each_once(&keys);
 }
 
-#[tokio::test]
-async fn small_pages_follow_every_continuation_to_the_end() {
-    let world = World::new().await;
+async fn small_pages_follow_every_continuation_to_the_end(backend: Backend) {
+    let world = World::with_backend(backend).await;
     world.insert(&many_rows(250, 5)).await;
     let settings = world.settings_with("page_size = 7");
 
@@ -102,11 +131,12 @@ async fn small_pages_follow_every_continuation_to_the_end() {
     assert_each_once(&keys);
 }
 
-#[tokio::test]
-async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivered() {
+async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivered(
+    backend: Backend,
+) {
     // Arrange: `late` is stamped before `seen`, but a previous poll only saw `seen` and
     // moved the checkpoint to its Timestamp, past `late` (the cross-partition race).
-    let world = World::new().await;
+    let world = World::with_backend(backend).await;
     world
         .insert(&[lead_row(
             "pa",
@@ -152,7 +182,7 @@ async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivere
             columns: None,
         }]);
         batch.customers.push(customer);
-        let state = RedbStore::open(&world.state_dir()).unwrap();
+        let state = world.state();
         state.settle(&batch).await.unwrap();
         state.set_checkpoint(seen.timestamp).await.unwrap();
     }
@@ -168,9 +198,8 @@ async fn a_row_that_becomes_visible_after_a_later_row_was_read_is_still_delivere
     );
 }
 
-#[tokio::test]
-async fn a_row_updated_after_delivery_is_handled_again() {
-    let world = World::new().await;
+async fn a_row_updated_after_delivery_is_handled_again(backend: Backend) {
+    let world = World::with_backend(backend).await;
     world
         .insert(&[lead_row(
             "p",
@@ -198,9 +227,8 @@ async fn a_row_updated_after_delivery_is_handled_again() {
     assert_eq!(leads[1]["stage"], "active");
 }
 
-#[tokio::test]
-async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
-    let world = World::new().await;
+async fn hostile_and_odd_rows_each_get_their_stated_outcome(backend: Backend) {
+    let world = World::with_backend(backend).await;
     let long_company = "C".repeat(5_000);
     let hostile = json!({
         "FirstName": "O'Brien \"Bobby\"",
@@ -239,7 +267,7 @@ async fn hostile_and_odd_rows_each_get_their_stated_outcome() {
     assert_eq!(report.totals.delivered, 2);
     assert_eq!(report.exit_code(), 0, "every row is settled");
 
-    let state = RedbStore::open(&world.state_dir()).unwrap();
+    let state = world.state();
     let rejected = state.rejected().await.unwrap();
     assert_eq!(rejected.len(), 1);
     assert_eq!(rejected[0].row.id, RowId::new("p", "malformed"));
@@ -341,9 +369,9 @@ impl LeadSink for FlakySink {
     }
 }
 
-/// A table of 3 new rows, and a pipeline delivering them through a [`FlakySink`].
-async fn flaky_world(up: bool, syncs: bool) -> (World, Arc<FlakySink>, Pipeline) {
-    let world = World::new().await;
+/// A table of 3 new rows, and a pipeline on `backend` delivering them through a [`FlakySink`].
+async fn flaky_world(backend: Backend, up: bool, syncs: bool) -> (World, Arc<FlakySink>, Pipeline) {
+    let world = World::with_backend(backend).await;
     world.insert(&many_rows(3, 1)).await;
     let sink = Arc::new(FlakySink {
         up: AtomicBool::new(up),
@@ -358,9 +386,10 @@ async fn flaky_world(up: bool, syncs: bool) -> (World, Arc<FlakySink>, Pipeline)
     (world, sink, pipeline)
 }
 
-#[tokio::test]
-async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is_back() {
-    let (world, sink, pipeline) = flaky_world(false, true).await;
+async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is_back(
+    backend: Backend,
+) {
+    let (world, sink, pipeline) = flaky_world(backend, false, true).await;
     let cancel = CancellationToken::new();
 
     let down = pipeline.poll(&cancel).await.unwrap();
@@ -388,9 +417,10 @@ async fn the_checkpoint_holds_while_the_sink_is_down_and_leads_arrive_once_it_is
     assert_each_once(&keys);
 }
 
-#[tokio::test]
-async fn leads_the_sink_cannot_make_durable_are_not_committed_and_are_delivered_again() {
-    let (world, sink, pipeline) = flaky_world(true, false).await;
+async fn leads_the_sink_cannot_make_durable_are_not_committed_and_are_delivered_again(
+    backend: Backend,
+) {
+    let (world, sink, pipeline) = flaky_world(backend, true, false).await;
     let cancel = CancellationToken::new();
 
     let failed = pipeline.poll(&cancel).await.unwrap_err();
@@ -510,11 +540,10 @@ impl StateStore for SlowCommits {
     }
 }
 
-#[tokio::test]
-async fn a_customer_on_consecutive_pages_of_one_poll_keeps_every_event() {
+async fn a_customer_on_consecutive_pages_of_one_poll_keeps_every_event(backend: Backend) {
     // Page k+1 is merged while page k is still being committed: the merge must start
     // from page k's record, not from what the store held before it.
-    let world = World::new().await;
+    let world = World::with_backend(backend).await;
     let actions = [
         "AppSource-PLT | a.b",
         "TestDrive-StartTestDrive | a.b",
@@ -561,13 +590,13 @@ async fn a_customer_on_consecutive_pages_of_one_poll_keeps_every_event() {
     }
 }
 
-#[tokio::test]
 async fn a_customer_seen_again_pages_later_keeps_every_event_and_an_interrupted_poll_keeps_its_pages(
+    backend: Backend,
 ) {
     // Customers 0 and 1 on pages 1 and 3, 2 and 3 on page 2 (page_size 2): page 3 is
     // merged while page 1 may still be held uncommitted by the store, with page 2's
     // batch (not page 1's) the one the merge lays over the store's records.
-    let world = World::new().await;
+    let world = World::with_backend(backend).await;
     let plan = [
         (0, "AppSource-PLT | a.b"),
         (1, "AppSource-PLT | a.b"),

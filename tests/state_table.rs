@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{customer, lead_row, World};
+use common::{customer, lead_row, Backend, World};
 use futures::StreamExt;
 use leadsync::config::{IdentitySettings, Settings};
 use leadsync::identity::{CustomerKey, CustomerState};
@@ -655,6 +655,77 @@ async fn the_pipeline_on_the_table_delivers_each_customer_once_across_runs() {
     assert_eq!(raw_partition(&settings, "customer").await.len(), 15);
 }
 
+/// Issue 24: a backfill of many pages whose customers recur on every page. Page k+1's
+/// merge reads its customers while page k's settle writes them; the writes of page k+1
+/// must be guarded by the ETags page k's writes left, not by those of a read that
+/// preceded them (which failed the poll with 412 after every page was delivered). The
+/// proxy holds each customers' transaction a while, so that the next page's reads
+/// always fall before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_whose_customers_recur_on_every_page_settles_in_one_run() {
+    // Arrange
+    let world = World::with_backend(Backend::Table).await;
+    let (_proxy, settings) =
+        FaultProxy::start(&world, Duration::from_millis(150), "page_size = 10\n").await;
+    let (customers, rows_per_customer) = (15, 8);
+    // Half of each customer's rows in a wave, every customer on most pages of it.
+    let wave = |w: usize| -> Vec<_> {
+        (0..customers * rows_per_customer / 2)
+            .map(|i| {
+                lead_row(
+                    &format!("p{}", i % 3),
+                    &format!("w{w}-{i:05}"),
+                    "AzureMarketplace-INS | contoso.analytics",
+                    customer(i % customers),
+                )
+            })
+            .collect()
+    };
+    world.insert(&wave(1)).await;
+    let run = || {
+        leadsync::run(
+            &settings,
+            RunOptions { once: true },
+            CancellationToken::new(),
+        )
+    };
+
+    // Act: a backfill of new customers (inserts raced the next page's reads, 409),
+    // then one of customers stored already (updates raced them, 412), then nothing new.
+    let first = run().await.unwrap();
+    world.insert(&wave(2)).await;
+    let more = run().await.unwrap();
+    let second = run().await.unwrap();
+
+    // Assert
+    assert_eq!(first.last_error, None, "the backfill's poll failed");
+    assert_eq!(more.last_error, None, "the second backfill's poll failed");
+    assert_eq!((first.totals.pages, first.exit_code()), (6, 0));
+    assert_eq!(
+        first.totals.delivered + more.totals.delivered,
+        (customers * rows_per_customer) as u64
+    );
+    let latest = world.latest_records();
+    assert_eq!(latest.len(), customers);
+    for record in latest.values() {
+        assert_eq!(
+            record["history"].as_array().unwrap().len(),
+            rows_per_customer,
+            "every event merged: {record}"
+        );
+    }
+    assert_eq!(second.exit_code(), 0);
+    assert_eq!(second.totals.records_sent, 0, "nothing delivered twice");
+    assert_eq!(
+        second.totals.already_handled,
+        (customers * rows_per_customer) as u64
+    );
+    let stored = store(&settings).all_customers().await.unwrap();
+    assert!(stored
+        .iter()
+        .all(|c| c.delivered && c.lead.history.len() == rows_per_customer));
+}
+
 #[tokio::test]
 async fn the_lease_is_held_by_one_store_until_released_or_expired() {
     // Arrange
@@ -937,4 +1008,319 @@ async fn a_daemon_that_dies_holding_the_lease_is_replaced_after_the_lease_expire
     assert_eq!(crm.by_daemon, [20, 20]);
     assert_eq!(b_report.totals.records_sent, 20);
     assert_eq!(b_report.pending, 0);
+}
+
+/// A proxy in front of Azurite: it forwards every request, holds each entity group
+/// transaction that writes the `customer` partition for `hold` before forwarding it,
+/// and fails every request (503) once `died`, as if the process had died: while
+/// `armed`, right after such a transaction succeeded; while `batches` is above zero,
+/// right after that many more transactions succeeded.
+#[derive(Clone)]
+struct FaultProxy {
+    azurite: String,
+    client: reqwest::Client,
+    hold: Duration,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    batches: Arc<std::sync::atomic::AtomicUsize>,
+    died: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy in front of `world`'s Azurite; returns it with settings that use
+    /// it for everything (the lead table and the state table).
+    async fn start(world: &World, hold: Duration, extra: &str) -> (FaultProxy, Settings) {
+        let proxy = FaultProxy {
+            azurite: format!("http://127.0.0.1:{}", world.azurite.port),
+            client: reqwest::Client::new(),
+            hold,
+            armed: Default::default(),
+            batches: Default::default(),
+            died: Default::default(),
+        };
+        let url = common::serve(
+            axum::Router::new()
+                .fallback(forward)
+                .with_state(proxy.clone()),
+        )
+        .await;
+        let port = url.rsplit(':').next().unwrap();
+        let text = world.toml_with_sink(extra, &jsonl_sink(world)).replace(
+            &format!("127.0.0.1:{}/", world.azurite.port),
+            &format!("127.0.0.1:{port}/"),
+        );
+        let settings = Settings::from_toml_with_env(&text, Path::new("t.toml"), &HashMap::new())
+            .expect("valid settings");
+        (proxy, settings)
+    }
+}
+
+async fn forward(
+    axum::extract::State(proxy): axum::extract::State<FaultProxy>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use std::sync::atomic::Ordering::SeqCst;
+    if proxy.died.load(SeqCst) {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the process died",
+        )
+            .into_response();
+    }
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let text = String::from_utf8_lossy(&body);
+    let customers = parts.uri.path().ends_with("$batch")
+        && (text.contains("PartitionKey='customer'")
+            || text.contains("\"PartitionKey\":\"customer\""));
+    if customers {
+        tokio::time::sleep(proxy.hold).await;
+    }
+    let url = format!(
+        "{}{}",
+        proxy.azurite,
+        parts.uri.path_and_query().map_or("", |p| p.as_str())
+    );
+    let mut forwarded = proxy.client.request(parts.method, url).body(body);
+    for (name, value) in &parts.headers {
+        if !matches!(name.as_str(), "host" | "content-length" | "connection") {
+            forwarded = forwarded.header(name, value);
+        }
+    }
+    let answer = forwarded.send().await.unwrap();
+    let status = answer.status();
+    let mut response = axum::response::Response::builder().status(status);
+    for (name, value) in answer.headers() {
+        if !matches!(
+            name.as_str(),
+            "content-length" | "connection" | "transfer-encoding"
+        ) {
+            response = response.header(name, value);
+        }
+    }
+    let bytes = answer.bytes().await.unwrap();
+    // A transaction answers 202 with each operation's status inside: count it only if
+    // none failed.
+    let succeeded = status.is_success() && !String::from_utf8_lossy(&bytes).contains("HTTP/1.1 4");
+    if customers && succeeded && proxy.armed.load(SeqCst) {
+        proxy.died.store(true, SeqCst);
+    }
+    let batch = parts.uri.path().ends_with("$batch");
+    if batch && succeeded && proxy.batches.load(SeqCst) > 0 {
+        // Only this task counts down: one transaction at a time in a settle.
+        if proxy.batches.fetch_sub(1, SeqCst) == 1 {
+            proxy.died.store(true, SeqCst);
+        }
+    }
+    response.body(axum::body::Body::from(bytes)).unwrap()
+}
+
+/// Refuses every customer while `refuse` is set (only those whose key contains `only`,
+/// when given), and delivers the others (into the JSONL file).
+struct Refusing {
+    inner: Arc<dyn LeadSink>,
+    refuse: std::sync::atomic::AtomicBool,
+    only: Option<&'static str>,
+}
+
+#[async_trait::async_trait]
+impl LeadSink for Refusing {
+    fn name(&self) -> &str {
+        "refusing"
+    }
+    async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
+        let refused = |lead: &CustomerLead| {
+            self.refuse.load(std::sync::atomic::Ordering::SeqCst)
+                && self.only.is_none_or(|only| lead.key.contains(only))
+        };
+        let taken: Vec<CustomerLead> = batch.iter().filter(|l| !refused(l)).cloned().collect();
+        let mut delivered = self.inner.deliver(&taken).await.into_iter();
+        batch
+            .iter()
+            .map(|lead| match refused(lead) {
+                true => Outcome::Rejected {
+                    reason: "INVALID_FIELD: Company".into(),
+                },
+                false => delivered.next().expect("one outcome per lead"),
+            })
+            .collect()
+    }
+    async fn sync(&self) -> Result<(), SinkError> {
+        self.inner.sync().await
+    }
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Issue 24: a settle is several transactions. A process that dies right after the one
+/// writing the customers has put a refused row into its (delivered) customer's history,
+/// where the next poll's merge finds it and drops it as already handled: its dead letter
+/// and its place under `rows rejected` must already be written by then.
+#[tokio::test]
+async fn a_crash_right_after_the_customers_are_written_keeps_a_refused_rows_outcome() {
+    // Arrange: customer 1 delivered once; a second lead of it, which the CRM refuses.
+    use std::sync::atomic::Ordering::SeqCst;
+    let world = World::with_backend(Backend::Table).await;
+    let (proxy, settings) = FaultProxy::start(&world, Duration::ZERO, "").await;
+    let built = leadsync::build_pipeline(&settings).unwrap();
+    let sink = Arc::new(Refusing {
+        inner: built.sink.clone(),
+        refuse: false.into(),
+        only: None,
+    });
+    let pipeline = leadsync::pipeline::Pipeline {
+        sink: sink.clone(),
+        ..built
+    };
+    let cancel = CancellationToken::new();
+    let poll = || pipeline.poll(&cancel);
+    let product = "AzureMarketplace-INS | contoso.analytics";
+    world
+        .insert(&[lead_row("p", "r1", product, customer(1))])
+        .await;
+    poll().await.expect("the first lead is delivered");
+    world
+        .insert(&[lead_row(
+            "p",
+            "r2",
+            "AppSource-PLT | contoso.insights",
+            customer(1),
+        )])
+        .await;
+    sink.refuse.store(true, SeqCst);
+    proxy.armed.store(true, SeqCst);
+    let crashed = poll().await;
+    assert!(crashed.is_err(), "the settle died: {crashed:?}");
+    assert!(
+        proxy.died.load(SeqCst),
+        "it died after the customers' transaction"
+    );
+    proxy.armed.store(false, SeqCst);
+    proxy.died.store(false, SeqCst);
+    let state = store(&settings);
+    let stored = state.all_customers().await.unwrap();
+    assert!(
+        stored[0].lead.history.iter().any(|h| h.row.row_key == "r2"),
+        "the crash fell after the refused row entered its customer's history"
+    );
+
+    // Act: the poll after the restart.
+    let after = poll().await.unwrap();
+
+    // Assert
+    let letters = state.dead_letters().await.unwrap();
+    assert_eq!(
+        letters.len(),
+        1,
+        "the refusal is a dead letter: {letters:?}"
+    );
+    assert!(letters[0].rows.iter().any(|r| r.id.row_key == "r2"));
+    let refused = state.rejected().await.unwrap();
+    assert_eq!(
+        refused
+            .iter()
+            .map(|r| r.row.id.row_key.as_str())
+            .collect::<Vec<_>>(),
+        ["r2"],
+        "the refused row is listed under rows rejected"
+    );
+    assert!(after.checkpoint >= Some(parse("2000-01-01T00:00:00Z").unwrap()));
+    assert_eq!(
+        world.delivered().len(),
+        1,
+        "nothing delivered since the first lead"
+    );
+}
+
+/// Issue 24, every crash point of a settle: a process that dies after any of a settle's
+/// transactions (dead letters, list entries, customers, markers) leaves, after the next
+/// poll, every row of the page with its outcome: the refused row a dead letter and a
+/// `rows rejected` entry, the malformed row a `rows rejected` entry, the test lead a
+/// `rows skipped` entry, the delivered customer in the CRM; and nothing is read as new
+/// again after that.
+#[tokio::test]
+async fn a_crash_after_any_transaction_of_a_settle_leaves_every_rows_outcome_recorded() {
+    use std::sync::atomic::Ordering::SeqCst;
+    // Dead letters, list entries, customers; after the markers the settle is done.
+    for survived in 1..=3 {
+        // Arrange: customer 1 delivered once; then a page with its second lead (refused),
+        // a new customer's lead, a malformed row and a test lead.
+        let world = World::with_backend(Backend::Table).await;
+        let (proxy, settings) = FaultProxy::start(&world, Duration::ZERO, "").await;
+        let built = leadsync::build_pipeline(&settings).unwrap();
+        let sink = Arc::new(Refusing {
+            inner: built.sink.clone(),
+            refuse: false.into(),
+            only: Some("customer1@"),
+        });
+        let pipeline = leadsync::pipeline::Pipeline {
+            sink: sink.clone(),
+            ..built
+        };
+        let cancel = CancellationToken::new();
+        let poll = || pipeline.poll(&cancel);
+        let product = "AzureMarketplace-INS | contoso.analytics";
+        world
+            .insert(&[lead_row("p", "r1", product, customer(1))])
+            .await;
+        poll().await.expect("the first lead is delivered");
+        let mut malformed = lead_row("p", "bad", product, json!({}));
+        malformed.insert("CustomerInfo".into(), json!("{not json"));
+        let test_lead = json!({"FirstName": "MSFT_TEST_636737558587117715", "Email": "MSFT_TEST_636737558587117715@x.com"});
+        world
+            .insert(&[
+                lead_row("p", "r2", "AppSource-PLT | contoso.insights", customer(1)),
+                lead_row("p", "r3", product, customer(2)),
+                malformed,
+                lead_row("p", "test", product, test_lead),
+            ])
+            .await;
+        sink.refuse.store(true, SeqCst);
+        proxy.batches.store(survived, SeqCst);
+        let crashed = poll().await;
+        assert!(crashed.is_err(), "{survived}: the settle died: {crashed:?}");
+        assert!(proxy.died.load(SeqCst), "{survived}: it died mid-settle");
+        proxy.batches.store(0, SeqCst);
+        proxy.died.store(false, SeqCst);
+
+        // Act: the poll after the restart, and one more.
+        let after = poll().await.unwrap();
+        let again = poll().await.unwrap();
+
+        // Assert
+        let state = store(&settings);
+        let letters = state.dead_letters().await.unwrap();
+        assert_eq!(letters.len(), 1, "{survived}: {letters:?}");
+        assert!(letters[0].rows.iter().any(|r| r.id.row_key == "r2"));
+        let listed = |rows: Vec<leadsync::state::RecordedRow>| -> BTreeSet<String> {
+            rows.into_iter().map(|r| r.row.id.row_key).collect()
+        };
+        assert_eq!(
+            listed(state.rejected().await.unwrap()),
+            BTreeSet::from(["bad".to_owned(), "r2".to_owned()]),
+            "{survived}"
+        );
+        assert_eq!(
+            listed(state.skipped().await.unwrap()),
+            BTreeSet::from(["test".to_owned()]),
+            "{survived}"
+        );
+        let customers: Vec<String> = world
+            .delivered()
+            .iter()
+            .map(|r| r["external_key"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            customers.iter().collect::<BTreeSet<_>>().len(),
+            2,
+            "{survived}: customer 1 before, customer 2 now (maybe twice, an upsert): {customers:?}"
+        );
+        assert!(after.checkpoint.is_some());
+        assert_eq!(
+            (again.already_handled, again.records_sent, again.rejected),
+            (5, 0, 0),
+            "{survived}: every row settled"
+        );
+    }
 }

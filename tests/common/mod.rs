@@ -17,21 +17,38 @@ pub fn start_azurite() -> Azurite {
     Azurite::start(Path::new(env!("CARGO_MANIFEST_DIR"))).expect("start Azurite")
 }
 
+/// Where a world's leadsync keeps its state (`state.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The redb file under `state.dir`.
+    File,
+    /// The Azure table `LeadsyncState` in the source's account (Azurite here).
+    Table,
+}
+
 /// A test's world: Azurite, a table, a state dir and a JSONL output file.
 pub struct World {
     pub azurite: Azurite,
     pub dir: tempfile::TempDir,
     pub table: String,
+    /// The state backend every config of this world names.
+    pub backend: Backend,
 }
 
 impl World {
     pub async fn new() -> World {
+        Self::with_backend(Backend::File).await
+    }
+
+    /// A world whose configs keep state in `backend`.
+    pub async fn with_backend(backend: Backend) -> World {
         let azurite = start_azurite();
         let dir = tempfile::tempdir().expect("temp dir");
         let world = World {
             azurite,
             dir,
             table: "MarketplaceLeads".into(),
+            backend,
         };
         world
             .source()
@@ -60,6 +77,11 @@ impl World {
 
     /// As [`World::toml`] with the whole `[sink]` part given (e.g. `[sink]\nkind = "salesforce"\n[sink.salesforce]\n...`).
     pub fn toml_with_sink(&self, extra: &str, sink: &str) -> String {
+        let backend = match self.backend {
+            Backend::File => "",
+            // The shortest lease allowed: a killed process's lease ends soon.
+            Backend::Table => "backend = \"table\"\nlease_ttl = \"5s\"\n",
+        };
         format!(
             r#"
 [source]
@@ -70,7 +92,7 @@ retry = {{ max_attempts = 3, initial_backoff = "50ms", max_backoff = "200ms" }}
 request_timeout = "10s"
 {extra}
 [state]
-dir = "{state}"
+{backend}dir = "{state}"
 
 [run]
 poll_interval = "200ms"
@@ -112,6 +134,12 @@ poll_interval = "200ms"
         let path = self.dir.path().join("leadsync.toml");
         std::fs::write(&path, self.toml(source_extra)).expect("write config");
         path
+    }
+
+    /// The state store this world's configs name (the file store locks its file:
+    /// drop it before running leadsync again).
+    pub fn state(&self) -> std::sync::Arc<dyn leadsync::state::StateStore> {
+        leadsync::open_state(&self.settings()).expect("open the state store")
     }
 
     pub fn source(&self) -> TableSource {
