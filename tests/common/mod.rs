@@ -26,7 +26,17 @@ pub struct World {
 
 impl World {
     pub async fn new() -> World {
-        let azurite = start_azurite();
+        Self::on(start_azurite()).await
+    }
+
+    /// A world whose storage service's clock is `offset_ms` ahead of this host's
+    /// (negative: behind); see `Azurite::start_with_clock_offset`.
+    pub async fn with_clock_offset(offset_ms: i64) -> World {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        Self::on(Azurite::start_with_clock_offset(root, offset_ms).expect("start Azurite")).await
+    }
+
+    async fn on(azurite: Azurite) -> World {
         let dir = tempfile::tempdir().expect("temp dir");
         let world = World {
             azurite,
