@@ -451,7 +451,9 @@ impl RedbStore {
             .create_with_file_format_v3(true)
             .create(&path)
             .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked { path: path.clone() },
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    StateError::Locked { path: path.clone() }
+                }
                 other => open_err(other.to_string()),
             })?;
         // A few commits, once; a no-op for a v3 file. leadsync keeps no savepoints.

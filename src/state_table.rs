@@ -890,9 +890,7 @@ impl TableStore {
             .partition_key_client(LEASE)
             .entity_client(LEASE_ROW);
         let result = self
-            .request(&what, || async {
-                client.get::<Map<String, Value>>().await
-            })
+            .request(&what, || async { client.get::<Map<String, Value>>().await })
             .await;
         match result {
             Ok(response) => {

@@ -675,7 +675,8 @@ async fn the_lease_is_held_by_one_store_until_released_or_expired() {
         .await
         .unwrap();
     let while_short_lease_runs = one.acquire_lease("one", ttl).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The service's Date tells its time to the second (`LEASE_CLOCK_RESOLUTION`).
+    tokio::time::sleep(Duration::from_millis(1600)).await;
     let after_expiry = one.acquire_lease("one", ttl).await.unwrap();
 
     // Assert
@@ -765,7 +766,10 @@ async fn a_lease_ended_by_the_services_clock_is_taken_though_the_local_clock_say
     assert_eq!(owner, "mine");
     let service_now = local_now + Duration::from_millis(HOUR_MS as u64);
     let late = (until - (service_now + ttl)).abs();
-    assert!(late < Duration::from_secs(5), "until {until}, service now {service_now}");
+    assert!(
+        late < Duration::from_secs(5),
+        "until {until}, service now {service_now}"
+    );
 }
 
 #[tokio::test]
@@ -792,7 +796,10 @@ async fn a_lease_running_by_the_services_clock_is_held_though_the_local_clock_sa
         matches!(&mine, Lease::HeldBy { owner, until: u } if owner == "other" && *u == until),
         "{mine:?}"
     );
-    assert!(matches!(&still, Lease::HeldBy { owner, .. } if owner == "other"), "{still:?}");
+    assert!(
+        matches!(&still, Lease::HeldBy { owner, .. } if owner == "other"),
+        "{still:?}"
+    );
 }
 
 /// A sink that freezes the storage service on its first delivery, and lets it answer
@@ -844,7 +851,14 @@ async fn a_holder_that_cannot_renew_its_lease_in_time_stops_before_it_may_expire
     // clock, when another process could have taken it over.
     let world = World::new().await;
     let rows: Vec<_> = (0..30)
-        .map(|i| lead_row("p", &format!("r{i:03}"), "AzureMarketplace-INS | contoso.analytics", customer(i)))
+        .map(|i| {
+            lead_row(
+                "p",
+                &format!("r{i:03}"),
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(i),
+            )
+        })
         .collect();
     world.insert(&rows).await;
     let text = table_toml(&world, &jsonl_sink(&world))
@@ -880,7 +894,10 @@ async fn a_holder_that_cannot_renew_its_lease_in_time_stops_before_it_may_expire
         Some("processing lease lost"),
         "{report:?}"
     );
-    assert_eq!(delivered, 5, "only the page delivered before the service hung");
+    assert_eq!(
+        delivered, 5,
+        "only the page delivered before the service hung"
+    );
 }
 
 #[tokio::test]
