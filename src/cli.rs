@@ -12,6 +12,11 @@ use crate::state::RecordedRow;
 
 /// Exit code when leadsync cannot start (config, state file, credentials).
 pub const EXIT_START_FAILED: u8 = 1;
+/// Exit code when another leadsync holds the processing lease (table backend) or the
+/// state file (file backend), so this one did no work: `run --once`, `replay`, `dlq`
+/// and the other commands that open the state. Not a failure of the work: the holder
+/// is doing it.
+pub const EXIT_LEASE_HELD: u8 = 4;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,7 +45,8 @@ pub enum LogFormatArg {
 pub enum Command {
     /// Poll the table and deliver leads until SIGTERM/SIGINT.
     Run {
-        /// Drain what is new once and exit: 0 all settled, 2 leads pending, 3 the poll failed.
+        /// Drain what is new once and exit: 0 all settled, 2 leads pending, 3 the poll failed,
+        /// 4 another leadsync holds the processing lease (nothing done).
         #[arg(long)]
         once: bool,
     },
@@ -176,6 +182,10 @@ async fn run(settings: &Settings, once: bool) -> ExitCode {
     tokio::spawn(watch_signals(cancel.clone(), grace));
     match crate::run(settings, crate::RunOptions { once }, cancel).await {
         Ok(report) => {
+            if let (true, Some((holder, until))) = (once, &report.lease_holder) {
+                eprintln!("leadsync: {}", lease_held(holder, *until));
+                return ExitCode::from(EXIT_LEASE_HELD);
+            }
             let code = report.exit_code();
             if once {
                 eprintln!(
@@ -199,7 +209,50 @@ async fn run(settings: &Settings, once: bool) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "leadsync cannot start.");
             eprintln!("leadsync: {e}");
-            ExitCode::from(EXIT_START_FAILED)
+            ExitCode::from(start_failed(&e))
+        }
+    }
+}
+
+/// The one-line reason a command did nothing because another leadsync holds the lease.
+fn lease_held(holder: &str, until: time::OffsetDateTime) -> String {
+    format!(
+        "another leadsync holds the processing lease ({holder}, until {} by the storage service's clock); nothing done, exit {EXIT_LEASE_HELD}",
+        crate::timestamp::format(until)
+    )
+}
+
+/// [`EXIT_LEASE_HELD`] when the state file is locked by another leadsync, else [`EXIT_START_FAILED`].
+fn start_failed(e: &crate::StartError) -> u8 {
+    match e {
+        crate::StartError::State(e) => state_failed(e),
+        _ => EXIT_START_FAILED,
+    }
+}
+
+fn state_failed(e: &crate::state::StateError) -> u8 {
+    match e {
+        crate::state::StateError::Locked { .. } => EXIT_LEASE_HELD,
+        _ => EXIT_START_FAILED,
+    }
+}
+
+/// Takes the processing lease for a command beside the daemon; `Err`: the exit code,
+/// with the reason printed (held by another leadsync, or the store failed).
+async fn take_lease(
+    settings: &Settings,
+    pipeline: &crate::pipeline::Pipeline,
+) -> Result<crate::LeaseHold, ExitCode> {
+    match crate::LeaseHold::take(pipeline.state.clone(), settings.state.lease_ttl).await {
+        Ok(crate::Holding::Held(hold)) => Ok(hold),
+        Ok(crate::Holding::HeldBy { owner, until }) => {
+            tracing::info!(holder = %owner, until = %crate::timestamp::format(until), "Another leadsync holds the processing lease; not starting.");
+            eprintln!("leadsync: {}", lease_held(&owner, until));
+            Err(ExitCode::from(EXIT_LEASE_HELD))
+        }
+        Err(e) => {
+            eprintln!("leadsync: {e}");
+            Err(ExitCode::from(EXIT_START_FAILED))
         }
     }
 }
@@ -230,7 +283,7 @@ async fn list_rows(settings: &Settings, which: RowsArg) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("leadsync: {e}");
-            return ExitCode::from(EXIT_START_FAILED);
+            return ExitCode::from(state_failed(&e));
         }
     };
     let rows: Result<Vec<RecordedRow>, _> = match which {
@@ -266,7 +319,7 @@ async fn export(
         Ok(s) => s,
         Err(e) => {
             eprintln!("leadsync: {e}");
-            return ExitCode::from(EXIT_START_FAILED);
+            return ExitCode::from(state_failed(&e));
         }
     };
     let mut out: Box<dyn std::io::Write> = match &output {
@@ -303,7 +356,7 @@ async fn export(
 fn pipeline_or_exit(settings: &Settings) -> Result<crate::pipeline::Pipeline, ExitCode> {
     crate::build_pipeline(settings).map_err(|e| {
         eprintln!("leadsync: {e}");
-        ExitCode::from(EXIT_START_FAILED)
+        ExitCode::from(start_failed(&e))
     })
 }
 
@@ -312,6 +365,27 @@ async fn dlq(settings: &Settings, action: DlqAction) -> ExitCode {
         Ok(p) => p,
         Err(code) => return code,
     };
+    // Retry and drop write the state, so they hold the processing lease like the daemon.
+    if matches!(action, DlqAction::List { .. }) {
+        return dlq_action(&pipeline, action).await;
+    }
+    let hold = match take_lease(settings, &pipeline).await {
+        Ok(hold) => hold,
+        Err(code) => return code,
+    };
+    let code = tokio::select! {
+        code = dlq_action(&pipeline, action) => code,
+        // Stopped like a crash: what was not settled stays a dead letter, retried next time.
+        () = hold.lost.cancelled() => {
+            eprintln!("leadsync: the processing lease was lost or could not be renewed in time; stopped (unsettled dead letters stay for the next retry)");
+            ExitCode::from(3)
+        }
+    };
+    hold.release().await;
+    code
+}
+
+async fn dlq_action(pipeline: &crate::pipeline::Pipeline, action: DlqAction) -> ExitCode {
     let result = match action {
         DlqAction::List { json } => pipeline
             .state
@@ -406,7 +480,14 @@ async fn replay(settings: &Settings, since: time::OffsetDateTime, resend: bool) 
         ignore_handled: true,
         resend,
     };
-    match pipeline.poll_with(mode, &CancellationToken::new()).await {
+    let hold = match take_lease(settings, &pipeline).await {
+        Ok(hold) => hold,
+        Err(code) => return code,
+    };
+    let result = pipeline.poll_with(mode, &hold.lost).await;
+    let lost = hold.lost.is_cancelled();
+    hold.release().await;
+    match result {
         Ok(summary) => {
             crate::pipeline::log_summary(&summary);
             eprintln!(
@@ -414,6 +495,10 @@ async fn replay(settings: &Settings, since: time::OffsetDateTime, resend: bool) 
                 summary.rows_read, summary.records_sent, summary.unchanged, summary.pending
             );
             ExitCode::from(if summary.pending > 0 { 2 } else { 0 })
+        }
+        Err(PollError::Interrupted { pages }) if lost => {
+            eprintln!("leadsync: replay stopped after {pages} pages: the processing lease was lost or could not be renewed in time; run it again");
+            ExitCode::from(3)
         }
         Err(e) => {
             eprintln!("leadsync: replay failed: {e}");

@@ -26,6 +26,7 @@ pub mod telemetry;
 pub mod timestamp;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +34,7 @@ use crate::config::{Settings, SinkKind, StateBackend};
 use crate::pipeline::{log_summary, Pipeline, PollError, PollMode, PollSummary};
 use crate::sink::{DynamicsSink, JsonlSink, LeadSink, SalesforceSink, SinkError, WebhookSink};
 use crate::source::{SourceError, TableSource};
-use crate::state::{Lease, RedbStore, StateError, StateStore};
+use crate::state::{Lease, RedbStore, StateError, StateStore, LEASE_CLOCK_RESOLUTION};
 
 /// How `run` behaves.
 #[derive(Debug, Clone, Copy, Default)]
@@ -64,6 +65,8 @@ pub struct RunReport {
     pub last_error: Option<String>,
     /// The last attempt found another process holding the processing lease.
     pub lease_busy: bool,
+    /// Who held it then, and until when by the storage service's clock.
+    pub lease_holder: Option<(String, time::OffsetDateTime)>,
 }
 
 impl RunReport {
@@ -168,33 +171,124 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Renews the lease every third of its lifetime; cancels `poll` when it is lost, or
-/// when it could not be renewed for two thirds of its lifetime (it may expire before
-/// the next try, and another process may take over).
+/// How long before the lease may expire its holder stops processing: time for a poll
+/// to stop between pages once it is told to.
+fn stop_margin(ttl: Duration) -> Duration {
+    ttl / 6
+}
+
+/// Keeps the lease renewed, every third of `ttl`. `expires` is when the lease may end
+/// at the earliest, as last confirmed: `ttl - LEASE_CLOCK_RESOLUTION` after the start
+/// of the call that took or renewed it, measured on the monotonic clock (the store
+/// judges expiry by the storage service's clock, never by the local wall clock).
+/// Cancels `poll` when the lease was taken over, or when it was not renewed by
+/// `expires - stop_margin`: a renewal still under way then (a storage service that
+/// hangs, retries) is abandoned, so the holder stops before another process can take
+/// the lease over, never after.
 async fn renew_lease(
     state: Arc<dyn StateStore>,
     owner: String,
-    ttl: std::time::Duration,
+    ttl: Duration,
+    mut expires: Instant,
     poll: CancellationToken,
 ) {
-    let mut renewed = std::time::Instant::now();
+    let stop_at = |expires: Instant| {
+        expires
+            .checked_sub(stop_margin(ttl))
+            .unwrap_or_else(Instant::now)
+    };
+    let mut next = Instant::now() + ttl / 3;
     loop {
-        tokio::time::sleep(ttl / 3).await;
-        match state.acquire_lease(&owner, ttl).await {
-            Ok(Lease::Held) => renewed = std::time::Instant::now(),
-            Ok(Lease::HeldBy { owner: holder, .. }) => {
+        tokio::time::sleep_until(next.min(stop_at(expires)).into()).await;
+        let asked = Instant::now();
+        let deadline = stop_at(expires);
+        let outcome = if asked >= deadline {
+            None
+        } else {
+            tokio::time::timeout_at(deadline.into(), state.acquire_lease(&owner, ttl))
+                .await
+                .ok()
+        };
+        match outcome {
+            Some(Ok(Lease::Held)) => {
+                expires = asked + ttl.saturating_sub(LEASE_CLOCK_RESOLUTION);
+                next = asked + ttl / 3;
+            }
+            Some(Ok(Lease::HeldBy { owner: holder, .. })) => {
                 tracing::warn!(%holder, "Processing lease taken over by another leadsync; stopping this poll.");
                 poll.cancel();
                 return;
             }
-            Err(e) if renewed.elapsed() >= ttl * 2 / 3 => {
-                tracing::warn!(error = %e, "Cannot renew the processing lease before it may expire; stopping this poll.");
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "Cannot renew the processing lease; trying again.");
+                next = Instant::now() + ttl / 10;
+            }
+            None => {
+                tracing::warn!(
+                    ttl = %humantime::format_duration(ttl),
+                    "Cannot renew the processing lease before it may expire; stopping this poll."
+                );
                 poll.cancel();
                 return;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot renew the processing lease; trying again.")
+        }
+    }
+}
+
+/// The processing lease, held by this process for a command beside the daemon
+/// (`replay`, `dlq retry`, `dlq drop`) and kept renewed while the command runs.
+pub struct LeaseHold {
+    state: Arc<dyn StateStore>,
+    owner: String,
+    /// Cancelled when the lease was lost, or may expire before it can be renewed: the
+    /// command stops working then.
+    pub lost: CancellationToken,
+    renewer: AbortOnDrop<()>,
+}
+
+/// What [`LeaseHold::take`] found.
+pub enum Holding {
+    Held(LeaseHold),
+    /// Another process holds the lease until `until` (storage service time).
+    HeldBy {
+        owner: String,
+        until: time::OffsetDateTime,
+    },
+}
+
+impl LeaseHold {
+    /// Takes the processing lease for this process, as the daemon does before a poll,
+    /// and keeps it renewed until [`LeaseHold::release`]. The file store's lock is held
+    /// by opening the store, so there this always holds.
+    pub async fn take(state: Arc<dyn StateStore>, ttl: Duration) -> Result<Holding, StateError> {
+        let owner = lease_owner();
+        let asked = Instant::now();
+        match state.acquire_lease(&owner, ttl).await? {
+            Lease::HeldBy { owner, until } => Ok(Holding::HeldBy { owner, until }),
+            Lease::Held => {
+                let lost = CancellationToken::new();
+                let renewer = AbortOnDrop(tokio::spawn(renew_lease(
+                    state.clone(),
+                    owner.clone(),
+                    ttl,
+                    asked + ttl.saturating_sub(LEASE_CLOCK_RESOLUTION),
+                    lost.clone(),
+                )));
+                Ok(Holding::Held(LeaseHold {
+                    state,
+                    owner,
+                    lost,
+                    renewer,
+                }))
             }
+        }
+    }
+
+    /// Stops renewing and gives the lease up (if that fails, it expires by itself).
+    pub async fn release(self) {
+        self.renewer.0.abort();
+        if let Err(e) = self.state.release_lease(&self.owner).await {
+            tracing::warn!(error = %e, "Cannot release the processing lease; it expires by itself.");
         }
     }
 }
@@ -247,6 +341,7 @@ pub async fn run_pipeline(
             _ = interval.tick() => {}
             _ = cancel.cancelled() => break,
         }
+        let asked = Instant::now();
         match pipeline.state.acquire_lease(&owner, ttl).await {
             Ok(Lease::Held) => {}
             Ok(Lease::HeldBy {
@@ -255,6 +350,7 @@ pub async fn run_pipeline(
             }) => {
                 tracing::info!(%holder, until = %timestamp::format(until), "Another leadsync holds the processing lease; not polling.");
                 report.lease_busy = true;
+                report.lease_holder = Some((holder, until));
                 if options.once {
                     break;
                 }
@@ -270,6 +366,7 @@ pub async fn run_pipeline(
             }
         }
         report.lease_busy = false;
+        report.lease_holder = None;
         report.polls += 1;
         // The lease is renewed while the poll runs; losing it stops the poll between pages.
         let poll_cancel = cancel.child_token();
@@ -277,6 +374,7 @@ pub async fn run_pipeline(
             pipeline.state.clone(),
             owner.clone(),
             ttl,
+            asked + ttl.saturating_sub(LEASE_CLOCK_RESOLUTION),
             poll_cancel.clone(),
         )));
         metrics.set_polling(true);

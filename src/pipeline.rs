@@ -331,6 +331,11 @@ impl Pipeline {
                     previous.await.map_err(joined)??;
                 }
                 let t2 = Instant::now();
+                // Told to stop while this page was read (shutdown, or a processing lease
+                // that may expire before it is renewed): nothing more goes to the sink.
+                if cancel.is_cancelled() {
+                    return Err(PollError::Interrupted { pages: pages - 1 });
+                }
                 let (mut batch, settled, open) = self.deliver_all(merged, summary).await;
                 let t3 = Instant::now();
                 // The store may commit this page with the next ones (`StateStore::commit_held`);

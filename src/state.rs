@@ -24,6 +24,10 @@ pub enum StateError {
     /// The state file could not be opened (missing directory permissions, or another process has it).
     #[error("cannot open state file {path}: {message}")]
     Open { path: PathBuf, message: String },
+    /// The state file is held by another leadsync process (a daemon, or a command
+    /// such as `replay`): the file backend's counterpart of a held processing lease.
+    #[error("a leadsync daemon or command is running on this state directory (state file {path} is locked by another leadsync process); try again when it has stopped")]
+    Locked { path: PathBuf },
     /// A read or write of the state failed.
     #[error("state {operation} failed: {message}")]
     Io {
@@ -84,6 +88,12 @@ pub struct DeadLetter {
     /// Times the sink refused it (retries through `dlq retry` included).
     pub attempts: u32,
 }
+
+/// How finely a store's lease clock tells time: a lease taken or renewed by a call of
+/// [`StateStore::acquire_lease`] with `ttl` that began at instant `t` lasts at least
+/// until `t + ttl - LEASE_CLOCK_RESOLUTION` (its expiry is judged by the storage
+/// service's clock, which an HTTP `Date` header tells to the second).
+pub const LEASE_CLOCK_RESOLUTION: Duration = Duration::from_secs(1);
 
 /// Who may process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +263,9 @@ pub trait StateStore: Send + Sync {
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError>;
     /// Takes or renews the processing lease for `owner`, so two leadsync processes
     /// never process at once. The file store's exclusive file lock already ensures it.
+    /// A lease this returns `Held` for lasts at least `ttl - LEASE_CLOCK_RESOLUTION`
+    /// from when the call began, measured at the storage service's pace; expiry never
+    /// depends on the local wall clock.
     async fn acquire_lease(&self, _owner: &str, _ttl: Duration) -> Result<Lease, StateError> {
         Ok(Lease::Held)
     }
@@ -447,7 +460,7 @@ impl RedbStore {
             .create(&path)
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => {
-                    open_err("another leadsync process is using this state directory".into())
+                    StateError::Locked { path: path.clone() }
                 }
                 other => open_err(other.to_string()),
             })?;

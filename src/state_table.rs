@@ -264,6 +264,15 @@ struct Record {
     parts: u32,
 }
 
+/// The lease entity as read: holder, expiry (`None`: unreadable), ETag, and the
+/// service's time when it answered.
+struct LeaseEntity {
+    owner: String,
+    until: Option<OffsetDateTime>,
+    etag: Etag,
+    service_now: OffsetDateTime,
+}
+
 /// A page of a query and where the next one starts.
 type QueryPage = (Vec<Map<String, Value>>, Option<(String, Option<String>)>);
 
@@ -1027,21 +1036,30 @@ impl TableStore {
         })
     }
 
-    /// The lease entity: holder, expiry and ETag (`None`: no lease yet).
-    async fn read_lease(
-        &self,
-        operation: &'static str,
-    ) -> Result<Option<(String, Option<OffsetDateTime>, Etag)>, StateError> {
+    /// The lease entity as the service has it (`None`: no lease yet), with the
+    /// service's own time of the read: the `Date` of its answer.
+    async fn read_lease(&self, operation: &'static str) -> Result<Option<LeaseEntity>, StateError> {
         let what = format!("entity ({LEASE}, {LEASE_ROW})");
-        Ok(self
-            .get(LEASE, LEASE_ROW, None)
-            .await
-            .map_err(|e| self.io(operation, &what, &e))?
-            .map(|(entity, etag)| {
-                let owner = str_of(&entity, "Owner").unwrap_or_default().to_owned();
-                let until = str_of(&entity, "Until").and_then(|u| timestamp::parse(u).ok());
-                (owner, until, etag)
-            }))
+        let client = self
+            .table
+            .partition_key_client(LEASE)
+            .entity_client(LEASE_ROW);
+        let result = self
+            .request(&what, || async { client.get::<Map<String, Value>>().await })
+            .await;
+        match result {
+            Ok(response) => {
+                let entity = response.entity;
+                Ok(Some(LeaseEntity {
+                    owner: str_of(&entity, "Owner").unwrap_or_default().to_owned(),
+                    until: str_of(&entity, "Until").and_then(|u| timestamp::parse(u).ok()),
+                    etag: response.etag,
+                    service_now: response.common_storage_response_headers.date,
+                }))
+            }
+            Err(e) if is_missing_entity(&e) => Ok(None),
+            Err(e) => Err(self.io(operation, &what, &e)),
+        }
     }
 
     /// Writes the lease for `owner` until `until`: insert when `etag` is `None`,
@@ -1210,41 +1228,48 @@ impl StateStore for TableStore {
         Ok(letters)
     }
 
+    /// Expiry is judged by the service's clock alone: the lease is free when its `Until`
+    /// is not after the `Date` of the read that found it, and a new `Until` is that
+    /// `Date` plus `ttl`. The `Date` is the service's time truncated to the second, so
+    /// the lease written lasts at least `ttl - 1s` from when this call began, by any
+    /// clock that runs at the service's pace ([`crate::state::LEASE_CLOCK_RESOLUTION`]).
     async fn acquire_lease(&self, owner: &str, ttl: Duration) -> Result<Lease, StateError> {
         const OPERATION: &str = "take the processing lease";
         self.ready().await?;
         // A lost race is read again: the winner is then reported, or its lease has already ended.
-        for _ in 0..3 {
-            let now = OffsetDateTime::now_utc();
-            let until = now + ttl;
-            let (holder, expires, etag) = match self.read_lease(OPERATION).await? {
-                None => {
-                    if self.write_lease(OPERATION, owner, until, None).await? {
-                        return Ok(Lease::Held);
-                    }
-                    continue;
-                }
-                Some(lease) => lease,
+        for _ in 0..4 {
+            let Some(lease) = self.read_lease(OPERATION).await? else {
+                // No lease yet, so no service time to write one with: write an ended
+                // one (a lost race is fine), and take it over on the next round.
+                self.write_lease(OPERATION, "", OffsetDateTime::UNIX_EPOCH, None)
+                    .await?;
+                continue;
             };
-            let expired = expires.is_none_or(|e| e <= now);
-            if holder != owner && !expired {
+            let now = lease.service_now;
+            let expired = lease.until.is_none_or(|until| until <= now);
+            if lease.owner != owner && !expired {
                 return Ok(Lease::HeldBy {
-                    owner: holder,
-                    until: expires.expect("not expired, so readable"),
+                    owner: lease.owner,
+                    until: lease.until.expect("not expired, so readable"),
                 });
             }
             if self
-                .write_lease(OPERATION, owner, until, Some(etag))
+                .write_lease(OPERATION, owner, now + ttl, Some(lease.etag))
                 .await?
             {
-                if holder != owner && !holder.is_empty() {
-                    tracing::info!(previous = %holder, "Took over an expired processing lease.");
+                if lease.owner != owner && !lease.owner.is_empty() {
+                    tracing::info!(previous = %lease.owner, "Took over an expired processing lease.");
                 }
                 return Ok(Lease::Held);
             }
         }
         match self.read_lease(OPERATION).await? {
-            Some((holder, Some(until), _)) if holder != owner => {
+            Some(LeaseEntity {
+                owner: holder,
+                until: Some(until),
+                service_now,
+                ..
+            }) if holder != owner && until > service_now => {
                 Ok(Lease::HeldBy { owner: holder, until })
             }
             _ => Err(StateError::Io {
@@ -1260,11 +1285,12 @@ impl StateStore for TableStore {
     async fn release_lease(&self, owner: &str) -> Result<(), StateError> {
         const OPERATION: &str = "release the processing lease";
         self.ready().await?;
-        let now = OffsetDateTime::now_utc();
-        if let Some((holder, until, etag)) = self.read_lease(OPERATION).await? {
-            if holder == owner && until.is_some_and(|u| u > now) {
+        if let Some(lease) = self.read_lease(OPERATION).await? {
+            let now = lease.service_now;
+            if lease.owner == owner && lease.until.is_some_and(|u| u > now) {
                 // Ok(false): another process took it over meanwhile; nothing to give up.
-                self.write_lease(OPERATION, owner, now, Some(etag)).await?;
+                self.write_lease(OPERATION, owner, now, Some(lease.etag))
+                    .await?;
             }
         }
         Ok(())

@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{many_rows, World};
-use leadsync::state::{RedbStore, StateStore};
+use leadsync::config::Settings;
+use leadsync::state::{Lease, RedbStore, StateStore};
 
 fn leadsync() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadsync"));
@@ -130,6 +131,136 @@ async fn run_once_exits_nonzero_when_the_table_cannot_be_read() {
         stderr.contains("MissingLeads does not exist"),
         "stderr:\n{stderr}"
     );
+}
+
+/// A config file with the table state backend.
+fn table_config(world: &World) -> std::path::PathBuf {
+    let config = world.config_file("");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[state]\n", "[state]\nbackend = \"table\"\n");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// Takes the processing lease in the configured state table, as another leadsync would.
+async fn hold_lease(config: &std::path::Path, owner: &str) -> std::sync::Arc<dyn StateStore> {
+    let settings = Settings::load(config).unwrap();
+    let store = leadsync::state_table::open(&settings.source, &settings.state).unwrap();
+    let lease = store
+        .acquire_lease(owner, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(lease, Lease::Held);
+    store
+}
+
+fn leadsync_with(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = leadsync()
+        .args(["--config"])
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const HOLDER: &str = "other-host:4242:c0ffee00";
+const REPLAY: &[&str] = &["replay", "--since", "2000-01-01T00:00:00Z"];
+const DLQ_RETRY: &[&str] = &["dlq", "retry", "--all"];
+
+#[tokio::test]
+async fn run_once_exits_4_naming_the_holder_when_another_leadsync_holds_the_lease() {
+    // Arrange
+    let world = World::new().await;
+    world.insert(&many_rows(3, 1)).await;
+    let config = table_config(&world);
+    let _holder = hold_lease(&config, HOLDER).await;
+
+    // Act
+    let (code, stderr) = leadsync_with(&config, &["run", "--once"]);
+
+    // Assert
+    assert_eq!(code, Some(4), "stderr:\n{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("leadsync: ")
+            && last.contains("processing lease")
+            && last.contains(HOLDER),
+        "a one-line reason naming the holder, last: {last}\nstderr:\n{stderr}"
+    );
+    assert!(world.delivered().is_empty(), "nothing was processed");
+}
+
+#[tokio::test]
+async fn replay_and_dlq_retry_take_the_lease_and_refuse_while_another_leadsync_holds_it() {
+    // Arrange
+    let world = World::new().await;
+    world.insert(&many_rows(3, 1)).await;
+    let config = table_config(&world);
+    let holder = hold_lease(&config, HOLDER).await;
+
+    // Act
+    let (replay_code, replay_err) = leadsync_with(&config, REPLAY);
+    let (retry_code, retry_err) = leadsync_with(&config, DLQ_RETRY);
+    let delivered_while_held = world.delivered().len();
+    holder.release_lease(HOLDER).await.unwrap();
+    let (free_code, free_err) = leadsync_with(&config, REPLAY);
+    let after = holder.acquire_lease("next", Duration::from_secs(60)).await;
+
+    // Assert
+    assert_eq!(replay_code, Some(4), "stderr:\n{replay_err}");
+    assert!(replay_err.contains(HOLDER), "stderr:\n{replay_err}");
+    assert_eq!(retry_code, Some(4), "stderr:\n{retry_err}");
+    assert!(retry_err.contains(HOLDER), "stderr:\n{retry_err}");
+    assert_eq!(delivered_while_held, 0, "a refused command did nothing");
+    assert_eq!(free_code, Some(0), "stderr:\n{free_err}");
+    assert_eq!(world.delivered().len(), 3);
+    assert_eq!(
+        after.unwrap(),
+        Lease::Held,
+        "replay gave the lease up when it finished"
+    );
+}
+
+#[tokio::test]
+async fn replay_and_dlq_retry_exit_4_with_a_clear_message_while_a_daemon_holds_the_state_file() {
+    // Arrange: a daemon on the file backend.
+    let world = World::new().await;
+    world.insert(&many_rows(3, 1)).await;
+    let config = world.config_file("");
+    let mut daemon = leadsync()
+        .args(["--config"])
+        .arg(&config)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("3 delivered leads", Duration::from_secs(30), || {
+        world.delivered().len() == 3
+    });
+
+    // Act
+    let (replay_code, replay_err) = leadsync_with(&config, REPLAY);
+    let (retry_code, retry_err) = leadsync_with(&config, DLQ_RETRY);
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    let _ = daemon.wait();
+
+    // Assert
+    for (code, stderr) in [(replay_code, replay_err), (retry_code, retry_err)] {
+        assert_eq!(code, Some(4), "stderr:\n{stderr}");
+        assert!(
+            stderr.contains("a leadsync daemon or command is running on this state directory"),
+            "stderr:\n{stderr}"
+        );
+    }
+    assert_eq!(world.delivered().len(), 3, "nothing sent twice");
 }
 
 #[test]

@@ -746,7 +746,8 @@ async fn the_lease_is_held_by_one_store_until_released_or_expired() {
         .await
         .unwrap();
     let while_short_lease_runs = one.acquire_lease("one", ttl).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The service's Date tells its time to the second (`LEASE_CLOCK_RESOLUTION`).
+    tokio::time::sleep(Duration::from_millis(1600)).await;
     let after_expiry = one.acquire_lease("one", ttl).await.unwrap();
 
     // Assert
@@ -789,6 +790,214 @@ async fn of_many_stores_racing_for_the_lease_exactly_one_gets_it() {
             assert_eq!(owner, &format!("racer-{winner}"));
         }
     }
+}
+
+/// Writes the lease entity as another process would have, with the given `Until`.
+async fn write_lease_as(settings: &Settings, owner: &str, until: time::OffsetDateTime) {
+    // Creates the state table.
+    store(settings).checkpoint().await.unwrap();
+    let service = leadsync::source::service_client(&settings.source).unwrap();
+    let entity = json!({
+        "PartitionKey": "lease",
+        "RowKey": "processor",
+        "Owner": owner,
+        "Until": leadsync::timestamp::format(until),
+    });
+    service
+        .table_client(STATE_TABLE)
+        .insert::<_, Map<String, Value>>(&entity)
+        .unwrap()
+        .await
+        .expect("write the lease entity");
+}
+
+const HOUR_MS: i64 = 3_600_000;
+
+#[tokio::test]
+async fn a_lease_ended_by_the_services_clock_is_taken_though_the_local_clock_says_it_runs() {
+    // Arrange: the storage service's clock is an hour ahead of this host's; another
+    // process's lease ends in ten minutes by this host's clock, 50 minutes ago by the
+    // service's.
+    let world = World::with_clock_offset(HOUR_MS).await;
+    let settings = table_settings(&world);
+    let local_now = time::OffsetDateTime::now_utc();
+    write_lease_as(&settings, "other", local_now + Duration::from_secs(600)).await;
+    let ttl = Duration::from_secs(30);
+
+    // Act
+    let mine = store(&settings).acquire_lease("mine", ttl).await.unwrap();
+    let theirs = store(&settings).acquire_lease("other", ttl).await.unwrap();
+
+    // Assert
+    assert_eq!(mine, Lease::Held);
+    // The new lease runs until the service's now + ttl, not the local one's.
+    let Lease::HeldBy { owner, until } = theirs else {
+        panic!("{theirs:?}")
+    };
+    assert_eq!(owner, "mine");
+    let service_now = local_now + Duration::from_millis(HOUR_MS as u64);
+    let late = (until - (service_now + ttl)).abs();
+    assert!(
+        late < Duration::from_secs(5),
+        "until {until}, service now {service_now}"
+    );
+}
+
+#[tokio::test]
+async fn a_lease_running_by_the_services_clock_is_held_though_the_local_clock_says_it_ended() {
+    // Arrange: the storage service's clock is an hour behind this host's; another
+    // process's lease ended ten minutes ago by this host's clock, and runs 50 more
+    // minutes by the service's.
+    let world = World::with_clock_offset(-HOUR_MS).await;
+    let settings = table_settings(&world);
+    let until = (time::OffsetDateTime::now_utc() - Duration::from_secs(600))
+        .replace_nanosecond(0)
+        .unwrap();
+    write_lease_as(&settings, "other", until).await;
+    let (one, two) = (store(&settings), store(&settings));
+    let ttl = Duration::from_secs(30);
+
+    // Act
+    let mine = one.acquire_lease("mine", ttl).await.unwrap();
+    one.release_lease("mine").await.unwrap();
+    let still = two.acquire_lease("two", ttl).await.unwrap();
+
+    // Assert
+    assert!(
+        matches!(&mine, Lease::HeldBy { owner, until: u } if owner == "other" && *u == until),
+        "{mine:?}"
+    );
+    assert!(
+        matches!(&still, Lease::HeldBy { owner, .. } if owner == "other"),
+        "{still:?}"
+    );
+}
+
+/// A sink that freezes the storage service on its first delivery, and lets it answer
+/// again `frozen_for` later (from a thread of its own: the test's runtime is the
+/// daemon's).
+struct FreezingSink {
+    azurite_pid: u32,
+    frozen_for: Duration,
+    delivered: Mutex<usize>,
+}
+
+#[async_trait::async_trait]
+impl LeadSink for FreezingSink {
+    fn name(&self) -> &str {
+        "freezing"
+    }
+
+    async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
+        let mut delivered = self.delivered.lock().unwrap();
+        if *delivered == 0 {
+            let pid = self.azurite_pid.to_string();
+            std::process::Command::new("kill")
+                .args(["-STOP", &pid])
+                .status()
+                .unwrap();
+            let frozen_for = self.frozen_for;
+            std::thread::spawn(move || {
+                std::thread::sleep(frozen_for);
+                std::process::Command::new("kill")
+                    .args(["-CONT", &pid])
+                    .status()
+                    .unwrap();
+            });
+        }
+        *delivered += batch.len();
+        vec![Outcome::Delivered; batch.len()]
+    }
+
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_holder_that_cannot_renew_its_lease_in_time_stops_before_it_may_expire() {
+    // Arrange: 30 leads, 5 per page; the lease lasts 5s. The storage service hangs
+    // (does not refuse) from the first delivery on, for longer than the lease lasts:
+    // a renewal sent then gets no answer until the lease has expired by the service's
+    // clock, when another process could have taken it over.
+    let world = World::new().await;
+    let rows: Vec<_> = (0..30)
+        .map(|i| {
+            lead_row(
+                "p",
+                &format!("r{i:03}"),
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(i),
+            )
+        })
+        .collect();
+    world.insert(&rows).await;
+    let text = table_toml(&world, &jsonl_sink(&world))
+        .replace("overlap = \"10m\"", "overlap = \"10m\"\npage_size = 5");
+    let settings =
+        Settings::from_toml_with_env(&text, Path::new("test.toml"), &HashMap::new()).unwrap();
+    let sink = Arc::new(FreezingSink {
+        azurite_pid: world.azurite.pid(),
+        frozen_for: Duration::from_secs(8),
+        delivered: Mutex::new(0),
+    });
+    let built = leadsync::build_pipeline(&settings).unwrap();
+    let pipeline = leadsync::pipeline::Pipeline {
+        sink: sink.clone(),
+        ..built
+    };
+
+    // Act
+    let report = leadsync::run_pipeline(
+        &pipeline,
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+
+    // Assert: the poll was stopped (the renewal was given up before the lease could
+    // expire), so it did not go on delivering pages once the service answered again.
+    let delivered = *sink.delivered.lock().unwrap();
+    assert_eq!(
+        report.last_error.as_deref(),
+        Some("processing lease lost"),
+        "{report:?}"
+    );
+    assert_eq!(
+        delivered, 5,
+        "only the page delivered before the service hung"
+    );
+}
+
+#[tokio::test]
+async fn a_lease_hold_stops_before_its_lease_may_expire_when_the_service_hangs() {
+    // Arrange
+    let world = World::new().await;
+    let settings = table_settings(&world);
+    let ttl = settings.state.lease_ttl;
+    let asked = Instant::now();
+    let leadsync::Holding::Held(hold) = leadsync::LeaseHold::take(store(&settings), ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("the lease is free")
+    };
+
+    // Act: the service stops answering (requests hang until request_timeout, 10s).
+    world.azurite.pause();
+    let stopped = tokio::time::timeout(ttl * 4, hold.lost.cancelled()).await;
+    let after = asked.elapsed();
+    world.azurite.resume();
+
+    // Assert: stopped, and before the lease could end (ttl - 1s of the Date's resolution).
+    assert!(stopped.is_ok(), "still holding after {after:?}");
+    assert!(
+        after < ttl - Duration::from_secs(1),
+        "stopped {after:?} after taking a {ttl:?} lease"
+    );
+    hold.release().await;
 }
 
 /// What the daemons' sinks saw, shared like one CRM.

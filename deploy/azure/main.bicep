@@ -47,7 +47,7 @@ param cronExpression string = '*/5 * * * *'
 @description('Maximum seconds one execution may run before it is stopped.')
 param replicaTimeout int = 1800
 
-@description('Retries of a failed execution (exit code other than 0). leadsync exits 2 when leads are still pending at the CRM and 3 when the poll failed: a retry is safe either way.')
+@description('Retries of a failed execution (exit code other than 0). leadsync exits 2 when leads are still pending at the CRM, 3 when the poll failed (or lost the processing lease), and 4 when another execution holds the processing lease and this one did nothing (not a failure of the work; judged by the storage account clock): a retry is safe in every case.')
 param replicaRetryLimit int = 1
 
 @description('vCPU of the container (string, e.g. "0.25").')

@@ -60,6 +60,8 @@ pub struct Azurite {
     script: PathBuf,
     options: Options,
     data: tempfile::TempDir,
+    /// Milliseconds the emulator's clock is ahead of the host's (negative: behind).
+    clock_offset_ms: i64,
 }
 
 impl Azurite {
@@ -71,6 +73,19 @@ impl Azurite {
     /// Starts `tools/azurite` of the repository at `root` on a free port (three tries,
     /// in case another process takes the port first).
     pub fn start_with(root: &Path, options: Options) -> anyhow::Result<Azurite> {
+        Self::start_inner(root, options, 0)
+    }
+
+    /// As [`Azurite::start`], with the emulator's clock `offset_ms` milliseconds ahead of
+    /// the host's (negative: behind), as a storage service's clock may differ from the
+    /// client's: its `Date` headers and the `Timestamp`s it stamps entities with are
+    /// shifted (`testkit/clock-offset.js`, preloaded into Node). Only the clock moves;
+    /// the service is the same real emulator.
+    pub fn start_with_clock_offset(root: &Path, offset_ms: i64) -> anyhow::Result<Azurite> {
+        Self::start_inner(root, Options::default(), offset_ms)
+    }
+
+    fn start_inner(root: &Path, options: Options, clock_offset_ms: i64) -> anyhow::Result<Azurite> {
         let script = root.join("tools/azurite/node_modules/azurite/dist/src/table/main.js");
         if !script.exists() {
             bail!(
@@ -81,7 +96,7 @@ impl Azurite {
         let data = tempfile::tempdir().context("temp dir for Azurite's data")?;
         for _ in 0..3 {
             let port = free_port()?;
-            let mut child = spawn(&script, port, data.path(), &options)?;
+            let mut child = spawn(&script, port, data.path(), &options, clock_offset_ms)?;
             if wait_listening(port, &mut child) {
                 return Ok(Azurite {
                     child,
@@ -89,6 +104,7 @@ impl Azurite {
                     script,
                     options,
                     data,
+                    clock_offset_ms,
                 });
             }
             let _ = child.kill();
@@ -127,12 +143,34 @@ impl Azurite {
         let _ = self.child.wait();
     }
 
+    /// Freezes the service (SIGSTOP): connections are still accepted by the kernel, but
+    /// no request is answered until [`Azurite::resume`], like a storage service that
+    /// hangs rather than refuses.
+    pub fn pause(&self) {
+        let _ = Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Lets a paused service answer again (SIGCONT).
+    pub fn resume(&self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+    }
+
     /// Starts the service again on the same port with the same data (the port may take
     /// a moment to be free again: up to 50 tries).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
         for _ in 0..50 {
-            let mut child = spawn(&self.script, self.port, self.data.path(), &self.options)?;
+            let mut child = spawn(
+                &self.script,
+                self.port,
+                self.data.path(),
+                &self.options,
+                self.clock_offset_ms,
+            )?;
             if wait_listening(self.port, &mut child) {
                 self.child = child;
                 return Ok(());
@@ -152,8 +190,21 @@ impl Drop for Azurite {
     }
 }
 
-fn spawn(script: &Path, port: u16, data: &Path, options: &Options) -> anyhow::Result<Child> {
+fn spawn(
+    script: &Path,
+    port: u16,
+    data: &Path,
+    options: &Options,
+    clock_offset_ms: i64,
+) -> anyhow::Result<Child> {
     let mut command = Command::new("node");
+    if clock_offset_ms != 0 {
+        let preload = Path::new(env!("CARGO_MANIFEST_DIR")).join("clock-offset.js");
+        command
+            .arg("--require")
+            .arg(preload)
+            .env("LEADSYNC_TEST_CLOCK_OFFSET_MS", clock_offset_ms.to_string());
+    }
     if let Some(mib) = options.max_heap_mib {
         command.arg(format!("--max-old-space-size={mib}"));
     }

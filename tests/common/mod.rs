@@ -42,7 +42,18 @@ impl World {
 
     /// A world whose configs keep state in `backend`.
     pub async fn with_backend(backend: Backend) -> World {
-        let azurite = start_azurite();
+        Self::on(start_azurite(), backend).await
+    }
+
+    /// A world whose storage service's clock is `offset_ms` ahead of this host's
+    /// (negative: behind); see `Azurite::start_with_clock_offset`.
+    pub async fn with_clock_offset(offset_ms: i64) -> World {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let azurite = Azurite::start_with_clock_offset(root, offset_ms).expect("start Azurite");
+        Self::on(azurite, Backend::File).await
+    }
+
+    async fn on(azurite: Azurite, backend: Backend) -> World {
         let dir = tempfile::tempdir().expect("temp dir");
         let world = World {
             azurite,
