@@ -145,6 +145,7 @@ pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
         identity: settings.identity.clone(),
         overlap: settings.source.overlap,
         batch_size: settings.sink.batch_size(),
+        window_pages: crate::pipeline::WINDOW_PAGES,
         follow_up_warning: settings.run.follow_up_warning,
         memory: Default::default(),
     })

@@ -105,6 +105,9 @@ pub struct Pipeline {
     pub identity: IdentitySettings,
     pub overlap: Duration,
     pub batch_size: usize,
+    /// Pages merged before their customers go to the sink (see [`Window`]): a customer
+    /// whose rows span them is sent once. [`WINDOW_PAGES`] unless a test says.
+    pub window_pages: u32,
     /// A lead still undelivered this long after its table Timestamp is logged as overdue.
     pub follow_up_warning: Duration,
     /// What the pipeline remembers between polls of one process.
@@ -217,6 +220,137 @@ struct Delivery {
     rows: Vec<RowVersion>,
 }
 
+/// Pages merged into the delivery window before a flush: at most this many (the
+/// default of [`Pipeline::window_pages`]). A 10,000-row backfill (ten pages) is one
+/// window.
+pub const WINDOW_PAGES: u32 = 16;
+/// ... and at most about this many bytes of customer records (estimated).
+const WINDOW_BYTES: usize = 4 << 20;
+
+/// What a customer record in the window is estimated to take in memory.
+fn record_bytes(customer: &CustomerState) -> usize {
+    1024 + 256 * customer.lead.history.len()
+}
+
+/// The delivery window of a poll: the merged pages whose customers have not gone to
+/// the sink yet. A customer whose rows span its pages is merged once with all of them
+/// and sent once, at the flush, instead of once per page. The window is flushed (its
+/// customers delivered, then its outcomes committed) when it holds
+/// [`WINDOW_PAGES`] pages or [`WINDOW_BYTES`] of customer records, and at the poll's
+/// last page; at its edge a customer whose rows fall on both sides is sent once per
+/// window. Nothing of it is committed before its flush, so a crash or a stop before
+/// then costs re-reading these pages, never a lead.
+#[derive(Default)]
+struct Window {
+    settlements: Vec<Settlement>,
+    entries: Vec<Windowed>,
+    /// Customer key -> its entry.
+    index: std::collections::HashMap<String, usize>,
+    newest_settled: Option<OffsetDateTime>,
+    pages: u32,
+    bytes: usize,
+}
+
+/// A customer of the window: to deliver, or to store without a delivery (do-not-contact).
+enum Windowed {
+    Deliver(Delivery),
+    Store(CustomerState),
+}
+
+impl Windowed {
+    fn customer(&self) -> &CustomerState {
+        match self {
+            Windowed::Deliver(d) => &d.customer,
+            Windowed::Store(c) => c,
+        }
+    }
+}
+
+impl Window {
+    /// The window's record of `key`, newer than the store's and the committing batch's.
+    fn customer(&self, key: &str) -> Option<&CustomerState> {
+        self.index.get(key).map(|&i| self.entries[i].customer())
+    }
+
+    fn full(&self, pages: u32) -> bool {
+        self.pages >= pages.max(1) || self.bytes >= WINDOW_BYTES
+    }
+
+    /// Adds a merged page. A customer already in the window is replaced by its newer
+    /// record (merged from the window's), keeping the rows both carry.
+    fn absorb(&mut self, merged: Merged, summary: &mut PollSummary) {
+        self.pages += 1;
+        self.newest_settled = self.newest_settled.max(merged.newest_settled);
+        self.settlements.extend(merged.settlements);
+        for delivery in merged.deliveries {
+            let key = delivery.customer.lead.key.clone();
+            self.bytes += record_bytes(&delivery.customer);
+            match self.index.get(&key) {
+                Some(&i) => {
+                    let old = std::mem::replace(&mut self.entries[i], Windowed::Deliver(delivery));
+                    self.bytes = self.bytes.saturating_sub(record_bytes(old.customer()));
+                    if let (Windowed::Deliver(old), Windowed::Deliver(new)) =
+                        (old, &mut self.entries[i])
+                    {
+                        let mut rows = old.rows;
+                        rows.append(&mut new.rows);
+                        new.rows = rows;
+                    }
+                }
+                None => {
+                    self.index.insert(key, self.entries.len());
+                    self.entries.push(Windowed::Deliver(delivery));
+                }
+            }
+        }
+        for customer in merged.to_store {
+            let key = customer.lead.key.clone();
+            self.bytes += record_bytes(&customer);
+            match self.index.get(&key) {
+                Some(&i) => {
+                    let old = std::mem::replace(&mut self.entries[i], Windowed::Store(customer));
+                    self.bytes = self.bytes.saturating_sub(record_bytes(old.customer()));
+                    // Not delivered yet, and do-not-contact now: its earlier rows are
+                    // skipped by the same policy.
+                    if let Windowed::Deliver(old) = old {
+                        summary.skipped += old.rows.len() as u64;
+                        settle_all(
+                            old.rows.into_iter(),
+                            Settled::Skipped {
+                                policy: "do_not_contact".into(),
+                            },
+                            &mut self.settlements,
+                        );
+                    }
+                }
+                None => {
+                    self.index.insert(key, self.entries.len());
+                    self.entries.push(Windowed::Store(customer));
+                }
+            }
+        }
+    }
+
+    /// Empties the window into one merged batch.
+    fn take(&mut self) -> Merged {
+        let window = std::mem::take(self);
+        let mut to_store = Vec::new();
+        let mut deliveries = Vec::with_capacity(window.entries.len());
+        for entry in window.entries {
+            match entry {
+                Windowed::Deliver(d) => deliveries.push(d),
+                Windowed::Store(c) => to_store.push(c),
+            }
+        }
+        Merged {
+            settlements: window.settlements,
+            to_store,
+            deliveries,
+            newest_settled: window.newest_settled,
+        }
+    }
+}
+
 impl Pipeline {
     /// Reads the whole window once and settles what it can.
     pub async fn poll(&self, cancel: &CancellationToken) -> Result<PollSummary, PollError> {
@@ -253,13 +387,16 @@ impl Pipeline {
         // page's answer. See the checkpoint below.
         let mut began: Option<OffsetDateTime> = None;
         // Each page is fetched in its own task while the one before is processed, and
-        // each page's settle (the state commit) runs in its own task while the next page
-        // is normalised and merged (reading the customers being committed from the batch
-        // itself): the table's latency and the commit overlap the work, on another core
-        // when there is one. A page is delivered only after the page before it is
-        // committed. At most three pages are in memory (fetching, working, committing),
-        // and the customer records of the pages whose commit the store holds (a few MiB
-        // at most, `StateStore::commit_held`).
+        // merged into the delivery window (`Window`): a customer whose rows span the
+        // window's pages is sent once. A full window (or the last page) is flushed: its
+        // customers are delivered, then its settle (the state commit) runs in its own
+        // task while the next pages are normalised and merged (reading the customers
+        // being committed from the batch itself): the table's latency and the commit
+        // overlap the work, on another core when there is one. A window is delivered
+        // only after the one before it is committed. In memory: two pages' rows
+        // (fetching, working), the window's customer records (`WINDOW_BYTES` at most),
+        // the committing batch, and the records of batches the store holds
+        // (`StateStore::commit_held`).
         // A page's task says where the next page starts as soon as the service's answer
         // is in, before it builds the rows from the answer's JSON and normalises them, so
         // the next page's request is already out while that work is done: the table
@@ -290,8 +427,9 @@ impl Pipeline {
                 task: AbortOnDrop(tokio::spawn(task)),
             }
         };
-        // The last page's batch and the task committing it.
+        // The last flush's batch and the task committing it.
         let mut settling: Option<Settling> = None;
+        let mut window = Window::default();
         // Whether pages follow the ones being settled: ended as soon as the last page's
         // answer is in, so that the page before it commits instead of holding its
         // outcomes for the last page's commit.
@@ -324,9 +462,31 @@ impl Pipeline {
                 let t0 = Instant::now();
                 let prepared = self.prepare(rows, events, malformed, mode, summary).await?;
                 let committing = settling.as_ref().map(|(batch, _)| batch.as_ref());
-                let merged = self.merge(prepared, committing, mode, summary).await?;
+                let merged = self
+                    .merge(prepared, committing, &window, mode, summary)
+                    .await?;
+                window.absorb(merged, summary);
                 let t1 = Instant::now();
-                // Nothing of this page reaches the sink before the last page is committed.
+                if prefetch.is_some() && !window.full(self.window_pages) {
+                    tracing::debug!(
+                        page = pages,
+                        wait_table_ms = ms(wait_table),
+                        wait_response_ms = ms(wait_response),
+                        prepare_merge_ms = ms(t1 - t0),
+                        window_pages = window.pages,
+                        window_customers = window.entries.len(),
+                        "Page merged into the delivery window."
+                    );
+                    fetching = prefetch.expect("checked");
+                    if cancel.is_cancelled() {
+                        return Err(PollError::Interrupted {
+                            pages: summary.pages,
+                        });
+                    }
+                    continue;
+                }
+                let merged = window.take();
+                // Nothing of this window reaches the sink before the last one is committed.
                 if let Some((_, previous)) = settling.take() {
                     previous.await.map_err(joined)??;
                 }
@@ -390,6 +550,7 @@ impl Pipeline {
                 // Where a page's time goes: says whether the table (waiting for the page),
                 // the state or the work (merge and sink) limits a backfill.
                 tracing::debug!(
+                    flush = true,
                     page = pages,
                     wait_table_ms = ms(wait_table),
                     wait_response_ms = ms(wait_response),
@@ -629,6 +790,7 @@ impl Pipeline {
         &self,
         prepared: Prepared,
         committing: Option<&SettleBatch>,
+        window: &Window,
         mode: PollMode,
         summary: &mut PollSummary,
     ) -> Result<Merged, PollError> {
@@ -651,11 +813,21 @@ impl Pipeline {
                 }
             }
         }
+        // Customers of the delivery window are newer still: merged, not yet sent.
+        let mut windowed = vec![false; keys.len()];
+        for ((key, stored), windowed) in keys.iter().zip(stored.iter_mut()).zip(&mut windowed) {
+            if let Some(c) = window.customer(key) {
+                *stored = Some(c.clone());
+                *windowed = true;
+            }
+        }
         let mut to_store = Vec::new();
         // A page's customers are almost all delivered: their records (a kilobyte each)
         // are not copied again and again as the vector grows.
         let mut deliveries = Vec::with_capacity(by_customer.len());
-        for ((key, mut items), stored) in by_customer.into_iter().zip(stored) {
+        for (((key, mut items), stored), windowed) in
+            by_customer.into_iter().zip(stored).zip(windowed)
+        {
             let mut customer = stored.unwrap_or_else(|| CustomerState::new(&key, &self.identity));
             if customer.delivered && !mode.ignore_handled {
                 // Rows read again (the overlap window, or after a crash) whose version the
@@ -676,7 +848,7 @@ impl Pipeline {
             }
             let changed = customer.apply(items.iter().map(|(_, e)| e), &self.identity);
             let rows = items.into_iter().map(|(v, _)| v);
-            if customer.delivered && !changed && !mode.resend {
+            if customer.delivered && !changed && !mode.resend && !windowed {
                 // A replay of events already merged and delivered: nothing to send.
                 let before = settlements.len();
                 settle_all(rows, self.delivered(), &mut settlements);

@@ -414,8 +414,10 @@ async fn a_failed_run_once_reports_what_it_delivered_before_the_failure() {
         delivered: AtomicU64::new(0),
     });
     let built = build_pipeline(&settings).unwrap();
+    // A delivery window of one page: each page is delivered and synced on its own.
     let pipeline = leadsync::pipeline::Pipeline {
         sink: sink.clone(),
+        window_pages: 1,
         ..built
     };
     let report = leadsync::run_pipeline(

@@ -46,6 +46,7 @@ over_both_backends!(
     leads_the_sink_cannot_make_durable_are_not_committed_and_are_delivered_again,
     a_customer_on_consecutive_pages_of_one_poll_keeps_every_event,
     a_customer_seen_again_pages_later_keeps_every_event_and_an_interrupted_poll_keeps_its_pages,
+    a_customer_whose_rows_span_the_pages_of_a_window_is_sent_once_with_all_of_them,
 );
 
 async fn run_once(world: &World) -> leadsync::RunReport {
@@ -650,8 +651,10 @@ async fn a_customer_seen_again_pages_later_keeps_every_event_and_an_interrupted_
         sink: pipeline.sink.clone(),
         cancel: cancel.clone(),
     };
+    // One page per delivery window, so that the stop falls between two flushes.
     let stopped = Pipeline {
         sink: Arc::new(stopping),
+        window_pages: 1,
         ..pipeline
     };
     let failed = stopped.poll(&cancel).await.unwrap_err();
@@ -691,5 +694,66 @@ impl LeadSink for StopAfterFirstPage {
     }
     async fn healthcheck(&self) -> Result<(), SinkError> {
         self.sink.healthcheck().await
+    }
+}
+
+/// Twelve customers, each with a row on four of the poll's 12 pages (page_size 4),
+/// twelve rows apart: in one window of all the pages each is sent once, with its four
+/// events; with windows of six pages, every customer has rows on both sides of the
+/// edge and is sent once per window, its last record still holding all four.
+async fn a_customer_whose_rows_span_the_pages_of_a_window_is_sent_once_with_all_of_them(
+    backend: Backend,
+) {
+    let world = World::with_backend(backend).await;
+    let actions = [
+        "AppSource-PLT | a.b",
+        "AzureMarketplace-INS | a.b",
+        "AzureMarketplace-StartTestDrive | a.b",
+        "AzureMarketplace-INS | c.d",
+        "AzureMarketplace-Create | a.b",
+    ];
+    // Row i belongs to customer i % 12: customer n's rows are on pages n/4, n/4 + 3, ...
+    let rows: Vec<_> = (0..48)
+        .map(|i| lead_row("p", &format!("r{i:03}"), actions[i / 12], customer(i % 12)))
+        .collect();
+    world.insert(&rows).await;
+    let settings = world.settings_with("page_size = 4");
+    let sent = Arc::new(common::MemorySink::default());
+    let built = build_pipeline(&settings).unwrap();
+    let pipeline = Pipeline {
+        sink: sent.clone(),
+        ..built
+    };
+
+    let summary = pipeline.poll(&CancellationToken::new()).await.unwrap();
+
+    assert_eq!((summary.pages, summary.delivered), (12, 48));
+    assert_eq!(summary.records_sent, 12, "one record per customer");
+    let deliveries = sent.deliveries.lock().unwrap().clone();
+    assert_eq!(deliveries.len(), 12);
+    assert!(deliveries.values().all(|n| *n == 1), "{deliveries:?}");
+    for record in sent.records.lock().unwrap().values() {
+        assert_eq!(record.history.len(), 4, "{:?}", record.key);
+    }
+
+    // The same table from scratch, with windows of six pages: two flushes.
+    let edge = World::with_backend(backend).await;
+    edge.insert(&rows).await;
+    let sent = Arc::new(common::MemorySink::default());
+    let built = build_pipeline(&edge.settings_with("page_size = 4")).unwrap();
+    let pipeline = Pipeline {
+        sink: sent.clone(),
+        window_pages: 6,
+        ..built
+    };
+    let summary = pipeline.poll(&CancellationToken::new()).await.unwrap();
+    assert_eq!(summary.delivered, 48);
+    assert_eq!(summary.records_sent, 24, "each customer once per window");
+    for record in sent.records.lock().unwrap().values() {
+        assert_eq!(
+            record.history.len(),
+            4,
+            "the second window's record has them all"
+        );
     }
 }

@@ -820,6 +820,30 @@ async fn outcomes_keep_the_input_order_while_requests_run_in_parallel() {
 }
 
 #[tokio::test]
+async fn a_slow_answer_holds_one_slot_not_the_requests_behind_it() {
+    let fake = Fake::new();
+    let leads: Vec<_> = (0..8).map(ordinary).collect();
+    fake.answer_key(
+        &leads[0].external_key,
+        Reply::status(200).delay(Duration::from_millis(1_500)),
+    );
+    let base = fake.start().await;
+    let sink = sink(&base, "parallelism = 2");
+
+    let (outcomes, seen_while_slow) = tokio::join!(sink.deliver(&leads), async {
+        // Half-way through the slow answer: the other slot has carried every other lead.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        fake.posts().len()
+    });
+
+    assert_eq!(outcomes, vec![Outcome::Delivered; 8], "in input order");
+    assert_eq!(
+        seen_while_slow, 8,
+        "the seven quick leads went through the free slot while the first was slow"
+    );
+}
+
+#[tokio::test]
 async fn the_healthcheck_sends_a_signed_head_and_no_lead() {
     let fake = Fake::new();
     fake.verify_hmac("hc-secret", "x-leadsync-signature");

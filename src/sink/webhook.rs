@@ -629,13 +629,25 @@ impl LeadSink for WebhookSink {
         SINK
     }
 
+    /// Up to `parallelism` requests in flight, finishing in any order: a slow answer
+    /// holds one slot, not the window behind it. The outcomes are put back in the
+    /// order of the leads.
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
         // Collected first: a lazy `map` closure trips the Send check of async_trait.
-        let requests: Vec<_> = batch.iter().map(|lead| self.deliver_one(lead)).collect();
-        futures::stream::iter(requests)
-            .buffered(self.parallelism)
+        let requests: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, lead)| async move { (i, self.deliver_one(lead).await) })
+            .collect();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        let mut answered = futures::stream::iter(requests).buffer_unordered(self.parallelism);
+        while let Some((i, outcome)) = answered.next().await {
+            outcomes[i] = Some(outcome);
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every request of the batch answered"))
             .collect()
-            .await
     }
 
     /// A `HEAD` to the URL with the configured headers (signed over an empty body):
