@@ -446,7 +446,7 @@ impl Pipeline {
                 }
                 let next = answer.and_then(|(next, _)| next);
                 let more = next.is_some();
-                let prefetch = match next {
+                let mut prefetch = match next {
                     Some(c) if !cancel.is_cancelled() => Some(fetch(Some(c), summary.pages + 1)),
                     _ => None,
                 };
@@ -467,7 +467,8 @@ impl Pipeline {
                     .await?;
                 window.absorb(merged, summary);
                 let t1 = Instant::now();
-                if prefetch.is_some() && !window.full(self.window_pages) {
+                // The window is flushed when full, and at the last page.
+                if let Some(next) = prefetch.take_if(|_| !window.full(self.window_pages)) {
                     tracing::debug!(
                         page = pages,
                         wait_table_ms = ms(wait_table),
@@ -477,7 +478,7 @@ impl Pipeline {
                         window_customers = window.entries.len(),
                         "Page merged into the delivery window."
                     );
-                    fetching = prefetch.expect("checked");
+                    fetching = next;
                     if cancel.is_cancelled() {
                         return Err(PollError::Interrupted {
                             pages: summary.pages,
