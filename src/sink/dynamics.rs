@@ -584,6 +584,7 @@ impl DynamicsSink {
     }
 
     /// The body a new lead is created with, and its key value.
+    #[cfg(test)]
     fn prepare(&self, lead: &CustomerLead) -> Result<(String, Map<String, Value>), String> {
         let (key, owned) = self.prepare_owned(lead)?;
         Ok((key, owned.for_create()))
