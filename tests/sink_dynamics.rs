@@ -277,7 +277,13 @@ impl Fake {
             inner.requests.len() - 1
         };
         let response = fake
-            .answer(&method, uri.path(), uri.query().unwrap_or(""), &headers, &body)
+            .answer(
+                &method,
+                uri.path(),
+                uri.query().unwrap_or(""),
+                &headers,
+                &body,
+            )
             .await;
         fake.lock().requests[index].status = response.status().as_u16();
         response
@@ -353,12 +359,11 @@ impl Fake {
 
     /// `$filter=Microsoft.Dynamics.CRM.In(PropertyName='k',PropertyValues=['a','b'])`.
     fn query_leads(&self, query: &str, headers: &HeaderMap) -> Response {
-        let params: HashMap<String, String> =
-            reqwest::Url::parse(&format!("http://fake/?{query}"))
-                .expect("a query string")
-                .query_pairs()
-                .into_owned()
-                .collect();
+        let params: HashMap<String, String> = reqwest::Url::parse(&format!("http://fake/?{query}"))
+            .expect("a query string")
+            .query_pairs()
+            .into_owned()
+            .collect();
         let filter = params.get("$filter").cloned().unwrap_or_default();
         let select: Vec<String> = params
             .get("$select")
@@ -388,7 +393,12 @@ impl Fake {
                 ]
                 .contains(&c)
         };
-        if let Some(bad) = select.iter().map(String::as_str).chain([property]).find(|c| !known(c)) {
+        if let Some(bad) = select
+            .iter()
+            .map(String::as_str)
+            .chain([property])
+            .find(|c| !known(c))
+        {
             return dataverse_error(
                 StatusCode::BAD_REQUEST,
                 "0x80060888",
@@ -427,7 +437,10 @@ impl Fake {
             .map(|(_, record)| {
                 let mut row = Map::new();
                 for column in &select {
-                    row.insert(column.clone(), record.get(column).cloned().unwrap_or(Value::Null));
+                    row.insert(
+                        column.clone(),
+                        record.get(column).cloned().unwrap_or(Value::Null),
+                    );
                     if annotations && column == "_ownerid_value" {
                         row.insert(
                             "_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname".into(),
@@ -448,20 +461,28 @@ impl Fake {
             .trim_end_matches(')')
             .to_owned();
         let Ok(Value::Object(task)) = serde_json::from_slice::<Value>(body) else {
-            return dataverse_error(StatusCode::BAD_REQUEST, "0x80040203", "The body is not a JSON object.");
+            return dataverse_error(
+                StatusCode::BAD_REQUEST,
+                "0x80040203",
+                "The body is not a JSON object.",
+            );
         };
+        let create_only = headers.get("if-none-match").is_some_and(|v| v == "*");
         let mut inner = self.lock();
-        if inner.tasks.contains_key(&id) {
-            if headers.get("if-none-match").is_some_and(|v| v == "*") {
+        match inner.tasks.entry(id) {
+            std::collections::btree_map::Entry::Occupied(_) if create_only => {
                 return dataverse_error(
                     StatusCode::PRECONDITION_FAILED,
                     "0x80060882",
                     "A record with matching key values already exists.",
                 );
             }
-            inner.tasks.get_mut(&id).unwrap().extend(task);
-        } else {
-            inner.tasks.insert(id, task);
+            std::collections::btree_map::Entry::Occupied(mut existing) => {
+                existing.get_mut().extend(task)
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(task);
+            }
         }
         StatusCode::NO_CONTENT.into_response()
     }
@@ -725,7 +746,11 @@ async fn a_valid_secret_gets_a_token_and_the_healthcheck_reads_who_am_i_without_
     assert_eq!(form["grant_type"], "client_credentials");
     assert_eq!(form["client_id"], CLIENT_ID);
     assert_eq!(form["scope"], format!("{}/.default", fake.base()));
-    assert_eq!(inner.requests.len(), 2, "WhoAmI, then the lead table's keys");
+    assert_eq!(
+        inner.requests.len(),
+        2,
+        "WhoAmI, then the lead table's keys"
+    );
     assert_eq!(
         inner.requests[1].path,
         "/api/data/v9.2/EntityDefinitions(LogicalName='lead')/Keys"
@@ -1296,21 +1321,40 @@ async fn a_reps_company_topic_and_opt_outs_survive_a_new_event_and_a_resend() {
     let resend = sink.deliver(&[later_event(1)]).await;
     let after_resend = fake.records()[&key].clone();
 
-    assert_eq!((new_event, resend), (vec![Outcome::Delivered], vec![Outcome::Delivered]));
+    assert_eq!(
+        (new_event, resend),
+        (vec![Outcome::Delivered], vec![Outcome::Delivered])
+    );
     for record in [&after_event, &after_resend] {
         assert_eq!(record["companyname"], json!("Fabrikam Holdings Ltd"));
         assert_eq!(record["donotemail"], json!(true), "never opted back in");
         assert_eq!(record["donotphone"], json!(true), "never opted back in");
         assert_eq!(record["subject"], json!("Renewal: Fabrikam analytics"));
         assert_eq!(record["description"], json!("Met at Ignite; wants a demo."));
-        assert_eq!(record["jobtitle"], json!("CEO"), "the customer's data follows them");
+        assert_eq!(
+            record["jobtitle"],
+            json!("CEO"),
+            "the customer's data follows them"
+        );
     }
     let patches = fake.patches();
     assert_eq!(patches.len(), 3);
     let update = patches[1].body.clone().unwrap();
-    assert_eq!(patches[1].headers["if-match"], "*", "an update never creates");
-    for column in ["companyname", "donotemail", "donotphone", "subject", "description"] {
-        assert!(update.get(column).is_none(), "{column} sent on update: {update}");
+    assert_eq!(
+        patches[1].headers["if-match"], "*",
+        "an update never creates"
+    );
+    for column in [
+        "companyname",
+        "donotemail",
+        "donotphone",
+        "subject",
+        "description",
+    ] {
+        assert!(
+            update.get(column).is_none(),
+            "{column} sent on update: {update}"
+        );
     }
     assert_eq!(fake.lock().created, 1);
 }
@@ -1332,8 +1376,16 @@ async fn a_qualified_leads_new_event_becomes_one_task_on_its_opportunity_and_no_
         "{outcomes:?}"
     );
     assert_eq!(outcomes[1], Outcome::Delivered);
-    assert_eq!(replayed, vec![outcomes[0].clone()], "a replay names the same task");
-    assert_eq!(fake.records()[&key], qualified, "the qualified lead is not touched");
+    assert_eq!(
+        replayed,
+        vec![outcomes[0].clone()],
+        "a replay names the same task"
+    );
+    assert_eq!(
+        fake.records()[&key],
+        qualified,
+        "the qualified lead is not touched"
+    );
     let tasks = fake.lock().tasks.clone();
     assert_eq!(tasks.len(), 1, "one task per event, none more on replay");
     let task = tasks.values().next().unwrap();
@@ -1341,10 +1393,16 @@ async fn a_qualified_leads_new_event_becomes_one_task_on_its_opportunity_and_no_
         task["regardingobjectid_opportunity_task@odata.bind"],
         json!(format!("/opportunities({OPPORTUNITY})"))
     );
-    assert_eq!(task["ownerid@odata.bind"], json!(format!("/systemusers({REP_USER})")));
+    assert_eq!(
+        task["ownerid@odata.bind"],
+        json!(format!("/systemusers({REP_USER})"))
+    );
     let description = task["description"].as_str().unwrap();
     assert!(description.contains("Next step"), "{description}");
-    assert!(task["subject"].as_str().unwrap().starts_with("Marketplace: Contoso Analytics"));
+    assert!(task["subject"]
+        .as_str()
+        .unwrap()
+        .starts_with("Marketplace: Contoso Analytics"));
 }
 
 #[tokio::test]
@@ -1419,8 +1477,16 @@ async fn a_403_and_a_401_with_a_fresh_token_hold_the_lead_instead_of_rejecting_i
     }]);
     let forbidden = sink.deliver(&[lead(1)]).await;
     fake.script([
-        Scripted::Answer { status: 401, retry_after: None, body: json!({}) },
-        Scripted::Answer { status: 401, retry_after: None, body: json!({}) },
+        Scripted::Answer {
+            status: 401,
+            retry_after: None,
+            body: json!({}),
+        },
+        Scripted::Answer {
+            status: 401,
+            retry_after: None,
+            body: json!({}),
+        },
     ]);
     let unauthorized = sink.deliver(&[lead(1)]).await;
 

@@ -309,7 +309,9 @@ fn record_errors(state: &FakeState, record: &Map<String, Value>, allow_save: boo
         .into_iter()
         .filter(|f| {
             if exists {
-                record.get(*f).is_some_and(|v| v.as_str().is_none_or(|t| t.trim().is_empty()))
+                record
+                    .get(*f)
+                    .is_some_and(|v| v.as_str().is_none_or(|t| t.trim().is_empty()))
             } else {
                 text(f).trim().is_empty()
             }
@@ -997,8 +999,7 @@ async fn a_second_delivery_of_the_same_key_updates_the_lead_instead_of_creating_
     let record = fake.lead(&key(1)).unwrap();
     assert_eq!(record["Title"], "VP Engineering");
     assert_eq!(
-        record["Description"],
-        "First1 Last1 (Company 1), stage: active.",
+        record["Description"], "First1 Last1 (Company 1), stage: active.",
         "the summary is written when the Lead is created, then it is sales'"
     );
     assert_eq!(record[EXTERNAL_ID], key(1).as_str());
@@ -1185,12 +1186,16 @@ async fn request_limit_exceeded_pauses_the_sink_once_without_retrying_then_deliv
         },
         "the pause is sink.salesforce.api_limit_pause"
     );
-    assert_eq!(requests_during_pause, 2, "one query, one upsert, no retry, nothing while paused");
+    assert_eq!(
+        requests_during_pause, 2,
+        "one query, one upsert, no retry, nothing while paused"
+    );
     assert_eq!(after_pause, vec![Outcome::Delivered; 2]);
     assert!(leadsync::sink::salesforce::api_limit_pauses_total() > pauses_before);
     let logs = logs.text();
     assert_eq!(
-        logs.matches("out of API calls (REQUEST_LIMIT_EXCEEDED); the sink pauses").count(),
+        logs.matches("out of API calls (REQUEST_LIMIT_EXCEEDED); the sink pauses")
+            .count(),
         1,
         "one log line per pause, not per attempt: {logs}"
     );
@@ -1418,7 +1423,11 @@ async fn a_reps_company_and_opt_outs_survive_a_new_event_and_a_resend() {
     fake.rep_edits(&key(1), "HasOptedOutOfEmail", json!(true));
     fake.rep_edits(&key(1), "DoNotCall", json!(true));
     fake.rep_edits(&key(1), "LeadSource", json!("Partner Referral"));
-    fake.rep_edits(&key(1), "Description", json!("Met at Ignite; wants a demo."));
+    fake.rep_edits(
+        &key(1),
+        "Description",
+        json!("Met at Ignite; wants a demo."),
+    );
 
     let new_event = sink.deliver(&[later_event(1)]).await;
     let after_event = fake.lead(&key(1)).unwrap();
@@ -1433,11 +1442,23 @@ async fn a_reps_company_and_opt_outs_survive_a_new_event_and_a_resend() {
         assert_eq!(record["DoNotCall"], true, "never opted back in");
         assert_eq!(record["LeadSource"], "Partner Referral");
         assert_eq!(record["Description"], "Met at Ignite; wants a demo.");
-        assert_eq!(record["FirstName"], "First1", "the customer's own data follows them");
+        assert_eq!(
+            record["FirstName"], "First1",
+            "the customer's own data follows them"
+        );
     }
     let update = fake.patches()[1].records()[0].clone();
-    for field in ["Company", "HasOptedOutOfEmail", "DoNotCall", "LeadSource", "Description"] {
-        assert!(update.get(field).is_none(), "{field} sent on update: {update:?}");
+    for field in [
+        "Company",
+        "HasOptedOutOfEmail",
+        "DoNotCall",
+        "LeadSource",
+        "Description",
+    ] {
+        assert!(
+            update.get(field).is_none(),
+            "{field} sent on update: {update:?}"
+        );
     }
     assert_eq!(fake.with(|s| s.creates), 1);
 }
@@ -1449,7 +1470,10 @@ async fn a_placeholder_is_sent_on_create_only_and_never_over_a_reps_value() {
     let mut thin = lead(1);
     thin.customer.last_name = None;
     thin.customer.company = None;
-    assert_eq!(sink.deliver(std::slice::from_ref(&thin)).await, vec![Outcome::Delivered]);
+    assert_eq!(
+        sink.deliver(std::slice::from_ref(&thin)).await,
+        vec![Outcome::Delivered]
+    );
     assert_eq!(fake.lead(&key(1)).unwrap()["LastName"], "[not provided]");
     fake.rep_edits(&key(1), "LastName", json!("Silva"));
 
@@ -1500,7 +1524,8 @@ async fn an_opt_out_is_written_as_true_and_a_new_lead_gets_every_field() {
 #[tokio::test]
 async fn the_ownership_of_a_field_can_be_changed_in_the_config() {
     let fake = Fake::start().await;
-    let sink = sink(&fake.section("ownership = { Company = \"always\", Description = \"always\" }"));
+    let sink =
+        sink(&fake.section("ownership = { Company = \"always\", Description = \"always\" }"));
     sink.deliver(&[lead(1)]).await;
     fake.rep_edits(&key(1), "Company", json!("Fabrikam Holdings Ltd"));
 
@@ -1508,7 +1533,10 @@ async fn the_ownership_of_a_field_can_be_changed_in_the_config() {
 
     let record = fake.lead(&key(1)).unwrap();
     assert_eq!(record["Company"], "Company 1");
-    assert_eq!(record["Description"], "First1 Last1 (Company 1), stage: trial.");
+    assert_eq!(
+        record["Description"],
+        "First1 Last1 (Company 1), stage: trial."
+    );
 }
 
 #[tokio::test]
@@ -1529,7 +1557,10 @@ async fn a_batch_costs_one_query_and_one_upsert_whatever_is_new_or_known() {
         "a backfill of 3 rows per customer costs 2 calls per 600 rows"
     );
     let query = fake.queries().pop().unwrap();
-    assert!(query.starts_with("SELECT Id, Leadsync_Key__c, IsConverted"), "{query}");
+    assert!(
+        query.starts_with("SELECT Id, Leadsync_Key__c, IsConverted"),
+        "{query}"
+    );
     assert!(query.contains(&format!("'{}'", key(199))), "{query}");
     assert_eq!(fake.with(|s| s.creates), 200);
 }
@@ -1550,9 +1581,16 @@ async fn a_converted_customers_new_event_becomes_one_task_for_the_owner_and_no_d
         "{outcomes:?}"
     );
     assert_eq!(outcomes[1], Outcome::Delivered);
-    assert!(matches!(&replayed[0], Outcome::FollowedUp { .. }), "{replayed:?}");
+    assert!(
+        matches!(&replayed[0], Outcome::FollowedUp { .. }),
+        "{replayed:?}"
+    );
     let tasks = fake.tasks();
-    assert_eq!(tasks.len(), 1, "a replay finds the Task instead of making another");
+    assert_eq!(
+        tasks.len(),
+        1,
+        "a replay finds the Task instead of making another"
+    );
     let task = &tasks[0];
     assert_eq!(task["WhoId"], "003000000000777AAA");
     assert_eq!(task["WhatId"], "006000000000777AAA");
@@ -1561,9 +1599,16 @@ async fn a_converted_customers_new_event_becomes_one_task_for_the_owner_and_no_d
     let description = task["Description"].as_str().unwrap();
     assert!(description.contains("Next step"), "{description}");
     assert!(description.contains("stage trial"), "{description}");
-    assert_eq!(fake.lead(&key(1)).unwrap(), converted_before, "the converted Lead is not touched");
+    assert_eq!(
+        fake.lead(&key(1)).unwrap(),
+        converted_before,
+        "the converted Lead is not touched"
+    );
     assert!(
-        fake.patches().iter().skip(1).all(|p| !p.keys().contains(&key(1))),
+        fake.patches()
+            .iter()
+            .skip(1)
+            .all(|p| !p.keys().contains(&key(1))),
         "no upsert of a converted Lead"
     );
 }
@@ -1816,20 +1861,34 @@ async fn leads_from_the_table_reach_salesforce_once_per_customer_across_a_restar
 }
 
 #[tokio::test]
-async fn the_crms_edits_survive_the_daemon_and_a_replay_resend_and_a_converted_customer_gets_a_task()
-{
+async fn the_crms_edits_survive_the_daemon_and_a_replay_resend_and_a_converted_customer_gets_a_task(
+) {
     let world = World::new().await;
     let fake = Fake::start().await;
     let settings = world.settings_with_sink(&sink_toml(&fake.section("")));
     world
         .insert(&[
-            lead_row("p1", "r001", "AppSource-PLT | contoso.analytics", customer(1)),
-            lead_row("p1", "r002", "AppSource-PLT | contoso.analytics", customer(2)),
+            lead_row(
+                "p1",
+                "r001",
+                "AppSource-PLT | contoso.analytics",
+                customer(1),
+            ),
+            lead_row(
+                "p1",
+                "r002",
+                "AppSource-PLT | contoso.analytics",
+                customer(2),
+            ),
         ])
         .await;
-    let first = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync starts");
+    let first = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync starts");
     assert_eq!(first.exit_code(), 0, "{first:?}");
     let by_email = |email: &str| {
         fake.with(|s| {
@@ -1850,14 +1909,28 @@ async fn the_crms_edits_survive_the_daemon_and_a_replay_resend_and_a_converted_c
     fake.convert(&converted);
     world
         .insert(&[
-            lead_row("p2", "r003", "AzureMarketplace-INS | contoso.analytics", customer(1)),
-            lead_row("p2", "r004", "AzureMarketplace-INS | contoso.analytics", customer(2)),
+            lead_row(
+                "p2",
+                "r003",
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(1),
+            ),
+            lead_row(
+                "p2",
+                "r004",
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(2),
+            ),
         ])
         .await;
 
-    let second = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync restarts");
+    let second = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync restarts");
     let pipeline = leadsync::build_pipeline(&settings).expect("pipeline");
     let resend = pipeline
         .poll_with(
@@ -1882,10 +1955,17 @@ async fn the_crms_edits_survive_the_daemon_and_a_replay_resend_and_a_converted_c
     assert_eq!(record["HasOptedOutOfEmail"], true);
     assert_eq!(record["DoNotCall"], true);
     let tasks = fake.tasks();
-    assert_eq!(tasks.len(), 1, "one Task for the event, none more on replay: {tasks:?}");
+    assert_eq!(
+        tasks.len(),
+        1,
+        "one Task for the event, none more on replay: {tasks:?}"
+    );
     assert_eq!(tasks[0]["WhoId"], "003000000000777AAA");
     assert!(
-        tasks[0]["Subject"].as_str().unwrap().contains("Contoso Analytics: Get it now"),
+        tasks[0]["Subject"]
+            .as_str()
+            .unwrap()
+            .contains("Contoso Analytics: Get it now"),
         "{tasks:?}"
     );
     assert_eq!(fake.with(|s| s.creates), 2);

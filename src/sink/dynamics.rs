@@ -660,8 +660,7 @@ impl DynamicsSink {
                         Err(e) => {
                             return Step::Retry {
                                 after,
-                                reason: self
-                                    .transport_reason("reading the Dataverse response", e),
+                                reason: self.transport_reason("reading the Dataverse response", e),
                             }
                         }
                     };
@@ -707,13 +706,19 @@ impl DynamicsSink {
             }
         } else {
             Outcome::Rejected {
-                reason: format!("Dataverse refused the lead ({status}): {detail}{}", hint(status)),
+                reason: format!(
+                    "Dataverse refused the lead ({status}): {detail}{}",
+                    hint(status)
+                ),
             }
         }
     }
 
     /// The leads of the batch that exist, by lower-cased key value.
-    async fn existing(&self, keys: &[String]) -> Result<HashMap<String, Map<String, Value>>, Outcome> {
+    async fn existing(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, Map<String, Value>>, Outcome> {
         let mut select = vec![
             "leadid".to_owned(),
             "statecode".to_owned(),
@@ -803,7 +808,10 @@ impl DynamicsSink {
                     Err(e) => {
                         return Err(Outcome::RetryLater {
                             after: None,
-                            reason: format!("Dataverse query answer unreadable ({e}): {}", error_text(&answer.text)),
+                            reason: format!(
+                                "Dataverse query answer unreadable ({e}): {}",
+                                error_text(&answer.text)
+                            ),
                         })
                     }
                 };
@@ -850,7 +858,13 @@ impl DynamicsSink {
         };
         let url = self.lead_url(key);
         let answer = match self
-            .request(Method::PATCH, &url, Some(&body), &[condition], &lead.external_key)
+            .request(
+                Method::PATCH,
+                &url,
+                Some(&body),
+                &[condition],
+                &lead.external_key,
+            )
             .await
         {
             Finished::Done(answer) => answer,
@@ -885,22 +899,53 @@ impl DynamicsSink {
     /// opportunity it was qualified into, else its contact, account, or the lead
     /// itself; owned by the lead's owner; its id derived from the customer's newest
     /// event, so a replay finds it instead of making another.
-    fn follow_up_task(&self, lead: &CustomerLead, record: &Map<String, Value>) -> (String, Map<String, Value>, String) {
-        let text = |c: &str| record.get(c).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
-        let state = record.get("statecode").and_then(Value::as_i64).unwrap_or(LEAD_OPEN);
-        let state_name = if state == 1 { "qualified" } else { "disqualified" };
+    fn follow_up_task(
+        &self,
+        lead: &CustomerLead,
+        record: &Map<String, Value>,
+    ) -> (String, Map<String, Value>, String) {
+        let text = |c: &str| {
+            record
+                .get(c)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let state = record
+            .get("statecode")
+            .and_then(Value::as_i64)
+            .unwrap_or(LEAD_OPEN);
+        let state_name = if state == 1 {
+            "qualified"
+        } else {
+            "disqualified"
+        };
         let lead_id = text("leadid").unwrap_or_default();
         let (regarding_set, regarding_nav, regarding_id, regarding_what) =
             if let Some(id) = text("_qualifyingopportunityid_value") {
-                ("opportunities", "regardingobjectid_opportunity_task", id, "opportunity")
+                (
+                    "opportunities",
+                    "regardingobjectid_opportunity_task",
+                    id,
+                    "opportunity",
+                )
             } else if let Some(id) = text("_parentcontactid_value") {
                 ("contacts", "regardingobjectid_contact_task", id, "contact")
             } else if let Some(id) = text("_parentaccountid_value") {
                 ("accounts", "regardingobjectid_account_task", id, "account")
             } else {
-                ("leads", "regardingobjectid_lead_task", lead_id.clone(), "lead")
+                (
+                    "leads",
+                    "regardingobjectid_lead_task",
+                    lead_id.clone(),
+                    "lead",
+                )
             };
-        let event = format!("{}|{}", lead.external_key, crate::timestamp::format(lead.last_seen));
+        let event = format!(
+            "{}|{}",
+            lead.external_key,
+            crate::timestamp::format(lead.last_seen)
+        );
         let id = task_id(&event);
         let (subject, _) = mapping::truncate(
             &format!(
@@ -916,7 +961,11 @@ impl DynamicsSink {
             .flatten()
             .collect::<Vec<_>>()
             .join(" ");
-        let email = c.email.as_ref().map(|e| e.original.as_str()).unwrap_or("no email");
+        let email = c
+            .email
+            .as_ref()
+            .map(|e| e.original.as_str())
+            .unwrap_or("no email");
         let next = if lead.do_not_contact {
             "Next step: the customer asked not to be contacted. Do not call or email them; set Do not allow Emails/Phone Calls on the contact."
         } else if state == 1 {
@@ -948,8 +997,15 @@ impl DynamicsSink {
         if let Some(owner) = text("_ownerid_value") {
             let kind = text("_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname")
                 .unwrap_or_else(|| "systemuser".into());
-            let set = if kind == "team" { "teams" } else { "systemusers" };
-            task.insert("ownerid@odata.bind".into(), Value::String(format!("/{set}({owner})")));
+            let set = if kind == "team" {
+                "teams"
+            } else {
+                "systemusers"
+            };
+            task.insert(
+                "ownerid@odata.bind".into(),
+                Value::String(format!("/{set}({owner})")),
+            );
             owner_note = format!(", owned by {kind} {owner}");
         }
         let note = format!(
@@ -972,7 +1028,13 @@ impl DynamicsSink {
         };
         let url = format!("{}/tasks({id})", self.api_base);
         let answer = match self
-            .request(Method::PATCH, &url, Some(&body), &[("If-None-Match", "*")], &lead.external_key)
+            .request(
+                Method::PATCH,
+                &url,
+                Some(&body),
+                &[("If-None-Match", "*")],
+                &lead.external_key,
+            )
             .await
         {
             Finished::Done(answer) => answer,
@@ -995,7 +1057,9 @@ impl DynamicsSink {
         match self.refusal(&answer, "the follow-up task") {
             Outcome::Rejected { reason } => Outcome::RetryLater {
                 after: None,
-                reason: format!("the lead is closed and Dataverse refused its follow-up task: {reason}"),
+                reason: format!(
+                    "the lead is closed and Dataverse refused its follow-up task: {reason}"
+                ),
             },
             other => other,
         }
@@ -1013,7 +1077,12 @@ impl DynamicsSink {
         };
         let record = existing.get(&key.to_lowercase());
         match record {
-            Some(r) if r.get("statecode").and_then(Value::as_i64).unwrap_or(LEAD_OPEN) != LEAD_OPEN => {
+            Some(r)
+                if r.get("statecode")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(LEAD_OPEN)
+                    != LEAD_OPEN =>
+            {
                 self.follow_up(lead, r).await
             }
             _ => self.write_lead(lead, &key, &owned, record).await,
@@ -1180,7 +1249,9 @@ impl DynamicsSink {
         let answer = match self.request(Method::GET, &url, None, &[], "").await {
             Finished::Done(answer) => answer,
             Finished::GaveUp { reason, .. } | Finished::Failed { reason } => {
-                return Err(sink_error(format!("reading the lead table's alternate keys failed: {reason}")))
+                return Err(sink_error(format!(
+                    "reading the lead table's alternate keys failed: {reason}"
+                )))
             }
         };
         if !answer.status.is_success() {
@@ -1196,9 +1267,9 @@ impl DynamicsSink {
             .and_then(|v| v.get("value").and_then(Value::as_array).cloned())
             .unwrap_or_default();
         let ours = keys.iter().find(|k| {
-            k.get("KeyAttributes").and_then(Value::as_array).is_some_and(|a| {
-                a.len() == 1 && a[0].as_str() == Some(self.key_attribute.as_str())
-            })
+            k.get("KeyAttributes")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.len() == 1 && a[0].as_str() == Some(self.key_attribute.as_str()))
         });
         match ours.and_then(|k| k.get("EntityKeyIndexStatus")).and_then(Value::as_str) {
             Some("Active") => Ok(()),

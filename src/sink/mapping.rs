@@ -307,7 +307,10 @@ mod tests {
             Some(&Value::String("[not provided]".into())),
             &["[not provided]"]
         ));
-        assert!(!crm_value_is_empty(Some(&Value::String("Fabrikam".into())), &[]));
+        assert!(!crm_value_is_empty(
+            Some(&Value::String("Fabrikam".into())),
+            &[]
+        ));
     }
 
     #[test]

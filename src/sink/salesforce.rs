@@ -1342,7 +1342,7 @@ impl SalesforceSink {
     async fn existing(&self, keys: &[String]) -> Result<HashMap<String, Existing>, Outcome> {
         let mut select: Vec<&str> = vec![
             "Id",
-            &self.external_id_field,
+            self.external_id_field.as_str(),
             "IsConverted",
             "ConvertedContactId",
             "ConvertedAccountId",
@@ -1384,8 +1384,11 @@ impl SalesforceSink {
             Err(outcome) => return vec![outcome; leads.len()],
         };
         let mut outcomes: Vec<Option<Outcome>> = vec![None; leads.len()];
-        let (converted, open): (Vec<usize>, Vec<usize>) = (0..leads.len())
-            .partition(|&i| existing.get(&leads[i].external_key).is_some_and(|e| e.converted));
+        let (converted, open): (Vec<usize>, Vec<usize>) = (0..leads.len()).partition(|&i| {
+            existing
+                .get(&leads[i].external_key)
+                .is_some_and(|e| e.converted)
+        });
         let mut created = 0;
         if !open.is_empty() {
             created = self
@@ -1650,7 +1653,9 @@ impl SalesforceSink {
                 return fail(
                     outcomes,
                     Outcome::EndpointFailed {
-                        reason: format!("Salesforce refused the query of follow-up Tasks: {reason}"),
+                        reason: format!(
+                            "Salesforce refused the query of follow-up Tasks: {reason}"
+                        ),
                     },
                 )
             }
@@ -1668,15 +1673,27 @@ impl SalesforceSink {
             let owner = text(task, "OwnerId");
             format!(
                 "Task {task_id} on {} for converted Lead {}{}",
-                if on.is_empty() { "no record".to_owned() } else { on.join(" and ") },
+                if on.is_empty() {
+                    "no record".to_owned()
+                } else {
+                    on.join(" and ")
+                },
                 e.id,
-                if owner.is_empty() { String::new() } else { format!(", assigned to {owner}") }
+                if owner.is_empty() {
+                    String::new()
+                } else {
+                    format!(", assigned to {owner}")
+                }
             )
         };
         let mut to_create = Vec::new();
         for (i, e, task) in &tasks {
             match already.get(&identity(task)) {
-                Some(id) => outcomes[*i] = Some(Outcome::FollowedUp { note: note(id, e, task) }),
+                Some(id) => {
+                    outcomes[*i] = Some(Outcome::FollowedUp {
+                        note: note(id, e, task),
+                    })
+                }
                 None => to_create.push((*i, *e, task.clone())),
             }
         }
@@ -1698,27 +1715,40 @@ impl SalesforceSink {
                         to_create.len()
                     );
                     for (i, _, _) in &to_create {
-                        outcomes[*i] = Some(Outcome::EndpointFailed { reason: reason.clone() });
+                        outcomes[*i] = Some(Outcome::EndpointFailed {
+                            reason: reason.clone(),
+                        });
                     }
                     return;
                 }
                 Err(e) => {
-                    let reason = format!("Salesforce Task answer is not a list of results ({e}): {}", snippet(&text));
+                    let reason = format!(
+                        "Salesforce Task answer is not a list of results ({e}): {}",
+                        snippet(&text)
+                    );
                     for (i, _, _) in &to_create {
-                        outcomes[*i] = Some(Outcome::RetryLater { after: None, reason: reason.clone() });
+                        outcomes[*i] = Some(Outcome::RetryLater {
+                            after: None,
+                            reason: reason.clone(),
+                        });
                     }
                     return;
                 }
             },
             Finished::GaveUp { after, reason } => {
                 for (i, _, _) in &to_create {
-                    outcomes[*i] = Some(Outcome::RetryLater { after, reason: reason.clone() });
+                    outcomes[*i] = Some(Outcome::RetryLater {
+                        after,
+                        reason: reason.clone(),
+                    });
                 }
                 return;
             }
             Finished::Failed { reason } => {
                 for (i, _, _) in &to_create {
-                    outcomes[*i] = Some(Outcome::EndpointFailed { reason: reason.clone() });
+                    outcomes[*i] = Some(Outcome::EndpointFailed {
+                        reason: reason.clone(),
+                    });
                 }
                 return;
             }
@@ -1728,16 +1758,24 @@ impl SalesforceSink {
             outcomes[*i] = Some(if result.success {
                 let id = result.id.clone().unwrap_or_default();
                 tracing::info!(customer = %customer, task = %id, lead = %e.id, "The Lead was converted; created a follow-up Task instead of updating it.");
-                Outcome::FollowedUp { note: note(&id, e, task) }
+                Outcome::FollowedUp {
+                    note: note(&id, e, task),
+                }
             } else {
                 // Never a dead letter: the event waits, and the reason says what to fix
                 // (a Task validation rule, an inactive owner).
                 let errors = describe_errors(result.errors.iter().map(|e| {
-                    (e.status_code.as_str(), e.message.as_str(), e.fields.as_slice())
+                    (
+                        e.status_code.as_str(),
+                        e.message.as_str(),
+                        e.fields.as_slice(),
+                    )
                 }));
                 Outcome::RetryLater {
                     after: None,
-                    reason: format!("the Lead is converted and Salesforce refused its follow-up Task: {errors}"),
+                    reason: format!(
+                        "the Lead is converted and Salesforce refused its follow-up Task: {errors}"
+                    ),
                 }
             });
         }
