@@ -1596,6 +1596,11 @@ async fn a_converted_customers_new_event_becomes_one_task_for_the_owner_and_no_d
     assert_eq!(task["WhatId"], "006000000000777AAA");
     assert_eq!(task["OwnerId"], REP_USER);
     assert_eq!(task["Status"], "Not Started");
+    let due = task["ActivityDate"].as_str().unwrap();
+    assert!(
+        due.len() == 10 && due.as_bytes()[4] == b'-' && due.as_bytes()[7] == b'-',
+        "a Salesforce date, YYYY-MM-DD: {due}"
+    );
     let description = task["Description"].as_str().unwrap();
     assert!(description.contains("Next step"), "{description}");
     assert!(description.contains("stage trial"), "{description}");

@@ -1589,7 +1589,7 @@ impl SalesforceSink {
             Value::String(
                 time::OffsetDateTime::now_utc()
                     .date()
-                    .format(&time::format_description::well_known::Iso8601::DATE)
+                    .format(time::macros::format_description!("[year]-[month]-[day]"))
                     .unwrap_or_default(),
             ),
         );
