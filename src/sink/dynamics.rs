@@ -1692,6 +1692,56 @@ mod tests {
     }
 
     #[test]
+    fn a_false_opt_out_is_never_sent_and_an_update_carries_only_what_leadsync_owns() {
+        let sink = DynamicsSink::new(&settings()).unwrap();
+        let mut opted_out =
+            lead(json!({"FirstName": "Ana", "Email": "ana@fabrikam.com", "Company": "Fabrikam"}));
+        let (_, contactable) = sink.prepare_owned(&opted_out).unwrap();
+        opted_out.do_not_contact = true;
+        let (_, owned) = sink.prepare_owned(&opted_out).unwrap();
+
+        let create = contactable.for_create();
+        let update_filled = owned.for_update(|_| false);
+        let update_empty = owned.for_update(|_| true);
+
+        assert!(create.get("donotemail").is_none() && create.get("donotphone").is_none());
+        assert_eq!(create["companyname"], json!("Fabrikam"));
+        assert_eq!(update_filled["donotemail"], json!(true));
+        assert_eq!(update_filled["donotphone"], json!(true));
+        assert!(update_filled.get("companyname").is_none(), "if_empty");
+        assert_eq!(update_empty["companyname"], json!("Fabrikam"));
+        for on_create in ["subject", "description"] {
+            assert!(update_empty.get(on_create).is_none(), "{on_create}");
+        }
+        assert_eq!(update_filled["firstname"], json!("Ana"));
+        assert_eq!(update_filled["leadsync_key"], json!(opted_out.external_key));
+    }
+
+    #[test]
+    fn task_ids_are_stable_per_event_and_shaped_like_guids() {
+        let a = task_id("ls-1|2024-05-01T10:00:00Z");
+        assert_eq!(a, task_id("ls-1|2024-05-01T10:00:00Z"));
+        assert_ne!(a, task_id("ls-1|2024-05-02T10:00:00Z"));
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.matches('-').count(), 4);
+        assert_eq!(&a[14..15], "5");
+    }
+
+    #[test]
+    fn endpoint_refusals_are_told_from_record_refusals() {
+        let body = |m: &str| json!({"error": {"code": "0x80060888", "message": m}}).to_string();
+        assert!(is_endpoint_refusal(StatusCode::FORBIDDEN, ""));
+        assert!(is_endpoint_refusal(
+            StatusCode::BAD_REQUEST,
+            &body("Could not find a property named 'x' on type 'Microsoft.Dynamics.CRM.lead'.")
+        ));
+        assert!(!is_endpoint_refusal(
+            StatusCode::BAD_REQUEST,
+            &body("A validation error occurred. The length of the 'companyname' attribute exceeded the maximum.")
+        ));
+    }
+
+    #[test]
     fn an_email_key_without_an_email_is_rejected_with_a_reason() {
         let sink =
             DynamicsSink::new(&settings_with(json!({"key_attribute": "emailaddress1"}))).unwrap();
