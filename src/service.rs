@@ -51,6 +51,9 @@ pub struct Metrics {
     poll_duration: Histogram,
     sink_latency: Family<SinkLabels, Histogram>,
     sink_retries: Counter,
+    /// Pauses of the Salesforce sink for its org's daily API limit.
+    api_limit_pauses: Counter,
+    api_limit_pauses_seen: AtomicU64,
     long_polls: Counter,
     endpoint_failing: Family<SinkLabels, Gauge>,
     /// The last endpoint-level failure of each sink still failing, for `/readyz` and `/status`.
@@ -134,6 +137,12 @@ impl Default for Metrics {
             "CRM requests retried after a transient failure",
             sink_retries.clone(),
         );
+        let api_limit_pauses = Counter::default();
+        registry.register(
+            "sink_api_limit_pauses",
+            "Pauses of the Salesforce sink for REQUEST_LIMIT_EXCEEDED (one per pause, sink.salesforce.api_limit_pause long)",
+            api_limit_pauses.clone(),
+        );
         let long_polls = Counter::default();
         registry.register(
             "long_polls",
@@ -161,6 +170,8 @@ impl Default for Metrics {
             poll_duration,
             sink_latency,
             sink_retries,
+            api_limit_pauses,
+            api_limit_pauses_seen: AtomicU64::new(0),
             last_ok_poll: AtomicI64::new(0),
             last_progress: AtomicI64::new(now()),
             last_summary: Mutex::new(None),
@@ -280,6 +291,9 @@ impl Metrics {
         let retries = crate::sink::http::retries_total();
         let before = self.retries_seen.swap(retries, Ordering::Relaxed);
         self.sink_retries.inc_by(retries.saturating_sub(before));
+        let pauses = crate::sink::salesforce::api_limit_pauses_total();
+        let before = self.api_limit_pauses_seen.swap(pauses, Ordering::Relaxed);
+        self.api_limit_pauses.inc_by(pauses.saturating_sub(before));
         *self.last_summary.lock().expect("not poisoned") = Some(s.clone());
     }
 

@@ -1,6 +1,10 @@
 //! The Dataverse sink against an in-process fake of Microsoft Entra ID (client
 //! credentials token endpoint) and the Dataverse Web API (`leads` upserts by alternate
-//! key, `WhoAmI`), plus one run of the daemon from Azurite to the fake.
+//! key, `WhoAmI`), plus one run of the daemon from Azurite to the fake. The fake also
+//! knows the CRM side: `If-Match`/`If-None-Match` on upserts (404 / 412), queries of
+//! leads by `Microsoft.Dynamics.CRM.In`, a rep's edits, opt-outs, qualified and
+//! disqualified leads (which Dataverse still lets an API update, as it does), tasks
+//! created under a client-chosen id, and the lead table's alternate keys.
 
 mod common;
 
@@ -71,7 +75,16 @@ struct Inner {
     script: VecDeque<Scripted>,
     /// Keys the fake refuses with a 400 and this error body.
     refuse: HashMap<String, Value>,
+    /// Tasks by id.
+    tasks: BTreeMap<String, Map<String, Value>>,
+    /// The lead table has no alternate key on the key attribute.
+    no_alternate_key: bool,
 }
+
+/// The owner of the leads the fake creates (a sales rep).
+const REP_USER: &str = "aaaaaaaa-0000-0000-0000-000000000042";
+const OPPORTUNITY: &str = "bbbbbbbb-0000-0000-0000-000000000007";
+const CONTACT: &str = "cccccccc-0000-0000-0000-000000000007";
 
 /// Entra ID + Dataverse, keeping leads keyed by the alternate key.
 struct Fake {
@@ -263,7 +276,15 @@ impl Fake {
             });
             inner.requests.len() - 1
         };
-        let response = fake.answer(&method, uri.path(), &headers, &body).await;
+        let response = fake
+            .answer(
+                &method,
+                uri.path(),
+                uri.query().unwrap_or(""),
+                &headers,
+                &body,
+            )
+            .await;
         fake.lock().requests[index].status = response.status().as_u16();
         response
     }
@@ -272,6 +293,7 @@ impl Fake {
         &self,
         method: &Method,
         path: &str,
+        query: &str,
         headers: &HeaderMap,
         body: &[u8],
     ) -> Response {
@@ -313,7 +335,19 @@ impl Fake {
                 self.max_in_flight.fetch_max(now, Ordering::SeqCst);
                 let _guard = InFlight(&self.in_flight);
                 tokio::time::sleep(self.patch_delay).await;
-                self.upsert(rest, body).await
+                self.upsert(rest, headers, body).await
+            }
+            (Method::GET, "/leads") => self.query_leads(query, headers),
+            (Method::PATCH, rest) if rest.starts_with("/tasks(") => {
+                self.create_task(rest, headers, body)
+            }
+            (Method::GET, "/EntityDefinitions(LogicalName='lead')/Keys") => {
+                let keys = if self.lock().no_alternate_key {
+                    json!([])
+                } else {
+                    json!([{"LogicalName": format!("{}_key", self.key_attribute), "KeyAttributes": [self.key_attribute], "EntityKeyIndexStatus": "Active"}])
+                };
+                Json(json!({"value": keys})).into_response()
             }
             _ => dataverse_error(
                 StatusCode::NOT_FOUND,
@@ -323,7 +357,153 @@ impl Fake {
         }
     }
 
-    async fn upsert(&self, rest: &str, body: &[u8]) -> Response {
+    /// `$filter=Microsoft.Dynamics.CRM.In(PropertyName='k',PropertyValues=['a','b'])`.
+    fn query_leads(&self, query: &str, headers: &HeaderMap) -> Response {
+        let params: HashMap<String, String> = reqwest::Url::parse(&format!("http://fake/?{query}"))
+            .expect("a query string")
+            .query_pairs()
+            .into_owned()
+            .collect();
+        let filter = params.get("$filter").cloned().unwrap_or_default();
+        let select: Vec<String> = params
+            .get("$select")
+            .map(|s| s.split(',').map(str::to_owned).collect())
+            .unwrap_or_default();
+        let Some(rest) = filter.strip_prefix("Microsoft.Dynamics.CRM.In(PropertyName='") else {
+            return dataverse_error(StatusCode::BAD_REQUEST, "0x80060888", "Unsupported filter.");
+        };
+        let Some((property, rest)) = rest.split_once("',PropertyValues=[") else {
+            return dataverse_error(StatusCode::BAD_REQUEST, "0x80060888", "Syntax error.");
+        };
+        let Some(list) = rest.strip_suffix("])") else {
+            return dataverse_error(StatusCode::BAD_REQUEST, "0x80060888", "Syntax error.");
+        };
+        let known = |c: &str| {
+            column_sizes().contains_key(c)
+                || c == self.key_attribute
+                || [
+                    "leadid",
+                    "statecode",
+                    "donotemail",
+                    "donotphone",
+                    "_ownerid_value",
+                    "_parentcontactid_value",
+                    "_parentaccountid_value",
+                    "_qualifyingopportunityid_value",
+                ]
+                .contains(&c)
+        };
+        if let Some(bad) = select
+            .iter()
+            .map(String::as_str)
+            .chain([property])
+            .find(|c| !known(c))
+        {
+            return dataverse_error(
+                StatusCode::BAD_REQUEST,
+                "0x80060888",
+                &format!("Could not find a property named '{bad}' on type 'Microsoft.Dynamics.CRM.lead'."),
+            );
+        }
+        // 'a','b''c' -> a, b'c
+        let mut values = Vec::new();
+        let mut current = String::new();
+        let mut quoted = false;
+        let mut chars = list.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (c, quoted) {
+                ('\'', false) => quoted = true,
+                ('\'', true) if chars.peek() == Some(&'\'') => {
+                    chars.next();
+                    current.push('\'');
+                }
+                ('\'', true) => {
+                    quoted = false;
+                    values.push(std::mem::take(&mut current));
+                }
+                (c, true) => current.push(c),
+                _ => {}
+            }
+        }
+        let annotations = headers
+            .get("prefer")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("Microsoft.Dynamics.CRM.lookuplogicalname"));
+        let inner = self.lock();
+        let rows: Vec<Value> = inner
+            .records
+            .iter()
+            .filter(|(key, _)| values.iter().any(|v| v.eq_ignore_ascii_case(key)))
+            .map(|(_, record)| {
+                let mut row = Map::new();
+                for column in &select {
+                    row.insert(
+                        column.clone(),
+                        record.get(column).cloned().unwrap_or(Value::Null),
+                    );
+                    if annotations && column == "_ownerid_value" {
+                        row.insert(
+                            "_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname".into(),
+                            json!("systemuser"),
+                        );
+                    }
+                }
+                Value::Object(row)
+            })
+            .collect();
+        Json(json!({"@odata.context": "$metadata#leads", "value": rows})).into_response()
+    }
+
+    /// `PATCH tasks(<id>)`: an upsert by primary key; `If-None-Match: *` makes it create-only.
+    fn create_task(&self, rest: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+        let id = rest
+            .trim_start_matches("/tasks(")
+            .trim_end_matches(')')
+            .to_owned();
+        let Ok(Value::Object(task)) = serde_json::from_slice::<Value>(body) else {
+            return dataverse_error(
+                StatusCode::BAD_REQUEST,
+                "0x80040203",
+                "The body is not a JSON object.",
+            );
+        };
+        let create_only = headers.get("if-none-match").is_some_and(|v| v == "*");
+        let mut inner = self.lock();
+        match inner.tasks.entry(id) {
+            std::collections::btree_map::Entry::Occupied(_) if create_only => {
+                return dataverse_error(
+                    StatusCode::PRECONDITION_FAILED,
+                    "0x80060882",
+                    "A record with matching key values already exists.",
+                );
+            }
+            std::collections::btree_map::Entry::Occupied(mut existing) => {
+                existing.get_mut().extend(task)
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(task);
+            }
+        }
+        StatusCode::NO_CONTENT.into_response()
+    }
+
+    /// A sales rep edits a column of the lead.
+    fn rep_edits(&self, key: &str, column: &str, value: Value) {
+        self.lock()
+            .records
+            .get_mut(key)
+            .expect("the lead exists")
+            .insert(column.into(), value);
+    }
+
+    /// Sales qualifies the lead into a contact and an opportunity (statecode 1).
+    fn qualify(&self, key: &str) {
+        self.rep_edits(key, "statecode", json!(1));
+        self.rep_edits(key, "_qualifyingopportunityid_value", json!(OPPORTUNITY));
+        self.rep_edits(key, "_parentcontactid_value", json!(CONTACT));
+    }
+
+    async fn upsert(&self, rest: &str, headers: &HeaderMap, body: &[u8]) -> Response {
         let scripted = self.lock().script.pop_front();
         match scripted {
             Some(Scripted::Hang(duration)) => {
@@ -407,6 +587,20 @@ impl Fake {
             return (StatusCode::BAD_REQUEST, Json(error.clone())).into_response();
         }
         let created = !inner.records.contains_key(&key);
+        if !created && headers.get("if-none-match").is_some_and(|v| v == "*") {
+            return dataverse_error(
+                StatusCode::PRECONDITION_FAILED,
+                "0x80060882",
+                "A record with matching key values already exists.",
+            );
+        }
+        if created && headers.get("if-match").is_some_and(|v| v == "*") {
+            return dataverse_error(
+                StatusCode::NOT_FOUND,
+                "0x80040217",
+                &format!("lead With Ids = {key} Does Not Exist"),
+            );
+        }
         if created {
             let n = inner.ids.len() + 1;
             inner
@@ -416,10 +610,15 @@ impl Fake {
         } else {
             inner.updated += 1;
         }
+        let id = inner.ids[&key].clone();
         let record = inner.records.entry(key.clone()).or_default();
+        if created {
+            record.insert("leadid".into(), json!(id));
+            record.insert("statecode".into(), json!(0));
+            record.insert("_ownerid_value".into(), json!(REP_USER));
+        }
         record.extend(fields);
         record.insert(attribute.to_owned(), json!(key));
-        let id = inner.ids[&key].clone();
         let mut response = StatusCode::NO_CONTENT.into_response();
         let headers = response.headers_mut();
         headers.insert("OData-Version", HeaderValue::from_static("4.0"));
@@ -547,7 +746,15 @@ async fn a_valid_secret_gets_a_token_and_the_healthcheck_reads_who_am_i_without_
     assert_eq!(form["grant_type"], "client_credentials");
     assert_eq!(form["client_id"], CLIENT_ID);
     assert_eq!(form["scope"], format!("{}/.default", fake.base()));
-    assert_eq!(inner.requests.len(), 1);
+    assert_eq!(
+        inner.requests.len(),
+        2,
+        "WhoAmI, then the lead table's keys"
+    );
+    assert_eq!(
+        inner.requests[1].path,
+        "/api/data/v9.2/EntityDefinitions(LogicalName='lead')/Keys"
+    );
     let who = &inner.requests[0];
     assert_eq!(
         (who.method.clone(), who.path.as_str()),
@@ -665,8 +872,23 @@ async fn a_token_refused_with_401_is_replaced_once_and_the_upsert_sent_again() {
 
     // Assert
     assert_eq!(outcomes, vec![Outcome::Delivered]);
-    let statuses: Vec<u16> = fake.patches().iter().map(|p| p.status).collect();
-    assert_eq!(statuses, vec![204, 401, 204]);
+    let statuses: Vec<(Method, u16)> = fake
+        .lock()
+        .requests
+        .iter()
+        .map(|r| (r.method.clone(), r.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            (Method::GET, 200),
+            (Method::PATCH, 204),
+            (Method::GET, 401),
+            (Method::GET, 200),
+            (Method::PATCH, 204)
+        ],
+        "the second batch's query met the revoked token"
+    );
     assert_eq!(fake.token_requests(), 2);
     assert_eq!(fake.records().len(), 2);
 }
@@ -699,14 +921,20 @@ async fn the_first_upsert_creates_the_record_and_the_next_updates_it_in_place() 
     assert_eq!((created, updated), (1, 1));
     assert_eq!(records.len(), 1);
     let record = &records[&first.external_key];
-    assert_eq!(record["companyname"], json!("Fabrikam Renamed"));
+    assert_eq!(
+        record["companyname"],
+        json!("Company 7"),
+        "the company is written while empty, then it is sales'"
+    );
     assert_eq!(record["jobtitle"], json!("CEO"));
     assert_eq!(record["firstname"], json!("First7"));
     assert_eq!(record["emailaddress1"], json!("customer7@contoso.com"));
     assert_eq!(record["leadsync_key"], json!(first.external_key));
     assert_eq!(record["subject"], json!("Contoso Analytics: Get it now"));
-    assert_eq!(record["donotemail"], json!(false));
-    assert_eq!(record["donotphone"], json!(false));
+    assert!(
+        record.get("donotemail").is_none() && record.get("donotphone").is_none(),
+        "a false opt-out is never sent: {record:?}"
+    );
     assert!(
         record["description"].as_str().unwrap().contains("Contoso"),
         "{record:?}"
@@ -752,8 +980,8 @@ async fn every_upsert_carries_the_odata_headers_and_a_bearer_token() {
             .unwrap()
             .starts_with("Bearer eyJ0eXAi."));
         assert!(
-            h.get("if-match").is_none() && h.get("if-none-match").is_none(),
-            "a plain upsert"
+            h.get("if-match").is_none() && h["if-none-match"] == "*",
+            "a new lead is created, never upserted over one that appeared meanwhile"
         );
     }
 }
@@ -1063,6 +1291,216 @@ async fn the_secret_and_the_tokens_never_appear_in_outcomes_debug_or_logs() {
     }
 }
 
+// ---------------------------------------------------------------------------
+// What the CRM owns stays the CRM's
+
+/// A later event of customer `n`: a new title and a day later.
+fn later_event(n: usize) -> CustomerLead {
+    let mut changed = customer(n);
+    changed["Title"] = json!("CEO");
+    let mut later = lead_of(changed);
+    later.last_seen += time::Duration::days(1);
+    later.summary.push_str(" Asked again.");
+    later
+}
+
+#[tokio::test]
+async fn a_reps_company_topic_and_opt_outs_survive_a_new_event_and_a_resend() {
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    let key = lead(1).external_key;
+    assert_eq!(sink.deliver(&[lead(1)]).await, vec![Outcome::Delivered]);
+    fake.rep_edits(&key, "companyname", json!("Fabrikam Holdings Ltd"));
+    fake.rep_edits(&key, "donotemail", json!(true));
+    fake.rep_edits(&key, "donotphone", json!(true));
+    fake.rep_edits(&key, "subject", json!("Renewal: Fabrikam analytics"));
+    fake.rep_edits(&key, "description", json!("Met at Ignite; wants a demo."));
+
+    let new_event = sink.deliver(&[later_event(1)]).await;
+    let after_event = fake.records()[&key].clone();
+    let resend = sink.deliver(&[later_event(1)]).await;
+    let after_resend = fake.records()[&key].clone();
+
+    assert_eq!(
+        (new_event, resend),
+        (vec![Outcome::Delivered], vec![Outcome::Delivered])
+    );
+    for record in [&after_event, &after_resend] {
+        assert_eq!(record["companyname"], json!("Fabrikam Holdings Ltd"));
+        assert_eq!(record["donotemail"], json!(true), "never opted back in");
+        assert_eq!(record["donotphone"], json!(true), "never opted back in");
+        assert_eq!(record["subject"], json!("Renewal: Fabrikam analytics"));
+        assert_eq!(record["description"], json!("Met at Ignite; wants a demo."));
+        assert_eq!(
+            record["jobtitle"],
+            json!("CEO"),
+            "the customer's data follows them"
+        );
+    }
+    let patches = fake.patches();
+    assert_eq!(patches.len(), 3);
+    let update = patches[1].body.clone().unwrap();
+    assert_eq!(
+        patches[1].headers["if-match"], "*",
+        "an update never creates"
+    );
+    for column in [
+        "companyname",
+        "donotemail",
+        "donotphone",
+        "subject",
+        "description",
+    ] {
+        assert!(
+            update.get(column).is_none(),
+            "{column} sent on update: {update}"
+        );
+    }
+    assert_eq!(fake.lock().created, 1);
+}
+
+#[tokio::test]
+async fn a_qualified_leads_new_event_becomes_one_task_on_its_opportunity_and_no_dead_letter() {
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    let key = lead(1).external_key;
+    sink.deliver(&[lead(1), lead(2)]).await;
+    fake.qualify(&key);
+    let qualified = fake.records()[&key].clone();
+
+    let outcomes = sink.deliver(&[later_event(1), later_event(2)]).await;
+    let replayed = sink.deliver(&[later_event(1)]).await;
+
+    assert!(
+        matches!(&outcomes[0], Outcome::FollowedUp { note } if note.contains(&format!("regarding opportunity {OPPORTUNITY}")) && note.contains("qualified lead") && note.contains(REP_USER)),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], Outcome::Delivered);
+    assert_eq!(
+        replayed,
+        vec![outcomes[0].clone()],
+        "a replay names the same task"
+    );
+    assert_eq!(
+        fake.records()[&key],
+        qualified,
+        "the qualified lead is not touched"
+    );
+    let tasks = fake.lock().tasks.clone();
+    assert_eq!(tasks.len(), 1, "one task per event, none more on replay");
+    let task = tasks.values().next().unwrap();
+    assert_eq!(
+        task["regardingobjectid_opportunity_task@odata.bind"],
+        json!(format!("/opportunities({OPPORTUNITY})"))
+    );
+    assert_eq!(
+        task["ownerid@odata.bind"],
+        json!(format!("/systemusers({REP_USER})"))
+    );
+    let description = task["description"].as_str().unwrap();
+    assert!(description.contains("Next step"), "{description}");
+    assert!(task["subject"]
+        .as_str()
+        .unwrap()
+        .starts_with("Marketplace: Contoso Analytics"));
+}
+
+#[tokio::test]
+async fn a_disqualified_leads_new_event_becomes_a_task_on_the_lead_for_its_owner() {
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    let key = lead(1).external_key;
+    sink.deliver(&[lead(1)]).await;
+    fake.rep_edits(&key, "statecode", json!(2));
+    let lead_id = fake.records()[&key]["leadid"].as_str().unwrap().to_owned();
+
+    let outcomes = sink.deliver(&[later_event(1)]).await;
+
+    assert!(
+        matches!(&outcomes[0], Outcome::FollowedUp { note } if note.contains(&format!("regarding lead {lead_id}")) && note.contains("disqualified")),
+        "{outcomes:?}"
+    );
+    let tasks = fake.lock().tasks.clone();
+    let task = tasks.values().next().expect("a task");
+    assert_eq!(
+        task["regardingobjectid_lead_task@odata.bind"],
+        json!(format!("/leads({lead_id})"))
+    );
+}
+
+#[tokio::test]
+async fn a_key_column_the_lead_table_does_not_have_leaves_the_batch_pending() {
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "key_attribute = \"leadsync_id\"");
+
+    let outcomes = sink.deliver(&[lead(1), lead(2)]).await;
+
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, Outcome::EndpointFailed { reason } if reason.contains("Could not find a property named 'leadsync_id'")),
+            "{outcome:?}"
+        );
+    }
+    assert!(fake.records().is_empty());
+    assert!(fake.patches().is_empty());
+}
+
+#[tokio::test]
+async fn a_key_column_that_is_no_alternate_key_leaves_the_batch_pending_and_the_check_says_so() {
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "key_attribute = \"emailaddress1\"");
+
+    let outcomes = sink.deliver(&[lead(1), lead(2)]).await;
+    let health = sink.healthcheck().await.unwrap_err().message;
+
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, Outcome::EndpointFailed { reason } if reason.contains("is not an alternate key")),
+            "{outcome:?}"
+        );
+    }
+    assert!(
+        health.contains("no alternate key made of emailaddress1"),
+        "{health}"
+    );
+    assert!(!health.contains('\n'), "one line: {health}");
+}
+
+#[tokio::test]
+async fn a_403_and_a_401_with_a_fresh_token_hold_the_lead_instead_of_rejecting_it() {
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    fake.script([Scripted::Answer {
+        status: 403,
+        retry_after: None,
+        body: json!({"error": {"code": "0x80040220", "message": "Principal user is missing prvCreateLead privilege."}}),
+    }]);
+    let forbidden = sink.deliver(&[lead(1)]).await;
+    fake.script([
+        Scripted::Answer {
+            status: 401,
+            retry_after: None,
+            body: json!({}),
+        },
+        Scripted::Answer {
+            status: 401,
+            retry_after: None,
+            body: json!({}),
+        },
+    ]);
+    let unauthorized = sink.deliver(&[lead(1)]).await;
+
+    assert!(
+        matches!(&forbidden[0], Outcome::EndpointFailed { reason } if reason.contains("prvCreateLead")),
+        "{forbidden:?}"
+    );
+    assert!(
+        matches!(&unauthorized[0], Outcome::EndpointFailed { reason } if reason.contains("401")),
+        "{unauthorized:?}"
+    );
+    assert!(fake.records().is_empty());
+}
+
 fn settings_with_secret(fake: &Fake, secret: &str) -> DynamicsSettings {
     settings(fake, secret, QUICK_RETRY)
 }
@@ -1084,6 +1522,7 @@ fn the_example_config_loads_and_states_the_defaults() {
     assert_eq!(d.key_attribute, "leadsync_key");
     assert_eq!(d.parallelism, 4);
     assert_eq!(d.fields, default_fields());
+    assert!(d.ownership.is_empty(), "the defaults of the README's table");
     assert_eq!(d.max_lengths, default_max_lengths());
     assert_eq!(d.token_refresh_margin, Duration::from_secs(300));
     assert_eq!(d.request_timeout, Duration::from_secs(30));
@@ -1169,7 +1608,11 @@ async fn leads_from_the_table_are_upserted_once_per_customer_across_a_restart() 
         .values()
         .find(|r| r["emailaddress1"] == json!("customer2@contoso.com"))
         .unwrap();
-    assert_eq!(ana["companyname"], json!("Company 2 Renamed"));
+    assert_eq!(
+        ana["companyname"],
+        json!("Company 2"),
+        "companyname is written while empty (if_empty), then it is sales'"
+    );
     assert_eq!(ana["jobtitle"], json!("CEO"));
     let (created, updated) = {
         let inner = fake.lock();

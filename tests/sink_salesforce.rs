@@ -2,7 +2,9 @@
 //! documented contract: an OAuth token endpoint on the login host (client credentials
 //! and JWT bearer, the assertion verified with the public key), and the REST API on a
 //! separate instance host (sObject Collections upsert by external id, Lead describe,
-//! `INVALID_SESSION_ID`, `REQUEST_LIMIT_EXCEEDED`, per-record UpsertResults).
+//! `INVALID_SESSION_ID`, `REQUEST_LIMIT_EXCEEDED`, per-record UpsertResults), SOQL
+//! queries of Leads and Tasks, sObject Collections create (Tasks), and the CRM side
+//! sales works in: a rep's edits, opt-outs, converted Leads (`CANNOT_UPDATE_CONVERTED_LEAD`).
 
 mod common;
 
@@ -12,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{Form, Path as UrlPath, State};
+use axum::extract::{Form, Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
@@ -99,7 +101,12 @@ struct FakeState {
     /// Leads by external id.
     leads: BTreeMap<String, Map<String, Value>>,
     creates: usize,
+    /// Answers to the next writes (upserts, creates) and describes.
     faults: VecDeque<Fault>,
+    /// Answers to the next SOQL queries.
+    query_faults: VecDeque<Fault>,
+    /// Tasks created through the API.
+    tasks: Vec<Map<String, Value>>,
     /// A duplicate rule (action "Alert") flags new Leads with these emails.
     duplicate_emails: HashSet<String>,
     /// A validation rule refuses Leads with these last names.
@@ -125,6 +132,36 @@ fn lead_lengths() -> HashMap<&'static str, usize> {
         (EXTERNAL_ID, 255),
     ])
 }
+
+/// Every Lead field the fake org has (SOQL refuses others with INVALID_FIELD).
+fn lead_columns() -> Vec<&'static str> {
+    let mut columns: Vec<&'static str> = lead_lengths().into_keys().collect();
+    columns.extend([
+        "Id",
+        "HasOptedOutOfEmail",
+        "DoNotCall",
+        "IsConverted",
+        "ConvertedContactId",
+        "ConvertedAccountId",
+        "ConvertedOpportunityId",
+        "OwnerId",
+    ]);
+    columns
+}
+
+const TASK_COLUMNS: [&str; 9] = [
+    "Id",
+    "Subject",
+    "Description",
+    "WhoId",
+    "WhatId",
+    "OwnerId",
+    "Status",
+    "Priority",
+    "ActivityDate",
+];
+/// The user that owns the Leads the fake creates (a sales rep).
+const REP_USER: &str = "005000000000042AAA";
 
 fn token_error(error: &str, description: &str) -> Response {
     (
@@ -198,7 +235,8 @@ async fn token(State(fake): State<Shared>, Form(form): Form<HashMap<String, Stri
     .into_response()
 }
 
-/// Records the request, checks the session, applies a scripted fault.
+/// Records the request, checks the session, applies a scripted fault (a query's from
+/// `query_faults`, any other's from `faults`).
 async fn admit(
     fake: &Shared,
     method: &str,
@@ -206,6 +244,7 @@ async fn admit(
     headers: &HeaderMap,
     body: Value,
 ) -> Option<Response> {
+    let is_query = path.contains("/query");
     let fault = {
         let mut state = fake.lock().unwrap();
         state.api_requests.push(ApiRequest {
@@ -229,7 +268,11 @@ async fn admit(
                     .into_response(),
             );
         }
-        state.faults.pop_front()
+        if is_query {
+            state.query_faults.pop_front()
+        } else {
+            state.faults.pop_front()
+        }
     };
     match fault {
         None => None,
@@ -259,9 +302,20 @@ fn with_limit_info(state: &mut FakeState, response: impl IntoResponse) -> Respon
 fn record_errors(state: &FakeState, record: &Map<String, Value>, allow_save: bool) -> Vec<Value> {
     let text = |f: &str| record.get(f).and_then(Value::as_str).unwrap_or_default();
     let mut errors = Vec::new();
+    // Required on insert; an update changes only the fields it carries (a field sent
+    // empty would blank it, which Salesforce refuses for a required one).
+    let exists = state.leads.contains_key(text(EXTERNAL_ID));
     let missing: Vec<&str> = ["LastName", "Company"]
         .into_iter()
-        .filter(|f| text(f).trim().is_empty())
+        .filter(|f| {
+            if exists {
+                record
+                    .get(*f)
+                    .is_some_and(|v| v.as_str().is_none_or(|t| t.trim().is_empty()))
+            } else {
+                text(f).trim().is_empty()
+            }
+        })
         .collect();
     if !missing.is_empty() {
         errors.push(json!({"statusCode": "REQUIRED_FIELD_MISSING", "message": format!("Required fields are missing: [{}]", missing.join(", ")), "fields": missing}));
@@ -277,6 +331,15 @@ fn record_errors(state: &FakeState, record: &Map<String, Value>, allow_save: boo
     if state.invalid_last_names.contains(text("LastName")) {
         return vec![
             json!({"statusCode": "FIELD_CUSTOM_VALIDATION_EXCEPTION", "message": "Marketplace leads need a real last name", "fields": ["LastName"]}),
+        ];
+    }
+    if state
+        .leads
+        .get(text(EXTERNAL_ID))
+        .is_some_and(|l| l.get("IsConverted") == Some(&json!(true)))
+    {
+        return vec![
+            json!({"statusCode": "CANNOT_UPDATE_CONVERTED_LEAD", "message": "cannot reference converted lead", "fields": []}),
         ];
     }
     let is_new = !state.leads.contains_key(text(EXTERNAL_ID));
@@ -313,7 +376,7 @@ async fn upsert(
             "The requested resource does not exist",
         );
     }
-    if field != EXTERNAL_ID {
+    if field != EXTERNAL_ID || !state.external_id_is_marked {
         let message =
             format!("Provided external ID field does not exist or is not accessible: {field}");
         return with_limit_info(
@@ -364,6 +427,8 @@ async fn upsert(
             state.creates += 1;
             let id = format!("00Q{:012}", state.creates);
             record.insert("Id".into(), json!(id));
+            record.insert("OwnerId".into(), json!(REP_USER));
+            record.insert("IsConverted".into(), json!(false));
             state.leads.insert(key.clone(), record);
         } else {
             state.leads.get_mut(&key).unwrap().extend(record);
@@ -389,11 +454,154 @@ async fn describe(
         .filter(|(name, _)| *name != EXTERNAL_ID)
         .map(|(name, length)| json!({"name": name, "type": "string", "length": length, "externalId": false}))
         .collect();
-    for name in ["Id", "HasOptedOutOfEmail", "DoNotCall"] {
+    for name in lead_columns()
+        .into_iter()
+        .filter(|n| !lead_lengths().contains_key(n))
+    {
         fields.push(json!({"name": name, "externalId": false}));
     }
     fields.push(json!({"name": EXTERNAL_ID, "type": "string", "length": 255, "externalId": state.external_id_is_marked, "unique": true}));
     with_limit_info(&mut state, Json(json!({"name": "Lead", "fields": fields})))
+}
+
+/// The values of `Field IN ('a', 'b\'c')`, unescaped.
+fn soql_in_values(list: &str) -> Option<Vec<String>> {
+    let mut values = Vec::new();
+    let mut chars = list.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ' ' || *c == ',') {
+            chars.next();
+        }
+        match chars.next() {
+            None => return Some(values),
+            Some('\'') => {}
+            Some(_) => return None,
+        }
+        let mut value = String::new();
+        loop {
+            match chars.next()? {
+                '\\' => value.push(chars.next()?),
+                '\'' => break,
+                c => value.push(c),
+            }
+        }
+        values.push(value);
+    }
+}
+
+/// `SELECT a, b FROM Lead WHERE F IN (...)`, the only SOQL shape leadsync sends.
+async fn query(
+    State(fake): State<Shared>,
+    UrlPath(version): UrlPath<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let soql = params.get("q").cloned().unwrap_or_default();
+    let path = format!("/services/data/{version}/query");
+    if let Some(response) = admit(&fake, "GET", path, &headers, json!({ "q": soql })).await {
+        return response;
+    }
+    let malformed = || {
+        api_error(
+            StatusCode::BAD_REQUEST,
+            "MALFORMED_QUERY",
+            &format!("unexpected token in: {soql}"),
+        )
+    };
+    let Some(rest) = soql.strip_prefix("SELECT ") else {
+        return malformed();
+    };
+    let Some((select, rest)) = rest.split_once(" FROM ") else {
+        return malformed();
+    };
+    let Some((object, rest)) = rest.split_once(" WHERE ") else {
+        return malformed();
+    };
+    let Some((field, list)) = rest.split_once(" IN (") else {
+        return malformed();
+    };
+    let Some(values) = list.strip_suffix(')').and_then(soql_in_values) else {
+        return malformed();
+    };
+    let mut state = fake.lock().unwrap();
+    let columns: Vec<&str> = match object {
+        "Lead" => lead_columns(),
+        "Task" => TASK_COLUMNS.to_vec(),
+        _ => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "INVALID_TYPE",
+                &format!("sObject type '{object}' is not supported."),
+            )
+        }
+    };
+    let selected: Vec<&str> = select.split(',').map(str::trim).collect();
+    for name in selected.iter().chain([&field]) {
+        if !columns.contains(name) {
+            return with_limit_info(
+                &mut state,
+                api_error(
+                    StatusCode::BAD_REQUEST,
+                    "INVALID_FIELD",
+                    &format!("\n{select} FROM {object} WHERE {field}\n^\nERROR at Row:1:Column:8\nNo such column '{name}' on entity '{object}'. If you are attempting to use a custom field, be sure to append the '__c' after the custom field name."),
+                ),
+            );
+        }
+    }
+    let rows: Vec<&Map<String, Value>> = match object {
+        "Lead" => state.leads.values().collect(),
+        _ => state.tasks.iter().collect(),
+    };
+    let records: Vec<Value> = rows
+        .into_iter()
+        .filter(|r| {
+            r.get(field)
+                .and_then(Value::as_str)
+                .is_some_and(|v| values.iter().any(|x| x == v))
+        })
+        .map(|r| {
+            let mut out = Map::new();
+            out.insert("attributes".into(), json!({"type": object}));
+            for name in &selected {
+                out.insert((*name).into(), r.get(*name).cloned().unwrap_or(Value::Null));
+            }
+            Value::Object(out)
+        })
+        .collect();
+    let body = json!({"totalSize": records.len(), "done": true, "records": records});
+    with_limit_info(&mut state, Json(body))
+}
+
+/// sObject Collections create (the fake knows Tasks).
+async fn create(
+    State(fake): State<Shared>,
+    UrlPath(version): UrlPath<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let path = format!("/services/data/{version}/composite/sobjects");
+    if let Some(response) = admit(&fake, "POST", path, &headers, body.clone()).await {
+        return response;
+    }
+    let mut state = fake.lock().unwrap();
+    let records = body["records"].as_array().cloned().unwrap_or_default();
+    let mut results = Vec::new();
+    for record in records {
+        let mut record = record.as_object().unwrap().clone();
+        if record.remove("attributes").map(|a| a["type"].clone()) != Some(json!("Task")) {
+            results.push(json!({"success": false, "errors": [{"statusCode": "INVALID_TYPE", "message": "the fake creates Tasks only"}]}));
+            continue;
+        }
+        if let Some(bad) = record.keys().find(|k| !TASK_COLUMNS.contains(&k.as_str())) {
+            results.push(json!({"success": false, "errors": [{"statusCode": "INVALID_FIELD", "message": format!("No such column '{bad}' on sobject of type Task"), "fields": [bad]}]}));
+            continue;
+        }
+        let id = format!("00T{:012}", state.tasks.len() + 1);
+        record.insert("Id".into(), json!(id));
+        state.tasks.push(record);
+        results.push(json!({"id": id, "success": true, "errors": []}));
+    }
+    with_limit_info(&mut state, Json(Value::Array(results)))
 }
 
 /// The fake org: a login host with the token endpoint and an instance host with the API.
@@ -417,6 +625,8 @@ impl Fake {
             leads: BTreeMap::new(),
             creates: 0,
             faults: VecDeque::new(),
+            query_faults: VecDeque::new(),
+            tasks: Vec::new(),
             duplicate_emails: HashSet::new(),
             invalid_last_names: HashSet::new(),
             api_usage: (100, 15_000),
@@ -434,6 +644,8 @@ impl Fake {
                 "/services/data/{version}/sobjects/{sobject}/describe",
                 get(describe),
             )
+            .route("/services/data/{version}/query", get(query))
+            .route("/services/data/{version}/composite/sobjects", post(create))
             .with_state(state.clone());
         let login_url = serve(login).await;
         let instance_url = serve(instance).await;
@@ -474,6 +686,42 @@ impl Fake {
 
     fn lead(&self, key: &str) -> Option<Map<String, Value>> {
         self.with(|s| s.leads.get(key).cloned())
+    }
+
+    /// A sales rep edits the Lead in Salesforce.
+    fn rep_edits(&self, key: &str, field: &str, value: Value) {
+        self.with(|s| {
+            s.leads
+                .get_mut(key)
+                .expect("the Lead exists")
+                .insert(field.into(), value)
+        });
+    }
+
+    /// Sales converts the Lead into a Contact, an Account and an Opportunity.
+    fn convert(&self, key: &str) {
+        for (field, value) in [
+            ("IsConverted", json!(true)),
+            ("ConvertedContactId", json!("003000000000777AAA")),
+            ("ConvertedAccountId", json!("001000000000777AAA")),
+            ("ConvertedOpportunityId", json!("006000000000777AAA")),
+        ] {
+            self.rep_edits(key, field, value);
+        }
+    }
+
+    fn queries(&self) -> Vec<String> {
+        self.with(|s| {
+            s.api_requests
+                .iter()
+                .filter(|r| r.path.ends_with("/query"))
+                .map(|r| r.body["q"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+    }
+
+    fn tasks(&self) -> Vec<Map<String, Value>> {
+        self.with(|s| s.tasks.clone())
     }
 
     /// The `[sink.salesforce]` section for this fake, client credentials, quick retries.
@@ -701,22 +949,32 @@ async fn a_session_expiring_mid_run_is_renewed_once_and_the_batch_delivered() {
         2,
         "exactly one re-authentication"
     );
-    let patches = fake.patches();
+    // The second batch starts with its query: that is the request refused.
+    let requests = fake.with(|s| s.api_requests.clone());
+    let paths: Vec<&str> = requests.iter().map(|r| r.path.as_str()).collect();
     assert_eq!(
-        patches.len(),
-        3,
-        "first batch, the refused attempt, the retry"
+        paths,
+        vec![
+            "/services/data/v62.0/query",
+            UPSERT_PATH,
+            "/services/data/v62.0/query",
+            "/services/data/v62.0/query",
+            UPSERT_PATH
+        ],
+        "first batch, the refused query, the query again, the upsert"
     );
     let tokens = fake.with(|s| s.all_tokens.clone());
     assert_eq!(
-        patches[1].header("authorization"),
+        requests[2].header("authorization"),
         Some(format!("Bearer {}", tokens[0]))
     );
     assert_eq!(
-        patches[2].header("authorization"),
+        requests[3].header("authorization"),
         Some(format!("Bearer {}", tokens[1]))
     );
-    assert_eq!(patches[2].keys(), vec![key(2), key(3)]);
+    let patches = fake.patches();
+    assert_eq!(patches.len(), 2);
+    assert_eq!(patches[1].keys(), vec![key(2), key(3)]);
     assert_eq!(fake.with(|s| s.leads.len()), 3);
 }
 
@@ -741,8 +999,8 @@ async fn a_second_delivery_of_the_same_key_updates_the_lead_instead_of_creating_
     let record = fake.lead(&key(1)).unwrap();
     assert_eq!(record["Title"], "VP Engineering");
     assert_eq!(
-        record["Description"],
-        "First1 Last1 (Company 1), stage: trial."
+        record["Description"], "First1 Last1 (Company 1), stage: active.",
+        "the summary is written when the Lead is created, then it is sales'"
     );
     assert_eq!(record[EXTERNAL_ID], key(1).as_str());
 }
@@ -855,8 +1113,10 @@ async fn missing_required_fields_get_placeholders_and_long_values_are_truncated_
         32_000
     );
     assert_eq!(record["FirstName"], "First1");
-    assert_eq!(record["HasOptedOutOfEmail"], false);
-    assert_eq!(record["DoNotCall"], false);
+    assert!(
+        record.get("HasOptedOutOfEmail").is_none() && record.get("DoNotCall").is_none(),
+        "a false opt-out is never sent: {record:?}"
+    );
     let logs = logs.text();
     assert!(
         logs.contains("field=LastName") && logs.contains("placeholder"),
@@ -896,42 +1156,71 @@ async fn placeholder_and_length_overrides_keep_the_other_defaults() {
 // Throttling, outages, timeouts, refusals
 
 #[tokio::test]
-async fn request_limit_exceeded_is_backed_off_and_then_delivered() {
+async fn request_limit_exceeded_pauses_the_sink_once_without_retrying_then_delivers() {
     let fake = Fake::start().await;
     fake.fault(Fault::Respond(
         StatusCode::FORBIDDEN,
         json!([{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]),
     ));
-    let sink = sink(&fake.section(""));
+    let sink = sink(&fake.section("api_limit_pause = \"400ms\""));
+    let (logs, _guard) = capture_logs();
+    let pauses_before = leadsync::sink::salesforce::api_limit_pauses_total();
 
-    let outcomes = sink.deliver(&[lead(1)]).await;
+    let limited = sink.deliver(&[lead(1), lead(2)]).await;
+    let during_pause = sink.deliver(&[lead(1), lead(2)]).await;
+    let requests_during_pause = fake.with(|s| s.api_requests.len());
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let after_pause = sink.deliver(&[lead(1), lead(2)]).await;
 
-    assert_eq!(outcomes, vec![Outcome::Delivered]);
-    assert_eq!(fake.patches().len(), 2);
-    assert!(fake.lead(&key(1)).is_some());
+    for outcome in limited.iter().chain(&during_pause) {
+        assert!(
+            matches!(outcome, Outcome::RetryLater { after: Some(a), reason } if *a <= Duration::from_millis(400) && !a.is_zero() && reason.contains("REQUEST_LIMIT_EXCEEDED")),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(
+        limited[0],
+        Outcome::RetryLater {
+            after: Some(Duration::from_millis(400)),
+            reason: reason(&limited[0]).to_owned()
+        },
+        "the pause is sink.salesforce.api_limit_pause"
+    );
+    assert_eq!(
+        requests_during_pause, 2,
+        "one query, one upsert, no retry, nothing while paused"
+    );
+    assert_eq!(after_pause, vec![Outcome::Delivered; 2]);
+    assert!(leadsync::sink::salesforce::api_limit_pauses_total() > pauses_before);
+    let logs = logs.text();
+    assert_eq!(
+        logs.matches("out of API calls (REQUEST_LIMIT_EXCEEDED); the sink pauses")
+            .count(),
+        1,
+        "one log line per pause, not per attempt: {logs}"
+    );
 }
 
 #[tokio::test]
-async fn request_limit_exceeded_until_the_retries_run_out_leaves_the_leads_for_later() {
+async fn request_limit_exceeded_on_the_query_pauses_for_the_default_30_minutes() {
     let fake = Fake::start().await;
-    for _ in 0..3 {
-        fake.fault(Fault::Respond(
+    fake.with(|s| {
+        s.query_faults.push_back(Fault::Respond(
             StatusCode::FORBIDDEN,
             json!([{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]),
-        ));
-    }
+        ))
+    });
     let sink = sink(&fake.section(""));
 
     let outcomes = sink.deliver(&[lead(1), lead(2)]).await;
 
-    assert_eq!(outcomes.len(), 2);
     for outcome in &outcomes {
         assert!(
-            matches!(outcome, Outcome::RetryLater { reason, .. } if reason.contains("REQUEST_LIMIT_EXCEEDED")),
+            matches!(outcome, Outcome::RetryLater { after: Some(a), reason } if *a == Duration::from_secs(30 * 60) && reason.contains("REQUEST_LIMIT_EXCEEDED")),
             "{outcome:?}"
         );
     }
-    assert_eq!(fake.patches().len(), 3, "max_attempts = 3");
+    assert_eq!(fake.with(|s| s.api_requests.len()), 1, "not retried");
     assert_eq!(fake.with(|s| s.leads.len()), 0);
 }
 
@@ -982,7 +1271,7 @@ async fn a_crm_that_never_answers_in_time_leaves_the_leads_for_later() {
 }
 
 #[tokio::test]
-async fn a_request_the_org_refuses_as_a_whole_rejects_every_lead_of_it_without_retrying() {
+async fn a_request_the_org_refuses_as_a_whole_holds_every_lead_of_it_without_retrying() {
     let fake = Fake::start().await;
     fake.fault(Fault::Respond(
         StatusCode::BAD_REQUEST,
@@ -994,7 +1283,7 @@ async fn a_request_the_org_refuses_as_a_whole_rejects_every_lead_of_it_without_r
 
     for outcome in &outcomes {
         assert!(
-            matches!(outcome, Outcome::Rejected { reason } if reason.contains("HTTP 400") && reason.contains("INVALID_FIELD: No such column 'Foo__c'")),
+            matches!(outcome, Outcome::EndpointFailed { reason } if reason.contains("HTTP 400") && reason.contains("INVALID_FIELD: No such column 'Foo__c'")),
             "{outcome:?}"
         );
     }
@@ -1114,6 +1403,333 @@ async fn the_healthcheck_says_why_authentication_failed() {
 }
 
 // ---------------------------------------------------------------------------
+// What the CRM owns stays the CRM's
+
+/// A later marketplace event of customer `n`: a new stage and summary.
+fn later_event(n: usize) -> CustomerLead {
+    let mut later = lead(n);
+    later.stage = Stage::Trial;
+    later.summary = format!("First{n} Last{n} (Company {n}), stage: trial.");
+    later.last_seen = OffsetDateTime::UNIX_EPOCH + time::Duration::days(1);
+    later
+}
+
+#[tokio::test]
+async fn a_reps_company_and_opt_outs_survive_a_new_event_and_a_resend() {
+    let fake = Fake::start().await;
+    let sink = sink(&fake.section(""));
+    assert_eq!(sink.deliver(&[lead(1)]).await, vec![Outcome::Delivered]);
+    fake.rep_edits(&key(1), "Company", json!("Fabrikam Holdings Ltd"));
+    fake.rep_edits(&key(1), "HasOptedOutOfEmail", json!(true));
+    fake.rep_edits(&key(1), "DoNotCall", json!(true));
+    fake.rep_edits(&key(1), "LeadSource", json!("Partner Referral"));
+    fake.rep_edits(
+        &key(1),
+        "Description",
+        json!("Met at Ignite; wants a demo."),
+    );
+
+    let new_event = sink.deliver(&[later_event(1)]).await;
+    let after_event = fake.lead(&key(1)).unwrap();
+    let resend = sink.deliver(&[later_event(1)]).await;
+    let after_resend = fake.lead(&key(1)).unwrap();
+
+    assert_eq!(new_event, vec![Outcome::Delivered]);
+    assert_eq!(resend, vec![Outcome::Delivered]);
+    for record in [&after_event, &after_resend] {
+        assert_eq!(record["Company"], "Fabrikam Holdings Ltd");
+        assert_eq!(record["HasOptedOutOfEmail"], true, "never opted back in");
+        assert_eq!(record["DoNotCall"], true, "never opted back in");
+        assert_eq!(record["LeadSource"], "Partner Referral");
+        assert_eq!(record["Description"], "Met at Ignite; wants a demo.");
+        assert_eq!(
+            record["FirstName"], "First1",
+            "the customer's own data follows them"
+        );
+    }
+    let update = fake.patches()[1].records()[0].clone();
+    for field in [
+        "Company",
+        "HasOptedOutOfEmail",
+        "DoNotCall",
+        "LeadSource",
+        "Description",
+    ] {
+        assert!(
+            update.get(field).is_none(),
+            "{field} sent on update: {update:?}"
+        );
+    }
+    assert_eq!(fake.with(|s| s.creates), 1);
+}
+
+#[tokio::test]
+async fn a_placeholder_is_sent_on_create_only_and_never_over_a_reps_value() {
+    let fake = Fake::start().await;
+    let sink = sink(&fake.section(""));
+    let mut thin = lead(1);
+    thin.customer.last_name = None;
+    thin.customer.company = None;
+    assert_eq!(
+        sink.deliver(std::slice::from_ref(&thin)).await,
+        vec![Outcome::Delivered]
+    );
+    assert_eq!(fake.lead(&key(1)).unwrap()["LastName"], "[not provided]");
+    fake.rep_edits(&key(1), "LastName", json!("Silva"));
+
+    let again = sink.deliver(std::slice::from_ref(&thin)).await;
+
+    assert_eq!(again, vec![Outcome::Delivered]);
+    let record = fake.lead(&key(1)).unwrap();
+    assert_eq!(record["LastName"], "Silva");
+    assert_eq!(record["Company"], "[not provided]", "still empty in effect");
+    let update = fake.patches()[1].records()[0].clone();
+    assert!(update.get("LastName").is_none(), "{update:?}");
+    assert!(update.get("Company").is_none(), "{update:?}");
+}
+
+#[tokio::test]
+async fn a_company_left_as_the_placeholder_is_filled_once_the_customer_gives_one() {
+    let fake = Fake::start().await;
+    let sink = sink(&fake.section(""));
+    let mut thin = lead(1);
+    thin.customer.company = None;
+    sink.deliver(&[thin]).await;
+
+    let outcomes = sink.deliver(&[lead(1)]).await;
+
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    assert_eq!(fake.lead(&key(1)).unwrap()["Company"], "Company 1");
+}
+
+#[tokio::test]
+async fn an_opt_out_is_written_as_true_and_a_new_lead_gets_every_field() {
+    let fake = Fake::start().await;
+    let sink = sink(&fake.section(""));
+    let mut opted_out = lead(2);
+    opted_out.do_not_contact = true;
+
+    let outcomes = sink.deliver(&[lead(1), opted_out]).await;
+
+    assert_eq!(outcomes, vec![Outcome::Delivered; 2]);
+    let records = fake.patches()[0].records();
+    assert_eq!(records[1]["HasOptedOutOfEmail"], true);
+    assert_eq!(records[1]["DoNotCall"], true);
+    assert!(records[0].get("HasOptedOutOfEmail").is_none());
+    for field in ["Description", "Company", "LastName", "FirstName", "Email"] {
+        assert!(records[0].get(field).is_some(), "{field} missing on create");
+    }
+}
+
+#[tokio::test]
+async fn the_ownership_of_a_field_can_be_changed_in_the_config() {
+    let fake = Fake::start().await;
+    let sink =
+        sink(&fake.section("ownership = { Company = \"always\", Description = \"always\" }"));
+    sink.deliver(&[lead(1)]).await;
+    fake.rep_edits(&key(1), "Company", json!("Fabrikam Holdings Ltd"));
+
+    sink.deliver(&[later_event(1)]).await;
+
+    let record = fake.lead(&key(1)).unwrap();
+    assert_eq!(record["Company"], "Company 1");
+    assert_eq!(
+        record["Description"],
+        "First1 Last1 (Company 1), stage: trial."
+    );
+}
+
+#[tokio::test]
+async fn a_batch_costs_one_query_and_one_upsert_whatever_is_new_or_known() {
+    let fake = Fake::start().await;
+    let sink = sink(&fake.section(""));
+    let known: Vec<CustomerLead> = (0..100).map(lead).collect();
+    sink.deliver(&known).await;
+    let before = fake.with(|s| s.api_requests.len());
+    let batch: Vec<CustomerLead> = (0..200).map(later_event).collect();
+
+    let outcomes = sink.deliver(&batch).await;
+
+    assert_eq!(outcomes, vec![Outcome::Delivered; 200]);
+    assert_eq!(
+        fake.with(|s| s.api_requests.len()) - before,
+        2,
+        "a backfill of 3 rows per customer costs 2 calls per 600 rows"
+    );
+    let query = fake.queries().pop().unwrap();
+    assert!(
+        query.starts_with("SELECT Id, Leadsync_Key__c, IsConverted"),
+        "{query}"
+    );
+    assert!(query.contains(&format!("'{}'", key(199))), "{query}");
+    assert_eq!(fake.with(|s| s.creates), 200);
+}
+
+#[tokio::test]
+async fn a_converted_customers_new_event_becomes_one_task_for_the_owner_and_no_dead_letter() {
+    let fake = Fake::start().await;
+    let sink = sink(&fake.section(""));
+    sink.deliver(&[lead(1), lead(2)]).await;
+    fake.convert(&key(1));
+    let converted_before = fake.lead(&key(1)).unwrap();
+
+    let outcomes = sink.deliver(&[later_event(1), later_event(2)]).await;
+    let replayed = sink.deliver(&[later_event(1)]).await;
+
+    assert!(
+        matches!(&outcomes[0], Outcome::FollowedUp { note } if note.contains("Task 00T") && note.contains("Contact 003000000000777AAA") && note.contains("Opportunity 006000000000777AAA") && note.contains(REP_USER)),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], Outcome::Delivered);
+    assert!(
+        matches!(&replayed[0], Outcome::FollowedUp { .. }),
+        "{replayed:?}"
+    );
+    let tasks = fake.tasks();
+    assert_eq!(
+        tasks.len(),
+        1,
+        "a replay finds the Task instead of making another"
+    );
+    let task = &tasks[0];
+    assert_eq!(task["WhoId"], "003000000000777AAA");
+    assert_eq!(task["WhatId"], "006000000000777AAA");
+    assert_eq!(task["OwnerId"], REP_USER);
+    assert_eq!(task["Status"], "Not Started");
+    let due = task["ActivityDate"].as_str().unwrap();
+    assert!(
+        due.len() == 10 && due.as_bytes()[4] == b'-' && due.as_bytes()[7] == b'-',
+        "a Salesforce date, YYYY-MM-DD: {due}"
+    );
+    let description = task["Description"].as_str().unwrap();
+    assert!(description.contains("Next step"), "{description}");
+    assert!(description.contains("stage trial"), "{description}");
+    assert_eq!(
+        fake.lead(&key(1)).unwrap(),
+        converted_before,
+        "the converted Lead is not touched"
+    );
+    assert!(
+        fake.patches()
+            .iter()
+            .skip(1)
+            .all(|p| !p.keys().contains(&key(1))),
+        "no upsert of a converted Lead"
+    );
+}
+
+#[tokio::test]
+async fn a_lead_converted_after_the_query_waits_for_its_task_instead_of_a_dead_letter() {
+    let fake = Fake::start().await;
+    let sink = sink(&fake.section(""));
+    sink.deliver(&[lead(1)]).await;
+    fake.convert(&key(1));
+    // The query answers as it would have a moment before the conversion.
+    fake.with(|s| {
+        s.query_faults.push_back(Fault::Respond(
+            StatusCode::OK,
+            json!({"totalSize": 0, "done": true, "records": []}),
+        ))
+    });
+
+    let raced = sink.deliver(&[later_event(1)]).await;
+    let next = sink.deliver(&[later_event(1)]).await;
+
+    assert!(
+        matches!(&raced[0], Outcome::RetryLater { reason, .. } if reason.contains("CANNOT_UPDATE_CONVERTED_LEAD")),
+        "{raced:?}"
+    );
+    assert!(matches!(&next[0], Outcome::FollowedUp { .. }), "{next:?}");
+    assert_eq!(fake.tasks().len(), 1);
+}
+
+#[tokio::test]
+async fn an_external_id_field_salesforce_answers_404_for_leaves_the_batch_pending() {
+    let fake = Fake::start().await;
+    fake.with(|s| s.external_id_is_marked = false);
+    let sink = sink(&fake.section(""));
+
+    let outcomes = sink.deliver(&[lead(1), lead(2)]).await;
+
+    assert_eq!(outcomes.len(), 2);
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, Outcome::EndpointFailed { reason } if reason.contains("HTTP 404") && reason.contains("Provided external ID field does not exist or is not accessible: Leadsync_Key__c")),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(fake.patches().len(), 1, "not retried");
+    assert_eq!(fake.with(|s| s.leads.len()), 0);
+    let health = sink.healthcheck().await.unwrap_err().message;
+    assert!(health.contains("is not marked External ID"), "{health}");
+    assert!(!health.contains('\n'), "one line: {health}");
+}
+
+#[tokio::test]
+async fn a_wrong_external_id_field_name_leaves_the_batch_pending_and_the_check_names_it() {
+    let fake = Fake::start().await;
+    let sink = sink(&fake.section("external_id_field = \"Leadsync_Id__c\""));
+
+    let outcomes = sink.deliver(&[lead(1), lead(2)]).await;
+    let health = sink.healthcheck().await.unwrap_err().message;
+
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, Outcome::EndpointFailed { reason } if reason.contains("Leadsync_Id__c")),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(fake.with(|s| s.leads.len()), 0);
+    assert!(health.contains("no field Leadsync_Id__c"), "{health}");
+}
+
+#[tokio::test]
+async fn a_401_with_a_fresh_token_and_a_result_count_that_does_not_match_hold_the_batch() {
+    let fake = Fake::start().await;
+    let sink = sink(&fake.section(""));
+    for _ in 0..2 {
+        fake.fault(Fault::Respond(
+            StatusCode::UNAUTHORIZED,
+            json!([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]),
+        ));
+    }
+
+    let refused = sink.deliver(&[lead(1), lead(2)]).await;
+    fake.fault(Fault::Respond(StatusCode::OK, json!([])));
+    let short = sink.deliver(&[lead(1), lead(2)]).await;
+
+    for outcome in &refused {
+        assert!(
+            matches!(outcome, Outcome::EndpointFailed { reason } if reason.contains("fresh access token")),
+            "{outcome:?}"
+        );
+    }
+    for outcome in &short {
+        assert!(
+            matches!(outcome, Outcome::EndpointFailed { reason } if reason.contains("0 results for 2 records")),
+            "{outcome:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_403_other_than_the_api_limit_holds_the_batch() {
+    let fake = Fake::start().await;
+    fake.fault(Fault::Respond(
+        StatusCode::FORBIDDEN,
+        json!([{"message": "The REST API is not enabled for this Organization.", "errorCode": "API_DISABLED_FOR_ORG"}]),
+    ));
+    let sink = sink(&fake.section(""));
+
+    let outcomes = sink.deliver(&[lead(1)]).await;
+
+    assert!(
+        matches!(&outcomes[0], Outcome::EndpointFailed { reason } if reason.contains("API_DISABLED_FOR_ORG")),
+        "{outcomes:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
 // Config
 
 #[test]
@@ -1134,6 +1750,9 @@ fn the_example_config_loads_and_states_the_real_defaults() {
     assert_eq!(example.placeholders, defaults.placeholders);
     assert_eq!(example.max_lengths, defaults.max_lengths);
     assert_eq!(example.duplicates, defaults.duplicates);
+    assert_eq!(example.ownership, defaults.ownership);
+    assert_eq!(example.api_limit_pause, defaults.api_limit_pause);
+    assert_eq!(defaults.api_limit_pause, Duration::from_secs(30 * 60));
     assert_eq!(example.request_timeout, defaults.request_timeout);
     assert_eq!(example.allow_http, defaults.allow_http);
     assert_eq!(example.retry.max_attempts, defaults.retry.max_attempts);
@@ -1230,7 +1849,11 @@ async fn leads_from_the_table_reach_salesforce_once_per_customer_across_a_restar
     };
     let returning = by_email("customer1@contoso.com");
     let description = returning["Description"].as_str().unwrap();
-    assert!(description.contains("stage: active"), "{description}");
+    assert!(
+        description.contains("stage: initial interest"),
+        "the first summary stays (Description is written on create): {description}"
+    );
+    assert_eq!(returning["Title"], "CTO");
     assert!(by_email("customer2@contoso.com")["Description"]
         .as_str()
         .unwrap()
@@ -1240,4 +1863,115 @@ async fn leads_from_the_table_reach_salesforce_once_per_customer_across_a_restar
     let keys: HashSet<String> = fake.patches().iter().flat_map(ApiRequest::keys).collect();
     assert_eq!(keys.len(), 3);
     assert!(keys.iter().all(|k| k.starts_with("ls-")), "{keys:?}");
+}
+
+#[tokio::test]
+async fn the_crms_edits_survive_the_daemon_and_a_replay_resend_and_a_converted_customer_gets_a_task(
+) {
+    let world = World::new().await;
+    let fake = Fake::start().await;
+    let settings = world.settings_with_sink(&sink_toml(&fake.section("")));
+    world
+        .insert(&[
+            lead_row(
+                "p1",
+                "r001",
+                "AppSource-PLT | contoso.analytics",
+                customer(1),
+            ),
+            lead_row(
+                "p1",
+                "r002",
+                "AppSource-PLT | contoso.analytics",
+                customer(2),
+            ),
+        ])
+        .await;
+    let first = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync starts");
+    assert_eq!(first.exit_code(), 0, "{first:?}");
+    let by_email = |email: &str| {
+        fake.with(|s| {
+            s.leads
+                .iter()
+                .find(|(_, r)| r["Email"] == email)
+                .map(|(k, _)| k.clone())
+                .unwrap_or_else(|| panic!("no Lead for {email}"))
+        })
+    };
+    let (rep_worked, converted) = (
+        by_email("customer1@contoso.com"),
+        by_email("customer2@contoso.com"),
+    );
+    fake.rep_edits(&rep_worked, "Company", json!("Fabrikam Holdings Ltd"));
+    fake.rep_edits(&rep_worked, "HasOptedOutOfEmail", json!(true));
+    fake.rep_edits(&rep_worked, "DoNotCall", json!(true));
+    fake.convert(&converted);
+    world
+        .insert(&[
+            lead_row(
+                "p2",
+                "r003",
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(1),
+            ),
+            lead_row(
+                "p2",
+                "r004",
+                "AzureMarketplace-INS | contoso.analytics",
+                customer(2),
+            ),
+        ])
+        .await;
+
+    let second = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync restarts");
+    let pipeline = leadsync::build_pipeline(&settings).expect("pipeline");
+    let resend = pipeline
+        .poll_with(
+            leadsync::pipeline::PollMode {
+                since: Some(time::OffsetDateTime::now_utc() - time::Duration::hours(1)),
+                ignore_handled: true,
+                resend: true,
+            },
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("replay --resend");
+
+    assert_eq!(second.exit_code(), 0, "{second:?}");
+    assert_eq!(second.totals.rejected, 0, "no dead letter: {second:?}");
+    assert_eq!(second.totals.followed_up, 1, "{second:?}");
+    assert_eq!(resend.rejected, 0, "{resend:?}");
+    assert_eq!(resend.pending, 0, "{resend:?}");
+    assert!(resend.records_sent >= 2, "{resend:?}");
+    let record = fake.lead(&rep_worked).unwrap();
+    assert_eq!(record["Company"], "Fabrikam Holdings Ltd");
+    assert_eq!(record["HasOptedOutOfEmail"], true);
+    assert_eq!(record["DoNotCall"], true);
+    let tasks = fake.tasks();
+    assert_eq!(
+        tasks.len(),
+        1,
+        "one Task for the event, none more on replay: {tasks:?}"
+    );
+    assert_eq!(tasks[0]["WhoId"], "003000000000777AAA");
+    assert!(
+        tasks[0]["Subject"]
+            .as_str()
+            .unwrap()
+            .contains("Contoso Analytics: Get it now"),
+        "{tasks:?}"
+    );
+    assert_eq!(fake.with(|s| s.creates), 2);
 }

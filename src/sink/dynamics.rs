@@ -1,14 +1,22 @@
 //! Dynamics 365 / Dataverse: upserts each customer into the `lead` table by an
 //! alternate key, through the Web API, as an application user authenticated with
 //! Microsoft Entra ID client credentials.
+//!
+//! Per batch: one query of the batch's keys (`$filter=Microsoft.Dynamics.CRM.In(...)`:
+//! is the lead there, open or closed, what do its `if_empty` columns hold), then one
+//! request per lead: a create-only upsert (`If-None-Match: *`) of a new lead with every
+//! column, an update-only upsert (`If-Match: *`) of an open lead with only the columns
+//! leadsync owns, or, for a qualified or disqualified lead, a follow-up task created
+//! under an id derived from the event (`PATCH tasks(id)` with `If-None-Match: *`, so a
+//! replay finds it there instead of making another).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -16,7 +24,7 @@ use tokio::sync::Mutex;
 use tracing::Instrument;
 
 use super::http::{self, Finished, Step};
-use super::mapping::{self, LeadField};
+use super::mapping::{self, LeadField, OwnedFields, WriteMode};
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
 use crate::config::{RetrySettings, SecretSource};
 
@@ -31,6 +39,12 @@ const MAX_PARALLELISM: usize = 52;
 const ASSUMED_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 /// Enough of an error body to explain it, not a whole HTML error page.
 const MAX_BODY_IN_REASON: usize = 300;
+/// Keeps a query's URL well under the Web API's URL length limit.
+const MAX_QUERY_URL_BYTES: usize = 8_000;
+/// `lead.statecode`: 0 Open, 1 Qualified, 2 Disqualified.
+const LEAD_OPEN: i64 = 0;
+/// The `task.subject` column size.
+const TASK_SUBJECT_MAX: usize = 200;
 
 /// The column sizes of the standard `lead` table, in characters.
 const DEFAULT_MAX_LENGTHS: [(&str, usize); 9] = [
@@ -74,6 +88,11 @@ pub struct DynamicsSettings {
     /// Lead column (logical name) -> lead attribute. Replaces the default mapping as a whole.
     #[serde(default = "default_fields")]
     pub fields: BTreeMap<String, LeadField>,
+    /// Lead column -> when leadsync writes it once the lead exists: `always`,
+    /// `on_create` or `if_empty`. Entries override the defaults of the mapped attribute
+    /// (see the README's table); opt-outs are only ever written as `true`.
+    #[serde(default)]
+    pub ownership: BTreeMap<String, WriteMode>,
     /// Column (logical name) -> maximum characters; longer values are cut and the cut is logged.
     /// Merged over the built-in sizes of the standard lead columns.
     #[serde(default)]
@@ -220,6 +239,12 @@ impl DynamicsSettings {
                 "is not a column logical name (lower-case letters, digits, _)".into(),
             );
         }
+        if let Some(column) = self.ownership.keys().find(|c| !is_logical_name(c)) {
+            return bad(
+                &format!("ownership.{column}"),
+                "is not a column logical name (lower-case letters, digits, _)".into(),
+            );
+        }
         for (column, max) in &self.max_lengths {
             if !is_logical_name(column) {
                 return bad(
@@ -286,6 +311,9 @@ pub struct DynamicsSink {
     client_secret: SecretString,
     key_attribute: String,
     fields: BTreeMap<String, LeadField>,
+    ownership: BTreeMap<String, WriteMode>,
+    /// The mapped columns whose mode is `if_empty`: the batch's query reads them.
+    if_empty: Vec<String>,
     max_lengths: BTreeMap<String, usize>,
     parallelism: usize,
     refresh_margin: Duration,
@@ -348,6 +376,21 @@ impl DynamicsSink {
             client_secret,
             key_attribute: settings.key_attribute.clone(),
             fields: settings.fields.clone(),
+            ownership: settings.ownership.clone(),
+            if_empty: settings
+                .fields
+                .iter()
+                .filter(|(c, a)| {
+                    !a.is_opt_out()
+                        && settings
+                            .ownership
+                            .get(*c)
+                            .copied()
+                            .unwrap_or_else(|| a.default_write_mode())
+                            == WriteMode::IfEmpty
+                })
+                .map(|(c, _)| c.clone())
+                .collect(),
             max_lengths,
             parallelism: settings.parallelism,
             refresh_margin: settings.token_refresh_margin,
@@ -472,8 +515,8 @@ impl DynamicsSink {
         request.headers(headers).bearer_auth(token.expose_secret())
     }
 
-    /// The record body and the key value of one lead, or why it cannot be sent.
-    fn prepare(&self, lead: &CustomerLead) -> Result<(String, Map<String, Value>), String> {
+    /// The key value of one lead, or why it cannot be sent.
+    fn key_of(&self, lead: &CustomerLead) -> Result<String, String> {
         let key = if self.key_attribute == EMAIL_KEY {
             match &lead.customer.email {
                 Some(email) if !email.normalized.is_empty() => email.normalized.clone(),
@@ -501,11 +544,21 @@ impl DynamicsSink {
                 ));
             }
         }
-        let mut body = mapping::map_fields(lead, &self.fields);
+        Ok(key)
+    }
+
+    /// The key value and the lead's columns with their ownership, or why it cannot be sent.
+    fn prepare_owned(&self, lead: &CustomerLead) -> Result<(String, OwnedFields), String> {
+        let key = self.key_of(lead)?;
+        let mut owned = mapping::owned_fields(lead, &self.fields, &self.ownership);
         // `subject` (Topic) is required on create.
-        body.entry("subject")
-            .or_insert_with(|| Value::String(mapping::subject(lead)));
-        for (column, value) in body.iter_mut() {
+        owned.fields.entry("subject".into()).or_insert_with(|| {
+            (
+                Value::String(mapping::subject(lead)),
+                LeadField::Subject.default_write_mode(),
+            )
+        });
+        for (column, (value, _)) in owned.fields.iter_mut() {
             let (Some(max), Value::String(text)) = (self.max_lengths.get(column), &*value) else {
                 continue;
             };
@@ -523,21 +576,278 @@ impl DynamicsSink {
         }
         // Dataverse takes the key from the URL; the body carries it too so that a create
         // stores it, and it must be the same value.
-        body.insert(self.key_attribute.clone(), Value::String(key.clone()));
-        Ok((key, body))
+        owned.fields.insert(
+            self.key_attribute.clone(),
+            (Value::String(key.clone()), WriteMode::Always),
+        );
+        Ok((key, owned))
     }
 
-    async fn upsert(&self, lead: &CustomerLead) -> Outcome {
-        let (key, body) = match self.prepare(lead) {
-            Ok(prepared) => prepared,
-            Err(reason) => return Outcome::Rejected { reason },
-        };
-        let url = format!(
+    /// The body a new lead is created with, and its key value.
+    #[cfg(test)]
+    fn prepare(&self, lead: &CustomerLead) -> Result<(String, Map<String, Value>), String> {
+        let (key, owned) = self.prepare_owned(lead)?;
+        Ok((key, owned.for_create()))
+    }
+
+    fn lead_url(&self, key: &str) -> String {
+        format!(
             "{}/{ENTITY_SET}({}='{}')",
             self.api_base,
             self.key_attribute,
-            odata_key(&key)
-        );
+            odata_key(key)
+        )
+    }
+
+    /// One Web API request with the retry loop: transport errors, 408, 429 and 5xx are
+    /// retried; a 401 gets a fresh token once; any other answer is returned.
+    async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&[u8]>,
+        extra: &[(&'static str, &'static str)],
+        customer: &str,
+    ) -> Finished<Answer> {
+        let span = tracing::info_span!("dynamics_request", customer = %customer);
+        http::retrying(&self.retry, SINK, |attempt| {
+            let method = method.clone();
+            async move {
+                let mut refreshed = false;
+                loop {
+                    let token = match self.bearer().await {
+                        Ok(token) => token,
+                        Err(error) => return error.into_step(),
+                    };
+                    let mut request = self.odata(self.client.request(method.clone(), url), &token);
+                    for (name, value) in extra {
+                        request = request.header(*name, *value);
+                    }
+                    if let Some(body) = body {
+                        request = request
+                            .header(CONTENT_TYPE, "application/json; charset=utf-8")
+                            .body(body.to_vec());
+                    }
+                    let response = match request.send().await {
+                        Ok(response) => response,
+                        Err(e) => {
+                            return Step::Retry {
+                                after: None,
+                                reason: self.transport_reason("Web API request", e),
+                            }
+                        }
+                    };
+                    let status = response.status();
+                    if status == StatusCode::UNAUTHORIZED && !refreshed {
+                        tracing::info!(
+                            customer,
+                            attempt,
+                            "Dataverse refused the access token; getting a new one."
+                        );
+                        self.forget(&token).await;
+                        refreshed = true;
+                        continue;
+                    }
+                    let after = http::retry_after(response.headers());
+                    let entity = response
+                        .headers()
+                        .get("OData-EntityId")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let text = match response.text().await {
+                        Ok(text) => text,
+                        Err(e) => {
+                            return Step::Retry {
+                                after,
+                                reason: self.transport_reason("reading the Dataverse response", e),
+                            }
+                        }
+                    };
+                    if let Some((code, limit)) = service_protection(&text) {
+                        tracing::warn!(
+                            customer,
+                            attempt,
+                            code = %code,
+                            limit,
+                            retry_after_ms = after.map(|a| a.as_millis() as u64),
+                            "Dataverse service protection limit reached; waiting as told."
+                        );
+                    }
+                    return match classify(status, after, &text) {
+                        Step::Retry { after, reason } => Step::Retry {
+                            after,
+                            reason: self.redact(reason),
+                        },
+                        _ => Step::Done(Answer {
+                            status,
+                            text: self.redact(text),
+                            entity,
+                        }),
+                    };
+                }
+            }
+        })
+        .instrument(span)
+        .await
+    }
+
+    /// Why a final answer that is not a success refused `what`: the endpoint's fault
+    /// (the leads wait) or this record's (it is rejected).
+    fn refusal(&self, answer: &Answer, what: &str) -> Outcome {
+        let detail = error_text(&answer.text);
+        let status = answer.status;
+        if is_endpoint_refusal(status, &answer.text) {
+            Outcome::EndpointFailed {
+                reason: format!(
+                    "Dataverse refused {what} ({status}): {detail}{}",
+                    hint(status)
+                ),
+            }
+        } else {
+            Outcome::Rejected {
+                reason: format!(
+                    "Dataverse refused the lead ({status}): {detail}{}",
+                    hint(status)
+                ),
+            }
+        }
+    }
+
+    /// The leads of the batch that exist, by lower-cased key value.
+    async fn existing(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, Map<String, Value>>, Outcome> {
+        let mut select = vec![
+            "leadid".to_owned(),
+            "statecode".to_owned(),
+            self.key_attribute.clone(),
+            "_ownerid_value".to_owned(),
+            "_parentcontactid_value".to_owned(),
+            "_parentaccountid_value".to_owned(),
+            "_qualifyingopportunityid_value".to_owned(),
+        ];
+        for column in &self.if_empty {
+            if !select.contains(column) {
+                select.push(column.clone());
+            }
+        }
+        let url_of = |literals: &[String]| {
+            let filter = format!(
+                "Microsoft.Dynamics.CRM.In(PropertyName='{}',PropertyValues=[{}])",
+                self.key_attribute,
+                literals.join(",")
+            );
+            format!(
+                "{}/{ENTITY_SET}?$select={}&$filter={}",
+                self.api_base,
+                select.join(","),
+                urlencoding::encode(&filter)
+            )
+        };
+        let mut chunks: Vec<Vec<String>> = Vec::new();
+        for key in keys {
+            let literal = format!("'{}'", key.replace('\'', "''"));
+            let fits = chunks.last().is_some_and(|c| {
+                let mut with = c.clone();
+                with.push(literal.clone());
+                url_of(&with).len() <= MAX_QUERY_URL_BYTES
+            });
+            if fits {
+                chunks.last_mut().expect("checked").push(literal);
+            } else {
+                chunks.push(vec![literal]);
+            }
+        }
+        let mut found = HashMap::new();
+        for chunk in chunks {
+            let mut url = url_of(&chunk);
+            loop {
+                let answer = match self
+                    .request(
+                        Method::GET,
+                        &url,
+                        None,
+                        &[("Prefer", "odata.include-annotations=\"Microsoft.Dynamics.CRM.lookuplogicalname\"")],
+                        "",
+                    )
+                    .await
+                {
+                    Finished::Done(answer) => answer,
+                    Finished::GaveUp { after, reason } => {
+                        return Err(Outcome::RetryLater { after, reason })
+                    }
+                    Finished::Failed { reason } => {
+                        return Err(Outcome::RetryLater {
+                            after: Some(http::CREDENTIALS_REFUSED_WAIT),
+                            reason,
+                        })
+                    }
+                };
+                if !answer.status.is_success() {
+                    return Err(Outcome::EndpointFailed {
+                        reason: format!(
+                            "Dataverse refused the query of the batch's leads by sink.dynamics.key_attribute = {} ({}): {}{}",
+                            self.key_attribute,
+                            answer.status,
+                            error_text(&answer.text),
+                            hint(answer.status)
+                        ),
+                    });
+                }
+                #[derive(Deserialize)]
+                struct Page {
+                    #[serde(default)]
+                    value: Vec<Map<String, Value>>,
+                    #[serde(rename = "@odata.nextLink", default)]
+                    next: Option<String>,
+                }
+                let page: Page = match serde_json::from_str(&answer.text) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        return Err(Outcome::RetryLater {
+                            after: None,
+                            reason: format!(
+                                "Dataverse query answer unreadable ({e}): {}",
+                                error_text(&answer.text)
+                            ),
+                        })
+                    }
+                };
+                for record in page.value {
+                    if let Some(key) = record.get(&self.key_attribute).and_then(Value::as_str) {
+                        found.insert(key.to_lowercase(), record.clone());
+                    }
+                }
+                match page.next {
+                    Some(next) if next.starts_with(&self.api_base) => url = next,
+                    _ => break,
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Creates a new lead, or updates an open one with the columns leadsync owns.
+    async fn write_lead(
+        &self,
+        lead: &CustomerLead,
+        key: &str,
+        owned: &OwnedFields,
+        existing: Option<&Map<String, Value>>,
+    ) -> Outcome {
+        let (body, condition) = match existing {
+            None => (owned.for_create(), ("If-None-Match", "*")),
+            Some(record) => {
+                let body = owned.for_update(|c| mapping::crm_value_is_empty(record.get(c), &[]));
+                if body.keys().all(|c| *c == self.key_attribute) {
+                    tracing::debug!(customer = %lead.external_key, "Nothing leadsync owns changed on the Dataverse lead; no request.");
+                    return Outcome::Delivered;
+                }
+                (body, ("If-Match", "*"))
+            }
+        };
         let body = match serde_json::to_vec(&body) {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -546,98 +856,288 @@ impl DynamicsSink {
                 }
             }
         };
-        let span = tracing::info_span!("dynamics_upsert", customer = %lead.external_key);
-        let finished = http::retrying(&self.retry, SINK, |attempt| {
-            self.attempt_upsert(&url, &body, &lead.external_key, attempt)
-        })
-        .instrument(span)
-        .await;
-        match finished {
-            Finished::Done(()) => Outcome::Delivered,
-            Finished::GaveUp { after, reason } => Outcome::RetryLater { after, reason },
-            Finished::Failed { reason } => Outcome::Rejected { reason },
+        let url = self.lead_url(key);
+        let answer = match self
+            .request(
+                Method::PATCH,
+                &url,
+                Some(&body),
+                &[condition],
+                &lead.external_key,
+            )
+            .await
+        {
+            Finished::Done(answer) => answer,
+            Finished::GaveUp { after, reason } => return Outcome::RetryLater { after, reason },
+            Finished::Failed { reason } => {
+                return Outcome::RetryLater {
+                    after: Some(http::CREDENTIALS_REFUSED_WAIT),
+                    reason,
+                }
+            }
+        };
+        match answer.status {
+            s if s.is_success() => {
+                tracing::debug!(customer = %lead.external_key, status = s.as_u16(), entity = %answer.entity, created = existing.is_none(), "Lead upserted in Dataverse.");
+                Outcome::Delivered
+            }
+            // Created by someone else since the batch's query: next time it is updated.
+            StatusCode::PRECONDITION_FAILED if existing.is_none() => Outcome::RetryLater {
+                after: None,
+                reason: "the Dataverse lead was created by someone else meanwhile; it is updated next time".into(),
+            },
+            // Deleted since the batch's query: next time it is created again.
+            StatusCode::NOT_FOUND if existing.is_some() && !is_endpoint_refusal(StatusCode::BAD_REQUEST, &answer.text) => Outcome::RetryLater {
+                after: None,
+                reason: "the Dataverse lead was deleted meanwhile; it is created again next time".into(),
+            },
+            _ => self.refusal(&answer, "the lead upsert"),
         }
     }
 
-    async fn attempt_upsert(
+    /// The follow-up task for a qualified or disqualified lead: regarding the
+    /// opportunity it was qualified into, else its contact, account, or the lead
+    /// itself; owned by the lead's owner; its id derived from the customer's newest
+    /// event, so a replay finds it instead of making another.
+    fn follow_up_task(
         &self,
-        url: &str,
-        body: &[u8],
-        customer: &str,
-        attempt: u32,
-    ) -> Step<()> {
-        let mut refreshed = false;
-        loop {
-            let token = match self.bearer().await {
-                Ok(token) => token,
-                Err(error) => return error.into_step(),
+        lead: &CustomerLead,
+        record: &Map<String, Value>,
+    ) -> (String, Map<String, Value>, String) {
+        let text = |c: &str| {
+            record
+                .get(c)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let state = record
+            .get("statecode")
+            .and_then(Value::as_i64)
+            .unwrap_or(LEAD_OPEN);
+        let state_name = if state == 1 {
+            "qualified"
+        } else {
+            "disqualified"
+        };
+        let lead_id = text("leadid").unwrap_or_default();
+        let (regarding_set, regarding_nav, regarding_id, regarding_what) =
+            if let Some(id) = text("_qualifyingopportunityid_value") {
+                (
+                    "opportunities",
+                    "regardingobjectid_opportunity_task",
+                    id,
+                    "opportunity",
+                )
+            } else if let Some(id) = text("_parentcontactid_value") {
+                ("contacts", "regardingobjectid_contact_task", id, "contact")
+            } else if let Some(id) = text("_parentaccountid_value") {
+                ("accounts", "regardingobjectid_account_task", id, "account")
+            } else {
+                (
+                    "leads",
+                    "regardingobjectid_lead_task",
+                    lead_id.clone(),
+                    "lead",
+                )
             };
-            let request = self
-                .odata(self.client.patch(url), &token)
-                .header(CONTENT_TYPE, "application/json; charset=utf-8")
-                .body(body.to_vec());
-            let response = match request.send().await {
-                Ok(response) => response,
-                Err(e) => {
-                    return Step::Retry {
-                        after: None,
-                        reason: self.transport_reason("upsert request", e),
-                    }
+        let event = format!(
+            "{}|{}",
+            lead.external_key,
+            crate::timestamp::format(lead.last_seen)
+        );
+        let id = task_id(&event);
+        let (subject, _) = mapping::truncate(
+            &format!(
+                "Marketplace: {} ({})",
+                mapping::subject(lead),
+                crate::timestamp::format(lead.last_seen)
+            ),
+            TASK_SUBJECT_MAX,
+        );
+        let c = &lead.customer;
+        let name = [c.first_name.as_deref(), c.last_name.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let email = c
+            .email
+            .as_ref()
+            .map(|e| e.original.as_str())
+            .unwrap_or("no email");
+        let next = if lead.do_not_contact {
+            "Next step: the customer asked not to be contacted. Do not call or email them; set Do not allow Emails/Phone Calls on the contact."
+        } else if state == 1 {
+            "Next step: contact the customer about this request within one business day, on the opportunity."
+        } else {
+            "Next step: the lead was disqualified; decide whether this new interest reopens it."
+        };
+        let description = format!(
+            "{name} ({email}) came back through the marketplace: {}; stage {}.\nTheir lead {lead_id} is {state_name}, so leadsync did not change it.\n{next}\n\n{}",
+            mapping::subject(lead),
+            lead.stage.as_str(),
+            lead.summary
+        );
+        let (description, _) = mapping::truncate(&description, 2000);
+        let mut task = Map::new();
+        task.insert("subject".into(), Value::String(subject));
+        task.insert("description".into(), Value::String(description));
+        task.insert(
+            "scheduledend".into(),
+            Value::String(crate::timestamp::format(
+                time::OffsetDateTime::now_utc() + time::Duration::days(1),
+            )),
+        );
+        task.insert(
+            format!("{regarding_nav}@odata.bind"),
+            Value::String(format!("/{regarding_set}({regarding_id})")),
+        );
+        let mut owner_note = String::new();
+        if let Some(owner) = text("_ownerid_value") {
+            let kind = text("_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname")
+                .unwrap_or_else(|| "systemuser".into());
+            let set = if kind == "team" {
+                "teams"
+            } else {
+                "systemusers"
+            };
+            task.insert(
+                "ownerid@odata.bind".into(),
+                Value::String(format!("/{set}({owner})")),
+            );
+            owner_note = format!(", owned by {kind} {owner}");
+        }
+        let note = format!(
+            "task {id} regarding {regarding_what} {regarding_id} for {state_name} lead {lead_id}{owner_note}"
+        );
+        (id, task, note)
+    }
+
+    /// Tells the people working a qualified or disqualified lead about its new event.
+    async fn follow_up(&self, lead: &CustomerLead, record: &Map<String, Value>) -> Outcome {
+        let (id, task, note) = self.follow_up_task(lead, record);
+        let body = match serde_json::to_vec(&task) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                return Outcome::RetryLater {
+                    after: None,
+                    reason: format!("cannot encode the follow-up task as JSON: {e}"),
                 }
-            };
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && !refreshed {
-                tracing::info!(
-                    customer,
-                    attempt,
-                    "Dataverse refused the access token; getting a new one."
-                );
-                self.forget(&token).await;
-                refreshed = true;
-                continue;
             }
-            if status.is_success() {
-                let entity = response
-                    .headers()
-                    .get("OData-EntityId")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                tracing::debug!(customer, status = status.as_u16(), entity = %entity, "Lead upserted in Dataverse.");
-                return Step::Done(());
-            }
-            let after = http::retry_after(response.headers());
-            let text = match response.text().await {
-                Ok(text) => text,
-                Err(e) => {
-                    return Step::Retry {
-                        after,
-                        reason: self.transport_reason("reading the Dataverse response", e),
-                    }
+        };
+        let url = format!("{}/tasks({id})", self.api_base);
+        let answer = match self
+            .request(
+                Method::PATCH,
+                &url,
+                Some(&body),
+                &[("If-None-Match", "*")],
+                &lead.external_key,
+            )
+            .await
+        {
+            Finished::Done(answer) => answer,
+            Finished::GaveUp { after, reason } => return Outcome::RetryLater { after, reason },
+            Finished::Failed { reason } => {
+                return Outcome::RetryLater {
+                    after: Some(http::CREDENTIALS_REFUSED_WAIT),
+                    reason,
                 }
-            };
-            if let Some((code, limit)) = service_protection(&text) {
-                tracing::warn!(
-                    customer,
-                    attempt,
-                    code = %code,
-                    limit,
-                    retry_after_ms = after.map(|a| a.as_millis() as u64),
-                    "Dataverse service protection limit reached; waiting as told."
-                );
             }
-            return match classify(status, after, &text) {
-                Step::Fail { reason } => Step::Fail {
-                    reason: self.redact(reason),
-                },
-                Step::Retry { after, reason } => Step::Retry {
-                    after,
-                    reason: self.redact(reason),
-                },
-                Step::Done(()) => Step::Done(()),
-            };
+        };
+        if answer.status.is_success() {
+            tracing::info!(customer = %lead.external_key, %note, "The Dataverse lead is closed; created a follow-up task instead of updating it.");
+            return Outcome::FollowedUp { note };
+        }
+        if answer.status == StatusCode::PRECONDITION_FAILED {
+            // The task of this event is there already (a replay).
+            return Outcome::FollowedUp { note };
+        }
+        match self.refusal(&answer, "the follow-up task") {
+            Outcome::Rejected { reason } => Outcome::RetryLater {
+                after: None,
+                reason: format!(
+                    "the lead is closed and Dataverse refused its follow-up task: {reason}"
+                ),
+            },
+            other => other,
         }
     }
+
+    /// One lead of a batch whose existing records are known.
+    async fn deliver_one(
+        &self,
+        lead: &CustomerLead,
+        existing: &HashMap<String, Map<String, Value>>,
+    ) -> Outcome {
+        let (key, owned) = match self.prepare_owned(lead) {
+            Ok(prepared) => prepared,
+            Err(reason) => return Outcome::Rejected { reason },
+        };
+        let record = existing.get(&key.to_lowercase());
+        match record {
+            Some(r)
+                if r.get("statecode")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(LEAD_OPEN)
+                    != LEAD_OPEN =>
+            {
+                self.follow_up(lead, r).await
+            }
+            _ => self.write_lead(lead, &key, &owned, record).await,
+        }
+    }
+}
+
+/// One final Web API answer.
+struct Answer {
+    status: StatusCode,
+    text: String,
+    entity: String,
+}
+
+/// A task id derived from the event: the same event always names the same task.
+fn task_id(event: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("leadsync-follow-up:{event}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&digest[..16]);
+    // RFC 4122 layout: version 5 (name-based, SHA), variant 10.
+    b[6] = (b[6] & 0x0f) | 0x50;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// A refusal that is the endpoint's, not the record's: credentials or privileges
+/// (401 after a fresh token, 403), a wrong table, key or column (404, 405, a 400 that
+/// names a property, key or segment the environment does not have).
+fn is_endpoint_refusal(status: StatusCode, body: &str) -> bool {
+    if matches!(status.as_u16(), 401 | 403 | 404 | 405) {
+        return true;
+    }
+    if status != StatusCode::BAD_REQUEST {
+        return false;
+    }
+    let text = error_text(body).to_ascii_lowercase();
+    [
+        "could not find a property named",
+        "resource not found for the segment",
+        "is not an alternate key",
+        "is not a valid key",
+        "entity key",
+        "does not exist on entity",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
 }
 
 #[async_trait::async_trait]
@@ -676,10 +1176,26 @@ impl LeadSink for DynamicsSink {
                 ];
             }
         }
+        let mut keys = Vec::new();
+        for lead in batch {
+            if let Ok(key) = self.key_of(lead) {
+                keys.push(key);
+            }
+        }
+        let existing = match self.existing(&keys).await {
+            Ok(found) => found,
+            Err(outcome) => {
+                tracing::warn!(leads = batch.len(), outcome = ?outcome, "The query of the batch's Dataverse leads failed; the batch waits.");
+                return vec![outcome; batch.len()];
+            }
+        };
         // Futures are lazy: collecting them starts nothing; `buffered` runs `parallelism` at
         // a time and yields outcomes in input order.
-        let upserts: Vec<_> = batch.iter().map(|lead| self.upsert(lead)).collect();
-        stream::iter(upserts)
+        let writes: Vec<_> = batch
+            .iter()
+            .map(|lead| self.deliver_one(lead, &existing))
+            .collect();
+        stream::iter(writes)
             .buffered(self.parallelism)
             .collect()
             .await
@@ -717,7 +1233,54 @@ impl LeadSink for DynamicsSink {
                 .and_then(|v| v.get("UserId").and_then(Value::as_str).map(str::to_owned))
                 .unwrap_or_default();
             tracing::info!(api = %self.api_base, user_id = %user, "Dataverse is reachable and accepts leadsync's credentials.");
-            return Ok(());
+            return self.check_alternate_key().await;
+        }
+    }
+}
+
+impl DynamicsSink {
+    /// One metadata read: the lead table must have an active alternate key made of
+    /// `key_attribute` alone, or every upsert by it fails.
+    async fn check_alternate_key(&self) -> Result<(), SinkError> {
+        let url = format!(
+            "{}/EntityDefinitions(LogicalName='lead')/Keys?$select=LogicalName,KeyAttributes,EntityKeyIndexStatus",
+            self.api_base
+        );
+        let answer = match self.request(Method::GET, &url, None, &[], "").await {
+            Finished::Done(answer) => answer,
+            Finished::GaveUp { reason, .. } | Finished::Failed { reason } => {
+                return Err(sink_error(format!(
+                    "reading the lead table's alternate keys failed: {reason}"
+                )))
+            }
+        };
+        if !answer.status.is_success() {
+            return Err(sink_error(format!(
+                "reading the lead table's alternate keys answered {}: {}{}",
+                answer.status,
+                error_text(&answer.text),
+                hint(answer.status)
+            )));
+        }
+        let keys: Vec<Value> = serde_json::from_str::<Value>(&answer.text)
+            .ok()
+            .and_then(|v| v.get("value").and_then(Value::as_array).cloned())
+            .unwrap_or_default();
+        let ours = keys.iter().find(|k| {
+            k.get("KeyAttributes")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.len() == 1 && a[0].as_str() == Some(self.key_attribute.as_str()))
+        });
+        match ours.and_then(|k| k.get("EntityKeyIndexStatus")).and_then(Value::as_str) {
+            Some("Active") => Ok(()),
+            Some(status) => Err(sink_error(format!(
+                "the lead table's alternate key on {} is {status}, not Active (sink.dynamics.key_attribute); upserts by it fail until it is",
+                self.key_attribute
+            ))),
+            None => Err(sink_error(format!(
+                "the lead table has no alternate key made of {} alone (sink.dynamics.key_attribute); create one, or upserts by it fail",
+                self.key_attribute
+            ))),
         }
     }
 }
@@ -1126,6 +1689,56 @@ mod tests {
         let company = body["companyname"].as_str().unwrap();
         assert_eq!(company.chars().count(), 100);
         assert!(company.ends_with(mapping::TRUNCATION_MARKER));
+    }
+
+    #[test]
+    fn a_false_opt_out_is_never_sent_and_an_update_carries_only_what_leadsync_owns() {
+        let sink = DynamicsSink::new(&settings()).unwrap();
+        let mut opted_out =
+            lead(json!({"FirstName": "Ana", "Email": "ana@fabrikam.com", "Company": "Fabrikam"}));
+        let (_, contactable) = sink.prepare_owned(&opted_out).unwrap();
+        opted_out.do_not_contact = true;
+        let (_, owned) = sink.prepare_owned(&opted_out).unwrap();
+
+        let create = contactable.for_create();
+        let update_filled = owned.for_update(|_| false);
+        let update_empty = owned.for_update(|_| true);
+
+        assert!(create.get("donotemail").is_none() && create.get("donotphone").is_none());
+        assert_eq!(create["companyname"], json!("Fabrikam"));
+        assert_eq!(update_filled["donotemail"], json!(true));
+        assert_eq!(update_filled["donotphone"], json!(true));
+        assert!(update_filled.get("companyname").is_none(), "if_empty");
+        assert_eq!(update_empty["companyname"], json!("Fabrikam"));
+        for on_create in ["subject", "description"] {
+            assert!(update_empty.get(on_create).is_none(), "{on_create}");
+        }
+        assert_eq!(update_filled["firstname"], json!("Ana"));
+        assert_eq!(update_filled["leadsync_key"], json!(opted_out.external_key));
+    }
+
+    #[test]
+    fn task_ids_are_stable_per_event_and_shaped_like_guids() {
+        let a = task_id("ls-1|2024-05-01T10:00:00Z");
+        assert_eq!(a, task_id("ls-1|2024-05-01T10:00:00Z"));
+        assert_ne!(a, task_id("ls-1|2024-05-02T10:00:00Z"));
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.matches('-').count(), 4);
+        assert_eq!(&a[14..15], "5");
+    }
+
+    #[test]
+    fn endpoint_refusals_are_told_from_record_refusals() {
+        let body = |m: &str| json!({"error": {"code": "0x80060888", "message": m}}).to_string();
+        assert!(is_endpoint_refusal(StatusCode::FORBIDDEN, ""));
+        assert!(is_endpoint_refusal(
+            StatusCode::BAD_REQUEST,
+            &body("Could not find a property named 'x' on type 'Microsoft.Dynamics.CRM.lead'.")
+        ));
+        assert!(!is_endpoint_refusal(
+            StatusCode::BAD_REQUEST,
+            &body("A validation error occurred. The length of the 'companyname' attribute exceeded the maximum.")
+        ));
     }
 
     #[test]

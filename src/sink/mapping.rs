@@ -130,6 +130,142 @@ pub fn map_fields(
         .collect()
 }
 
+/// When leadsync writes a CRM field: who owns the value once the record exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    /// Every upsert: the customer's latest value wins (their name, email, phone).
+    Always,
+    /// Only when leadsync creates the record; afterwards it is the CRM's (original
+    /// source, the first summary, placeholders).
+    OnCreate,
+    /// Only while the CRM's value is empty (or still a placeholder); a value a person
+    /// typed is never replaced.
+    IfEmpty,
+}
+
+impl WriteMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::OnCreate => "on_create",
+            Self::IfEmpty => "if_empty",
+        }
+    }
+}
+
+impl LeadField {
+    /// The default ownership of a CRM field fed by this attribute. The customer's
+    /// identity and contact data follow the customer (`always`); what sales curates or
+    /// attributes on (the company, the original source, the lead's topic and first
+    /// summary, the first-seen date) is written once (`on_create`) or only into an
+    /// empty field (`if_empty`); leadsync's own tracking data (stage, offers, the
+    /// newest event) is always current.
+    pub fn default_write_mode(self) -> WriteMode {
+        match self {
+            Self::FirstName
+            | Self::LastName
+            | Self::Email
+            | Self::Phone
+            | Self::Country
+            | Self::Title => WriteMode::Always,
+            Self::Company => WriteMode::IfEmpty,
+            Self::Source | Self::Summary | Self::Subject | Self::FirstSeen => WriteMode::OnCreate,
+            Self::Stage
+            | Self::Offers
+            | Self::OfferTitle
+            | Self::Action
+            | Self::ExternalKey
+            | Self::LastSeen
+            | Self::DoNotContact => WriteMode::Always,
+        }
+    }
+
+    /// Opt-out attributes are only ever written as `true`: nothing leadsync sends can
+    /// turn an opt-out set in the CRM back off.
+    pub fn is_opt_out(self) -> bool {
+        matches!(self, Self::DoNotContact)
+    }
+}
+
+/// A CRM record's fields split by ownership, for one lead.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OwnedFields {
+    /// Field -> value and mode. Opt-outs that are `false` are not here at all.
+    pub fields: BTreeMap<String, (Value, WriteMode)>,
+}
+
+impl OwnedFields {
+    /// Everything, for a record leadsync creates.
+    pub fn for_create(&self) -> serde_json::Map<String, Value> {
+        self.fields
+            .iter()
+            .map(|(f, (v, _))| (f.clone(), v.clone()))
+            .collect()
+    }
+
+    /// For a record that exists: `always` fields, and `if_empty` fields whose CRM value
+    /// `is_empty` says is empty; never `on_create` ones.
+    pub fn for_update(&self, is_empty: impl Fn(&str) -> bool) -> serde_json::Map<String, Value> {
+        self.fields
+            .iter()
+            .filter(|(f, (_, mode))| match mode {
+                WriteMode::Always => true,
+                WriteMode::OnCreate => false,
+                WriteMode::IfEmpty => is_empty(f),
+            })
+            .map(|(f, (v, _))| (f.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The `if_empty` fields, whose current CRM value must be read.
+    pub fn if_empty_fields(&self) -> impl Iterator<Item = &str> {
+        self.fields
+            .iter()
+            .filter(|(_, (_, m))| *m == WriteMode::IfEmpty)
+            .map(|(f, _)| f.as_str())
+    }
+}
+
+/// Maps `lead` like [`map_fields`], with each field's ownership: `modes` (keyed by
+/// lower-cased CRM field name) overrides the attribute's default. A `false` opt-out is
+/// left out, never sent.
+pub fn owned_fields(
+    lead: &CustomerLead,
+    mapping: &BTreeMap<String, LeadField>,
+    modes: &BTreeMap<String, WriteMode>,
+) -> OwnedFields {
+    let fields = mapping
+        .iter()
+        .filter_map(|(crm_field, attribute)| {
+            let value = attribute.value(lead)?;
+            if attribute.is_opt_out() && value != Value::Bool(true) {
+                return None;
+            }
+            let mode = if attribute.is_opt_out() {
+                WriteMode::Always
+            } else {
+                modes
+                    .get(&crm_field.to_ascii_lowercase())
+                    .copied()
+                    .unwrap_or_else(|| attribute.default_write_mode())
+            };
+            Some((crm_field.clone(), (value, mode)))
+        })
+        .collect();
+    OwnedFields { fields }
+}
+
+/// A CRM value counts as empty when it is absent, null, blank, or still one of the
+/// placeholders leadsync sent on create.
+pub fn crm_value_is_empty(value: Option<&Value>, placeholders: &[&str]) -> bool {
+    match value {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s.trim().is_empty() || placeholders.contains(&s.as_str()),
+        Some(_) => false,
+    }
+}
+
 /// The marker appended to a value cut to fit a CRM field.
 pub const TRUNCATION_MARKER: &str = "…";
 
@@ -156,6 +292,25 @@ mod tests {
         assert!(was_cut);
         assert_eq!(cut.chars().count(), 4);
         assert!(cut.ends_with(TRUNCATION_MARKER));
+    }
+
+    #[test]
+    fn write_modes_parse_and_opt_outs_are_never_false() {
+        let modes: BTreeMap<String, WriteMode> =
+            serde_json::from_str(r#"{"company":"if_empty","leadsource":"on_create"}"#).unwrap();
+        assert_eq!(modes["company"], WriteMode::IfEmpty);
+        assert_eq!(LeadField::Company.default_write_mode(), WriteMode::IfEmpty);
+        assert_eq!(LeadField::Source.default_write_mode(), WriteMode::OnCreate);
+        assert_eq!(LeadField::Email.default_write_mode(), WriteMode::Always);
+        assert!(crm_value_is_empty(Some(&Value::String(" ".into())), &[]));
+        assert!(crm_value_is_empty(
+            Some(&Value::String("[not provided]".into())),
+            &["[not provided]"]
+        ));
+        assert!(!crm_value_is_empty(
+            Some(&Value::String("Fabrikam".into())),
+            &[]
+        ));
     }
 
     #[test]

@@ -10,10 +10,25 @@
 //!   with `{"allOrNone": false, "records": [...]}`; 200 with one UpsertResult per record,
 //!   in input order; request-level errors are `[{"errorCode", "message", "fields"}]`.
 //! - `Sforce-Limit-Info: api-usage=used/limit` on every API response.
+//! - query: `GET {instance_url}/services/data/vXX.X/query?q=<SOQL>`, 200 with
+//!   `{"totalSize", "done", "records", "nextRecordsUrl"?}`; an unknown column is a
+//!   request-level 400 `INVALID_FIELD`.
+//! - create: `POST /services/data/vXX.X/composite/sobjects` with `{"allOrNone": false,
+//!   "records": [...]}`; one SaveResult per record, in input order.
+//! - a converted Lead cannot be updated: its UpsertResult carries
+//!   `CANNOT_UPDATE_CONVERTED_LEAD` ("cannot reference converted lead").
+//! - `REQUEST_LIMIT_EXCEEDED` (403) is the org's rolling 24-hour API limit; it comes
+//!   without `Retry-After` and lifts only as the day's calls age out.
+//!
+//! Per collection of up to 200 customers: one SOQL query of their external ids (is
+//! the Lead there, converted, what do its `if_empty` fields hold), one upsert of the
+//! new and open Leads (new ones get every field, open ones only what leadsync owns),
+//! and, only when some are converted, one query and one create of follow-up Tasks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::header::HeaderMap;
@@ -24,7 +39,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::Mutex;
 
 use super::http::{check_url, client, is_transient_status, retry_after, retrying, Finished, Step};
-use super::mapping::{map_fields, truncate, LeadField};
+use super::mapping::{crm_value_is_empty, owned_fields, truncate, LeadField, WriteMode};
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
 use crate::config::{RetrySettings, SecretSource};
 
@@ -41,6 +56,18 @@ const DUPLICATES_DETECTED: &str = "DUPLICATES_DETECTED";
 /// Another transaction held the record (workflow, trigger, a user editing it): transient.
 const UNABLE_TO_LOCK_ROW: &str = "UNABLE_TO_LOCK_ROW";
 const REDACTED: &str = "[redacted]";
+const CANNOT_UPDATE_CONVERTED_LEAD: &str = "CANNOT_UPDATE_CONVERTED_LEAD";
+const REQUEST_LIMIT_EXCEEDED: &str = "REQUEST_LIMIT_EXCEEDED";
+/// Keeps a SOQL query's URL well under the REST API's 16,384-byte URI limit.
+const MAX_QUERY_URL_BYTES: usize = 12_000;
+
+static API_LIMIT_PAUSES: AtomicU64 = AtomicU64::new(0);
+
+/// Pauses of the Salesforce sink for `REQUEST_LIMIT_EXCEEDED` since the process
+/// started (one per pause, not per attempt; for metrics).
+pub fn api_limit_pauses_total() -> u64 {
+    API_LIMIT_PAUSES.load(Ordering::Relaxed)
+}
 
 /// Which OAuth 2.0 flow obtains the access token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -106,8 +133,15 @@ pub struct SalesforceSettings {
     /// Lead field API name -> lead attribute. Replaces the default mapping as a whole.
     #[serde(default = "default_fields")]
     pub fields: BTreeMap<String, LeadField>,
+    /// Lead field API name -> when leadsync writes it once the Lead exists: `always`,
+    /// `on_create` or `if_empty`. Entries override the defaults of the mapped
+    /// attribute (see the README's table); opt-outs are only ever written as `true`,
+    /// and placeholders only on create, whatever this says.
+    #[serde(default)]
+    pub ownership: BTreeMap<String, WriteMode>,
     /// Value sent for a field when the lead has none. Entries override the defaults
-    /// (LastName and Company, which Salesforce requires on every Lead).
+    /// (LastName and Company, which Salesforce requires on every Lead). Sent only when
+    /// the Lead is created: a placeholder never replaces a value.
     #[serde(default = "default_placeholders")]
     pub placeholders: BTreeMap<String, String>,
     /// Maximum characters per Lead field; longer values are truncated. Entries override
@@ -123,9 +157,17 @@ pub struct SalesforceSettings {
     /// Allow `http://` URLs (local fakes and tests only; leads carry personal data).
     #[serde(default)]
     pub allow_http: bool,
-    /// Retries of one request on timeouts, 5xx, 429 and REQUEST_LIMIT_EXCEEDED.
+    /// Retries of one request on timeouts, 5xx and 429.
     #[serde(default)]
     pub retry: RetrySettings,
+    /// How long the sink pauses after `REQUEST_LIMIT_EXCEEDED` (the org's daily API
+    /// limit, which comes without Retry-After): no call is made until it has passed.
+    #[serde(default = "default_api_limit_pause", with = "humantime_serde")]
+    pub api_limit_pause: Duration,
+}
+
+fn default_api_limit_pause() -> Duration {
+    Duration::from_secs(30 * 60)
 }
 
 fn default_api_version() -> String {
@@ -300,6 +342,17 @@ impl SalesforceSettings {
                     "record ids cannot be set in an upsert by external id".into(),
                 ));
             }
+        }
+        for name in self.ownership.keys() {
+            if !is_api_name(name) {
+                return Err((
+                    format!("sink.salesforce.ownership.{name}"),
+                    "is not a Salesforce field API name".into(),
+                ));
+            }
+        }
+        if self.api_limit_pause.is_zero() {
+            return bad("api_limit_pause", "must be greater than zero");
         }
         for (name, value) in &self.placeholders {
             if !is_api_name(name) {
@@ -488,6 +541,10 @@ enum Verdict {
     Ok,
     /// 401: the token expired or was revoked; authenticate again.
     SessionInvalid,
+    /// `REQUEST_LIMIT_EXCEEDED`: the org's daily limit; the sink pauses, no retries.
+    ApiLimit {
+        reason: String,
+    },
     Retry {
         after: Option<Duration>,
         reason: String,
@@ -509,10 +566,9 @@ fn classify(status: StatusCode, after: Option<Duration>, body: &str) -> Verdict 
     if status == StatusCode::FORBIDDEN
         && errors
             .iter()
-            .any(|e| e.error_code == "REQUEST_LIMIT_EXCEEDED")
+            .any(|e| e.error_code == REQUEST_LIMIT_EXCEEDED)
     {
-        return Verdict::Retry {
-            after,
+        return Verdict::ApiLimit {
             reason: format!("Salesforce API limit reached (HTTP {code}): {text}"),
         };
     }
@@ -600,6 +656,8 @@ enum RecordVerdict {
     Duplicate(String),
     /// Only a row lock stood in the way.
     Locked(String),
+    /// The Lead was converted (after the batch's query saw it open).
+    Converted(String),
     Rejected(String),
 }
 
@@ -626,6 +684,12 @@ fn record_verdict(result: &UpsertResult) -> RecordVerdict {
         RecordVerdict::Duplicate(text)
     } else if all(UNABLE_TO_LOCK_ROW) {
         RecordVerdict::Locked(text)
+    } else if result
+        .errors
+        .iter()
+        .any(|e| e.status_code == CANNOT_UPDATE_CONVERTED_LEAD)
+    {
+        RecordVerdict::Converted(text)
     } else {
         RecordVerdict::Rejected(text)
     }
@@ -648,13 +712,66 @@ pub struct SalesforceSink {
     api_version: String,
     external_id_field: String,
     fields: BTreeMap<String, LeadField>,
+    /// Ownership overrides, keyed by lower-cased field name.
+    ownership: BTreeMap<String, WriteMode>,
+    /// The mapped fields whose mode is `if_empty`: the batch's query reads them.
+    if_empty: Vec<String>,
     /// Keyed by lower-cased field name: Salesforce field names are case-insensitive.
     placeholders: BTreeMap<String, (String, String)>,
     max_lengths: BTreeMap<String, usize>,
     duplicates: DuplicatePolicy,
     allow_http: bool,
     retry: RetrySettings,
+    api_limit_pause: Duration,
+    /// Until when `REQUEST_LIMIT_EXCEEDED` pauses the sink.
+    limited_until: std::sync::Mutex<Option<Instant>>,
     session: Mutex<SessionSlot>,
+}
+
+/// What the batch's query found for one external id.
+#[derive(Debug, Clone, Default)]
+struct Existing {
+    id: String,
+    converted: bool,
+    contact: Option<String>,
+    account: Option<String>,
+    opportunity: Option<String>,
+    owner: Option<String>,
+    /// The `if_empty` fields' current values.
+    values: Map<String, Value>,
+}
+
+impl Existing {
+    fn from_record(record: &Map<String, Value>) -> Self {
+        let text = |f: &str| {
+            record
+                .get(f)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        Self {
+            id: text("Id").unwrap_or_default(),
+            converted: record.get("IsConverted") == Some(&Value::Bool(true)),
+            contact: text("ConvertedContactId"),
+            account: text("ConvertedAccountId"),
+            opportunity: text("ConvertedOpportunityId"),
+            owner: text("OwnerId"),
+            values: record.clone(),
+        }
+    }
+
+    fn value(&self, field: &str) -> Option<&Value> {
+        self.values
+            .iter()
+            .find(|(f, _)| f.eq_ignore_ascii_case(field))
+            .map(|(_, v)| v)
+    }
+}
+
+/// A string literal in SOQL: backslash and quote escaped.
+fn soql_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 impl fmt::Debug for SalesforceSink {
@@ -735,6 +852,24 @@ impl SalesforceSink {
         {
             placeholders.insert(field.to_ascii_lowercase(), (field, value));
         }
+        let ownership: BTreeMap<String, WriteMode> = settings
+            .ownership
+            .iter()
+            .map(|(f, m)| (f.to_ascii_lowercase(), *m))
+            .collect();
+        let if_empty: Vec<String> = settings
+            .fields
+            .iter()
+            .filter(|(f, a)| {
+                !a.is_opt_out()
+                    && ownership
+                        .get(&f.to_ascii_lowercase())
+                        .copied()
+                        .unwrap_or_else(|| a.default_write_mode())
+                        == WriteMode::IfEmpty
+            })
+            .map(|(f, _)| f.clone())
+            .collect();
         let mut max_lengths = BTreeMap::new();
         for (field, max) in default_max_lengths()
             .into_iter()
@@ -754,27 +889,49 @@ impl SalesforceSink {
             api_version: settings.api_version.clone(),
             external_id_field: settings.external_id_field.clone(),
             fields: settings.fields.clone(),
+            ownership,
+            if_empty,
             placeholders,
             max_lengths,
             duplicates: settings.duplicates,
             allow_http: settings.allow_http,
             retry: settings.retry.clone(),
+            api_limit_pause: settings.api_limit_pause,
+            limited_until: std::sync::Mutex::new(None),
             session: Mutex::new(SessionSlot::default()),
         })
     }
 
-    /// The sObject record sent for `lead`: mapped fields, required fields filled,
-    /// lengths respected, and the external id.
-    fn record(&self, lead: &CustomerLead) -> Value {
+    /// The record sent for `lead`: a new Lead gets every mapped field and the
+    /// placeholders of required fields it lacks; an existing one only its `always`
+    /// fields and the `if_empty` ones still empty in Salesforce. Opt-outs are sent only
+    /// as `true`; lengths are respected; the external id is always there.
+    fn record(&self, lead: &CustomerLead, existing: Option<&Existing>) -> Value {
         let key = &lead.external_key;
-        let mut fields = map_fields(lead, &self.fields);
-        fields.retain(|_, v| !matches!(v, Value::String(s) if s.trim().is_empty()));
+        let mut owned = owned_fields(lead, &self.fields, &self.ownership);
+        owned
+            .fields
+            .retain(|_, (v, _)| !matches!(v, Value::String(s) if s.trim().is_empty()));
         for (field, placeholder) in self.placeholders.values() {
-            if !fields.keys().any(|f| f.eq_ignore_ascii_case(field)) {
-                tracing::info!(customer = %key, field = %field, placeholder = %placeholder, "Lead has no value for a field Salesforce requires; sending the placeholder.");
-                fields.insert(field.clone(), Value::String(placeholder.clone()));
+            if !owned.fields.keys().any(|f| f.eq_ignore_ascii_case(field)) {
+                if existing.is_none() {
+                    tracing::info!(customer = %key, field = %field, placeholder = %placeholder, "Lead has no value for a field Salesforce requires; sending the placeholder on create.");
+                }
+                owned.fields.insert(
+                    field.clone(),
+                    (Value::String(placeholder.clone()), WriteMode::OnCreate),
+                );
             }
         }
+        let placeholders: Vec<&str> = self
+            .placeholders
+            .values()
+            .map(|(_, p)| p.as_str())
+            .collect();
+        let mut fields = match existing {
+            None => owned.for_create(),
+            Some(e) => owned.for_update(|f| crm_value_is_empty(e.value(f), &placeholders)),
+        };
         for (field, value) in fields.iter_mut() {
             let Value::String(text) = value else { continue };
             let Some(&max) = self.max_lengths.get(&field.to_ascii_lowercase()) else {
@@ -931,7 +1088,33 @@ impl SalesforceSink {
         Ok((status, headers, text))
     }
 
+    /// The rest of a `REQUEST_LIMIT_EXCEEDED` pause, if one is running.
+    fn api_limit_remaining(&self) -> Option<Duration> {
+        let until = (*self.limited_until.lock().expect("not poisoned"))?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    /// Starts a pause for `REQUEST_LIMIT_EXCEEDED`: counted and logged once per pause.
+    fn pause_for_api_limit(&self, reason: &str) -> Duration {
+        let mut until = self.limited_until.lock().expect("not poisoned");
+        let now = Instant::now();
+        if let Some(running) = until.filter(|u| *u > now) {
+            return running - now;
+        }
+        *until = Some(now + self.api_limit_pause);
+        API_LIMIT_PAUSES.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            sink = SINK,
+            pause_s = self.api_limit_pause.as_secs(),
+            %reason,
+            "Salesforce org is out of API calls (REQUEST_LIMIT_EXCEEDED); the sink pauses for sink.salesforce.api_limit_pause, the leads wait."
+        );
+        self.api_limit_pause
+    }
+
     /// One API call with the retry loop; a 401 re-authenticates once per attempt.
+    /// `REQUEST_LIMIT_EXCEEDED` is not retried: it pauses the sink (`GaveUp` with the
+    /// pause), and no call is made while the pause runs.
     async fn call(
         &self,
         method: Method,
@@ -939,6 +1122,32 @@ impl SalesforceSink {
         body: Option<&Value>,
         allow_save: bool,
     ) -> Finished<String> {
+        if let Some(left) = self.api_limit_remaining() {
+            return Finished::GaveUp {
+                after: Some(left),
+                reason: "Salesforce org is out of API calls (REQUEST_LIMIT_EXCEEDED); the sink is paused".into(),
+            };
+        }
+        let finished = self.call_retrying(method, path, body, allow_save).await;
+        match finished {
+            Finished::Done(Ok(text)) => Finished::Done(text),
+            Finished::Done(Err(reason)) => Finished::GaveUp {
+                after: Some(self.pause_for_api_limit(&reason)),
+                reason,
+            },
+            Finished::GaveUp { after, reason } => Finished::GaveUp { after, reason },
+            Finished::Failed { reason } => Finished::Failed { reason },
+        }
+    }
+
+    /// `Done(Err(reason))` is `REQUEST_LIMIT_EXCEEDED`, which ends the loop at once.
+    async fn call_retrying(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        allow_save: bool,
+    ) -> Finished<Result<String, String>> {
         retrying(&self.retry, SINK, |_attempt| {
             let method = method.clone();
             async move {
@@ -973,7 +1182,10 @@ impl SalesforceSink {
                             }
                         };
                     match classify(status, retry_after(&headers), &text) {
-                        Verdict::Ok => return Step::Done(text),
+                        Verdict::Ok => return Step::Done(Ok(text)),
+                        Verdict::ApiLimit { reason } => {
+                            return Step::Done(Err(self.scrub(reason, Some(&session))))
+                        }
                         Verdict::SessionInvalid if !reauthenticated => {
                             tracing::info!(sink = SINK, "Salesforce session expired or was revoked; authenticating again.");
                             self.invalidate(&session).await;
@@ -1044,19 +1256,210 @@ impl SalesforceSink {
         }
     }
 
-    /// Delivers one collection (at most 200 leads).
+    /// Runs a SOQL query and follows `nextRecordsUrl`; the records, or why there are none.
+    async fn query(&self, soql: &str) -> Finished<Vec<Map<String, Value>>> {
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            records: Vec<Map<String, Value>>,
+            #[serde(default = "page_done")]
+            done: bool,
+            #[serde(rename = "nextRecordsUrl", default)]
+            next: Option<String>,
+        }
+        fn page_done() -> bool {
+            true
+        }
+        let mut path = format!(
+            "/services/data/{}/query?q={}",
+            self.api_version,
+            urlencoding::encode(soql)
+        );
+        let mut records = Vec::new();
+        loop {
+            let text = match self.call(Method::GET, &path, None, false).await {
+                Finished::Done(text) => text,
+                Finished::GaveUp { after, reason } => return Finished::GaveUp { after, reason },
+                Finished::Failed { reason } => return Finished::Failed { reason },
+            };
+            match serde_json::from_str::<Page>(&text) {
+                Ok(page) => {
+                    records.extend(page.records);
+                    match page.next {
+                        Some(next) if !page.done && next.starts_with("/services/data/") => {
+                            path = next
+                        }
+                        _ => return Finished::Done(records),
+                    }
+                }
+                Err(e) => {
+                    return Finished::GaveUp {
+                        after: None,
+                        reason: format!(
+                            "Salesforce query answer is not a record list ({e}): {}",
+                            snippet(&text)
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `SELECT {select} FROM {object} WHERE {field} IN (...)` for every value, in as
+    /// few queries as the URL length allows (one for a collection of 200 keys).
+    async fn query_in(
+        &self,
+        select: &str,
+        object: &str,
+        field: &str,
+        values: &[String],
+    ) -> Finished<Vec<Map<String, Value>>> {
+        let head = format!("SELECT {select} FROM {object} WHERE {field} IN (");
+        let budget = MAX_QUERY_URL_BYTES.saturating_sub(urlencoding::encode(&head).len() + 200);
+        let mut lists: Vec<Vec<String>> = Vec::new();
+        let mut used = 0;
+        for value in values {
+            let literal = soql_literal(value);
+            let cost = urlencoding::encode(&literal).len() + 3;
+            if lists.is_empty() || used + cost > budget {
+                lists.push(Vec::new());
+                used = 0;
+            }
+            used += cost;
+            lists.last_mut().expect("just pushed").push(literal);
+        }
+        let mut records = Vec::new();
+        for list in lists {
+            match self.query(&format!("{head}{})", list.join(","))).await {
+                Finished::Done(found) => records.extend(found),
+                other => return other,
+            }
+        }
+        Finished::Done(records)
+    }
+
+    /// The Leads of `keys` that exist: converted or not, and their `if_empty` fields.
+    async fn existing(&self, keys: &[String]) -> Result<HashMap<String, Existing>, Outcome> {
+        let mut select: Vec<&str> = vec![
+            "Id",
+            self.external_id_field.as_str(),
+            "IsConverted",
+            "ConvertedContactId",
+            "ConvertedAccountId",
+            "ConvertedOpportunityId",
+            "OwnerId",
+        ];
+        for field in &self.if_empty {
+            if !select.iter().any(|f| f.eq_ignore_ascii_case(field)) {
+                select.push(field);
+            }
+        }
+        match self
+            .query_in(&select.join(", "), "Lead", &self.external_id_field, keys)
+            .await
+        {
+            Finished::Done(records) => Ok(records
+                .iter()
+                .filter_map(|r| {
+                    let key = r
+                        .iter()
+                        .find(|(f, _)| f.eq_ignore_ascii_case(&self.external_id_field))
+                        .and_then(|(_, v)| v.as_str())?;
+                    Some((key.to_owned(), Existing::from_record(r)))
+                })
+                .collect()),
+            Finished::GaveUp { after, reason } => Err(Outcome::RetryLater { after, reason }),
+            Finished::Failed { reason } => Err(Outcome::EndpointFailed {
+                reason: format!("Salesforce refused the query of the batch's Leads by sink.salesforce.external_id_field = {}: {reason}", self.external_id_field),
+            }),
+        }
+    }
+
+    /// Delivers one collection (at most 200 leads): one query, one upsert of the new
+    /// and open Leads, and follow-up Tasks for the converted ones.
     async fn deliver_collection(&self, leads: &[CustomerLead]) -> Vec<Outcome> {
-        let records: Vec<Value> = leads.iter().map(|l| self.record(l)).collect();
+        let keys: Vec<String> = leads.iter().map(|l| l.external_key.clone()).collect();
+        let existing = match self.existing(&keys).await {
+            Ok(found) => found,
+            Err(outcome) => return vec![outcome; leads.len()],
+        };
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; leads.len()];
+        let (converted, open): (Vec<usize>, Vec<usize>) = (0..leads.len()).partition(|&i| {
+            existing
+                .get(&leads[i].external_key)
+                .is_some_and(|e| e.converted)
+        });
+        let mut created = 0;
+        if !open.is_empty() {
+            created = self
+                .upsert_open(leads, &open, &existing, &mut outcomes)
+                .await;
+        }
+        if !converted.is_empty() {
+            self.follow_up(leads, &converted, &existing, &mut outcomes)
+                .await;
+        }
+        let outcomes: Vec<Outcome> = outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| Outcome::RetryLater {
+                    after: None,
+                    reason: "Salesforce answered nothing for this lead".into(),
+                })
+            })
+            .collect();
+        let count = |f: fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+        let delivered = count(|o| matches!(o, Outcome::Delivered));
+        let rejected = count(|o| matches!(o, Outcome::Rejected { .. }));
+        let followed_up = count(|o| matches!(o, Outcome::FollowedUp { .. }));
+        tracing::info!(
+            sink = SINK,
+            records = leads.len(),
+            delivered,
+            created,
+            followed_up,
+            rejected,
+            pending = leads.len() - delivered - rejected - followed_up,
+            "Salesforce upsert finished."
+        );
+        outcomes
+    }
+
+    /// Upserts the leads at `indexes` (new or open Leads); returns how many were created.
+    async fn upsert_open(
+        &self,
+        leads: &[CustomerLead],
+        indexes: &[usize],
+        existing: &HashMap<String, Existing>,
+        outcomes: &mut [Option<Outcome>],
+    ) -> usize {
+        let records: Vec<Value> = indexes
+            .iter()
+            .map(|&i| self.record(&leads[i], existing.get(&leads[i].external_key)))
+            .collect();
         let results = match self.upsert(&records, false).await {
             Finished::Done(results) => results,
             Finished::GaveUp { after, reason } => {
-                return vec![Outcome::RetryLater { after, reason }; leads.len()]
+                for &i in indexes {
+                    outcomes[i] = Some(Outcome::RetryLater {
+                        after,
+                        reason: reason.clone(),
+                    });
+                }
+                return 0;
             }
-            Finished::Failed { reason } => return vec![Outcome::Rejected { reason }; leads.len()],
+            Finished::Failed { reason } => {
+                for &i in indexes {
+                    outcomes[i] = Some(Outcome::EndpointFailed {
+                        reason: reason.clone(),
+                    });
+                }
+                return 0;
+            }
         };
-        let mut outcomes = Vec::with_capacity(leads.len());
         let mut duplicates = Vec::new();
-        for (i, (lead, result)) in leads.iter().zip(&results).enumerate() {
+        for (n, (&i, result)) in indexes.iter().zip(&results).enumerate() {
+            let lead = &leads[i];
             let outcome = match record_verdict(result) {
                 RecordVerdict::Upserted { created } => {
                     tracing::debug!(customer = %lead.external_key, id = result.id.as_deref().unwrap_or(""), created, "Lead upserted into Salesforce.");
@@ -1064,7 +1467,7 @@ impl SalesforceSink {
                 }
                 RecordVerdict::Duplicate(text) if self.duplicates == DuplicatePolicy::AllowSave => {
                     tracing::info!(customer = %lead.external_key, errors = %text, "Salesforce duplicate rule flagged the Lead; sending it again with allowSave=true.");
-                    duplicates.push(i);
+                    duplicates.push(n);
                     Outcome::Rejected { reason: text }
                 }
                 RecordVerdict::Duplicate(text) => Outcome::Rejected {
@@ -1076,23 +1479,29 @@ impl SalesforceSink {
                     after: None,
                     reason: format!("Salesforce record was locked: {text}"),
                 },
+                RecordVerdict::Converted(text) => Outcome::RetryLater {
+                    after: None,
+                    reason: format!("the Lead was converted while leadsync sent it; its follow-up Task comes next time: {text}"),
+                },
                 RecordVerdict::Rejected(text) => Outcome::Rejected {
                     reason: format!("Salesforce refused the Lead: {text}"),
                 },
             };
-            outcomes.push(outcome);
+            outcomes[i] = Some(outcome);
         }
         if !duplicates.is_empty() {
-            let again: Vec<Value> = duplicates.iter().map(|&i| records[i].clone()).collect();
+            let again: Vec<Value> = duplicates.iter().map(|&n| records[n].clone()).collect();
             match self.upsert(&again, true).await {
                 Finished::Done(results) => {
-                    for (&i, result) in duplicates.iter().zip(&results) {
-                        outcomes[i] = match record_verdict(result) {
+                    for (&n, result) in duplicates.iter().zip(&results) {
+                        outcomes[indexes[n]] = Some(match record_verdict(result) {
                             RecordVerdict::Upserted { .. } => Outcome::Delivered,
-                            RecordVerdict::Locked(text) => Outcome::RetryLater {
-                                after: None,
-                                reason: format!("Salesforce record was locked: {text}"),
-                            },
+                            RecordVerdict::Locked(text) | RecordVerdict::Converted(text) => {
+                                Outcome::RetryLater {
+                                    after: None,
+                                    reason: format!("Salesforce could not update the Lead now: {text}"),
+                                }
+                            }
                             RecordVerdict::Duplicate(text) => Outcome::Rejected {
                                 reason: format!(
                                     "Salesforce duplicate rule blocks the Lead even with allowSave=true: {text}"
@@ -1101,48 +1510,275 @@ impl SalesforceSink {
                             RecordVerdict::Rejected(text) => Outcome::Rejected {
                                 reason: format!("Salesforce refused the Lead: {text}"),
                             },
-                        };
+                        });
                     }
                 }
                 Finished::GaveUp { after, reason } => {
-                    for &i in &duplicates {
-                        outcomes[i] = Outcome::RetryLater {
+                    for &n in &duplicates {
+                        outcomes[indexes[n]] = Some(Outcome::RetryLater {
                             after,
                             reason: reason.clone(),
-                        };
+                        });
                     }
                 }
                 Finished::Failed { reason } => {
-                    for &i in &duplicates {
-                        outcomes[i] = Outcome::Rejected {
+                    for &n in &duplicates {
+                        outcomes[indexes[n]] = Some(Outcome::EndpointFailed {
                             reason: reason.clone(),
-                        };
+                        });
                     }
                 }
             }
         }
-        let created = results
+        results
             .iter()
             .filter(|r| r.success && r.created == Some(true))
-            .count();
-        let delivered = outcomes
-            .iter()
-            .filter(|o| matches!(o, Outcome::Delivered))
-            .count();
-        let rejected = outcomes
-            .iter()
-            .filter(|o| matches!(o, Outcome::Rejected { .. }))
-            .count();
-        tracing::info!(
-            sink = SINK,
-            records = leads.len(),
-            delivered,
-            created,
-            rejected,
-            pending = leads.len() - delivered - rejected,
-            "Salesforce upsert finished."
+            .count()
+    }
+
+    /// The follow-up Task for a converted Lead's new event: on the converted Contact
+    /// (who) and Opportunity, else Account (what), assigned to the Lead's owner.
+    fn follow_up_task(&self, lead: &CustomerLead, e: &Existing) -> Value {
+        let (subject, _) = truncate(
+            &format!(
+                "Marketplace: {} ({})",
+                super::mapping::subject(lead),
+                crate::timestamp::format(lead.last_seen)
+            ),
+            255,
         );
-        outcomes
+        let c = &lead.customer;
+        let name = [c.first_name.as_deref(), c.last_name.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let email = c
+            .email
+            .as_ref()
+            .map(|e| e.original.as_str())
+            .unwrap_or("no email");
+        let offers = lead
+            .offers
+            .iter()
+            .map(|o| o.offer.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let next = if lead.do_not_contact {
+            "Next step: the customer asked not to be contacted. Do not call or email them; set the opt-outs on the Contact."
+        } else {
+            "Next step: contact the customer about this request within one business day, on the Opportunity if there is one."
+        };
+        let description = format!(
+            "{name} ({email}) came back through the marketplace: {subject}; stage {stage}; offers: {offers}.\n\
+             Their Lead {lead_id} was converted, so leadsync did not change it.\n{next}\n\n{summary}",
+            stage = lead.stage.as_str(),
+            offers = if offers.is_empty() { "none" } else { &offers },
+            lead_id = e.id,
+            summary = lead.summary,
+        );
+        let (description, _) = truncate(&description, 32_000);
+        let mut task = Map::new();
+        task.insert("attributes".into(), json!({ "type": "Task" }));
+        task.insert("Subject".into(), Value::String(subject));
+        task.insert("Description".into(), Value::String(description));
+        task.insert("Status".into(), json!("Not Started"));
+        task.insert("Priority".into(), json!("Normal"));
+        task.insert(
+            "ActivityDate".into(),
+            Value::String(
+                time::OffsetDateTime::now_utc()
+                    .date()
+                    .format(time::macros::format_description!("[year]-[month]-[day]"))
+                    .unwrap_or_default(),
+            ),
+        );
+        if let Some(contact) = &e.contact {
+            task.insert("WhoId".into(), Value::String(contact.clone()));
+        }
+        if let Some(what) = e.opportunity.as_ref().or(e.account.as_ref()) {
+            task.insert("WhatId".into(), Value::String(what.clone()));
+        }
+        // A Task's owner must be a user (005...), not a queue.
+        if let Some(owner) = e.owner.as_ref().filter(|o| o.starts_with("005")) {
+            task.insert("OwnerId".into(), Value::String(owner.clone()));
+        }
+        Value::Object(task)
+    }
+
+    /// Creates a follow-up Task for each converted Lead at `indexes`, once per event:
+    /// a Task with the same subject on the same records (a replay) is not made again.
+    async fn follow_up(
+        &self,
+        leads: &[CustomerLead],
+        indexes: &[usize],
+        existing: &HashMap<String, Existing>,
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        let text = |v: &Value, f: &str| v.get(f).and_then(Value::as_str).unwrap_or("").to_owned();
+        let tasks: Vec<(usize, &Existing, Value)> = indexes
+            .iter()
+            .map(|&i| {
+                let e = &existing[&leads[i].external_key];
+                (i, e, self.follow_up_task(&leads[i], e))
+            })
+            .collect();
+        let identity = |v: &Value| (text(v, "Subject"), text(v, "WhoId"), text(v, "WhatId"));
+        let subjects: Vec<String> = tasks
+            .iter()
+            .map(|(_, _, t)| text(t, "Subject"))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let fail = |outcomes: &mut [Option<Outcome>], outcome: Outcome| {
+            for &i in indexes {
+                outcomes[i] = Some(outcome.clone());
+            }
+        };
+        let already: HashMap<(String, String, String), String> = match self
+            .query_in("Id, Subject, WhoId, WhatId", "Task", "Subject", &subjects)
+            .await
+        {
+            Finished::Done(records) => records
+                .into_iter()
+                .map(|r| {
+                    let r = Value::Object(r);
+                    (identity(&r), text(&r, "Id"))
+                })
+                .collect(),
+            Finished::GaveUp { after, reason } => {
+                return fail(outcomes, Outcome::RetryLater { after, reason })
+            }
+            Finished::Failed { reason } => {
+                return fail(
+                    outcomes,
+                    Outcome::EndpointFailed {
+                        reason: format!(
+                            "Salesforce refused the query of follow-up Tasks: {reason}"
+                        ),
+                    },
+                )
+            }
+        };
+        let note = |task_id: &str, e: &Existing, task: &Value| {
+            let mut on = Vec::new();
+            if let Some(c) = &e.contact {
+                on.push(format!("Contact {c}"));
+            }
+            if let Some(o) = &e.opportunity {
+                on.push(format!("Opportunity {o}"));
+            } else if let Some(a) = &e.account {
+                on.push(format!("Account {a}"));
+            }
+            let owner = text(task, "OwnerId");
+            format!(
+                "Task {task_id} on {} for converted Lead {}{}",
+                if on.is_empty() {
+                    "no record".to_owned()
+                } else {
+                    on.join(" and ")
+                },
+                e.id,
+                if owner.is_empty() {
+                    String::new()
+                } else {
+                    format!(", assigned to {owner}")
+                }
+            )
+        };
+        let mut to_create = Vec::new();
+        for (i, e, task) in &tasks {
+            match already.get(&identity(task)) {
+                Some(id) => {
+                    outcomes[*i] = Some(Outcome::FollowedUp {
+                        note: note(id, e, task),
+                    })
+                }
+                None => to_create.push((*i, *e, task.clone())),
+            }
+        }
+        if to_create.is_empty() {
+            return;
+        }
+        let body = json!({
+            "allOrNone": false,
+            "records": to_create.iter().map(|(_, _, t)| t.clone()).collect::<Vec<_>>(),
+        });
+        let path = format!("/services/data/{}/composite/sobjects", self.api_version);
+        let results = match self.call(Method::POST, &path, Some(&body), false).await {
+            Finished::Done(text) => match serde_json::from_str::<Vec<UpsertResult>>(&text) {
+                Ok(results) if results.len() == to_create.len() => results,
+                Ok(results) => {
+                    let reason = format!(
+                        "Salesforce returned {} results for {} Tasks",
+                        results.len(),
+                        to_create.len()
+                    );
+                    for (i, _, _) in &to_create {
+                        outcomes[*i] = Some(Outcome::EndpointFailed {
+                            reason: reason.clone(),
+                        });
+                    }
+                    return;
+                }
+                Err(e) => {
+                    let reason = format!(
+                        "Salesforce Task answer is not a list of results ({e}): {}",
+                        snippet(&text)
+                    );
+                    for (i, _, _) in &to_create {
+                        outcomes[*i] = Some(Outcome::RetryLater {
+                            after: None,
+                            reason: reason.clone(),
+                        });
+                    }
+                    return;
+                }
+            },
+            Finished::GaveUp { after, reason } => {
+                for (i, _, _) in &to_create {
+                    outcomes[*i] = Some(Outcome::RetryLater {
+                        after,
+                        reason: reason.clone(),
+                    });
+                }
+                return;
+            }
+            Finished::Failed { reason } => {
+                for (i, _, _) in &to_create {
+                    outcomes[*i] = Some(Outcome::EndpointFailed {
+                        reason: reason.clone(),
+                    });
+                }
+                return;
+            }
+        };
+        for ((i, e, task), result) in to_create.iter().zip(&results) {
+            let customer = &leads[*i].external_key;
+            outcomes[*i] = Some(if result.success {
+                let id = result.id.clone().unwrap_or_default();
+                tracing::info!(customer = %customer, task = %id, lead = %e.id, "The Lead was converted; created a follow-up Task instead of updating it.");
+                Outcome::FollowedUp {
+                    note: note(&id, e, task),
+                }
+            } else {
+                // Never a dead letter: the event waits, and the reason says what to fix
+                // (a Task validation rule, an inactive owner).
+                let errors = describe_errors(result.errors.iter().map(|e| {
+                    (
+                        e.status_code.as_str(),
+                        e.message.as_str(),
+                        e.fields.as_slice(),
+                    )
+                }));
+                Outcome::RetryLater {
+                    after: None,
+                    reason: format!(
+                        "the Lead is converted and Salesforce refused its follow-up Task: {errors}"
+                    ),
+                }
+            });
+        }
     }
 }
 
@@ -1389,7 +2025,7 @@ mod tests {
             Verdict::SessionInvalid
         );
         assert!(
-            matches!(classify(StatusCode::FORBIDDEN, None, limit), Verdict::Retry { reason, .. } if reason.contains("REQUEST_LIMIT_EXCEEDED"))
+            matches!(classify(StatusCode::FORBIDDEN, None, limit), Verdict::ApiLimit { reason } if reason.contains("REQUEST_LIMIT_EXCEEDED"))
         );
         assert!(
             matches!(classify(StatusCode::FORBIDDEN, None, no_access), Verdict::Fail { reason } if reason.contains("API_DISABLED_FOR_ORG"))
