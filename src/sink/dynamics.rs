@@ -1047,7 +1047,7 @@ impl DynamicsSink {
             }
         };
         if answer.status.is_success() {
-            tracing::info!(customer = %lead.external_key, %note, "The Dataverse lead is closed; created a follow-up task instead of updating it.");
+            tracing::info!(customer = %lead.log_key(), %note, "The Dataverse lead is closed; created a follow-up task instead of updating it.");
             return Outcome::FollowedUp { note };
         }
         if answer.status == StatusCode::PRECONDITION_FAILED {

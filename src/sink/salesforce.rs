@@ -915,7 +915,7 @@ impl SalesforceSink {
         for (field, placeholder) in self.placeholders.values() {
             if !owned.fields.keys().any(|f| f.eq_ignore_ascii_case(field)) {
                 if existing.is_none() {
-                    tracing::info!(customer = %key, field = %field, placeholder = %placeholder, "Lead has no value for a field Salesforce requires; sending the placeholder on create.");
+                    tracing::info!(customer = %lead.log_key(), field = %field, placeholder = %placeholder, "Lead has no value for a field Salesforce requires; sending the placeholder on create.");
                 }
                 owned.fields.insert(
                     field.clone(),
@@ -939,7 +939,7 @@ impl SalesforceSink {
             };
             let (cut, was_cut) = truncate(text, max);
             if was_cut {
-                tracing::info!(customer = %key, field = %field, max_chars = max, chars = text.chars().count(), "Value longer than the Salesforce field; truncated.");
+                tracing::info!(customer = %lead.log_key(), field = %field, max_chars = max, chars = text.chars().count(), "Value longer than the Salesforce field; truncated.");
                 *text = cut;
             }
         }
@@ -1466,7 +1466,7 @@ impl SalesforceSink {
                     Outcome::Delivered
                 }
                 RecordVerdict::Duplicate(text) if self.duplicates == DuplicatePolicy::AllowSave => {
-                    tracing::info!(customer = %lead.external_key, errors = %text, "Salesforce duplicate rule flagged the Lead; sending it again with allowSave=true.");
+                    tracing::info!(customer = %lead.log_key(), errors = %text, "Salesforce duplicate rule flagged the Lead; sending it again with allowSave=true.");
                     duplicates.push(n);
                     Outcome::Rejected { reason: text }
                 }
@@ -1754,7 +1754,7 @@ impl SalesforceSink {
             }
         };
         for ((i, e, task), result) in to_create.iter().zip(&results) {
-            let customer = &leads[*i].external_key;
+            let customer = leads[*i].log_key();
             outcomes[*i] = Some(if result.success {
                 let id = result.id.clone().unwrap_or_default();
                 tracing::info!(customer = %customer, task = %id, lead = %e.id, "The Lead was converted; created a follow-up Task instead of updating it.");
