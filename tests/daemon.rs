@@ -40,8 +40,10 @@ async fn sigterm_while_running_exits_cleanly_with_the_checkpoint_persisted() {
     wait_for("40 delivered leads", Duration::from_secs(30), || {
         world.delivered().len() == 40
     });
-    // Keep it polling a while, then stop it as systemd would.
-    std::thread::sleep(Duration::from_millis(500));
+    // Keep it polling a while (past the next whole second on the service's clock: a
+    // poll's checkpoint never passes the `Date`, in whole seconds, of its first page),
+    // then stop it as systemd would.
+    std::thread::sleep(Duration::from_millis(1_500));
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -942,8 +942,10 @@ async fn a_holder_that_cannot_renew_its_lease_in_time_stops_before_it_may_expire
         delivered: Mutex::new(0),
     });
     let built = leadsync::build_pipeline(&settings).unwrap();
+    // A delivery window of one page: each page goes to the sink on its own.
     let pipeline = leadsync::pipeline::Pipeline {
         sink: sink.clone(),
+        window_pages: 1,
         ..built
     };
 
