@@ -7,8 +7,13 @@
 //!   with one UpsertResult per record, in order (what leadsync's sink sends).
 //! - `PATCH /services/data/vXX.X/sobjects/Lead/{ExternalIdField}/{key}`: single-record
 //!   upsert, `201` with `created: true` or `200` with `created: false` (what the baseline sends).
+//! - `GET /services/data/vXX.X/query?q=SELECT ... FROM Lead WHERE <ExternalIdField> IN (...)`:
+//!   the Leads of those keys that exist (`Id`, the key, `IsConverted` false, `OwnerId`,
+//!   `Company`), `{"totalSize", "done": true, "records"}` (what leadsync's sink asks
+//!   before each upsert, for the fields a rep owns).
 //! - A missing or wrong bearer token: `401 INVALID_SESSION_ID`; `Sforce-Limit-Info` on every
-//!   API answer; `REQUIRED_FIELD_MISSING` for a Lead without LastName or Company.
+//!   API answer; `REQUIRED_FIELD_MISSING` when a Lead would be created without LastName
+//!   or Company.
 //!
 //! It counts calls and records, and notes when a watched Email was first accepted
 //! (the end of the latency measurement).
@@ -18,10 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Form, Path, State};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{patch, post};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
@@ -39,6 +44,8 @@ pub struct Counts {
     pub composite_calls: u64,
     /// Single-record upserts (the baseline).
     pub single_calls: u64,
+    /// SOQL queries (leadsync reads a batch's existing Leads before upserting it).
+    pub query_calls: u64,
     pub records: u64,
     pub created: u64,
     pub updated: u64,
@@ -48,15 +55,15 @@ pub struct Counts {
 impl Counts {
     /// API calls that count against the org's daily limit (token requests do not).
     pub fn api_calls(&self) -> u64 {
-        self.composite_calls + self.single_calls
+        self.composite_calls + self.single_calls + self.query_calls
     }
 }
 
 #[derive(Default)]
 struct Inner {
     counts: Counts,
-    /// External id -> Lead record number.
-    leads: HashMap<String, u64>,
+    /// External id -> Lead record number and Company.
+    leads: HashMap<String, (u64, String)>,
     /// Lower-cased Email -> when a Lead with it was first accepted.
     watch: HashMap<String, Option<Instant>>,
 }
@@ -93,6 +100,7 @@ impl FakeSalesforce {
                 "/services/data/{version}/sobjects/{sobject}/{field}/{key}",
                 patch(upsert_one),
             )
+            .route("/services/data/{version}/query", get(query))
             .with_state(shared.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
@@ -237,9 +245,10 @@ fn check_target(sobject: &str, field: &str) -> Option<Response> {
 fn upsert(inner: &mut Inner, key: &str, record: &Map<String, Value>) -> (Value, bool) {
     inner.counts.records += 1;
     let text = |f: &str| record.get(f).and_then(Value::as_str).unwrap_or_default();
+    let exists = inner.leads.contains_key(key);
     let missing: Vec<&str> = ["LastName", "Company"]
         .into_iter()
-        .filter(|f| text(f).trim().is_empty())
+        .filter(|f| !exists && text(f).trim().is_empty())
         .collect();
     if key.is_empty() || !missing.is_empty() {
         inner.counts.refused += 1;
@@ -248,10 +257,14 @@ fn upsert(inner: &mut Inner, key: &str, record: &Map<String, Value>) -> (Value, 
     }
     let next = inner.leads.len() as u64 + 1;
     let mut created = false;
-    let number = *inner.leads.entry(key.to_owned()).or_insert_with(|| {
+    let lead = inner.leads.entry(key.to_owned()).or_insert_with(|| {
         created = true;
-        next
+        (next, String::new())
     });
+    if !text("Company").is_empty() {
+        lead.1 = text("Company").to_owned();
+    }
+    let number = lead.0;
     if created {
         inner.counts.created += 1;
     } else {
@@ -264,6 +277,54 @@ fn upsert(inner: &mut Inner, key: &str, record: &Map<String, Value>) -> (Value, 
     (
         json!({"id": format!("00Q{number:012}"), "success": true, "errors": [], "created": created}),
         created,
+    )
+}
+
+/// A SOQL query of Leads by external id, as the sink sends it.
+async fn query(
+    State(fake): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(response) = unauthorised(&headers) {
+        return response;
+    }
+    let soql = params.get("q").cloned().unwrap_or_default();
+    let Some((_, list)) = soql.split_once(&format!("FROM Lead WHERE {EXTERNAL_ID} IN (")) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "MALFORMED_QUERY",
+            "only Lead queries by the external id",
+        );
+    };
+    let keys = list.trim_end().trim_end_matches(')');
+    if !fake.delay.is_zero() {
+        tokio::time::sleep(fake.delay).await;
+    }
+    let mut inner = fake.inner.lock().unwrap();
+    inner.counts.query_calls += 1;
+    let records: Vec<Value> = keys
+        .split(',')
+        .map(|k| k.trim().trim_matches('\''))
+        .filter_map(|k| inner.leads.get(k).map(|lead| (k, lead)))
+        .map(|(k, (number, company))| {
+            json!({
+                "attributes": {"type": "Lead"},
+                "Id": format!("00Q{number:012}"),
+                EXTERNAL_ID: k,
+                "IsConverted": false,
+                "ConvertedContactId": null,
+                "ConvertedAccountId": null,
+                "ConvertedOpportunityId": null,
+                "OwnerId": "005000000000001",
+                "Company": company,
+            })
+        })
+        .collect();
+    let calls = inner.counts.api_calls();
+    with_limit_info(
+        calls,
+        Json(json!({"totalSize": records.len(), "done": true, "records": records})),
     )
 }
 
