@@ -177,6 +177,34 @@ impl Pruned {
     }
 }
 
+/// Where one list's retention step resumes: from the start or after a key (`From`),
+/// or not at all until every list went round (`Done`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Walk<K> {
+    From(Option<K>),
+    Done,
+}
+
+impl<K> Default for Walk<K> {
+    fn default() -> Self {
+        Walk::From(None)
+    }
+}
+
+impl<K> Walk<K> {
+    /// After a step that reached the end of its list (`ended`), or stopped at `last`.
+    pub fn next(ended: bool, last: Option<K>) -> Self {
+        match (ended, last) {
+            (false, Some(last)) => Walk::From(Some(last)),
+            _ => Walk::Done,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, Walk::Done)
+    }
+}
+
 /// The versions of the rows a customer's history holds: what a forgotten customer's
 /// rows are marked handled with.
 pub fn history_versions(history: &[HistoryEntry]) -> Vec<RowVersion> {

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::identity::{CustomerState, SummaryForm};
-use crate::personal::{Forgotten, Person, Pruned};
+use crate::personal::{Forgotten, Person, Pruned, Walk};
 use crate::row::RowId;
 use crate::timestamp::serde_ticks;
 
@@ -363,13 +363,22 @@ pub struct RedbStore {
     retention: std::sync::Mutex<RetentionCursor>,
 }
 
-/// The last key each list's retention step looked at (`None`: start from the first).
+/// Where each list's retention step resumes.
 #[derive(Default)]
 struct RetentionCursor {
-    customers: Option<Vec<u8>>,
-    dead_letters: Option<String>,
+    customers: Walk<Vec<u8>>,
+    dead_letters: Walk<String>,
     /// Rejected, skipped, unidentifiable.
-    lists: [Option<(String, String)>; 3],
+    lists: [Walk<(String, String)>; 3],
+}
+
+impl RetentionCursor {
+    /// Every list went round: the next step starts them all again.
+    fn round_done(&self) -> bool {
+        self.customers.is_done()
+            && self.dead_letters.is_done()
+            && self.lists.iter().all(Walk::is_done)
+    }
 }
 
 /// The settles of one poll's pages left uncommitted (`SettleBatch::continued`), committed
@@ -859,13 +868,13 @@ impl RedbStore {
         let txn = self.begin_write(OP)?;
         let mut pruned = Pruned::default();
         let mut next = RetentionCursor::default();
-        let mut complete = true;
-        {
+        if let Walk::From(after) = &cursor.customers {
             let mut table = txn.open_table(CUSTOMERS).map_err(io(OP))?;
             let mut stale: Vec<Vec<u8>> = Vec::new();
+            let mut last = None;
             let mut seen = 0;
             {
-                let entries = match &cursor.customers {
+                let entries = match after {
                     Some(after) => table.range::<&[u8]>((Excluded(after.as_slice()), Unbounded)),
                     None => table.range::<&[u8]>(..),
                 }
@@ -880,25 +889,24 @@ impl RedbStore {
                     {
                         stale.push(key.value().to_vec());
                     }
-                    next.customers = Some(key.value().to_vec());
+                    last = Some(key.value().to_vec());
                 }
             }
             for key in &stale {
                 table.remove(key.as_slice()).map_err(io(OP))?;
             }
             pruned.customers = stale.len();
-            if seen < step {
-                next.customers = None;
-            } else {
-                complete = false;
-            }
+            next.customers = Walk::next(seen < step, last);
+        } else {
+            next.customers = Walk::Done;
         }
-        {
+        if let Walk::From(after) = &cursor.dead_letters {
             let mut table = txn.open_table(DEAD_LETTERS).map_err(io(OP))?;
             let mut stale: Vec<String> = Vec::new();
+            let mut last = None;
             let mut seen = 0;
             {
-                let entries = match &cursor.dead_letters {
+                let entries = match after {
                     Some(after) => table.range::<&str>((Excluded(after.as_str()), Unbounded)),
                     None => table.range::<&str>(..),
                 }
@@ -911,25 +919,28 @@ impl RedbStore {
                     {
                         stale.push(key.value().to_owned());
                     }
-                    next.dead_letters = Some(key.value().to_owned());
+                    last = Some(key.value().to_owned());
                 }
             }
             for key in &stale {
                 table.remove(key.as_str()).map_err(io(OP))?;
             }
             pruned.dead_letters = stale.len();
-            if seen < step {
-                next.dead_letters = None;
-            } else {
-                complete = false;
-            }
+            next.dead_letters = Walk::next(seen < step, last);
+        } else {
+            next.dead_letters = Walk::Done;
         }
         for (i, list) in LISTS.into_iter().enumerate() {
+            let Walk::From(after) = &cursor.lists[i] else {
+                next.lists[i] = Walk::Done;
+                continue;
+            };
             let mut table = txn.open_table(list).map_err(io(OP))?;
             let mut stale: Vec<(String, String)> = Vec::new();
+            let mut last = None;
             let mut seen = 0;
             {
-                let entries = match &cursor.lists[i] {
+                let entries = match after {
                     Some((pk, rk)) => table.range::<(&str, &str)>((
                         Excluded((pk.as_str(), rk.as_str())),
                         Unbounded,
@@ -941,12 +952,13 @@ impl RedbStore {
                     let (key, value) = entry.map_err(io(OP))?;
                     seen += 1;
                     let (pk, rk) = key.value();
-                    let old = decode::<RecordedRow>(&RowId::new(pk, rk).to_string(), value.value())
-                        .is_ok_and(|r| r.row.timestamp < before);
+                    let old =
+                        decode::<RecordedRow>(&RowId::new(pk, rk).to_string(), value.value())
+                            .is_ok_and(|r| r.row.timestamp < before);
                     if old {
                         stale.push((pk.to_owned(), rk.to_owned()));
                     }
-                    next.lists[i] = Some((pk.to_owned(), rk.to_owned()));
+                    last = Some((pk.to_owned(), rk.to_owned()));
                 }
             }
             for (pk, rk) in &stale {
@@ -957,19 +969,18 @@ impl RedbStore {
                 1 => pruned.skipped = stale.len(),
                 _ => pruned.unidentifiable = stale.len(),
             }
-            if seen < step {
-                next.lists[i] = None;
-            } else {
-                complete = false;
-            }
+            next.lists[i] = Walk::next(seen < step, last);
         }
         // A step that found nothing to remove (the usual poll) writes nothing.
         match pruned.removed() {
             0 => txn.abort().map_err(io(OP))?,
             _ => txn.commit().map_err(io(OP))?,
         }
-        *cursor = next;
-        pruned.complete = complete;
+        pruned.complete = next.round_done();
+        *cursor = match pruned.complete {
+            true => RetentionCursor::default(),
+            false => next,
+        };
         Ok(pruned)
     }
 

@@ -62,7 +62,7 @@ use time::OffsetDateTime;
 
 use crate::config::{RetrySettings, SourceSettings, StateSettings};
 use crate::identity::CustomerState;
-use crate::personal::{Forgotten, Person, Pruned};
+use crate::personal::{Forgotten, Person, Pruned, Walk};
 use crate::retry::{with_backoff, GaveUp};
 use crate::row::RowId;
 use crate::source::{describe, error_code, is_transient, status_of};
@@ -1138,7 +1138,7 @@ impl TableStore {
 
 /// Where each list's retention step resumes: the customer, dead letter and row
 /// partitions' query positions (`None`: from the start).
-type RetentionCursor = [Option<(String, Option<String>)>; 3];
+type RetentionCursor = [Walk<(String, Option<String>)>; 3];
 
 impl TableStore {
     /// The main entities a query returns (parts left out), with each one's record
@@ -1644,21 +1644,19 @@ impl StateStore for TableStore {
         const OP: &str = "remove data older than state.retention";
         self.ready().await?;
         let cursor = self.retention.lock().expect("not poisoned").clone();
-        let mut next = RetentionCursor::default();
-        let mut pruned = Pruned {
-            complete: true,
-            ..Pruned::default()
-        };
+        let mut next = cursor.clone();
+        let mut pruned = Pruned::default();
         let written_before = format!(" and Timestamp lt datetime'{}'", timestamp::format(before));
         for (i, pk, kind) in [
             (0, CUSTOMER, ""),
             (1, DEAD_LETTER, ""),
             (2, ROW, " and Kind eq 'listed'"),
         ] {
+            let Walk::From(from) = &cursor[i] else {
+                continue;
+            };
             let filter = format!("PartitionKey eq '{pk}'{kind}{written_before}");
-            let (entities, more) = self
-                .retention_page(&filter, cursor[i].as_ref(), step)
-                .await?;
+            let (entities, more) = self.retention_page(&filter, from.as_ref(), step).await?;
             let mut groups = Vec::new();
             let mut customers = Vec::new();
             // An unreadable record is kept, for a person to see.
@@ -1700,10 +1698,16 @@ impl StateStore for TableStore {
                     known.customers.remove(key);
                 }
             }
-            pruned.complete &= more.is_none();
-            next[i] = more;
+            next[i] = match more {
+                Some(more) => Walk::From(Some(more)),
+                None => Walk::Done,
+            };
         }
-        *self.retention.lock().expect("not poisoned") = next;
+        pruned.complete = next.iter().all(Walk::is_done);
+        *self.retention.lock().expect("not poisoned") = match pruned.complete {
+            true => RetentionCursor::default(),
+            false => next,
+        };
         Ok(pruned)
     }
 }

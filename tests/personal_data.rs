@@ -643,3 +643,127 @@ fn retention_defaults_to_400_days_and_must_be_longer_than_the_overlap() {
         assert!(error.contains("state.retention"), "{bad}: {error}");
     }
 }
+
+/// A customer merged from one row stamped `at`, as the pipeline stores it.
+fn customer_at(n: usize, at: time::OffsetDateTime) -> leadsync::identity::CustomerState {
+    let identity = leadsync::config::IdentitySettings::default();
+    let mut columns = lead_row("p", &format!("c{n}"), INS, customer(n));
+    columns.remove("PartitionKey");
+    columns.remove("RowKey");
+    let row = leadsync::row::RawRow {
+        id: leadsync::row::RowId::new("p", format!("c{n}")),
+        etag: format!("W/\"{n}\""),
+        timestamp: at,
+        columns,
+    };
+    let event = leadsync::lead::normalise(&row).expect("a valid lead row");
+    let key = leadsync::identity::CustomerKey::Email(format!("customer{n}@contoso.com"));
+    let mut state = leadsync::identity::CustomerState::new(&key, &identity);
+    state.apply([&event], &identity);
+    state
+}
+
+/// The store's step of retention, called with a step of one record per list until it
+/// says it went round: it removes exactly the records older than the cutoff (a
+/// customer last seen before it, a dead letter refused before it, a rejected row
+/// stamped before it), never more than the step per call and list, and leaves the
+/// handled markers and the checkpoint alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stores_retention_step_is_bounded_resumes_and_removes_exactly_the_older_records() {
+    use leadsync::state::{DeadLetter, RowVersion, SettleBatch, Settled, Settlement};
+    // Whole seconds: the checkpoint is stored to 100 ns.
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let (old, new) = (
+        now - std::time::Duration::from_secs(30 * 24 * 3600),
+        now + std::time::Duration::from_secs(3600),
+    );
+    let before = now + std::time::Duration::from_secs(60);
+    for backend in [Backend::File, Backend::Table] {
+        let world = World::with_backend(backend).await;
+        let state = world.state();
+        let customers = vec![customer_at(1, old), customer_at(2, new), customer_at(3, old)];
+        let letter = |c: &leadsync::identity::CustomerState, at| DeadLetter {
+            id: c.lead.external_key.clone(),
+            sink: "webhook".into(),
+            reason: "refused".into(),
+            payload: c.lead.clone(),
+            rows: Vec::new(),
+            at,
+            attempts: 1,
+        };
+        let rejected = |rk: &str, at| Settlement {
+            row: RowVersion {
+                id: leadsync::row::RowId::new("p", rk),
+                etag: format!("W/\"{rk}\""),
+                timestamp: at,
+            },
+            outcome: Settled::Rejected {
+                reason: "not a lead".into(),
+            },
+            columns: Some(Map::new()),
+        };
+        state
+            .settle(&SettleBatch {
+                rows: vec![
+                    rejected("r1", old),
+                    rejected("r2", new),
+                    rejected("r3", old),
+                    rejected("r4", old),
+                ],
+                dead_letters: vec![letter(&customers[0], old), letter(&customers[1], new)],
+                customers: customers.clone(),
+                ..SettleBatch::default()
+            })
+            .await
+            .unwrap();
+        state.set_checkpoint(now).await.unwrap();
+        let handled = state.handled_len().await.unwrap();
+
+        let mut total = leadsync::personal::Pruned::default();
+        let mut calls = 0;
+        loop {
+            let step = state.prune_older_than(before, 1).await.unwrap();
+            calls += 1;
+            assert!(
+                step.customers <= 1 && step.dead_letters <= 1 && step.rejected <= 1,
+                "{backend:?}: {step:?}"
+            );
+            total.customers += step.customers;
+            total.dead_letters += step.dead_letters;
+            total.rejected += step.rejected;
+            if step.complete {
+                break;
+            }
+            assert!(calls < 20, "{backend:?}: never went round");
+        }
+        assert!(calls >= 3, "{backend:?}: bounded to one record per list, {calls} calls");
+        assert_eq!(
+            (total.customers, total.dead_letters, total.rejected),
+            (2, 1, 3),
+            "{backend:?}"
+        );
+        let keys: Vec<String> = state
+            .all_customers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.lead.key)
+            .collect();
+        assert_eq!(keys, ["email:customer2@contoso.com"], "{backend:?}");
+        let letters = state.dead_letters().await.unwrap();
+        assert_eq!(letters.len(), 1, "{backend:?}");
+        assert_eq!(letters[0].payload.key, "email:customer2@contoso.com");
+        let rows: Vec<String> = state
+            .rejected()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.row.id.row_key)
+            .collect();
+        assert_eq!(rows, ["r2"], "{backend:?}");
+        assert_eq!(state.handled_len().await.unwrap(), handled, "{backend:?}");
+        assert_eq!(state.checkpoint().await.unwrap(), Some(now), "{backend:?}");
+        // Gone round: the next step finds nothing more.
+        assert_eq!(state.prune_older_than(before, 1).await.unwrap().removed(), 0);
+    }
+}
