@@ -276,7 +276,9 @@ async fn access_export(
         Ok(out) => out,
         Err(code) => return code,
     };
-    match crate::personal::write_access_export(&found, &mut out).and_then(|n| out.flush().map(|()| n)) {
+    match crate::personal::write_access_export(&found, &mut out)
+        .and_then(|n| out.flush().map(|()| n))
+    {
         Ok(n) => {
             eprintln!("leadsync: exported {n} records about this person");
             ExitCode::SUCCESS
@@ -328,8 +330,7 @@ async fn forget(settings: &Settings, mut person: Person, table_rows: bool) -> Ex
                     return ExitCode::from(state_failed(&e));
                 }
             };
-            let hold = match crate::LeaseHold::take(store.clone(), settings.state.lease_ttl).await
-            {
+            let hold = match crate::LeaseHold::take(store.clone(), settings.state.lease_ttl).await {
                 Ok(crate::Holding::Held(hold)) => hold,
                 Ok(crate::Holding::HeldBy { owner, until }) => {
                     eprintln!("leadsync: {}", lease_held(&owner, until));

@@ -69,9 +69,10 @@ impl Person {
     /// Whether this is the person's merged record.
     pub fn is(&self, lead: &CustomerLead) -> bool {
         self.key.as_deref() == Some(lead.key.as_str())
-            || self.external_key.as_deref().is_some_and(|external| {
-                external == lead.external_key || external == lead.log_key()
-            })
+            || self
+                .external_key
+                .as_deref()
+                .is_some_and(|external| external == lead.external_key || external == lead.log_key())
     }
 
     /// Whether this dead letter is about the person.
@@ -243,8 +244,7 @@ pub async fn retain(
     overlap: Duration,
     checkpoint: Option<OffsetDateTime>,
 ) {
-    let Some(before) =
-        retention_cutoff(retention, overlap, checkpoint, OffsetDateTime::now_utc())
+    let Some(before) = retention_cutoff(retention, overlap, checkpoint, OffsetDateTime::now_utc())
     else {
         return;
     };
@@ -311,7 +311,11 @@ pub async fn resolve(state: &dyn StateStore, person: &mut Person) -> Result<(), 
 /// Everything the state holds about `person` (resolved by [`resolve`]).
 pub async fn find(state: &dyn StateStore, person: &Person) -> Result<Found, StateError> {
     let customer = match &person.key {
-        Some(key) => state.customers(std::slice::from_ref(key)).await?.pop().flatten(),
+        Some(key) => state
+            .customers(std::slice::from_ref(key))
+            .await?
+            .pop()
+            .flatten(),
         None => None,
     };
     let dead_letters: Vec<DeadLetter> = state
@@ -414,10 +418,18 @@ mod tests {
 
     #[test]
     fn a_key_names_a_person_by_customer_key_external_key_or_address() {
-        assert_eq!(Person::by_key("email:Bob@X.com"), Person::by_email("bob@x.com"));
-        assert_eq!(Person::by_key("bob@x.com").key.as_deref(), Some("email:bob@x.com"));
         assert_eq!(
-            Person::by_key("ls-0123456789abcdef0123").external_key.as_deref(),
+            Person::by_key("email:Bob@X.com"),
+            Person::by_email("bob@x.com")
+        );
+        assert_eq!(
+            Person::by_key("bob@x.com").key.as_deref(),
+            Some("email:bob@x.com")
+        );
+        assert_eq!(
+            Person::by_key("ls-0123456789abcdef0123")
+                .external_key
+                .as_deref(),
             Some("ls-0123456789abcdef0123")
         );
         assert_eq!(

@@ -775,7 +775,10 @@ impl RedbStore {
             match &person.key {
                 Some(key) => {
                     if let Some(bytes) = customers.get(key.as_bytes()).map_err(io(OP))? {
-                        found.push((key.as_bytes().to_vec(), decode_customer(key, bytes.value())?));
+                        found.push((
+                            key.as_bytes().to_vec(),
+                            decode_customer(key, bytes.value())?,
+                        ));
                     }
                 }
                 // Only an external key: every customer is looked at.
@@ -941,10 +944,8 @@ impl RedbStore {
             let mut seen = 0;
             {
                 let entries = match after {
-                    Some((pk, rk)) => table.range::<(&str, &str)>((
-                        Excluded((pk.as_str(), rk.as_str())),
-                        Unbounded,
-                    )),
+                    Some((pk, rk)) => table
+                        .range::<(&str, &str)>((Excluded((pk.as_str(), rk.as_str())), Unbounded)),
                     None => table.range::<(&str, &str)>(..),
                 }
                 .map_err(io(OP))?;
@@ -952,9 +953,8 @@ impl RedbStore {
                     let (key, value) = entry.map_err(io(OP))?;
                     seen += 1;
                     let (pk, rk) = key.value();
-                    let old =
-                        decode::<RecordedRow>(&RowId::new(pk, rk).to_string(), value.value())
-                            .is_ok_and(|r| r.row.timestamp < before);
+                    let old = decode::<RecordedRow>(&RowId::new(pk, rk).to_string(), value.value())
+                        .is_ok_and(|r| r.row.timestamp < before);
                     if old {
                         stale.push((pk.to_owned(), rk.to_owned()));
                     }

@@ -1202,8 +1202,7 @@ impl TableStore {
         let mut done = BTreeSet::new();
         for version in versions {
             let base = row_key_base(&version.id);
-            if states.get(&base).is_some_and(|s| s.marker.is_some()) || !done.insert(base.clone())
-            {
+            if states.get(&base).is_some_and(|s| s.marker.is_some()) || !done.insert(base.clone()) {
                 continue;
             }
             let at = timestamp::format(version.timestamp);
@@ -1603,7 +1602,11 @@ impl StateStore for TableStore {
                 decode(&json).map_err(|m| self.corrupt(format!("{DEAD_LETTER}/{rk}"), m))?;
             if person.is_in_dead_letter(&letter) {
                 forgotten.add_source_rows(letter.rows.iter().map(|r| &r.id));
-                groups.push(delete_group(format!("dead letter {}", letter.id), &rk, head));
+                groups.push(delete_group(
+                    format!("dead letter {}", letter.id),
+                    &rk,
+                    head,
+                ));
                 forgotten.dead_letters.push(letter.id);
             }
         }
@@ -1612,10 +1615,7 @@ impl StateStore for TableStore {
             forgotten.source_rows.iter().cloned().collect();
         let mut groups = Vec::new();
         let mut gone = Vec::new();
-        for (rk, json, head) in self
-            .all_records(OP, ROW, " and Kind eq 'listed'")
-            .await?
-        {
+        for (rk, json, head) in self.all_records(OP, ROW, " and Kind eq 'listed'").await? {
             let row: RecordedRow =
                 decode(&json).map_err(|m| self.corrupt(format!("{ROW}/{rk}"), m))?;
             if person.is_in_row(&row, &rows) {

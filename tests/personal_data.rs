@@ -207,7 +207,11 @@ impl Receiver {
     }
 }
 
-async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: String) -> Response {
+async fn receive(
+    State(receiver): State<Arc<Receiver>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
     let body: Value = serde_json::from_str(&body).unwrap_or_default();
     let email = body
         .pointer("/UserDetails/Email")
@@ -220,7 +224,11 @@ async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body
         .unwrap_or_default()
         .to_owned();
     receiver.seen.lock().unwrap().push((key, email.clone()));
-    if receiver.refused.iter().any(|p| email.starts_with(p.as_str())) {
+    if receiver
+        .refused
+        .iter()
+        .any(|p| email.starts_with(p.as_str()))
+    {
         return (StatusCode::BAD_REQUEST, "{\"error\":\"refused\"}").into_response();
     }
     StatusCode::ACCEPTED.into_response()
@@ -410,13 +418,25 @@ async fn forget_and_export(backend: Backend) {
     // Access: by address, any case.
     let (code, stdout, stderr) = run_leadsync(
         &config,
-        &["export", "--email", " Customer1@Contoso.COM", "--format", "jsonl"],
+        &[
+            "export",
+            "--email",
+            " Customer1@Contoso.COM",
+            "--format",
+            "jsonl",
+        ],
     );
     assert_eq!(code, Some(0), "{backend:?}: {stderr}");
-    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let of = |t: &str| -> Vec<&Value> { lines.iter().filter(|l| l["record_type"] == t).collect() };
     assert_eq!(of("customer").len(), 1, "{backend:?}: {stdout}");
-    assert_eq!(of("customer")[0]["lead"]["key"], json!(format!("email:{person}")));
+    assert_eq!(
+        of("customer")[0]["lead"]["key"],
+        json!(format!("email:{person}"))
+    );
     let history: Vec<&str> = of("history")
         .iter()
         .map(|h| h["row"]["row_key"].as_str().unwrap())
@@ -425,20 +445,35 @@ async fn forget_and_export(backend: Backend) {
     assert_eq!(of("dead_letter").len(), 1, "{backend:?}: {stdout}");
     assert_eq!(of("dead_letter")[0]["id"], json!(external_key));
     let row_of = |t: &str| -> Vec<String> {
-        of(t).iter()
-            .map(|r| r["row"]["id"]["row_key"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned())
+        of(t)
+            .iter()
+            .map(|r| {
+                r["row"]["id"]["row_key"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{r}"))
+                    .to_owned()
+            })
             .collect()
     };
     // The rows the CRM refused are rejected rows too (without columns: they are the
     // history's), besides the row that could not become a lead.
-    assert_eq!(row_of("rejected"), ["a1", "a2", "r1"], "{backend:?}: {stdout}");
+    assert_eq!(
+        row_of("rejected"),
+        ["a1", "a2", "r1"],
+        "{backend:?}: {stdout}"
+    );
     assert_eq!(row_of("skipped"), ["s1"], "{backend:?}: {stdout}");
     assert_eq!(row_of("unidentifiable"), ["u1"], "{backend:?}: {stdout}");
     assert_eq!(lines.len(), 9, "{backend:?}: {stdout}");
-    assert!(!stdout.contains("customer2@") && !stdout.contains("jimcustomer1"), "{stdout}");
+    assert!(
+        !stdout.contains("customer2@") && !stdout.contains("jimcustomer1"),
+        "{stdout}"
+    );
     // The same by external key.
-    let (code, by_key, _) =
-        run_leadsync(&config, &["export", "--key", &external_key, "--format", "jsonl"]);
+    let (code, by_key, _) = run_leadsync(
+        &config,
+        &["export", "--key", &external_key, "--format", "jsonl"],
+    );
     assert_eq!(code, Some(0));
     assert_eq!(by_key.lines().count(), 9, "{backend:?}: {by_key}");
 
@@ -457,11 +492,20 @@ async fn forget_and_export(backend: Backend) {
         "deleted table row       PartitionKey=\"p00\" RowKey=\"a1\"".to_owned(),
         "CRM was not touched".to_owned(),
     ] {
-        assert!(stdout.contains(&text), "{backend:?}: {text} not in {stdout}");
+        assert!(
+            stdout.contains(&text),
+            "{backend:?}: {text} not in {stdout}"
+        );
     }
     let state = whole_state(&world).await;
-    assert!(state.contains("customer2@contoso.com"), "{backend:?}: another customer stays");
-    assert!(state.contains("jimcustomer1@contoso.com"), "{backend:?}: another's row stays");
+    assert!(
+        state.contains("customer2@contoso.com"),
+        "{backend:?}: another customer stays"
+    );
+    assert!(
+        state.contains("jimcustomer1@contoso.com"),
+        "{backend:?}: another's row stays"
+    );
     // Someone else's address that ends like the person's is not the person's.
     let state = state.replace("jimcustomer1@contoso.com", "someone else");
     assert_no_trace(&state, person, &external_key, backend);
@@ -485,7 +529,9 @@ async fn forget_and_export(backend: Backend) {
         "{backend:?}: not delivered again: {stderr}"
     );
     assert!(source_row_keys(&world).await.contains(&"c1".to_owned()));
-    let state = whole_state(&world).await.replace("jimcustomer1@contoso.com", "someone else");
+    let state = whole_state(&world)
+        .await
+        .replace("jimcustomer1@contoso.com", "someone else");
     assert_no_trace(&state, customer3, &key3, backend);
 
     // Forgetting someone unknown says so.
@@ -499,7 +545,9 @@ async fn forget_and_export(backend: Backend) {
 async fn forget_refuses_while_a_daemon_holds_the_state_on_both_backends() {
     for backend in [Backend::File, Backend::Table] {
         let (world, config, _receiver) = crm_world(backend, &[], "10m", "").await;
-        world.insert(&[lead_row("p00", "a1", INS, customer(1))]).await;
+        world
+            .insert(&[lead_row("p00", "a1", INS, customer(1))])
+            .await;
         let (code, _, stderr) = run_leadsync(&config, &["run", "--once"]);
         assert_eq!(code, Some(0), "{stderr}");
         let state = world.state();
@@ -591,16 +639,29 @@ async fn retention(backend: Backend) {
             rows.into_iter().map(|r| r.row.id.row_key).collect()
         };
         // d2: refused by the CRM, a rejected row besides its dead letter.
-        assert_eq!(keys(state.rejected().await.unwrap()), ["d2", "r2"], "{backend:?}");
+        assert_eq!(
+            keys(state.rejected().await.unwrap()),
+            ["d2", "r2"],
+            "{backend:?}"
+        );
         assert_eq!(keys(state.skipped().await.unwrap()), ["s2"], "{backend:?}");
-        assert_eq!(keys(state.unidentifiable().await.unwrap()), ["u2"], "{backend:?}");
+        assert_eq!(
+            keys(state.unidentifiable().await.unwrap()),
+            ["u2"],
+            "{backend:?}"
+        );
         assert!(state.checkpoint().await.unwrap().is_some());
     }
-    assert!(stderr.contains("older than state.retention"), "{backend:?}: {stderr}");
+    assert!(
+        stderr.contains("older than state.retention"),
+        "{backend:?}: {stderr}"
+    );
 
     // Customer 1 comes back: a new customer to leadsync, the same record in the CRM.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    world.insert(&[lead_row("p00", "a3", INS, customer(1))]).await;
+    world
+        .insert(&[lead_row("p00", "a3", INS, customer(1))])
+        .await;
     let (_, _, stderr) = run_leadsync(&config, &["run", "--once"]);
     assert_eq!(
         receiver.seen_for("customer1@contoso.com"),
@@ -615,9 +676,22 @@ async fn retention(backend: Backend) {
         .pop()
         .flatten()
         .expect("customer 1 is back");
-    let history: Vec<&str> = back.lead.history.iter().map(|h| h.row.row_key.as_str()).collect();
-    assert_eq!(history, ["a3"], "{backend:?}: its old row was not read again");
-    assert_eq!(receiver.seen_for("customer2@contoso.com").len(), 1, "{backend:?}");
+    let history: Vec<&str> = back
+        .lead
+        .history
+        .iter()
+        .map(|h| h.row.row_key.as_str())
+        .collect();
+    assert_eq!(
+        history,
+        ["a3"],
+        "{backend:?}: its old row was not read again"
+    );
+    assert_eq!(
+        receiver.seen_for("customer2@contoso.com").len(),
+        1,
+        "{backend:?}"
+    );
 }
 
 /// `state.retention`: 400 days unless set, `"forever"` keeps everything, and a
@@ -636,9 +710,19 @@ fn retention_defaults_to_400_days_and_must_be_longer_than_the_overlap() {
     };
     let day = std::time::Duration::from_secs(24 * 3600);
     assert_eq!(parse("").unwrap().state.retention, Some(400 * day));
-    assert_eq!(parse("retention = \"forever\"").unwrap().state.retention, None);
-    assert_eq!(parse("retention = \"30d\"").unwrap().state.retention, Some(30 * day));
-    for bad in ["retention = \"15m\"", "retention = \"10s\"", "retention = \"soon\""] {
+    assert_eq!(
+        parse("retention = \"forever\"").unwrap().state.retention,
+        None
+    );
+    assert_eq!(
+        parse("retention = \"30d\"").unwrap().state.retention,
+        Some(30 * day)
+    );
+    for bad in [
+        "retention = \"15m\"",
+        "retention = \"10s\"",
+        "retention = \"soon\"",
+    ] {
         let error = parse(bad).unwrap_err().to_string();
         assert!(error.contains("state.retention"), "{bad}: {error}");
     }
@@ -672,7 +756,9 @@ fn customer_at(n: usize, at: time::OffsetDateTime) -> leadsync::identity::Custom
 async fn a_stores_retention_step_is_bounded_resumes_and_removes_exactly_the_older_records() {
     use leadsync::state::{DeadLetter, RowVersion, SettleBatch, Settled, Settlement};
     // Whole seconds: the checkpoint is stored to 100 ns.
-    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
     let (old, new) = (
         now - std::time::Duration::from_secs(30 * 24 * 3600),
         now + std::time::Duration::from_secs(3600),
@@ -681,7 +767,11 @@ async fn a_stores_retention_step_is_bounded_resumes_and_removes_exactly_the_olde
     for backend in [Backend::File, Backend::Table] {
         let world = World::with_backend(backend).await;
         let state = world.state();
-        let customers = vec![customer_at(1, old), customer_at(2, new), customer_at(3, old)];
+        let customers = vec![
+            customer_at(1, old),
+            customer_at(2, new),
+            customer_at(3, old),
+        ];
         let letter = |c: &leadsync::identity::CustomerState, at| DeadLetter {
             id: c.lead.external_key.clone(),
             sink: "webhook".into(),
@@ -736,7 +826,10 @@ async fn a_stores_retention_step_is_bounded_resumes_and_removes_exactly_the_olde
             }
             assert!(calls < 20, "{backend:?}: never went round");
         }
-        assert!(calls >= 3, "{backend:?}: bounded to one record per list, {calls} calls");
+        assert!(
+            calls >= 3,
+            "{backend:?}: bounded to one record per list, {calls} calls"
+        );
         assert_eq!(
             (total.customers, total.dead_letters, total.rejected),
             (2, 1, 3),
@@ -764,6 +857,9 @@ async fn a_stores_retention_step_is_bounded_resumes_and_removes_exactly_the_olde
         assert_eq!(state.handled_len().await.unwrap(), handled, "{backend:?}");
         assert_eq!(state.checkpoint().await.unwrap(), Some(now), "{backend:?}");
         // Gone round: the next step finds nothing more.
-        assert_eq!(state.prune_older_than(before, 1).await.unwrap().removed(), 0);
+        assert_eq!(
+            state.prune_older_than(before, 1).await.unwrap().removed(),
+            0
+        );
     }
 }
