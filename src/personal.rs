@@ -417,6 +417,27 @@ mod tests {
     }
 
     #[test]
+    fn the_retention_cutoff_is_never_inside_the_overlap_window() {
+        let day = Duration::from_secs(24 * 3600);
+        let overlap = Duration::from_secs(15 * 60);
+        let now = crate::timestamp::parse("2025-06-01T00:00:00Z").unwrap();
+        let recent = Some(now - Duration::from_secs(60));
+        let stale = Some(now - 500 * day);
+        assert_eq!(
+            retention_cutoff(Some(400 * day), overlap, recent, now),
+            Some(now - 400 * day)
+        );
+        // A checkpoint left behind (a daemon stopped for a long time): rows after it
+        // are still to be read, and so are their customers' records.
+        assert_eq!(
+            retention_cutoff(Some(400 * day), overlap, stale, now),
+            Some(stale.unwrap() - overlap)
+        );
+        assert_eq!(retention_cutoff(None, overlap, recent, now), None);
+        assert_eq!(retention_cutoff(Some(400 * day), overlap, None, now), None);
+    }
+
+    #[test]
     fn a_key_names_a_person_by_customer_key_external_key_or_address() {
         assert_eq!(
             Person::by_key("email:Bob@X.com"),
