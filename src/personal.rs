@@ -126,9 +126,10 @@ pub fn mentions(columns: &Map<String, Value>, email: &str) -> bool {
 /// What [`StateStore::forget`] removed from the state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Forgotten {
-    /// Customer keys of the merged records removed.
+    /// The merged records removed, by their hashed key (`ls-...`, as logs name them:
+    /// what `forget` prints may end up in a job's log).
     pub customers: Vec<String>,
-    /// Ids of the dead letters removed.
+    /// The dead letters removed, by their customer's hashed key.
     pub dead_letters: Vec<String>,
     pub rejected: Vec<RowId>,
     pub skipped: Vec<RowId>,

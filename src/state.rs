@@ -817,7 +817,7 @@ impl RedbStore {
                     }
                 }
                 customers.remove(key.as_slice()).map_err(io(OP))?;
-                forgotten.customers.push(customer.lead.key.clone());
+                forgotten.customers.push(customer.lead.log_key());
                 forgotten.add_source_rows(customer.lead.history.iter().map(|h| &h.row));
             }
             let mut letters = txn.open_table(DEAD_LETTERS).map_err(io(OP))?;
@@ -827,13 +827,13 @@ impl RedbStore {
                 let letter: DeadLetter = decode_compact(key.value(), value.value())?;
                 if person.is_in_dead_letter(&letter) {
                     forgotten.add_source_rows(letter.rows.iter().map(|r| &r.id));
+                    forgotten.dead_letters.push(letter.payload.log_key());
                     gone.push(letter.id);
                 }
             }
             for id in &gone {
                 letters.remove(id.as_str()).map_err(io(OP))?;
             }
-            forgotten.dead_letters = gone;
             let rows: HashSet<RowId> = forgotten.source_rows.iter().cloned().collect();
             for (i, list) in LISTS.into_iter().enumerate() {
                 let mut table = txn.open_table(list).map_err(io(OP))?;

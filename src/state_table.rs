@@ -1572,7 +1572,7 @@ impl StateStore for TableStore {
             None if person.external_key.is_some() => self.all_records(OP, CUSTOMER, "").await?,
             None => Vec::new(),
         };
-        let mut groups = Vec::new();
+        let (mut groups, mut removed) = (Vec::new(), Vec::new());
         for (rk, json, head) in candidates {
             let customer: CustomerState =
                 decode(&json).map_err(|m| self.corrupt(format!("{CUSTOMER}/{rk}"), m))?;
@@ -1582,7 +1582,8 @@ impl StateStore for TableStore {
             let history = crate::personal::history_versions(&customer.lead.history);
             forgotten.marked_handled += self.mark_handled(OP, &history).await?;
             forgotten.add_source_rows(customer.lead.history.iter().map(|h| &h.row));
-            forgotten.customers.push(customer.lead.key.clone());
+            forgotten.customers.push(customer.lead.log_key());
+            removed.push(customer.lead.key.clone());
             groups.push(delete_group(
                 format!("customer {}", customer.lead.log_key()),
                 &rk,
@@ -1592,7 +1593,7 @@ impl StateStore for TableStore {
         self.commit(OP, CUSTOMER, groups).await?;
         {
             let mut known = self.known.lock().expect("not poisoned");
-            for key in &forgotten.customers {
+            for key in &removed {
                 known.customers.remove(key);
             }
         }
@@ -1603,11 +1604,11 @@ impl StateStore for TableStore {
             if person.is_in_dead_letter(&letter) {
                 forgotten.add_source_rows(letter.rows.iter().map(|r| &r.id));
                 groups.push(delete_group(
-                    format!("dead letter {}", letter.id),
+                    format!("dead letter of {}", letter.payload.log_key()),
                     &rk,
                     head,
                 ));
-                forgotten.dead_letters.push(letter.id);
+                forgotten.dead_letters.push(letter.payload.log_key());
             }
         }
         self.commit(OP, DEAD_LETTER, groups).await?;
@@ -1673,7 +1674,7 @@ impl StateStore for TableStore {
                     1 => match decode::<DeadLetter>(&json) {
                         Ok(l) if l.at < before => {
                             pruned.dead_letters += 1;
-                            format!("dead letter {}", l.id)
+                            format!("dead letter of {}", l.payload.log_key())
                         }
                         _ => continue,
                     },
