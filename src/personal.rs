@@ -423,7 +423,7 @@ mod tests {
         let overlap = Duration::from_secs(15 * 60);
         let now = crate::timestamp::parse("2025-06-01T00:00:00Z").unwrap();
         let recent = Some(now - Duration::from_secs(60));
-        let stale = Some(now - 500 * day);
+        let stale = now - 500 * day;
         assert_eq!(
             retention_cutoff(Some(400 * day), overlap, recent, now),
             Some(now - 400 * day)
@@ -431,8 +431,8 @@ mod tests {
         // A checkpoint left behind (a daemon stopped for a long time): rows after it
         // are still to be read, and so are their customers' records.
         assert_eq!(
-            retention_cutoff(Some(400 * day), overlap, stale, now),
-            Some(stale.unwrap() - overlap)
+            retention_cutoff(Some(400 * day), overlap, Some(stale), now),
+            Some(stale - overlap)
         );
         assert_eq!(retention_cutoff(None, overlap, recent, now), None);
         assert_eq!(retention_cutoff(Some(400 * day), overlap, None, now), None);
