@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LogFormat, Settings, DEFAULT_CONFIG_PATH};
+use crate::personal::Person;
 use crate::pipeline::PollError;
 use crate::state::RecordedRow;
 
@@ -95,6 +96,28 @@ pub enum Command {
         /// File to write instead of stdout.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Access request: everything leadsync holds about the person with this
+        /// address (merged customer, the rows it came from, dead letters, rejected,
+        /// skipped and unidentifiable rows), as JSON lines (--format jsonl).
+        #[arg(long, conflicts_with_all = ["since", "include_held", "key"])]
+        email: Option<String>,
+        /// As --email, for the person with this customer key (email:..., fallback:...)
+        /// or external key (ls-...).
+        #[arg(long, conflicts_with_all = ["since", "include_held"])]
+        key: Option<String>,
+    },
+    /// Erasure request: remove one person from every part of leadsync's state, and
+    /// print what was removed. The CRM's copy is not touched: erase it there.
+    Forget {
+        /// The person's email address.
+        #[arg(long, required_unless_present = "key", conflicts_with = "key")]
+        email: Option<String>,
+        /// The person's customer key (email:..., fallback:...) or external key (ls-...).
+        #[arg(long)]
+        key: Option<String>,
+        /// Also delete the person's rows from the lead table (source.table).
+        #[arg(long)]
+        table_rows: bool,
     },
 }
 
@@ -169,11 +192,225 @@ pub async fn main(cli: Cli) -> ExitCode {
         Command::Replay { since, resend } => replay(&settings, since, resend).await,
         Command::Export {
             format,
+            output,
+            email: Some(email),
+            ..
+        } => access_export(&settings, format, Person::by_email(&email), output).await,
+        Command::Export {
+            format,
+            output,
+            key: Some(key),
+            ..
+        } => access_export(&settings, format, Person::by_key(&key), output).await,
+        Command::Export {
+            format,
             since,
             include_held,
             output,
+            ..
         } => export(&settings, format, since, include_held, output).await,
+        Command::Forget {
+            email,
+            key,
+            table_rows,
+        } => {
+            let person = match (email, key) {
+                (Some(email), _) => Person::by_email(&email),
+                (None, Some(key)) => Person::by_key(&key),
+                (None, None) => unreachable!("clap requires --email or --key"),
+            };
+            forget(&settings, person, table_rows).await
+        }
     }
+}
+
+/// Creates `--output` (0600), or stdout.
+fn output_or_stdout(output: &Option<PathBuf>) -> Result<Box<dyn std::io::Write>, ExitCode> {
+    match output {
+        None => Ok(Box::new(std::io::stdout().lock())),
+        Some(path) => match crate::private_fs::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+        {
+            Ok(f) => Ok(Box::new(std::io::BufWriter::new(f))),
+            Err(e) => {
+                eprintln!("leadsync: cannot create {}: {e}", path.display());
+                Err(ExitCode::from(EXIT_START_FAILED))
+            }
+        },
+    }
+}
+
+/// `leadsync export --email|--key`: the access export of one person.
+async fn access_export(
+    settings: &Settings,
+    format: crate::export::Format,
+    mut person: Person,
+    output: Option<PathBuf>,
+) -> ExitCode {
+    if format != crate::export::Format::Jsonl {
+        eprintln!("leadsync: export --email/--key writes JSON lines: add --format jsonl");
+        return ExitCode::from(EXIT_START_FAILED);
+    }
+    let store = match crate::open_state(settings) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("leadsync: {e}");
+            return ExitCode::from(state_failed(&e));
+        }
+    };
+    let found = match crate::personal::resolve(store.as_ref(), &mut person).await {
+        Ok(()) => crate::personal::find(store.as_ref(), &person).await,
+        Err(e) => Err(e),
+    };
+    let found = match found {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("leadsync: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let mut out = match output_or_stdout(&output) {
+        Ok(out) => out,
+        Err(code) => return code,
+    };
+    match crate::personal::write_access_export(&found, &mut out)
+        .and_then(|n| out.flush().map(|()| n))
+    {
+        Ok(n) => {
+            eprintln!("leadsync: exported {n} records about this person");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("leadsync: cannot write the export: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+/// `leadsync forget`: removes the person from the state (holding the state like the
+/// daemon: the file lock, or the processing lease), then with `--table-rows` their
+/// rows from the lead table. Prints what it removed.
+async fn forget(settings: &Settings, mut person: Person, table_rows: bool) -> ExitCode {
+    let source = match table_rows {
+        true => match crate::source::TableSource::connect(&settings.source) {
+            Ok(source) => Some(source),
+            Err(e) => {
+                eprintln!("leadsync: {e}");
+                return ExitCode::from(EXIT_START_FAILED);
+            }
+        },
+        false => None,
+    };
+    let forgotten = match settings.state.backend {
+        crate::config::StateBackend::File => {
+            let store = match crate::state::RedbStore::open(&settings.state.dir) {
+                Ok(store) => store.with_summary_template(&settings.identity.summary_template),
+                Err(e) => {
+                    eprintln!("leadsync: {e}");
+                    return ExitCode::from(state_failed(&e));
+                }
+            };
+            let forgotten = forget_in(&store, &mut person).await;
+            // The removed records' pages are given back, so the file keeps no copy of them.
+            if forgotten.is_ok() {
+                if let Err(e) = store.compact() {
+                    eprintln!("leadsync: the person is forgotten, but the state file could not be compacted: {e}");
+                }
+            }
+            forgotten
+        }
+        crate::config::StateBackend::Table => {
+            let store = match crate::open_state(settings) {
+                Ok(store) => store,
+                Err(e) => {
+                    eprintln!("leadsync: {e}");
+                    return ExitCode::from(state_failed(&e));
+                }
+            };
+            let hold = match crate::LeaseHold::take(store.clone(), settings.state.lease_ttl).await {
+                Ok(crate::Holding::Held(hold)) => hold,
+                Ok(crate::Holding::HeldBy { owner, until }) => {
+                    eprintln!("leadsync: {}", lease_held(&owner, until));
+                    return ExitCode::from(EXIT_LEASE_HELD);
+                }
+                Err(e) => {
+                    eprintln!("leadsync: {e}");
+                    return ExitCode::from(EXIT_START_FAILED);
+                }
+            };
+            let forgotten = tokio::select! {
+                f = forget_in(store.as_ref(), &mut person) => f,
+                () = hold.lost.cancelled() => {
+                    eprintln!("leadsync: the processing lease was lost or could not be renewed in time; stopped part way: run forget again");
+                    return ExitCode::from(3);
+                }
+            };
+            hold.release().await;
+            forgotten
+        }
+    };
+    let forgotten = match forgotten {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("leadsync: forget failed part way ({e}); run it again to finish");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    for key in &forgotten.customers {
+        println!("removed customer        {key}");
+    }
+    for id in &forgotten.dead_letters {
+        println!("removed dead letter     {id}");
+    }
+    for (what, rows) in [
+        ("rejected row", &forgotten.rejected),
+        ("skipped row", &forgotten.skipped),
+        ("unidentifiable row", &forgotten.unidentifiable),
+    ] {
+        for row in rows {
+            println!("removed {what:<18}{row}");
+        }
+    }
+    if forgotten.is_empty() {
+        println!("nothing about this person in leadsync's state");
+    }
+    let mut code = ExitCode::SUCCESS;
+    match &source {
+        Some(source) => {
+            for row in &forgotten.source_rows {
+                match source.delete_row(row).await {
+                    Ok(true) => println!("deleted table row       {row}"),
+                    Ok(false) => println!("table row already gone  {row}"),
+                    Err(e) => {
+                        eprintln!("leadsync: cannot delete table row {row}: {e}");
+                        code = ExitCode::from(EXIT_START_FAILED);
+                    }
+                }
+            }
+            if forgotten.source_rows.is_empty() {
+                println!("no rows of this person known in the lead table");
+            }
+        }
+        None if !forgotten.source_rows.is_empty() => println!(
+            "kept {} rows of this person in the lead table {} (--table-rows deletes them; a replay over them would bring the person back)",
+            forgotten.source_rows.len(),
+            settings.source.table
+        ),
+        None => {}
+    }
+    println!("the CRM was not touched: erase the person there with the CRM's own erasure process");
+    code
+}
+
+async fn forget_in(
+    store: &dyn crate::state::StateStore,
+    person: &mut Person,
+) -> Result<crate::personal::Forgotten, crate::state::StateError> {
+    crate::personal::resolve(store, person).await?;
+    store.forget(person).await
 }
 
 async fn run(settings: &Settings, once: bool) -> ExitCode {

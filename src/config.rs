@@ -194,6 +194,11 @@ pub struct StateSettings {
     /// that dies loses it after this long.
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// How long lead data is kept (`"forever"`: `None`): a customer not seen for this
+    /// long, and rejected, skipped and unidentifiable rows and dead letters older than
+    /// this, are removed by the daemon, a bounded amount per poll.
+    #[serde(default = "default_retention", deserialize_with = "retention")]
+    pub retention: Option<Duration>,
 }
 
 impl Default for StateSettings {
@@ -203,8 +208,30 @@ impl Default for StateSettings {
             dir: default_state_dir(),
             table: default_state_table(),
             lease_ttl: default_lease_ttl(),
+            retention: default_retention(),
         }
     }
+}
+
+/// 400 days: a year of a customer's silence plus a month, so that a customer who comes
+/// back yearly (a renewal, a yearly trial) is still the same customer to leadsync.
+fn default_retention() -> Option<Duration> {
+    Some(Duration::from_secs(400 * 24 * 3600))
+}
+
+/// `"forever"`, or a duration such as `"400d"`.
+fn retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.trim() == "forever" {
+        return Ok(None);
+    }
+    humantime::parse_duration(text.trim())
+        .map(Some)
+        .map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{e}: state.retention is a duration such as \"400d\", or \"forever\""
+            ))
+        })
 }
 
 fn default_state_backend() -> StateBackend {
@@ -688,6 +715,14 @@ impl Settings {
                 "source.overlap",
                 "must be greater than zero: late-visible rows would be lost",
             );
+        }
+        if let Some(retention) = self.state.retention {
+            if retention <= s.overlap {
+                return bad(
+                    "state.retention",
+                    "must be longer than source.overlap (a row re-read inside the overlap window must still find its state), or \"forever\"",
+                );
+            }
         }
         if s.page_size == 0 || s.page_size > 1000 {
             return bad("source.page_size", "must be between 1 and 1000");

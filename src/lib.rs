@@ -12,6 +12,7 @@ pub mod config;
 pub mod export;
 pub mod identity;
 pub mod lead;
+pub mod personal;
 pub mod pipeline;
 pub mod private_fs;
 pub mod progress;
@@ -387,6 +388,11 @@ pub async fn run_pipeline(
             .map(|()| summary.clone());
         if result.is_err() {
             report.add(&summary);
+        }
+        // state.retention: a bounded step per poll, while the lease is held.
+        if let (Ok(summary), false) = (&result, poll_cancel.is_cancelled()) {
+            let (retention, overlap) = (settings.state.retention, settings.source.overlap);
+            personal::retain(&*pipeline.state, retention, overlap, summary.checkpoint).await;
         }
         metrics.set_polling(false);
         renewer.0.abort();

@@ -266,6 +266,28 @@ impl TableSource {
         .map(|_| ())
     }
 
+    /// Deletes the row (`leadsync forget --table-rows`): `Ok(false)` when it was gone already.
+    pub async fn delete_row(&self, row: &crate::row::RowId) -> Result<bool, SourceError> {
+        let cancel = CancellationToken::new();
+        let client = self
+            .table
+            .partition_key_client(escape_key(&row.partition_key))
+            .entity_client(escape_key(&row.row_key));
+        self.with_retries("delete row", &cancel, || async {
+            match client.delete().await {
+                Ok(_) => Ok(true),
+                Err(e)
+                    if status_of(&e) == Some(StatusCode::NotFound)
+                        && error_code(&e) != Some("TableNotFound") =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
     async fn with_retries<T, F, Fut>(
         &self,
         operation: &'static str,

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::identity::{CustomerState, SummaryForm};
+use crate::personal::{Forgotten, Person, Pruned, Walk};
 use crate::row::RowId;
 use crate::timestamp::serde_ticks;
 
@@ -296,6 +297,35 @@ pub trait StateStore: Send + Sync {
     async fn rejected(&self) -> Result<Vec<RecordedRow>, StateError>;
     /// Rows skipped by policy.
     async fn skipped(&self) -> Result<Vec<RecordedRow>, StateError>;
+    /// Removes everything this store holds about `person` (see [`crate::personal`]):
+    /// their merged customer, their dead letters, and the rejected, skipped and
+    /// unidentifiable rows about them. The rows of the customer's history are first
+    /// marked handled (a marker is a row's keys and version, no personal data), so that
+    /// a re-read of the overlap window does not deliver them again. Callers hold the
+    /// processing lease. Running it again after a failure finishes the work.
+    async fn forget(&self, _person: &Person) -> Result<Forgotten, StateError> {
+        Err(unsupported("forget a person"))
+    }
+    /// One step of retention: looks at up to `step` records of each list (customers,
+    /// dead letters, rejected, skipped, unidentifiable rows), resuming after the last
+    /// call's, and removes customers last seen before `before`, dead letters refused
+    /// before it and recorded rows stamped before it. Handled markers and the
+    /// checkpoint are not touched. Callers hold the processing lease and keep `before`
+    /// before the overlap window ([`crate::personal::retention_cutoff`]).
+    async fn prune_older_than(
+        &self,
+        _before: OffsetDateTime,
+        _step: usize,
+    ) -> Result<Pruned, StateError> {
+        Err(unsupported("remove data older than state.retention"))
+    }
+}
+
+fn unsupported(operation: &'static str) -> StateError {
+    StateError::Io {
+        operation,
+        message: "this state store cannot".into(),
+    }
 }
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -329,6 +359,26 @@ pub struct RedbStore {
     held: Held,
     /// [`HOLD_PAGES`] and [`HOLD_BYTES`] (tests set smaller ones).
     hold_limits: (usize, usize),
+    /// Where the next step of retention resumes.
+    retention: std::sync::Mutex<RetentionCursor>,
+}
+
+/// Where each list's retention step resumes.
+#[derive(Default)]
+struct RetentionCursor {
+    customers: Walk<Vec<u8>>,
+    dead_letters: Walk<String>,
+    /// Rejected, skipped, unidentifiable.
+    lists: [Walk<(String, String)>; 3],
+}
+
+impl RetentionCursor {
+    /// Every list went round: the next step starts them all again.
+    fn round_done(&self) -> bool {
+        self.customers.is_done()
+            && self.dead_letters.is_done()
+            && self.lists.iter().all(Walk::is_done)
+    }
 }
 
 /// The settles of one poll's pages left uncommitted (`SettleBatch::continued`), committed
@@ -492,6 +542,7 @@ impl RedbStore {
             summary_template: crate::config::IdentitySettings::default().summary_template,
             held: Held::default(),
             hold_limits: (HOLD_PAGES, HOLD_BYTES),
+            retention: Default::default(),
         };
         let moved = match upgrade_due {
             true => store.move_string_keyed(MOVE_STEP)?,
@@ -706,6 +757,238 @@ impl RedbStore {
                 None => return Ok(pruned),
             }
         }
+    }
+}
+
+/// The three lists of recorded rows, in the order of [`RetentionCursor::lists`].
+const LISTS: [TableDefinition<(&str, &str), &[u8]>; 3] = [REJECTED, SKIPPED, UNIDENTIFIABLE];
+
+impl RedbStore {
+    /// [`StateStore::forget`], in one transaction.
+    fn forget_now(&self, person: &Person) -> Result<Forgotten, StateError> {
+        const OP: &str = "forget a person";
+        let txn = self.begin_write(OP)?;
+        let mut forgotten = Forgotten::default();
+        {
+            let mut customers = txn.open_table(CUSTOMERS).map_err(io(OP))?;
+            let mut found: Vec<(Vec<u8>, CustomerState)> = Vec::new();
+            match &person.key {
+                Some(key) => {
+                    if let Some(bytes) = customers.get(key.as_bytes()).map_err(io(OP))? {
+                        found.push((
+                            key.as_bytes().to_vec(),
+                            decode_customer(key, bytes.value())?,
+                        ));
+                    }
+                }
+                // Only an external key: every customer is looked at.
+                None if person.external_key.is_some() => {
+                    for entry in customers.iter().map_err(io(OP))? {
+                        let (key, value) = entry.map_err(io(OP))?;
+                        let text = String::from_utf8_lossy(key.value()).into_owned();
+                        let customer = decode_customer(&text, value.value())?;
+                        if person.is(&customer.lead) {
+                            found.push((key.value().to_vec(), customer));
+                        }
+                    }
+                }
+                None => {}
+            }
+            // The customer's rows are marked handled before it goes (in the same
+            // transaction): the file store keeps no marker of a delivered row, its
+            // customer's history is the marker.
+            let mut handled = txn.open_table(HANDLED).map_err(io(OP))?;
+            for (key, customer) in &found {
+                for version in crate::personal::history_versions(&customer.lead.history) {
+                    let row = (
+                        version.id.partition_key.as_bytes(),
+                        version.id.row_key.as_bytes(),
+                    );
+                    let newer = match handled.get(row).map_err(io(OP))? {
+                        Some(bytes) => decode_handled(row, bytes.value())
+                            .is_ok_and(|h| h.timestamp >= version.timestamp),
+                        None => false,
+                    };
+                    if !newer {
+                        handled
+                            .insert(row, encode_handled(&version).as_slice())
+                            .map_err(io(OP))?;
+                        forgotten.marked_handled += 1;
+                    }
+                }
+                customers.remove(key.as_slice()).map_err(io(OP))?;
+                forgotten.customers.push(customer.lead.log_key());
+                forgotten.add_source_rows(customer.lead.history.iter().map(|h| &h.row));
+            }
+            let mut letters = txn.open_table(DEAD_LETTERS).map_err(io(OP))?;
+            let mut gone = Vec::new();
+            for entry in letters.iter().map_err(io(OP))? {
+                let (key, value) = entry.map_err(io(OP))?;
+                let letter: DeadLetter = decode_compact(key.value(), value.value())?;
+                if person.is_in_dead_letter(&letter) {
+                    forgotten.add_source_rows(letter.rows.iter().map(|r| &r.id));
+                    forgotten.dead_letters.push(letter.payload.log_key());
+                    gone.push(letter.id);
+                }
+            }
+            for id in &gone {
+                letters.remove(id.as_str()).map_err(io(OP))?;
+            }
+            let rows: HashSet<RowId> = forgotten.source_rows.iter().cloned().collect();
+            for (i, list) in LISTS.into_iter().enumerate() {
+                let mut table = txn.open_table(list).map_err(io(OP))?;
+                let mut gone = Vec::new();
+                for entry in table.iter().map_err(io(OP))? {
+                    let (key, value) = entry.map_err(io(OP))?;
+                    let (pk, rk) = key.value();
+                    let row: RecordedRow = decode(&RowId::new(pk, rk).to_string(), value.value())?;
+                    if person.is_in_row(&row, &rows) {
+                        gone.push(row.row.id);
+                    }
+                }
+                for id in &gone {
+                    table
+                        .remove((id.partition_key.as_str(), id.row_key.as_str()))
+                        .map_err(io(OP))?;
+                }
+                forgotten.add_source_rows(&gone);
+                match i {
+                    0 => forgotten.rejected = gone,
+                    1 => forgotten.skipped = gone,
+                    _ => forgotten.unidentifiable = gone,
+                }
+            }
+        }
+        txn.commit().map_err(io(OP))?;
+        Ok(forgotten)
+    }
+
+    /// [`StateStore::prune_older_than`], in one transaction.
+    fn prune_older_now(&self, before: OffsetDateTime, step: usize) -> Result<Pruned, StateError> {
+        const OP: &str = "remove data older than state.retention";
+        use std::ops::Bound::{Excluded, Unbounded};
+        let mut cursor = locked(&self.retention);
+        let txn = self.begin_write(OP)?;
+        let mut pruned = Pruned::default();
+        let mut next = RetentionCursor::default();
+        if let Walk::From(after) = &cursor.customers {
+            let mut table = txn.open_table(CUSTOMERS).map_err(io(OP))?;
+            let mut stale: Vec<Vec<u8>> = Vec::new();
+            let mut last = None;
+            let mut seen = 0;
+            {
+                let entries = match after {
+                    Some(after) => table.range::<&[u8]>((Excluded(after.as_slice()), Unbounded)),
+                    None => table.range::<&[u8]>(..),
+                }
+                .map_err(io(OP))?;
+                for entry in entries.take(step) {
+                    let (key, value) = entry.map_err(io(OP))?;
+                    seen += 1;
+                    let text = String::from_utf8_lossy(key.value()).into_owned();
+                    // An unreadable record is kept, for a person to see.
+                    if decode_customer(&text, value.value())
+                        .is_ok_and(|c| c.lead.last_seen < before)
+                    {
+                        stale.push(key.value().to_vec());
+                    }
+                    last = Some(key.value().to_vec());
+                }
+            }
+            for key in &stale {
+                table.remove(key.as_slice()).map_err(io(OP))?;
+            }
+            pruned.customers = stale.len();
+            next.customers = Walk::next(seen < step, last);
+        } else {
+            next.customers = Walk::Done;
+        }
+        if let Walk::From(after) = &cursor.dead_letters {
+            let mut table = txn.open_table(DEAD_LETTERS).map_err(io(OP))?;
+            let mut stale: Vec<String> = Vec::new();
+            let mut last = None;
+            let mut seen = 0;
+            {
+                let entries = match after {
+                    Some(after) => table.range::<&str>((Excluded(after.as_str()), Unbounded)),
+                    None => table.range::<&str>(..),
+                }
+                .map_err(io(OP))?;
+                for entry in entries.take(step) {
+                    let (key, value) = entry.map_err(io(OP))?;
+                    seen += 1;
+                    if decode_compact::<DeadLetter>(key.value(), value.value())
+                        .is_ok_and(|l| l.at < before)
+                    {
+                        stale.push(key.value().to_owned());
+                    }
+                    last = Some(key.value().to_owned());
+                }
+            }
+            for key in &stale {
+                table.remove(key.as_str()).map_err(io(OP))?;
+            }
+            pruned.dead_letters = stale.len();
+            next.dead_letters = Walk::next(seen < step, last);
+        } else {
+            next.dead_letters = Walk::Done;
+        }
+        for (i, list) in LISTS.into_iter().enumerate() {
+            let Walk::From(after) = &cursor.lists[i] else {
+                next.lists[i] = Walk::Done;
+                continue;
+            };
+            let mut table = txn.open_table(list).map_err(io(OP))?;
+            let mut stale: Vec<(String, String)> = Vec::new();
+            let mut last = None;
+            let mut seen = 0;
+            {
+                let entries = match after {
+                    Some((pk, rk)) => table
+                        .range::<(&str, &str)>((Excluded((pk.as_str(), rk.as_str())), Unbounded)),
+                    None => table.range::<(&str, &str)>(..),
+                }
+                .map_err(io(OP))?;
+                for entry in entries.take(step) {
+                    let (key, value) = entry.map_err(io(OP))?;
+                    seen += 1;
+                    let (pk, rk) = key.value();
+                    let old = decode::<RecordedRow>(&RowId::new(pk, rk).to_string(), value.value())
+                        .is_ok_and(|r| r.row.timestamp < before);
+                    if old {
+                        stale.push((pk.to_owned(), rk.to_owned()));
+                    }
+                    last = Some((pk.to_owned(), rk.to_owned()));
+                }
+            }
+            for (pk, rk) in &stale {
+                table.remove((pk.as_str(), rk.as_str())).map_err(io(OP))?;
+            }
+            match i {
+                0 => pruned.rejected = stale.len(),
+                1 => pruned.skipped = stale.len(),
+                _ => pruned.unidentifiable = stale.len(),
+            }
+            next.lists[i] = Walk::next(seen < step, last);
+        }
+        // A step that found nothing to remove (the usual poll) writes nothing.
+        match pruned.removed() {
+            0 => txn.abort().map_err(io(OP))?,
+            _ => txn.commit().map_err(io(OP))?,
+        }
+        pruned.complete = next.round_done();
+        *cursor = match pruned.complete {
+            true => RetentionCursor::default(),
+            false => next,
+        };
+        Ok(pruned)
+    }
+
+    /// Compacts the file (after [`StateStore::forget`]): the pages the removed records
+    /// were on are given back, and the file shrinks.
+    pub fn compact(mut self) -> Result<bool, StateError> {
+        self.commit_held_now()?;
+        self.db.compact().map_err(io("compact the state file"))
     }
 }
 
@@ -1126,6 +1409,18 @@ impl StateStore for RedbStore {
 
     async fn skipped(&self) -> Result<Vec<RecordedRow>, StateError> {
         blocking(|| self.recorded(SKIPPED))
+    }
+
+    async fn forget(&self, person: &Person) -> Result<Forgotten, StateError> {
+        blocking(|| self.forget_now(person))
+    }
+
+    async fn prune_older_than(
+        &self,
+        before: OffsetDateTime,
+        step: usize,
+    ) -> Result<Pruned, StateError> {
+        blocking(|| self.prune_older_now(before, step))
     }
 
     async fn unidentifiable(&self) -> Result<Vec<RecordedRow>, StateError> {
