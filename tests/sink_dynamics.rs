@@ -94,6 +94,8 @@ struct Inner {
     poison: Vec<String>,
     /// Keys whose request Dataverse takes this long to run.
     slow: HashMap<String, Duration>,
+    /// A `$batch` of more requests is refused as too large (413).
+    max_batch_requests: Option<usize>,
 }
 
 /// One `POST $batch` as the fake received it.
@@ -558,6 +560,17 @@ impl Fake {
             return malformed("A batch request holds 1 to 1000 requests.");
         }
         self.lock().batches[index].requests = requests.len();
+        if self
+            .lock()
+            .max_batch_requests
+            .is_some_and(|max| requests.len() > max)
+        {
+            return dataverse_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "0x80048d1a",
+                "The request body is too large.",
+            );
+        }
         let poisoned = {
             let inner = self.lock();
             requests.iter().any(|(_, path, _, _)| {
@@ -1816,6 +1829,7 @@ fn the_example_config_loads_and_states_the_defaults() {
     assert_eq!(d.api_version, "v9.2");
     assert_eq!(d.key_attribute, "leadsync_key");
     assert_eq!(d.parallelism, 4);
+    assert_eq!(d.batch_size, 100);
     assert_eq!(d.fields, default_fields());
     assert!(d.ownership.is_empty(), "the defaults of the README's table");
     assert_eq!(d.max_lengths, default_max_lengths());
@@ -2116,4 +2130,35 @@ async fn a_slow_batch_holds_one_slot_not_the_window_and_outcomes_come_back_in_in
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_batch_refused_as_too_large_is_sent_again_in_halves_and_no_lead_is_lost() {
+    // Arrange: this environment takes at most 3 requests per $batch
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    fake.lock().max_batch_requests = Some(3);
+    let leads: Vec<CustomerLead> = (0..10).map(lead).collect();
+
+    // Act
+    let outcomes = sink.deliver(&leads).await;
+
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered; 10]);
+    assert_eq!(fake.records().len(), 10);
+    let batches = fake.batches();
+    let refused: Vec<usize> = batches
+        .iter()
+        .filter(|b| b.status == 413)
+        .map(|b| b.requests)
+        .collect();
+    assert_eq!(refused, vec![10, 5, 5], "10, then its halves of 5");
+    assert!(batches
+        .iter()
+        .filter(|b| b.status == 200)
+        .all(|b| b.requests <= 3));
+    assert_eq!(
+        fake.patches().iter().filter(|p| p.status == 204).count(),
+        10
+    );
 }
