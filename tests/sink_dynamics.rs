@@ -4,7 +4,12 @@
 //! knows the CRM side: `If-Match`/`If-None-Match` on upserts (404 / 412), queries of
 //! leads by `Microsoft.Dynamics.CRM.In`, a rep's edits, opt-outs, qualified and
 //! disqualified leads (which Dataverse still lets an API update, as it does), tasks
-//! created under a client-chosen id, and the lead table's alternate keys.
+//! created under a client-chosen id, and the lead table's alternate keys. Writes come
+//! in `POST $batch` (OData 4.0 multipart/mixed, as "Execute batch operations using the
+//! Web API" specifies): the fake runs each inner request in order, records it as if it
+//! had come alone (with the `$batch`'s token and OData headers), stops at the first
+//! failure unless `Prefer: odata.continue-on-error`, and answers one `HTTP/1.1` part
+//! per request; a whole `$batch` can be throttled (429) or refused (400, 413).
 
 mod common;
 
@@ -59,6 +64,8 @@ struct Seen {
     body: Option<Value>,
     at: Instant,
     status: u16,
+    /// Came inside a `$batch`.
+    in_batch: bool,
 }
 
 #[derive(Default)]
@@ -79,6 +86,27 @@ struct Inner {
     tasks: BTreeMap<String, Map<String, Value>>,
     /// The lead table has no alternate key on the key attribute.
     no_alternate_key: bool,
+    /// Every `POST $batch`, as received.
+    batches: Vec<BatchSeen>,
+    /// Canned answers to the next `$batch` requests as a whole.
+    batch_script: VecDeque<Scripted>,
+    /// Keys whose request makes a whole `$batch` refused as malformed (400).
+    poison: Vec<String>,
+    /// Keys whose request Dataverse takes this long to run.
+    slow: HashMap<String, Duration>,
+    /// A `$batch` of more requests is refused as too large (413).
+    max_batch_requests: Option<usize>,
+}
+
+/// One `POST $batch` as the fake received it.
+#[derive(Clone, Debug)]
+struct BatchSeen {
+    headers: HeaderMap,
+    /// The number of requests in it.
+    requests: usize,
+    at: Instant,
+    done: Option<Instant>,
+    status: u16,
 }
 
 /// The owner of the leads the fake creates (a sales rep).
@@ -184,6 +212,27 @@ impl Fake {
             .collect()
     }
 
+    fn batches(&self) -> Vec<BatchSeen> {
+        self.lock().batches.clone()
+    }
+
+    /// Requests other than `$batch`es and queries (old-style single writes).
+    fn single_writes(&self) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.method != Method::GET && !r.in_batch)
+            .count()
+    }
+
+    fn queries(&self) -> usize {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.method == Method::GET)
+            .count()
+    }
+
     fn records(&self) -> BTreeMap<String, Map<String, Value>> {
         self.lock().records.clone()
     }
@@ -264,6 +313,9 @@ impl Fake {
         headers: HeaderMap,
         body: Bytes,
     ) -> Response {
+        if method == Method::POST && uri.path() == format!("{API}/$batch") {
+            return fake.batch(&headers, &body).await;
+        }
         let index = {
             let mut inner = fake.lock();
             inner.requests.push(Seen {
@@ -273,6 +325,7 @@ impl Fake {
                 body: serde_json::from_slice(&body).ok(),
                 at: Instant::now(),
                 status: 0,
+                in_batch: false,
             });
             inner.requests.len() - 1
         };
@@ -297,6 +350,17 @@ impl Fake {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Response {
+        if let Some(refused) = self.unauthorized(headers) {
+            return refused;
+        }
+        let Some(rest) = path.strip_prefix(API) else {
+            return dataverse_error(StatusCode::NOT_FOUND, "0x80060888", "Resource not found.");
+        };
+        self.route(method, rest, query, headers, body).await
+    }
+
+    /// A 401 unless the request carries a valid token.
+    fn unauthorized(&self, headers: &HeaderMap) -> Option<Response> {
         let token = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -317,11 +381,19 @@ impl Fake {
                 ))
                 .unwrap(),
             );
-            return response;
+            return Some(response);
         }
-        let Some(rest) = path.strip_prefix(API) else {
-            return dataverse_error(StatusCode::NOT_FOUND, "0x80060888", "Resource not found.");
-        };
+        None
+    }
+
+    async fn route(
+        &self,
+        method: &Method,
+        rest: &str,
+        query: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Response {
         match (method.clone(), rest) {
             (Method::GET, "/WhoAmI") => Json(json!({
                 "@odata.context": format!("{}{API}/$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse", self.base()),
@@ -355,6 +427,241 @@ impl Fake {
                 &format!("Resource not found for the segment '{rest}'."),
             ),
         }
+    }
+
+    /// `POST $batch`: multipart/mixed, one `application/http` part per request, no
+    /// change sets (leadsync sends none). Inner requests run in order; without
+    /// `Prefer: odata.continue-on-error` the first failure ends the batch.
+    async fn batch(&self, headers: &HeaderMap, body: &[u8]) -> Response {
+        let index = {
+            let mut inner = self.lock();
+            inner.batches.push(BatchSeen {
+                headers: headers.clone(),
+                requests: 0,
+                at: Instant::now(),
+                done: None,
+                status: 0,
+            });
+            inner.batches.len() - 1
+        };
+        let response = self.run_batch(index, headers, body).await;
+        let mut inner = self.lock();
+        inner.batches[index].status = response.status().as_u16();
+        inner.batches[index].done = Some(Instant::now());
+        response
+    }
+
+    async fn run_batch(&self, index: usize, headers: &HeaderMap, body: &[u8]) -> Response {
+        if let Some(refused) = self.unauthorized(headers) {
+            return refused;
+        }
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let _guard = InFlight(&self.in_flight);
+        tokio::time::sleep(self.patch_delay).await;
+        let scripted = self.lock().batch_script.pop_front();
+        match scripted {
+            Some(Scripted::Hang(duration)) => {
+                tokio::time::sleep(duration).await;
+                return StatusCode::SERVICE_UNAVAILABLE.into_response();
+            }
+            Some(Scripted::Answer {
+                status,
+                retry_after,
+                body,
+            }) => {
+                let mut response =
+                    (StatusCode::from_u16(status).unwrap(), Json(body)).into_response();
+                if let Some(after) = retry_after {
+                    response
+                        .headers_mut()
+                        .insert("Retry-After", HeaderValue::from_static(after));
+                }
+                return response;
+            }
+            None => {}
+        }
+        let malformed =
+            |message: &str| dataverse_error(StatusCode::BAD_REQUEST, "0x80048d19", message);
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let Some(boundary) = content_type
+            .strip_prefix("multipart/mixed")
+            .and_then(|rest| {
+                rest.split(';')
+                    .find_map(|p| p.trim().strip_prefix("boundary="))
+            })
+            .map(|b| b.trim_matches('"').to_owned())
+        else {
+            return malformed("The batch request must be multipart/mixed with a boundary.");
+        };
+        let Ok(text) = std::str::from_utf8(body) else {
+            return malformed("The batch request is not UTF-8.");
+        };
+        let delimiter = format!("--{boundary}");
+        let mut pieces = text.split(delimiter.as_str());
+        pieces.next();
+        let mut requests = Vec::new();
+        let mut closed = false;
+        for piece in pieces {
+            if piece.starts_with("--") {
+                closed = true;
+                break;
+            }
+            let piece = piece.strip_prefix("\r\n").unwrap_or(piece);
+            let Some((mime, content)) = piece.split_once("\r\n\r\n") else {
+                return malformed("A batch part has no header section.");
+            };
+            let mime = mime.to_ascii_lowercase();
+            if !mime.contains("content-type: application/http")
+                || !mime.contains("content-transfer-encoding: binary")
+            {
+                return malformed(
+                    "A batch part must be application/http with Content-Transfer-Encoding: binary.",
+                );
+            }
+            let Some((head, inner_body)) = content.split_once("\r\n\r\n") else {
+                return malformed("A batch request has no header section.");
+            };
+            let mut lines = head.split("\r\n");
+            let request_line: Vec<&str> = lines.next().unwrap_or_default().split(' ').collect();
+            if request_line.len() != 3 || request_line[2] != "HTTP/1.1" {
+                return malformed("A batch request line must be `<method> <url> HTTP/1.1`.");
+            }
+            let (method, url) = (request_line[0], request_line[1]);
+            let mut inner_headers = headers.clone();
+            inner_headers.remove("content-type");
+            for line in lines {
+                let Some((name, value)) = line.split_once(':') else {
+                    return malformed("A batch request header has no colon.");
+                };
+                inner_headers.insert(
+                    axum::http::HeaderName::from_bytes(name.trim().as_bytes()).unwrap(),
+                    HeaderValue::from_str(value.trim()).unwrap(),
+                );
+            }
+            let path = match url.strip_prefix(self.base()) {
+                Some(path) => path.to_owned(),
+                None => url.to_owned(),
+            };
+            requests.push((
+                Method::from_bytes(method.as_bytes()).unwrap(),
+                path,
+                inner_headers,
+                inner_body.trim_end_matches("\r\n").as_bytes().to_vec(),
+            ));
+        }
+        if !closed {
+            return malformed("The batch request has no closing boundary.");
+        }
+        if requests.is_empty() || requests.len() > 1000 {
+            return malformed("A batch request holds 1 to 1000 requests.");
+        }
+        self.lock().batches[index].requests = requests.len();
+        if self
+            .lock()
+            .max_batch_requests
+            .is_some_and(|max| requests.len() > max)
+        {
+            return dataverse_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "0x80048d1a",
+                "The request body is too large.",
+            );
+        }
+        let poisoned = {
+            let inner = self.lock();
+            requests.iter().any(|(_, path, _, _)| {
+                let decoded = urlencoding::decode(path).unwrap().replace("''", "'");
+                inner
+                    .poison
+                    .iter()
+                    .any(|k| decoded.contains(&format!("'{k}'")))
+            })
+        };
+        if poisoned {
+            return malformed(
+                "Error parsing the batch request: a request's body could not be read.",
+            );
+        }
+        let continue_on_error = headers
+            .get("prefer")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("odata.continue-on-error"));
+        let answer_boundary = format!("batchresponse_{index:08}");
+        let mut out = String::new();
+        for (method, path, inner_headers, inner_body) in requests {
+            let seen = {
+                let mut inner = self.lock();
+                inner.requests.push(Seen {
+                    method: method.clone(),
+                    path: path.clone(),
+                    headers: inner_headers.clone(),
+                    body: serde_json::from_slice(&inner_body).ok(),
+                    at: Instant::now(),
+                    status: 0,
+                    in_batch: true,
+                });
+                inner.requests.len() - 1
+            };
+            let delay = {
+                let decoded = urlencoding::decode(&path).unwrap().replace("''", "'");
+                self.lock()
+                    .slow
+                    .iter()
+                    .find(|(k, _)| decoded.contains(&format!("'{k}'")))
+                    .map(|(_, d)| *d)
+            };
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            // The writes leadsync sends; patch_delay and the in-flight count are the
+            // `$batch`'s.
+            let response = match (method.clone(), path.strip_prefix(API)) {
+                (Method::PATCH, Some(rest)) if rest.starts_with("/leads(") => {
+                    self.upsert(rest, &inner_headers, &inner_body).await
+                }
+                (Method::PATCH, Some(rest)) if rest.starts_with("/tasks(") => {
+                    self.create_task(rest, &inner_headers, &inner_body)
+                }
+                _ => dataverse_error(
+                    StatusCode::NOT_FOUND,
+                    "0x80060888",
+                    &format!("Resource not found for the segment '{path}'."),
+                ),
+            };
+            let status = response.status();
+            self.lock().requests[seen].status = status.as_u16();
+            let mut part = format!(
+                "--{answer_boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\nHTTP/1.1 {} {}\r\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            );
+            for (name, value) in response.headers() {
+                part.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+            }
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            part.push_str("\r\n");
+            part.push_str(std::str::from_utf8(&bytes).unwrap());
+            part.push_str("\r\n");
+            out.push_str(&part);
+            if status.as_u16() >= 400 && !continue_on_error {
+                break;
+            }
+        }
+        out.push_str(&format!("--{answer_boundary}--\r\n"));
+        let mut response = (StatusCode::OK, out).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            "content-type",
+            HeaderValue::from_str(&format!("multipart/mixed; boundary={answer_boundary}")).unwrap(),
+        );
+        headers.insert("OData-Version", HeaderValue::from_static("4.0"));
+        response
     }
 
     /// `$filter=Microsoft.Dynamics.CRM.In(PropertyName='k',PropertyValues=['a','b'])`.
@@ -1182,12 +1489,12 @@ async fn an_upsert_that_keeps_timing_out_is_left_for_the_next_poll() {
 }
 
 #[tokio::test]
-async fn no_more_than_parallelism_upserts_are_in_flight_and_outcomes_keep_input_order() {
-    // Arrange
+async fn no_more_than_parallelism_batches_are_in_flight_and_outcomes_keep_input_order() {
+    // Arrange: 9 leads in $batches of 3, each $batch taking 100 ms
     let mut fake = Fake::new("leadsync_key");
     fake.patch_delay = Duration::from_millis(100);
     let fake = start(fake).await;
-    let sink = sink(&fake, "parallelism = 3");
+    let sink = sink(&fake, "parallelism = 3\nbatch_size = 3");
     let leads: Vec<CustomerLead> = (0..9).map(lead).collect();
     fake.lock().refuse.insert(
         leads[4].external_key.clone(),
@@ -1199,8 +1506,9 @@ async fn no_more_than_parallelism_upserts_are_in_flight_and_outcomes_keep_input_
 
     // Assert
     let max = fake.max_in_flight.load(Ordering::SeqCst);
-    assert!(max <= 3, "{max} upserts were in flight");
-    assert!(max > 1, "upserts ran one at a time");
+    assert!(max <= 3, "{max} $batches were in flight");
+    assert!(max > 1, "$batches ran one at a time");
+    assert_eq!(fake.batches().len(), 3);
     assert_eq!(outcomes.len(), 9);
     for (i, outcome) in outcomes.iter().enumerate() {
         if i == 4 {
@@ -1521,6 +1829,7 @@ fn the_example_config_loads_and_states_the_defaults() {
     assert_eq!(d.api_version, "v9.2");
     assert_eq!(d.key_attribute, "leadsync_key");
     assert_eq!(d.parallelism, 4);
+    assert_eq!(d.batch_size, 100);
     assert_eq!(d.fields, default_fields());
     assert!(d.ownership.is_empty(), "the defaults of the README's table");
     assert_eq!(d.max_lengths, default_max_lengths());
@@ -1619,4 +1928,237 @@ async fn leads_from_the_table_are_upserted_once_per_customer_across_a_restart() 
         (inner.created, inner.updated)
     };
     assert_eq!((created, updated), (7, 1));
+}
+
+// ---------------------------------------------------------------------------
+// In bulk: `$batch` with one request per lead (issue 26, points 2 and 3)
+
+#[tokio::test]
+async fn a_backfill_takes_one_batch_request_per_100_customers_and_one_outcome_per_lead() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    let leads: Vec<CustomerLead> = (0..250).map(lead).collect();
+
+    // Act
+    let created = sink.deliver(&leads).await;
+    let queries_of_the_backfill = fake.queries();
+    let later: Vec<CustomerLead> = (0..250).map(later_event).collect();
+    let updated = sink.deliver(&later).await;
+
+    // Assert
+    assert_eq!(created, vec![Outcome::Delivered; 250]);
+    assert_eq!(updated, vec![Outcome::Delivered; 250]);
+    let batches = fake.batches();
+    assert_eq!(
+        batches.len(),
+        6,
+        "ceil(250 / 100) write requests per delivery"
+    );
+    let mut sizes: Vec<usize> = batches[..3].iter().map(|b| b.requests).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![50, 100, 100]);
+    for batch in &batches {
+        assert_eq!(batch.status, 200);
+        let h = &batch.headers;
+        assert!(h["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("multipart/mixed; boundary="));
+        assert_eq!(h["prefer"], "odata.continue-on-error");
+        assert_eq!(h["odata-version"], "4.0");
+        assert!(h["authorization"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer eyJ0eXAi."));
+    }
+    assert_eq!(fake.single_writes(), 0, "no write outside a $batch");
+    assert!(
+        (1..=5).contains(&queries_of_the_backfill),
+        "the batch's In queries: {queries_of_the_backfill}"
+    );
+    let (records, created, updated) = {
+        let inner = fake.lock();
+        (inner.records.len(), inner.created, inner.updated)
+    };
+    assert_eq!((records, created, updated), (250, 250, 250));
+    let patches = fake.patches();
+    assert!(patches[..250]
+        .iter()
+        .all(|p| p.headers["if-none-match"] == "*" && p.status == 204));
+    assert!(patches[250..]
+        .iter()
+        .all(|p| p.headers["if-match"] == "*" && p.status == 204));
+}
+
+#[tokio::test]
+async fn one_bad_record_is_refused_alone_while_its_neighbours_in_the_batch_are_delivered() {
+    // Arrange: lead 3 is refused inside the $batch (400 for its request); lead 6 makes
+    // Dataverse refuse any $batch holding it as a whole (400 malformed)
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    let leads: Vec<CustomerLead> = (0..10).map(lead).collect();
+    fake.lock().refuse.insert(
+        leads[3].external_key.clone(),
+        json!({"error": {"code": "0x80044331", "message": "A validation error occurred."}}),
+    );
+    fake.lock().poison.push(leads[6].external_key.clone());
+
+    // Act
+    let outcomes = sink.deliver(&leads).await;
+
+    // Assert
+    assert_eq!(outcomes.len(), 10);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match i {
+            3 => assert!(
+                refused_message(outcome).contains("0x80044331"),
+                "{outcome:?}"
+            ),
+            6 => assert!(
+                refused_message(outcome).contains("0x80048d19"),
+                "{outcome:?}"
+            ),
+            _ => assert_eq!(outcome, &Outcome::Delivered, "lead {i}"),
+        }
+    }
+    let records = fake.records();
+    assert_eq!(records.len(), 8);
+    assert!(!records.contains_key(&leads[6].external_key));
+    let batches = fake.batches();
+    assert_eq!((batches[0].requests, batches[0].status), (10, 400));
+    assert!(
+        batches.len() <= 9,
+        "halves down to the bad record: {} $batches",
+        batches.len()
+    );
+    assert_eq!(fake.single_writes(), 0);
+}
+
+#[tokio::test]
+async fn a_429_on_the_whole_batch_is_waited_out_as_told_or_left_with_its_retry_after() {
+    // Arrange
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(
+        &fake,
+        r#"retry = { max_attempts = 3, initial_backoff = "10ms", max_backoff = "2s" }"#,
+    );
+    fake.lock().batch_script.extend([
+        Scripted::Answer {
+            status: 429,
+            retry_after: Some("1"),
+            body: json!({"error": {"code": "0x80072322", "message": "Number of requests exceeded the limit of 6000 over time window of 300 seconds."}}),
+        },
+    ]);
+
+    // Act
+    let waited_out = sink.deliver(&[lead(1), lead(2), lead(3)]).await;
+    fake.lock().batch_script.push_back(Scripted::Answer {
+        status: 429,
+        retry_after: Some("30"),
+        body: json!({"error": {"code": "0x80072321", "message": "Combined execution time of incoming requests exceeded limit of 1,200,000 milliseconds over time window of 300 seconds."}}),
+    });
+    let left = sink.deliver(&[lead(4), lead(5)]).await;
+
+    // Assert
+    assert_eq!(waited_out, vec![Outcome::Delivered; 3]);
+    let batches = fake.batches();
+    assert_eq!(
+        batches.iter().map(|b| b.status).collect::<Vec<_>>(),
+        vec![429, 200, 429]
+    );
+    let waited = batches[1].at - batches[0].at;
+    assert!(
+        waited >= Duration::from_millis(950),
+        "waited only {waited:?}"
+    );
+    assert_eq!(left.len(), 2);
+    for outcome in &left {
+        match outcome {
+            Outcome::RetryLater { after, reason } => {
+                assert_eq!(*after, Some(Duration::from_secs(30)));
+                assert!(
+                    reason.contains("0x80072321") && reason.contains("execution time"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected RetryLater, got {other:?}"),
+        }
+    }
+    assert_eq!(fake.records().len(), 3);
+}
+
+#[tokio::test]
+async fn a_slow_batch_holds_one_slot_not_the_window_and_outcomes_come_back_in_input_order() {
+    // Arrange: one lead per $batch, two in flight; lead 0's takes 1.5 s, lead 4 is refused
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "parallelism = 2\nbatch_size = 1");
+    let leads: Vec<CustomerLead> = (0..6).map(lead).collect();
+    fake.lock()
+        .slow
+        .insert(leads[0].external_key.clone(), Duration::from_millis(1500));
+    fake.lock().refuse.insert(
+        leads[4].external_key.clone(),
+        json!({"error": {"code": "0x80044331", "message": "A validation error occurred."}}),
+    );
+
+    // Act
+    let outcomes = sink.deliver(&leads).await;
+
+    // Assert
+    for (i, outcome) in outcomes.iter().enumerate() {
+        if i == 4 {
+            assert!(refused_message(outcome).contains("0x80044331"));
+        } else {
+            assert_eq!(outcome, &Outcome::Delivered, "lead {i}");
+        }
+    }
+    let batches = fake.batches();
+    assert_eq!(batches.len(), 6);
+    let slow = batches
+        .iter()
+        .max_by_key(|b| b.done.unwrap())
+        .unwrap()
+        .clone();
+    assert!(slow.done.unwrap() - slow.at >= Duration::from_millis(1400));
+    for batch in &batches {
+        if batch.at != slow.at {
+            assert!(
+                batch.done.unwrap() < slow.at + Duration::from_millis(1000),
+                "a fast $batch waited for the slow one: started {:?} after it",
+                batch.at.saturating_duration_since(slow.at)
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_batch_refused_as_too_large_is_sent_again_in_halves_and_no_lead_is_lost() {
+    // Arrange: this environment takes at most 3 requests per $batch
+    let fake = start(Fake::new("leadsync_key")).await;
+    let sink = sink(&fake, "");
+    fake.lock().max_batch_requests = Some(3);
+    let leads: Vec<CustomerLead> = (0..10).map(lead).collect();
+
+    // Act
+    let outcomes = sink.deliver(&leads).await;
+
+    // Assert
+    assert_eq!(outcomes, vec![Outcome::Delivered; 10]);
+    assert_eq!(fake.records().len(), 10);
+    let batches = fake.batches();
+    let refused: Vec<usize> = batches
+        .iter()
+        .filter(|b| b.status == 413)
+        .map(|b| b.requests)
+        .collect();
+    assert_eq!(refused, vec![10, 5, 5], "10, then its halves of 5");
+    assert!(batches
+        .iter()
+        .filter(|b| b.status == 200)
+        .all(|b| b.requests <= 3));
+    assert_eq!(
+        fake.patches().iter().filter(|p| p.status == 204).count(),
+        10
+    );
 }

@@ -9,9 +9,34 @@
 //! leadsync owns, or, for a qualified or disqualified lead, a follow-up task created
 //! under an id derived from the event (`PATCH tasks(id)` with `If-None-Match: *`, so a
 //! replay finds it there instead of making another).
+//!
+//! Those requests go in bulk: `batch_size` (default 100) per `POST $batch`, without
+//! change sets and with `Prefer: odata.continue-on-error`, so a backfill takes one write
+//! request per 100 customers and still one outcome per lead. Why `$batch` and not
+//! `UpsertMultiple`:
+//!
+//! - "Execute batch operations using the Web API"
+//!   (<https://learn.microsoft.com/power-apps/developer/data-platform/webapi/execute-batch-operations-using-web-api>):
+//!   a batch holds up to 1,000 requests, run in order, "the order of the responses
+//!   matches the order of the requests"; each request keeps its own headers
+//!   (`If-Match`/`If-None-Match`) and body, and with `odata.continue-on-error` a failed
+//!   request does not stop the ones after it, so each lead gets its own status.
+//! - "Use UpsertMultiple" (<https://learn.microsoft.com/power-apps/developer/data-platform/bulk-operations>):
+//!   one body of `Targets` for the whole call, no per-record condition (it cannot say
+//!   create-only or update-only, which the field-ownership rules need), and an error in
+//!   one record fails the whole call; it also cannot create the follow-up tasks.
+//! - "Service protection API limits"
+//!   (<https://learn.microsoft.com/power-apps/developer/data-platform/api-limits>): a
+//!   `$batch` counts as one request towards the number of requests, its inner requests
+//!   count towards the execution time, and a throttled `$batch` gets one 429 with
+//!   `Retry-After` as a whole, which is waited out as for any request.
+//!
+//! A `$batch` refused as a whole (400 malformed, 413 too large) is sent again in halves
+//! until the bad request is alone, so one bad record never takes the others down.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
+use std::sync::Mutex as StdMutex;
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
@@ -35,6 +60,11 @@ const ENTITY_SET: &str = "leads";
 const EMAIL_KEY: &str = "emailaddress1";
 /// Dataverse refuses more than 52 concurrent requests per user (service protection, 0x80072326).
 const MAX_PARALLELISM: usize = 52;
+/// Requests per `$batch` by default: a backfill takes one write request per 100 customers.
+const DEFAULT_BATCH_SIZE: usize = 100;
+/// "Batch requests can contain up to 1,000 individual requests" (Execute batch operations
+/// using the Web API).
+const MAX_BATCH_SIZE: usize = 1000;
 /// Used when a token response lacks `expires_in` (Entra ID always sends it).
 const ASSUMED_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 /// Enough of an error body to explain it, not a whole HTML error page.
@@ -82,9 +112,12 @@ pub struct DynamicsSettings {
     /// holding the external key, or `emailaddress1` to upsert on the email.
     #[serde(default = "default_key_attribute")]
     pub key_attribute: String,
-    /// Upsert requests in flight at once (Dataverse throttles per user; at most 52).
+    /// `$batch` requests in flight at once (Dataverse throttles per user; at most 52).
     #[serde(default = "default_parallelism")]
     pub parallelism: usize,
+    /// Requests (one per lead) per `$batch`; Dataverse takes at most 1,000.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
     /// Lead column (logical name) -> lead attribute. Replaces the default mapping as a whole.
     #[serde(default = "default_fields")]
     pub fields: BTreeMap<String, LeadField>,
@@ -106,7 +139,7 @@ pub struct DynamicsSettings {
     /// Accept `http://` URLs (local fakes and tests only: leads carry personal data).
     #[serde(default)]
     pub allow_http: bool,
-    /// Retries of one upsert on timeouts, 5xx and 429.
+    /// Retries of one `$batch` (or of its requests answered 408, 429 or 5xx) on timeouts, 5xx and 429.
     #[serde(default)]
     pub retry: RetrySettings,
 }
@@ -122,6 +155,9 @@ fn default_key_attribute() -> String {
 }
 fn default_parallelism() -> usize {
     4
+}
+fn default_batch_size() -> usize {
+    DEFAULT_BATCH_SIZE
 }
 fn default_token_refresh_margin() -> Duration {
     Duration::from_secs(5 * 60)
@@ -233,6 +269,12 @@ impl DynamicsSettings {
                 format!("must be between 1 and {MAX_PARALLELISM} (Dataverse's limit of concurrent requests per user)"),
             );
         }
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
+            return bad(
+                "batch_size",
+                format!("must be between 1 and {MAX_BATCH_SIZE} (requests per Dataverse $batch)"),
+            );
+        }
         if let Some(column) = self.fields.keys().find(|c| !is_logical_name(c)) {
             return bad(
                 &format!("fields.{column}"),
@@ -305,6 +347,8 @@ pub struct DynamicsSink {
     client: reqwest::Client,
     /// `{environment}/api/data/{version}`.
     api_base: String,
+    /// `/api/data/{version}`: the path `$batch` request lines name resources by.
+    api_path: String,
     token_url: String,
     scope: String,
     client_id: String,
@@ -316,6 +360,7 @@ pub struct DynamicsSink {
     if_empty: Vec<String>,
     max_lengths: BTreeMap<String, usize>,
     parallelism: usize,
+    batch_size: usize,
     refresh_margin: Duration,
     request_timeout: Duration,
     retry: RetrySettings,
@@ -364,6 +409,7 @@ impl DynamicsSink {
         Ok(Self {
             client: http::client(settings.request_timeout).map_err(sink_error)?,
             api_base: format!("{origin}/api/data/{}", settings.api_version),
+            api_path: format!("/api/data/{}", settings.api_version),
             token_url: format!(
                 "{}/{}/oauth2/v2.0/token",
                 settings.authority_host.trim_end_matches('/'),
@@ -393,6 +439,7 @@ impl DynamicsSink {
                 .collect(),
             max_lengths,
             parallelism: settings.parallelism,
+            batch_size: settings.batch_size,
             refresh_margin: settings.token_refresh_margin,
             request_timeout: settings.request_timeout,
             retry: settings.retry.clone(),
@@ -590,10 +637,11 @@ impl DynamicsSink {
         Ok((key, owned.for_create()))
     }
 
-    fn lead_url(&self, key: &str) -> String {
+    /// `leads(<key attribute>='<value>')` from the host, as a `$batch` request line names it.
+    fn lead_path(&self, key: &str) -> String {
         format!(
             "{}/{ENTITY_SET}({}='{}')",
-            self.api_base,
+            self.api_path,
             self.key_attribute,
             odata_key(key)
         )
@@ -829,72 +877,6 @@ impl DynamicsSink {
         Ok(found)
     }
 
-    /// Creates a new lead, or updates an open one with the columns leadsync owns.
-    async fn write_lead(
-        &self,
-        lead: &CustomerLead,
-        key: &str,
-        owned: &OwnedFields,
-        existing: Option<&Map<String, Value>>,
-    ) -> Outcome {
-        let (body, condition) = match existing {
-            None => (owned.for_create(), ("If-None-Match", "*")),
-            Some(record) => {
-                let body = owned.for_update(|c| mapping::crm_value_is_empty(record.get(c), &[]));
-                if body.keys().all(|c| *c == self.key_attribute) {
-                    tracing::debug!(customer = %lead.external_key, "Nothing leadsync owns changed on the Dataverse lead; no request.");
-                    return Outcome::Delivered;
-                }
-                (body, ("If-Match", "*"))
-            }
-        };
-        let body = match serde_json::to_vec(&body) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                return Outcome::Rejected {
-                    reason: format!("cannot encode the lead as JSON: {e}"),
-                }
-            }
-        };
-        let url = self.lead_url(key);
-        let answer = match self
-            .request(
-                Method::PATCH,
-                &url,
-                Some(&body),
-                &[condition],
-                &lead.external_key,
-            )
-            .await
-        {
-            Finished::Done(answer) => answer,
-            Finished::GaveUp { after, reason } => return Outcome::RetryLater { after, reason },
-            Finished::Failed { reason } => {
-                return Outcome::RetryLater {
-                    after: Some(http::CREDENTIALS_REFUSED_WAIT),
-                    reason,
-                }
-            }
-        };
-        match answer.status {
-            s if s.is_success() => {
-                tracing::debug!(customer = %lead.external_key, status = s.as_u16(), entity = %answer.entity, created = existing.is_none(), "Lead upserted in Dataverse.");
-                Outcome::Delivered
-            }
-            // Created by someone else since the batch's query: next time it is updated.
-            StatusCode::PRECONDITION_FAILED if existing.is_none() => Outcome::RetryLater {
-                after: None,
-                reason: "the Dataverse lead was created by someone else meanwhile; it is updated next time".into(),
-            },
-            // Deleted since the batch's query: next time it is created again.
-            StatusCode::NOT_FOUND if existing.is_some() && !is_endpoint_refusal(StatusCode::BAD_REQUEST, &answer.text) => Outcome::RetryLater {
-                after: None,
-                reason: "the Dataverse lead was deleted meanwhile; it is created again next time".into(),
-            },
-            _ => self.refusal(&answer, "the lead upsert"),
-        }
-    }
-
     /// The follow-up task for a qualified or disqualified lead: regarding the
     /// opportunity it was qualified into, else its contact, account, or the lead
     /// itself; owned by the lead's owner; its id derived from the customer's newest
@@ -1014,80 +996,517 @@ impl DynamicsSink {
         (id, task, note)
     }
 
-    /// Tells the people working a qualified or disqualified lead about its new event.
-    async fn follow_up(&self, lead: &CustomerLead, record: &Map<String, Value>) -> Outcome {
-        let (id, task, note) = self.follow_up_task(lead, record);
-        let body = match serde_json::to_vec(&task) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                return Outcome::RetryLater {
-                    after: None,
-                    reason: format!("cannot encode the follow-up task as JSON: {e}"),
-                }
-            }
-        };
-        let url = format!("{}/tasks({id})", self.api_base);
-        let answer = match self
-            .request(
-                Method::PATCH,
-                &url,
-                Some(&body),
-                &[("If-None-Match", "*")],
-                &lead.external_key,
-            )
-            .await
-        {
-            Finished::Done(answer) => answer,
-            Finished::GaveUp { after, reason } => return Outcome::RetryLater { after, reason },
-            Finished::Failed { reason } => {
-                return Outcome::RetryLater {
-                    after: Some(http::CREDENTIALS_REFUSED_WAIT),
-                    reason,
-                }
-            }
-        };
-        if answer.status.is_success() {
-            tracing::info!(customer = %lead.log_key(), %note, "The Dataverse lead is closed; created a follow-up task instead of updating it.");
-            return Outcome::FollowedUp { note };
-        }
-        if answer.status == StatusCode::PRECONDITION_FAILED {
-            // The task of this event is there already (a replay).
-            return Outcome::FollowedUp { note };
-        }
-        match self.refusal(&answer, "the follow-up task") {
-            Outcome::Rejected { reason } => Outcome::RetryLater {
+    /// The request that writes one lead of the batch (a create, an update or a
+    /// follow-up task), or the lead's outcome when no request is needed.
+    fn plan(
+        &self,
+        index: usize,
+        lead: &CustomerLead,
+        existing: &HashMap<String, Map<String, Value>>,
+    ) -> Result<Part, Outcome> {
+        let (key, owned) = self
+            .prepare_owned(lead)
+            .map_err(|reason| Outcome::Rejected { reason })?;
+        let customer = lead.log_key();
+        let record = existing.get(&key.to_lowercase());
+        let closed = record.filter(|r| {
+            r.get("statecode")
+                .and_then(Value::as_i64)
+                .unwrap_or(LEAD_OPEN)
+                != LEAD_OPEN
+        });
+        if let Some(record) = closed {
+            let (id, task, note) = self.follow_up_task(lead, record);
+            let body = serde_json::to_vec(&task).map_err(|e| Outcome::RetryLater {
                 after: None,
-                reason: format!(
-                    "the lead is closed and Dataverse refused its follow-up task: {reason}"
-                ),
-            },
-            other => other,
+                reason: format!("cannot encode the follow-up task as JSON: {e}"),
+            })?;
+            return Ok(Part {
+                index,
+                customer,
+                kind: PartKind::Task { note },
+                url: format!("{}/tasks({id})", self.api_path),
+                condition: ("If-None-Match", "*"),
+                body,
+            });
+        }
+        let (body, condition, kind) = match record {
+            None => (owned.for_create(), ("If-None-Match", "*"), PartKind::Create),
+            Some(record) => {
+                let body = owned.for_update(|c| mapping::crm_value_is_empty(record.get(c), &[]));
+                if body.keys().all(|c| *c == self.key_attribute) {
+                    tracing::debug!(customer = %customer, "Nothing leadsync owns changed on the Dataverse lead; no request.");
+                    return Err(Outcome::Delivered);
+                }
+                (body, ("If-Match", "*"), PartKind::Update)
+            }
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| Outcome::Rejected {
+            reason: format!("cannot encode the lead as JSON: {e}"),
+        })?;
+        Ok(Part {
+            index,
+            customer,
+            kind,
+            url: self.lead_path(&key),
+            condition,
+            body,
+        })
+    }
+
+    /// What a final answer to one request means for its lead, or why it is worth
+    /// another try (408, 429, 5xx), with the server's `Retry-After`.
+    fn judge(
+        &self,
+        part: &Part,
+        answer: &Answer,
+        after: Option<Duration>,
+    ) -> Result<Outcome, (Option<Duration>, String)> {
+        if let Step::Retry { after, reason } = classify(answer.status, after, &answer.text) {
+            return Err((after, self.redact(reason)));
+        }
+        let status = answer.status;
+        Ok(match &part.kind {
+            PartKind::Task { note } => {
+                if status.is_success() {
+                    tracing::info!(customer = %part.customer, %note, "The Dataverse lead is closed; created a follow-up task instead of updating it.");
+                    Outcome::FollowedUp { note: note.clone() }
+                } else if status == StatusCode::PRECONDITION_FAILED {
+                    // The task of this event is there already (a replay).
+                    Outcome::FollowedUp { note: note.clone() }
+                } else {
+                    match self.refusal(answer, "the follow-up task") {
+                        Outcome::Rejected { reason } => Outcome::RetryLater {
+                            after: None,
+                            reason: format!(
+                                "the lead is closed and Dataverse refused its follow-up task: {reason}"
+                            ),
+                        },
+                        other => other,
+                    }
+                }
+            }
+            kind => {
+                let created = matches!(kind, PartKind::Create);
+                match status {
+                    s if s.is_success() => {
+                        tracing::debug!(customer = %part.customer, status = s.as_u16(), entity = %answer.entity, created, "Lead upserted in Dataverse.");
+                        Outcome::Delivered
+                    }
+                    // Created by someone else since the batch's query: next time it is updated.
+                    StatusCode::PRECONDITION_FAILED if created => Outcome::RetryLater {
+                        after: None,
+                        reason: "the Dataverse lead was created by someone else meanwhile; it is updated next time".into(),
+                    },
+                    // Deleted since the batch's query: next time it is created again.
+                    StatusCode::NOT_FOUND
+                        if !created
+                            && !is_endpoint_refusal(StatusCode::BAD_REQUEST, &answer.text) =>
+                    {
+                        Outcome::RetryLater {
+                            after: None,
+                            reason: "the Dataverse lead was deleted meanwhile; it is created again next time".into(),
+                        }
+                    }
+                    _ => self.refusal(answer, "the lead upsert"),
+                }
+            }
+        })
+    }
+
+    /// Sends `parts` as one `$batch` until every part has a final answer or the retries
+    /// run out. Parts answered 408/429/5xx go again in the next attempt (after the
+    /// longest `Retry-After` among them); a `$batch` refused as a whole for a reason that
+    /// is not the endpoint's (400 malformed, 413 too large) is split in halves and each
+    /// half sent on its own, down to one request, whose refusal is then its own: one bad
+    /// record never takes the others down. Returns (input index, outcome) pairs.
+    async fn send_parts(&self, parts: Vec<Part>) -> Vec<(usize, Outcome)> {
+        let mut outcomes = Vec::with_capacity(parts.len());
+        let mut groups = VecDeque::from([parts]);
+        while let Some(group) = groups.pop_front() {
+            let pending = StdMutex::new(group);
+            let finished = StdMutex::new(Vec::new());
+            let result = http::retrying(&self.retry, SINK, |_| {
+                self.attempt_batch(&pending, &finished)
+            })
+            .await;
+            outcomes.extend(unpoisoned(finished.into_inner()));
+            let mut pending = unpoisoned(pending.into_inner());
+            match result {
+                Finished::Done(BatchEnd::Answered) => {}
+                Finished::Done(BatchEnd::Split) => {
+                    let second = pending.split_off(pending.len() / 2);
+                    groups.push_front(second);
+                    groups.push_front(pending);
+                }
+                Finished::GaveUp { after, reason } => {
+                    outcomes.extend(pending.iter().map(|p| {
+                        (
+                            p.index,
+                            Outcome::RetryLater {
+                                after,
+                                reason: reason.clone(),
+                            },
+                        )
+                    }));
+                }
+                Finished::Failed { reason } => {
+                    outcomes.extend(pending.iter().map(|p| {
+                        (
+                            p.index,
+                            Outcome::RetryLater {
+                                after: Some(http::CREDENTIALS_REFUSED_WAIT),
+                                reason: reason.clone(),
+                            },
+                        )
+                    }));
+                }
+            }
+        }
+        outcomes
+    }
+
+    /// One attempt of a `$batch` of the parts still pending: a 401 gets a fresh token
+    /// once; final answers move to `finished`, the rest stay pending.
+    async fn attempt_batch(
+        &self,
+        pending: &StdMutex<Vec<Part>>,
+        finished: &StdMutex<Vec<(usize, Outcome)>>,
+    ) -> Step<BatchEnd> {
+        let mut refreshed = false;
+        loop {
+            let parts = lock(pending).clone();
+            if parts.is_empty() {
+                return Step::Done(BatchEnd::Answered);
+            }
+            let token = match self.bearer().await {
+                Ok(token) => token,
+                Err(error) => return error.into_step(),
+            };
+            let boundary = format!("batch_leadsync_{:016x}", rand::random::<u64>());
+            let request = self
+                .odata(
+                    self.client.post(format!("{}/$batch", self.api_base)),
+                    &token,
+                )
+                .header(
+                    CONTENT_TYPE,
+                    format!("multipart/mixed; boundary={boundary}"),
+                )
+                .header("Prefer", "odata.continue-on-error")
+                .body(batch_body(&boundary, &parts));
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) => {
+                    return Step::Retry {
+                        after: None,
+                        reason: self.transport_reason("$batch request", e),
+                    }
+                }
+            };
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !refreshed {
+                tracing::info!(
+                    requests = parts.len(),
+                    "Dataverse refused the access token; getting a new one."
+                );
+                self.forget(&token).await;
+                refreshed = true;
+                continue;
+            }
+            let after = http::retry_after(response.headers());
+            let content_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let text = match response.text().await {
+                Ok(text) => text,
+                Err(e) => {
+                    return Step::Retry {
+                        after,
+                        reason: self.transport_reason("reading the Dataverse $batch response", e),
+                    }
+                }
+            };
+            if !status.is_success() {
+                self.log_service_protection(&text, after, parts.len());
+                // Throttling counts the `$batch` as one request and answers it as a whole.
+                if let Step::Retry { after, reason } = classify(status, after, &text) {
+                    return Step::Retry {
+                        after,
+                        reason: self.redact(reason),
+                    };
+                }
+                let answer = Answer {
+                    status,
+                    text: self.redact(text),
+                    entity: String::new(),
+                };
+                if is_endpoint_refusal(status, &answer.text) {
+                    let mut done = lock(finished);
+                    for part in &parts {
+                        done.push((part.index, self.refusal(&answer, "the $batch")));
+                    }
+                    lock(pending).clear();
+                    return Step::Done(BatchEnd::Answered);
+                }
+                if parts.len() > 1 {
+                    tracing::warn!(
+                        requests = parts.len(),
+                        status = status.as_u16(),
+                        reason = %error_text(&answer.text),
+                        "Dataverse refused the $batch as a whole; sending it again in halves so that one bad record does not hold back the others."
+                    );
+                    return Step::Done(BatchEnd::Split);
+                }
+                // One request left: the refusal is its own.
+                let part = &parts[0];
+                let outcome = match self.judge(part, &answer, None) {
+                    Ok(outcome) => outcome,
+                    Err((after, reason)) => return Step::Retry { after, reason },
+                };
+                lock(finished).push((part.index, outcome));
+                lock(pending).clear();
+                return Step::Done(BatchEnd::Answered);
+            }
+            let answers = match parse_batch_response(&content_type, &text) {
+                Ok(answers) => answers,
+                Err(reason) => {
+                    return Step::Retry {
+                        after: None,
+                        reason: self.redact(reason),
+                    }
+                }
+            };
+            // The responses come in the order of the requests; without
+            // continue-on-error Dataverse would stop at the first failure, so a request
+            // without a response is sent again.
+            let sent = parts.len();
+            let mut again = Vec::new();
+            let mut done = Vec::new();
+            let mut retry: Option<(Option<Duration>, String)> = None;
+            let mut reauth = false;
+            for (i, part) in parts.into_iter().enumerate() {
+                let Some(inner) = answers.get(i) else {
+                    retry.get_or_insert((
+                        None,
+                        format!(
+                            "Dataverse answered {} of the $batch's {sent} requests",
+                            answers.len()
+                        ),
+                    ));
+                    again.push(part);
+                    continue;
+                };
+                if inner.status == StatusCode::UNAUTHORIZED && !refreshed {
+                    reauth = true;
+                    again.push(part);
+                    continue;
+                }
+                let answer = Answer {
+                    status: inner.status,
+                    text: self.redact(inner.text.clone()),
+                    entity: inner.entity.clone(),
+                };
+                self.log_service_protection(&answer.text, inner.after, 1);
+                match self.judge(&part, &answer, inner.after) {
+                    Ok(outcome) => done.push((part.index, outcome)),
+                    Err((after, reason)) => {
+                        retry = Some(match retry {
+                            None => (after, reason),
+                            Some((was, first)) => (was.max(after), first),
+                        });
+                        again.push(part);
+                    }
+                }
+            }
+            lock(finished).extend(done);
+            *lock(pending) = again;
+            if reauth {
+                self.forget(&token).await;
+                refreshed = true;
+                continue;
+            }
+            return match retry {
+                None => Step::Done(BatchEnd::Answered),
+                Some((after, reason)) => Step::Retry { after, reason },
+            };
         }
     }
 
-    /// One lead of a batch whose existing records are known.
-    async fn deliver_one(
-        &self,
-        lead: &CustomerLead,
-        existing: &HashMap<String, Map<String, Value>>,
-    ) -> Outcome {
-        let (key, owned) = match self.prepare_owned(lead) {
-            Ok(prepared) => prepared,
-            Err(reason) => return Outcome::Rejected { reason },
-        };
-        let record = existing.get(&key.to_lowercase());
-        match record {
-            Some(r)
-                if r.get("statecode")
-                    .and_then(Value::as_i64)
-                    .unwrap_or(LEAD_OPEN)
-                    != LEAD_OPEN =>
-            {
-                self.follow_up(lead, r).await
-            }
-            _ => self.write_lead(lead, &key, &owned, record).await,
+    fn log_service_protection(&self, body: &str, after: Option<Duration>, requests: usize) {
+        if let Some((code, limit)) = service_protection(body) {
+            tracing::warn!(
+                requests,
+                code = %code,
+                limit,
+                retry_after_ms = after.map(|a| a.as_millis() as u64),
+                "Dataverse service protection limit reached; waiting as told."
+            );
         }
     }
+}
+
+/// What a `$batch` attempt ended with.
+enum BatchEnd {
+    /// Every part has its outcome.
+    Answered,
+    /// Refused as a whole: send the pending parts again in halves.
+    Split,
+}
+
+/// What one request of a `$batch` writes.
+#[derive(Clone)]
+enum PartKind {
+    Create,
+    Update,
+    Task { note: String },
+}
+
+/// One request of a `$batch`: a `PATCH` (an upsert by key) of one lead or its task.
+#[derive(Clone)]
+struct Part {
+    /// The lead's position in the delivered batch.
+    index: usize,
+    /// The customer as log lines name them.
+    customer: String,
+    kind: PartKind,
+    /// The path from the host, e.g. `/api/data/v9.2/leads(leadsync_key='ls-1')`.
+    url: String,
+    condition: (&'static str, &'static str),
+    body: Vec<u8>,
+}
+
+fn lock<T>(mutex: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unpoisoned<T>(result: std::sync::LockResult<T>) -> T {
+    result.unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A `$batch` body (OData 4.0 multipart/mixed): one part per request, no change set,
+/// each `Content-Type: application/http` with `Content-Transfer-Encoding: binary`.
+fn batch_body(boundary: &str, parts: &[Part]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in parts {
+        out.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\nPATCH {} HTTP/1.1\r\nContent-Type: application/json; charset=utf-8\r\nAccept: application/json\r\n{}: {}\r\n\r\n",
+                part.url, part.condition.0, part.condition.1
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(&part.body);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    out
+}
+
+/// One response of a `$batch` response.
+#[derive(Debug)]
+struct InnerAnswer {
+    status: StatusCode,
+    after: Option<Duration>,
+    entity: String,
+    text: String,
+}
+
+/// The `boundary` parameter of a `multipart/mixed` content type.
+fn multipart_boundary(content_type: &str) -> Option<String> {
+    let (kind, params) = content_type.split_once(';')?;
+    if !kind.trim().eq_ignore_ascii_case("multipart/mixed") {
+        return None;
+    }
+    params.split(';').find_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| value.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// Header lines and the rest, split at the first empty line.
+fn split_head(text: &str) -> (&str, &str) {
+    let crlf = text.find("\r\n\r\n").map(|i| (i, 4));
+    let lf = text.find("\n\n").map(|i| (i, 2));
+    match [crlf, lf].into_iter().flatten().min_by_key(|(i, _)| *i) {
+        Some((i, n)) => (&text[..i], &text[i + n..]),
+        None => (text, ""),
+    }
+}
+
+fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The responses of a `$batch` response body, in order (a change set's responses in
+/// its place).
+fn parse_batch_response(content_type: &str, body: &str) -> Result<Vec<InnerAnswer>, String> {
+    let boundary = multipart_boundary(content_type).ok_or_else(|| {
+        format!(
+            "Dataverse answered the $batch with {content_type:?}, not multipart/mixed: {}",
+            error_text(body)
+        )
+    })?;
+    let delimiter = format!("--{boundary}");
+    let mut answers = Vec::new();
+    let mut pieces = body.split(delimiter.as_str());
+    pieces.next(); // the preamble
+    let mut closed = false;
+    for piece in pieces {
+        if piece.starts_with("--") {
+            closed = true;
+            break;
+        }
+        let piece = piece
+            .strip_prefix("\r\n")
+            .or_else(|| piece.strip_prefix('\n'))
+            .unwrap_or(piece);
+        let (mime, content) = split_head(piece);
+        let part_type = header_value(mime, "content-type").unwrap_or_default();
+        if multipart_boundary(part_type).is_some() {
+            answers.extend(parse_batch_response(part_type, content)?);
+            continue;
+        }
+        let (head, text) = split_head(content);
+        let mut lines = head.lines();
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse::<u16>().ok())
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .ok_or_else(|| format!("unreadable $batch response line {status_line:?}"))?;
+        let after = header_value(head, "retry-after").and_then(|v| {
+            let mut headers = HeaderMap::new();
+            headers.insert("retry-after", HeaderValue::from_str(v).ok()?);
+            http::retry_after(&headers)
+        });
+        answers.push(InnerAnswer {
+            status,
+            after,
+            entity: header_value(head, "odata-entityid")
+                .unwrap_or_default()
+                .to_owned(),
+            text: text.trim_end_matches(['\r', '\n']).to_owned(),
+        });
+    }
+    if !closed {
+        return Err(format!(
+            "the $batch response ended before its closing boundary ({} responses read)",
+            answers.len()
+        ));
+    }
+    Ok(answers)
 }
 
 /// One final Web API answer.
@@ -1189,16 +1608,40 @@ impl LeadSink for DynamicsSink {
                 return vec![outcome; batch.len()];
             }
         };
-        // Futures are lazy: collecting them starts nothing; `buffered` runs `parallelism` at
-        // a time and yields outcomes in input order.
-        let writes: Vec<_> = batch
-            .iter()
-            .map(|lead| self.deliver_one(lead, &existing))
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        let mut parts = Vec::new();
+        for (index, lead) in batch.iter().enumerate() {
+            match self.plan(index, lead, &existing) {
+                Ok(part) => parts.push(part),
+                Err(outcome) => outcomes[index] = Some(outcome),
+            }
+        }
+        // `batch_size` requests per `$batch`, `parallelism` `$batch`es in flight; they
+        // finish in any order (a slow one holds one slot, not the others), and each
+        // outcome goes back to its lead's place.
+        let chunks: Vec<Vec<Part>> = parts
+            .chunks(self.batch_size)
+            .map(<[Part]>::to_vec)
             .collect();
-        stream::iter(writes)
-            .buffered(self.parallelism)
+        let mut answered = stream::iter(chunks)
+            .map(|chunk| self.send_parts(chunk))
+            .buffer_unordered(self.parallelism);
+        while let Some(results) = answered.next().await {
+            for (index, outcome) in results {
+                outcomes[index] = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| Outcome::RetryLater {
+                    after: None,
+                    reason:
+                        "the Dataverse $batch gave this lead no answer; it is sent again next time"
+                            .into(),
+                })
+            })
             .collect()
-            .await
     }
 
     async fn healthcheck(&self) -> Result<(), SinkError> {
@@ -1498,6 +1941,87 @@ mod tests {
         assert_eq!(odata_key("a+b/c d"), "a%2Bb%2Fc%20d");
     }
 
+    fn part(url: &str, condition: (&'static str, &'static str), body: &str) -> Part {
+        Part {
+            index: 0,
+            customer: "ls-1".into(),
+            kind: PartKind::Create,
+            url: url.into(),
+            condition,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_batch_body_has_one_application_http_part_per_request_and_a_closing_boundary() {
+        let body = batch_body(
+            "batch_x",
+            &[
+                part(
+                    "/api/data/v9.2/leads(k='a')",
+                    ("If-None-Match", "*"),
+                    r#"{"k":"a"}"#,
+                ),
+                part("/api/data/v9.2/tasks(1)", ("If-None-Match", "*"), "{}"),
+            ],
+        );
+        let text = String::from_utf8(body).unwrap();
+        assert_eq!(
+            text,
+            "--batch_x\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
+             PATCH /api/data/v9.2/leads(k='a') HTTP/1.1\r\nContent-Type: application/json; charset=utf-8\r\nAccept: application/json\r\nIf-None-Match: *\r\n\r\n{\"k\":\"a\"}\r\n\
+             --batch_x\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n\
+             PATCH /api/data/v9.2/tasks(1) HTTP/1.1\r\nContent-Type: application/json; charset=utf-8\r\nAccept: application/json\r\nIf-None-Match: *\r\n\r\n{}\r\n\
+             --batch_x--\r\n"
+        );
+    }
+
+    #[test]
+    fn a_batch_response_is_read_in_order_with_statuses_entity_ids_retry_after_and_errors() {
+        // The shape of the documentation's example (one change set-free part per request).
+        let body = "--batchresponse_c1bd45c1\r\n\
+            Content-Type: application/http\r\n\
+            Content-Transfer-Encoding: binary\r\n\r\n\
+            HTTP/1.1 204 No Content\r\n\
+            OData-Version: 4.0\r\n\
+            OData-EntityId: https://org.crm.dynamics.com/api/data/v9.2/leads(0001)\r\n\r\n\r\n\
+            --batchresponse_c1bd45c1\r\n\
+            Content-Type: application/http\r\n\
+            Content-Transfer-Encoding: binary\r\n\r\n\
+            HTTP/1.1 400 Bad Request\r\n\
+            Content-Type: application/json; odata.metadata=minimal\r\n\
+            OData-Version: 4.0\r\n\r\n\
+            {\"error\":{\"code\":\"0x80044331\",\"message\":\"A validation error occurred.\"}}\r\n\
+            --batchresponse_c1bd45c1\r\n\
+            Content-Type: application/http\r\n\
+            Content-Transfer-Encoding: binary\r\n\r\n\
+            HTTP/1.1 429 Too Many Requests\r\n\
+            Retry-After: 7\r\n\r\n\
+            {}\r\n\
+            --batchresponse_c1bd45c1--\r\n";
+        let answers =
+            parse_batch_response("multipart/mixed; boundary=\"batchresponse_c1bd45c1\"", body)
+                .unwrap();
+        assert_eq!(answers.len(), 3);
+        assert_eq!(answers[0].status, StatusCode::NO_CONTENT);
+        assert!(answers[0].entity.ends_with("/leads(0001)"));
+        assert_eq!(answers[1].status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            error_text(&answers[1].text),
+            "0x80044331: A validation error occurred."
+        );
+        assert_eq!(answers[2].after, Some(Duration::from_secs(7)));
+        assert!(parse_batch_response("application/json", "{}").is_err());
+        assert!(
+            parse_batch_response(
+                "multipart/mixed; boundary=b",
+                "--b\r\nContent-Type: application/http\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"
+            )
+            .is_err(),
+            "a cut response is not taken for a complete one"
+        );
+    }
+
     #[test]
     fn the_defaults_are_the_documented_ones() {
         let s = settings();
@@ -1506,6 +2030,7 @@ mod tests {
         assert_eq!(s.api_version, "v9.2");
         assert_eq!(s.key_attribute, "leadsync_key");
         assert_eq!(s.parallelism, 4);
+        assert_eq!(s.batch_size, 100);
         assert_eq!(s.request_timeout, Duration::from_secs(30));
         assert!(!s.allow_http);
         assert_eq!(s.fields, default_fields());
@@ -1536,6 +2061,8 @@ mod tests {
             ),
             (json!({"parallelism": 0}), "sink.dynamics.parallelism"),
             (json!({"parallelism": 53}), "sink.dynamics.parallelism"),
+            (json!({"batch_size": 0}), "sink.dynamics.batch_size"),
+            (json!({"batch_size": 1001}), "sink.dynamics.batch_size"),
             (
                 json!({"fields": {"FirstName": "first_name"}}),
                 "sink.dynamics.fields.FirstName",
