@@ -224,12 +224,15 @@ struct Delivery {
 /// default of [`Pipeline::window_pages`]). A 10,000-row backfill (ten pages) is one
 /// window.
 pub const WINDOW_PAGES: u32 = 16;
-/// ... and at most about this many bytes of customer records (estimated).
-const WINDOW_BYTES: usize = 4 << 20;
+/// ... and at most about this many bytes of customer records (estimated): a 16-page
+/// window of marketplace rows (about 5,000 customers) is about 3 MiB.
+const WINDOW_BYTES: usize = 8 << 20;
 
-/// What a customer record in the window is estimated to take in memory.
+/// What a customer record in the window is estimated to take in memory: a 10,000-row
+/// backfill's 3,333 records of three events each held 1.8 MB (BENCHMARKS), about 550
+/// bytes a record.
 fn record_bytes(customer: &CustomerState) -> usize {
-    1024 + 256 * customer.lead.history.len()
+    256 + 96 * customer.lead.history.len()
 }
 
 /// The delivery window of a poll: the merged pages whose customers have not gone to
