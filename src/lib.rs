@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, SinkKind, StateBackend};
 use crate::pipeline::{log_summary, Pipeline, PollError, PollMode, PollSummary};
-use crate::sink::{DynamicsSink, JsonlSink, LeadSink, SalesforceSink, SinkError, WebhookSink};
 use crate::sink::AlertSink;
+use crate::sink::{DynamicsSink, JsonlSink, LeadSink, SalesforceSink, SinkError, WebhookSink};
 use crate::source::{SourceError, TableSource};
 use crate::state::{Lease, RedbStore, StateError, StateStore, LEASE_CLOCK_RESOLUTION};
 

@@ -99,7 +99,9 @@ fn blocks_problem(body: &Value) -> Option<&'static str> {
             Some("header") => {
                 let text = &block["text"];
                 if text["type"] != "plain_text"
-                    || text["text"].as_str().is_none_or(|t| t.is_empty() || t.chars().count() > 150)
+                    || text["text"]
+                        .as_str()
+                        .is_none_or(|t| t.is_empty() || t.chars().count() > 150)
                 {
                     return Some("invalid_payload");
                 }
@@ -109,12 +111,18 @@ fn blocks_problem(body: &Value) -> Option<&'static str> {
                 if fields.is_some_and(|f| {
                     f.len() > 10
                         || f.iter().any(|f| {
-                            f["text"].as_str().is_none_or(|t| t.is_empty() || t.chars().count() > 2000)
+                            f["text"]
+                                .as_str()
+                                .is_none_or(|t| t.is_empty() || t.chars().count() > 2000)
                         })
                 }) {
                     return Some("invalid_payload");
                 }
-                if fields.is_none() && block["text"]["text"].as_str().is_none_or(|t| t.chars().count() > 3000) {
+                if fields.is_none()
+                    && block["text"]["text"]
+                        .as_str()
+                        .is_none_or(|t| t.chars().count() > 3000)
+                {
                     return Some("invalid_payload");
                 }
             }
@@ -138,7 +146,10 @@ async fn webhook(
         Reply::new(403, "invalid_token")
     } else if let Some(reply) = state.script.pop_front() {
         reply
-    } else if let Some(problem) = value.as_ref().map_or(Some("invalid_payload"), blocks_problem) {
+    } else if let Some(problem) = value
+        .as_ref()
+        .map_or(Some("invalid_payload"), blocks_problem)
+    {
         Reply::new(400, problem)
     } else if state
         .last_posted
@@ -216,7 +227,10 @@ const TRIAL: &str = "AzureMarketplace-StartTestDrive | contoso.analytics";
 const BUY: &str = "AzureMarketplace-INS | contoso.analytics";
 
 fn header(message: &Value) -> String {
-    message["blocks"][0]["text"]["text"].as_str().unwrap().to_owned()
+    message["blocks"][0]["text"]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 fn fields(message: &Value) -> HashMap<String, String> {
@@ -254,17 +268,26 @@ async fn a_purchase_posts_blocks_and_a_text_fallback_naming_the_customer_and_the
         .map(|b| b["type"].as_str().unwrap())
         .collect();
     assert_eq!(types, ["header", "section", "section", "context"]);
-    assert_eq!(header(message), "New customer: First1 Last1 (Smith & <Sons>)");
+    assert_eq!(
+        header(message),
+        "New customer: First1 Last1 (Smith & <Sons>)"
+    );
     assert_eq!(
         message["text"],
         "New customer: First1 Last1 (Smith &amp; &lt;Sons&gt;) on Contoso Analytics (contoso.analytics)"
     );
     let fields = fields(message);
     assert_eq!(fields["Customer"], "First1 Last1");
-    assert_eq!(fields["Company"], "Smith &amp; &lt;Sons&gt;", "mrkdwn is escaped");
+    assert_eq!(
+        fields["Company"], "Smith &amp; &lt;Sons&gt;",
+        "mrkdwn is escaped"
+    );
     assert_eq!(fields["Email"], "customer1@contoso.com");
     assert_eq!(fields["Offer"], "Contoso Analytics (contoso.analytics)");
-    assert_eq!(fields["Action"], "Get it now (install) via AzureMarketplace");
+    assert_eq!(
+        fields["Action"],
+        "Get it now (install) via AzureMarketplace"
+    );
     assert_eq!(fields["When"], "2024-05-02 10:00 UTC");
     assert_eq!(fields["Stage"], "active");
     let next = message["blocks"][2]["text"]["text"].as_str().unwrap();
@@ -340,10 +363,26 @@ async fn a_429_with_retry_after_is_waited_out_and_a_long_one_leaves_the_lead_for
 #[tokio::test]
 async fn slack_errors_are_endpoint_failures_or_rejections_quoting_slacks_error_string() {
     let cases = [
-        (Reply::new(400, "invalid_payload"), "rejected", "invalid_payload"),
-        (Reply::new(404, "channel_not_found"), "endpoint", "channel_not_found"),
-        (Reply::new(410, "channel_is_archived"), "endpoint", "channel_is_archived"),
-        (Reply::new(403, "action_prohibited"), "endpoint", "action_prohibited"),
+        (
+            Reply::new(400, "invalid_payload"),
+            "rejected",
+            "invalid_payload",
+        ),
+        (
+            Reply::new(404, "channel_not_found"),
+            "endpoint",
+            "channel_not_found",
+        ),
+        (
+            Reply::new(410, "channel_is_archived"),
+            "endpoint",
+            "channel_is_archived",
+        ),
+        (
+            Reply::new(403, "action_prohibited"),
+            "endpoint",
+            "action_prohibited",
+        ),
     ];
     for (reply, expected, error) in cases {
         let fake = Fake::default();
@@ -382,11 +421,24 @@ async fn a_wrong_token_holds_the_batch_and_the_token_is_in_no_debug_output_reaso
     let health = sink.healthcheck().await;
     drop(guard);
 
-    assert!(matches!(&outcomes[0], Outcome::EndpointFailed { reason } if reason.contains("invalid_token") && reason.contains("sink.slack.url")), "{outcomes:?}");
-    assert_eq!(outcomes[1], Outcome::Delivered, "a lead that needs no message is not held");
+    assert!(
+        matches!(&outcomes[0], Outcome::EndpointFailed { reason } if reason.contains("invalid_token") && reason.contains("sink.slack.url")),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes[1],
+        Outcome::Delivered,
+        "a lead that needs no message is not held"
+    );
     assert!(matches!(&outcomes[2], Outcome::EndpointFailed { .. }));
-    assert_eq!(fake.received().len(), 2, "one POST for the batch, one for the healthcheck");
-    let health = health.expect_err("a wrong token fails the healthcheck").to_string();
+    assert_eq!(
+        fake.received().len(),
+        2,
+        "one POST for the batch, one for the healthcheck"
+    );
+    let health = health
+        .expect_err("a wrong token fails the healthcheck")
+        .to_string();
     let toml = format!(
         "[source]\nconnection_string = {{ value = \"UseDevelopmentStorage=true\" }}\n[sink]\nkind = \"slack\"\n[sink.slack]\nurl = {{ value = \"https://hooks.slack.com/services/T0/B0/{wrong}\" }}\n"
     );
@@ -419,9 +471,13 @@ async fn the_healthcheck_posts_nothing_to_the_channel() {
 #[tokio::test]
 async fn a_url_that_is_not_an_incoming_webhook_is_refused_naming_the_key() {
     let text = "[source]\nconnection_string = { value = \"UseDevelopmentStorage=true\" }\n[sink]\nkind = \"slack\"\n[sink.slack]\nurl = { value = \"https://hooks.example.com/services/T0/B0/SECRETTOKENVALUE\" }\n";
-    let settings = Settings::from_toml_with_env(text, Path::new("t.toml"), &HashMap::new()).unwrap();
+    let settings =
+        Settings::from_toml_with_env(text, Path::new("t.toml"), &HashMap::new()).unwrap();
 
-    let error = leadsync::build_sink(&settings).expect_err("not slack").to_string();
+    let error = leadsync::build_sink(&settings)
+        .err()
+        .expect("not slack")
+        .to_string();
 
     assert!(error.contains("sink.slack.url"), "{error}");
     assert!(!error.contains("SECRETTOKENVALUE"), "{error}");
@@ -449,12 +505,20 @@ async fn leads_flow_from_the_table_to_a_slack_channel_once_per_stage_reached() {
         ])
         .await;
 
-    let first = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync starts");
-    let second = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync restarts");
+    let first = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync starts");
+    let second = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync restarts");
 
     assert_eq!(first.exit_code(), 0);
     assert_eq!(second.exit_code(), 0);

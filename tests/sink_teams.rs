@@ -123,15 +123,17 @@ async fn trigger(State(fake): State<Fake>, RawQuery(query): RawQuery, body: Byte
             .into_response();
     }
     if let Some(reply) = state.script.pop_front() {
-        let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
+        let mut response =
+            (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
         for (name, value) in reply.headers {
             response.headers_mut().insert(name, value.parse().unwrap());
         }
         return response;
     }
-    let has_card = value["attachments"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|a| a["contentType"] == "application/vnd.microsoft.card.adaptive"));
+    let has_card = value["attachments"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|a| a["contentType"] == "application/vnd.microsoft.card.adaptive")
+    });
     match card_problem(&value).or((!has_card).then_some("no Adaptive Card attachment")) {
         Some(problem) => (
             StatusCode::BAD_REQUEST,
@@ -253,7 +255,9 @@ async fn a_trial_posts_one_adaptive_card_naming_the_customer_the_offer_and_the_n
     let texts = texts(message);
     assert_eq!(texts[0], "New trial: First1 Last1 (Company 1)");
     assert!(
-        texts.iter().any(|t| t.contains("check in on the trial within 24 hours")),
+        texts
+            .iter()
+            .any(|t| t.contains("check in on the trial within 24 hours")),
         "{texts:?}"
     );
     let facts = facts(message);
@@ -272,11 +276,11 @@ async fn one_message_per_stage_reached_and_none_for_a_record_that_raised_nothing
     let base = fake.start().await;
     let sink = sink(&base);
     let batch = vec![
-        lead(customer(1), &[CONTACT]),      // initial interest: not watched
+        lead(customer(1), &[CONTACT]),        // initial interest: not watched
         lead(customer(2), &[CONTACT, TRIAL]), // reached trial
-        lead(customer(3), &[TRIAL, BUY]),   // reached active
-        lead(customer(4), &[BUY, BUY]),     // bought again: nothing new
-        lead(customer(5), &[BUY, CONTACT]), // a later "Contact me": nothing new
+        lead(customer(3), &[TRIAL, BUY]),     // reached active
+        lead(customer(4), &[BUY, BUY]),       // bought again: nothing new
+        lead(customer(5), &[BUY, CONTACT]),   // a later "Contact me": nothing new
     ];
 
     let first = sink.deliver(&batch).await;
@@ -284,7 +288,11 @@ async fn one_message_per_stage_reached_and_none_for_a_record_that_raised_nothing
 
     assert_eq!(first, vec![Outcome::Delivered; 5]);
     assert_eq!(replay, vec![Outcome::Delivered; 5]);
-    let titles: Vec<String> = fake.accepted().iter().map(|m| texts(m)[0].clone()).collect();
+    let titles: Vec<String> = fake
+        .accepted()
+        .iter()
+        .map(|m| texts(m)[0].clone())
+        .collect();
     assert_eq!(
         titles,
         vec![
@@ -308,7 +316,10 @@ async fn configured_stages_decide_what_posts() {
     assert_eq!(outcomes, vec![Outcome::Delivered; 2]);
     let accepted = fake.accepted();
     assert_eq!(accepted.len(), 1);
-    assert_eq!(texts(&accepted[0])[0], "New contact request: First1 Last1 (Company 1)");
+    assert_eq!(
+        texts(&accepted[0])[0],
+        "New contact request: First1 Last1 (Company 1)"
+    );
 }
 
 #[tokio::test]
@@ -347,11 +358,19 @@ async fn a_wrong_sig_or_a_deleted_flow_holds_the_leads_as_an_endpoint_failure() 
             panic!("{outcome:?}")
         };
         assert!(reason.contains("sink.teams.url"), "{reason}");
-        assert!(!reason.contains("WRONGSIGNATURE99") && !reason.contains(SIG), "{reason}");
+        assert!(
+            !reason.contains("WRONGSIGNATURE99") && !reason.contains(SIG),
+            "{reason}"
+        );
     }
     assert_eq!(refused.len(), 2);
-    assert_eq!(posts_after_refusal, 1, "the rest of the batch waits without a request");
-    assert!(matches!(&gone[0], Outcome::EndpointFailed { reason } if reason.contains("WorkflowNotFound")));
+    assert_eq!(
+        posts_after_refusal, 1,
+        "the rest of the batch waits without a request"
+    );
+    assert!(
+        matches!(&gone[0], Outcome::EndpointFailed { reason } if reason.contains("WorkflowNotFound"))
+    );
 }
 
 #[tokio::test]
@@ -377,7 +396,10 @@ async fn a_503_until_the_attempts_run_out_leaves_the_lead_for_later() {
 
     let outcomes = sink(&base).deliver(&[lead(customer(1), &[TRIAL])]).await;
 
-    assert!(matches!(&outcomes[0], Outcome::RetryLater { reason, .. } if reason.contains("503")), "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[0], Outcome::RetryLater { reason, .. } if reason.contains("503")),
+        "{outcomes:?}"
+    );
     assert!(fake.accepted().is_empty());
 }
 
@@ -409,9 +431,15 @@ async fn the_url_secret_is_in_no_debug_output_reason_or_log() {
     ];
     for text in &texts {
         assert!(!text.contains(SIG), "{text}");
-        assert!(!text.contains("customer2@contoso.com"), "no message content: {text}");
+        assert!(
+            !text.contains("customer2@contoso.com"),
+            "no message content: {text}"
+        );
     }
-    assert!(matches!(&outcomes[0], Outcome::Rejected { reason } if reason.contains("[redacted]")), "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[0], Outcome::Rejected { reason } if reason.contains("[redacted]")),
+        "{outcomes:?}"
+    );
     assert!(logs.text().contains("Alert posted"), "{}", logs.text());
     assert!(texts[1].contains(&format!("{PATH}?…")), "{}", texts[1]);
 }
@@ -426,7 +454,10 @@ async fn a_url_that_is_not_a_workflows_trigger_is_refused_naming_the_key() {
         let settings =
             Settings::from_toml_with_env(&text, Path::new("t.toml"), &HashMap::new()).unwrap();
 
-        let error = leadsync::build_sink(&settings).expect_err(url).to_string();
+        let error = leadsync::build_sink(&settings)
+            .err()
+            .expect(url)
+            .to_string();
 
         assert!(error.contains("sink.teams.url"), "{error}");
         assert!(!error.contains("SIGSECRETVALUE"), "{error}");
@@ -459,26 +490,42 @@ async fn leads_flow_from_the_table_to_a_teams_channel_once_per_stage_reached() {
         ])
         .await;
 
-    let first = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync starts");
+    let first = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync starts");
     let after_first = fake.accepted().len();
     world
         .insert(&[lead_row("p01", "r000003", BUY, customer(1))])
         .await;
-    let second = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync restarts");
-    let third = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync restarts again");
+    let second = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync restarts");
+    let third = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync restarts again");
 
     assert_eq!(first.exit_code(), 0);
     assert_eq!(second.exit_code(), 0);
     assert_eq!(third.exit_code(), 0);
     assert_eq!(first.totals.delivered, 2, "{:?}", first.totals);
     assert_eq!(after_first, 1, "customer 1's \"Contact me\" posts nothing");
-    let titles: Vec<String> = fake.accepted().iter().map(|m| texts(m)[0].clone()).collect();
+    let titles: Vec<String> = fake
+        .accepted()
+        .iter()
+        .map(|m| texts(m)[0].clone())
+        .collect();
     assert_eq!(
         titles,
         vec![

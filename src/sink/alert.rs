@@ -20,7 +20,8 @@
 //! install of the same offer) and a do-not-contact customer get none. Every lead
 //! that needs no message is answered [`Outcome::Delivered`] without a request: nothing
 //! is lost, and nothing is re-sent, because the pipeline offers a record again only
-//! when it changed (or under `--resend`, which posts again what qualifies).
+//! when it changed (or under `leadsync replay --resend`, which posts again
+//! what qualifies).
 //!
 //! The decision reads the record alone, so the same record version always decides
 //! the same. Two narrow cases remain: an event that becomes visible late, with an
@@ -123,8 +124,7 @@ impl AlertSettings {
         if self.stages.is_empty() {
             return Err((
                 key("stages"),
-                "must name at least one stage (\"initial_interest\", \"trial\", \"active\")"
-                    .into(),
+                "must name at least one stage (\"initial_interest\", \"trial\", \"active\")".into(),
             ));
         }
         if let Some(bad) = self
@@ -210,7 +210,10 @@ pub fn check_alert_url(
             Vendor::Teams => "https://<region>.logic.azure.com/workflows/... or https://<env>.environment.api.powerplatform.com/.../workflows/... (the URL of a Workflows \"When a Teams webhook request is received\" trigger)",
             Vendor::Slack => "https://hooks.slack.com/services/T.../B.../... (a Slack app's incoming webhook)",
         };
-        Err((key, format!("not a {} webhook URL: expected {expected}", vendor.name())))
+        Err((
+            key,
+            format!("not a {} webhook URL: expected {expected}", vendor.name()),
+        ))
     }
 }
 
@@ -290,7 +293,7 @@ fn next_step(summary: &str) -> String {
         Some(i) => summary[i + "Next step:".len()..].trim(),
         None => summary.trim(),
     };
-    mapping::truncate(text, 1000).0.to_string()
+    mapping::truncate(text, 1000).0
 }
 
 impl Alert<'_> {
@@ -443,7 +446,10 @@ pub fn classify(
         }
     } else {
         Verdict::Reject {
-            reason: format!("{section} refused the message: {}{quoted}", status_text(status)),
+            reason: format!(
+                "{section} refused the message: {}{quoted}",
+                status_text(status)
+            ),
         }
     }
 }
@@ -515,15 +521,16 @@ impl AlertSink {
             sink: vendor.name().into(),
             message,
         };
-        let keyed = |(key, message): (String, String)| error(format!("config key `{key}`: {message}"));
+        let keyed =
+            |(key, message): (String, String)| error(format!("config key `{key}`: {message}"));
         settings.validate(vendor).map_err(keyed)?;
         let key = format!("sink.{}.url", vendor.name());
         let secret = settings
             .url
             .resolve(&key)
             .map_err(|e| error(e.to_string()))?;
-        let url = check_alert_url(vendor, secret.expose_secret(), settings.allow_http)
-            .map_err(keyed)?;
+        let url =
+            check_alert_url(vendor, secret.expose_secret(), settings.allow_http).map_err(keyed)?;
         let mut secrets = vec![secret];
         let path = url.path().trim_matches('/');
         if vendor == Vendor::Slack && path.len() >= 8 {
@@ -642,7 +649,8 @@ impl AlertSink {
         }
         // Strings and arrays only: serialising cannot fail.
         let body = serde_json::to_vec(&self.body(&alert.message())).expect("JSON");
-        let finished = http::retrying(&self.retry, self.vendor.name(), |_| self.attempt(&body)).await;
+        let finished =
+            http::retrying(&self.retry, self.vendor.name(), |_| self.attempt(&body)).await;
         match finished {
             Finished::Done(Ok(())) => {
                 let mut alerted = self.alerted.lock().expect("not poisoned");
@@ -750,7 +758,11 @@ mod tests {
             key: "email:ana@fabrikam.com".into(),
             external_key: "ls-0123456789abcdef0123".into(),
             customer: Default::default(),
-            stage: history.iter().map(|h| h.stage).max().unwrap_or(Stage::Unknown),
+            stage: history
+                .iter()
+                .map(|h| h.stage)
+                .max()
+                .unwrap_or(Stage::Unknown),
             do_not_contact: false,
             test_lead: false,
             first_seen: datetime!(2024-05-01 10:00 UTC),
@@ -784,11 +796,7 @@ mod tests {
         for (history, expected) in cases {
             let what: Vec<_> = history.iter().map(|h| h.action.clone()).collect();
             let l = lead(history);
-            assert_eq!(
-                trigger(&l, &DEFAULT).map(|a| a.stage),
-                expected,
-                "{what:?}"
-            );
+            assert_eq!(trigger(&l, &DEFAULT).map(|a| a.stage), expected, "{what:?}");
         }
         let mut dnc = lead(vec![trial("1")]);
         dnc.do_not_contact = true;
@@ -843,12 +851,30 @@ mod tests {
             assert!(check_alert_url(vendor, url, false).is_ok(), "{url}");
         }
         let bad = [
-            (Vendor::Teams, "https://example.com/workflows/x?sig=SIGSECRET"),
-            (Vendor::Teams, "https://prod-1.westus.logic.azure.com/workflows/x/triggers/manual/paths/invoke"),
-            (Vendor::Teams, "https://contoso.webhook.office.com/webhookb2/TOKENSECRET"),
-            (Vendor::Teams, "http://prod-1.westus.logic.azure.com/workflows/x?sig=SIGSECRET"),
-            (Vendor::Slack, "https://hooks.slack.com/workflows/TOKENSECRET"),
-            (Vendor::Slack, "https://example.com/services/T/B/TOKENSECRET"),
+            (
+                Vendor::Teams,
+                "https://example.com/workflows/x?sig=SIGSECRET",
+            ),
+            (
+                Vendor::Teams,
+                "https://prod-1.westus.logic.azure.com/workflows/x/triggers/manual/paths/invoke",
+            ),
+            (
+                Vendor::Teams,
+                "https://contoso.webhook.office.com/webhookb2/TOKENSECRET",
+            ),
+            (
+                Vendor::Teams,
+                "http://prod-1.westus.logic.azure.com/workflows/x?sig=SIGSECRET",
+            ),
+            (
+                Vendor::Slack,
+                "https://hooks.slack.com/workflows/TOKENSECRET",
+            ),
+            (
+                Vendor::Slack,
+                "https://example.com/services/T/B/TOKENSECRET",
+            ),
             (Vendor::Slack, "not a url TOKENSECRET"),
         ];
         for (vendor, url) in bad {
@@ -861,12 +887,19 @@ mod tests {
 
     #[test]
     fn shown_urls_hide_the_credential() {
-        let teams = reqwest::Url::parse("https://p.logic.azure.com/workflows/abc/triggers/manual/paths/invoke?sig=SIGSECRET").unwrap();
-        let slack = reqwest::Url::parse("https://hooks.slack.com/services/T0/B0/TOKENSECRET").unwrap();
+        let teams = reqwest::Url::parse(
+            "https://p.logic.azure.com/workflows/abc/triggers/manual/paths/invoke?sig=SIGSECRET",
+        )
+        .unwrap();
+        let slack =
+            reqwest::Url::parse("https://hooks.slack.com/services/T0/B0/TOKENSECRET").unwrap();
         assert_eq!(
             shown_url(Vendor::Teams, &teams),
             "https://p.logic.azure.com/workflows/abc/triggers/manual/paths/invoke?…"
         );
-        assert_eq!(shown_url(Vendor::Slack, &slack), "https://hooks.slack.com/…");
+        assert_eq!(
+            shown_url(Vendor::Slack, &slack),
+            "https://hooks.slack.com/…"
+        );
     }
 }
