@@ -536,3 +536,22 @@ async fn leads_flow_from_the_table_to_a_slack_channel_once_per_stage_reached() {
         "paced: no 429 on the way"
     );
 }
+
+#[test]
+fn the_example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/slack.example.toml");
+
+    let settings = Settings::load_with_env(&path, &HashMap::new())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+
+    assert_eq!(settings.sink.kind, leadsync::config::SinkKind::Slack);
+    assert_eq!(settings.sink.batch_size(), 50);
+    let alert = settings.sink.slack.expect("a [sink.slack] section");
+    assert_eq!(
+        alert.stages,
+        [leadsync::lead::Stage::Trial, leadsync::lead::Stage::Active]
+    );
+    assert_eq!(alert.min_interval, Some(Duration::from_secs(1)));
+    assert!(!alert.allow_http);
+    assert!(format!("{:?}", alert.url).starts_with("Env("));
+}

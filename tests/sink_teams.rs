@@ -534,3 +534,22 @@ async fn leads_flow_from_the_table_to_a_teams_channel_once_per_stage_reached() {
         ]
     );
 }
+
+#[test]
+fn the_example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/teams.example.toml");
+
+    let settings = Settings::load_with_env(&path, &HashMap::new())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+
+    assert_eq!(settings.sink.kind, leadsync::config::SinkKind::Teams);
+    assert_eq!(settings.sink.batch_size(), 50);
+    let alert = settings.sink.teams.expect("a [sink.teams] section");
+    assert_eq!(
+        alert.stages,
+        [leadsync::lead::Stage::Trial, leadsync::lead::Stage::Active]
+    );
+    assert_eq!(alert.min_interval, Some(Duration::ZERO));
+    assert!(!alert.allow_http);
+    assert!(format!("{:?}", alert.url).starts_with("Env("));
+}
