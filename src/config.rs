@@ -9,6 +9,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::sink::alert::{SlackSettings, TeamsSettings, Vendor};
 use crate::sink::dynamics::DynamicsSettings;
 use crate::sink::salesforce::SalesforceSettings;
 use crate::sink::webhook::WebhookSettings;
@@ -251,6 +252,10 @@ pub enum SinkKind {
     Salesforce,
     Dynamics,
     Webhook,
+    /// An alert in a Microsoft Teams channel (Workflows webhook) per stage reached.
+    Teams,
+    /// An alert in a Slack channel (incoming webhook) per stage reached.
+    Slack,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -270,6 +275,10 @@ pub struct SinkSettings {
     pub dynamics: Option<DynamicsSettings>,
     /// Required when `kind = "webhook"`.
     pub webhook: Option<WebhookSettings>,
+    /// Required when `kind = "teams"`.
+    pub teams: Option<TeamsSettings>,
+    /// Required when `kind = "slack"`.
+    pub slack: Option<SlackSettings>,
 }
 
 impl SinkSettings {
@@ -281,6 +290,8 @@ impl SinkSettings {
         self.batch_size.unwrap_or(match self.kind {
             SinkKind::Jsonl => 1000,
             SinkKind::Salesforce | SinkKind::Dynamics | SinkKind::Webhook => 200,
+            // A batch is posted one message at a time, paced: keep it short.
+            SinkKind::Teams | SinkKind::Slack => 50,
         })
     }
 }
@@ -294,6 +305,8 @@ impl Default for SinkSettings {
             salesforce: None,
             dynamics: None,
             webhook: None,
+            teams: None,
+            slack: None,
         }
     }
 }
@@ -759,6 +772,14 @@ impl Settings {
             SinkKind::Webhook => match &self.sink.webhook {
                 Some(s) => s.validate()?,
                 None => return missing("webhook"),
+            },
+            SinkKind::Teams => match &self.sink.teams {
+                Some(s) => s.validate(Vendor::Teams)?,
+                None => return missing("teams"),
+            },
+            SinkKind::Slack => match &self.sink.slack {
+                Some(s) => s.validate(Vendor::Slack)?,
+                None => return missing("slack"),
             },
         }
         if self.sink.jsonl.path.as_os_str().is_empty() {

@@ -763,7 +763,7 @@ impl CustomerState {
     }
 }
 
-fn stage_label(stage: Stage) -> &'static str {
+pub(crate) fn stage_label(stage: Stage) -> &'static str {
     match stage {
         Stage::Unknown => "unknown",
         Stage::InitialInterest => "initial interest",
@@ -773,7 +773,7 @@ fn stage_label(stage: Stage) -> &'static str {
     }
 }
 
-fn action_label(action: &str) -> &str {
+pub(crate) fn action_label(action: &str) -> &str {
     match Action::parse(action) {
         Action::Install => "Get it now (install)",
         Action::PartnerLedTrial => "Contact me",

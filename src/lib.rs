@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, SinkKind, StateBackend};
 use crate::pipeline::{log_summary, Pipeline, PollError, PollMode, PollSummary};
+use crate::sink::AlertSink;
 use crate::sink::{DynamicsSink, JsonlSink, LeadSink, SalesforceSink, SinkError, WebhookSink};
 use crate::source::{SourceError, TableSource};
 use crate::state::{Lease, RedbStore, StateError, StateStore, LEASE_CLOCK_RESOLUTION};
@@ -119,6 +120,12 @@ pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
         )?),
         SinkKind::Webhook => Arc::new(WebhookSink::new(
             s.webhook.as_ref().ok_or_else(|| missing("webhook"))?,
+        )?),
+        SinkKind::Teams => Arc::new(AlertSink::teams(
+            s.teams.as_ref().ok_or_else(|| missing("teams"))?,
+        )?),
+        SinkKind::Slack => Arc::new(AlertSink::slack(
+            s.slack.as_ref().ok_or_else(|| missing("slack"))?,
         )?),
     })
 }

@@ -5,14 +5,18 @@ use std::time::Duration;
 
 pub use crate::identity::CustomerLead;
 
+pub mod alert;
 pub mod dynamics;
 pub mod http;
 mod json_line;
 pub mod jsonl;
 pub mod mapping;
 pub mod salesforce;
+pub mod slack;
+pub mod teams;
 pub mod webhook;
 
+pub use alert::AlertSink;
 pub use dynamics::DynamicsSink;
 pub use jsonl::JsonlSink;
 pub use salesforce::SalesforceSink;
