@@ -18,6 +18,7 @@
 //!    `[sink.dynamics.max_lengths]`: CRM column names, not settings) need the
 //!    map's own row in the reference and the entry's name in backticks in the
 //!    sink page.
+//! 3. `README.md` and `BENCHMARKS.md` are at most 300 lines each.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -359,4 +360,14 @@ fn every_example_config_key_is_in_the_configuration_reference() {
         "keys of the example configs missing from docs/configuration.md (or the sink pages it links to):\n{}",
         missing.join("\n")
     );
+}
+
+/// The README and BENCHMARKS.md stay an overview (issue 29): topics go to `docs/`,
+/// the history of benchmark rounds to `bench/results/history.md`.
+#[test]
+fn readme_and_benchmarks_stay_at_most_300_lines() {
+    for name in ["README.md", "BENCHMARKS.md"] {
+        let lines = fs::read_to_string(root().join(name)).unwrap().lines().count();
+        assert!(lines <= 300, "{name} has {lines} lines: move a topic to docs/ (see docs/architecture.md)");
+    }
 }
