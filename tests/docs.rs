@@ -106,7 +106,11 @@ fn anchors(text: &str) -> BTreeSet<String> {
         }
         let base = slug(&line[hashes + 1..]);
         let n = seen.entry(base.clone()).or_insert(0);
-        out.insert(if *n == 0 { base.clone() } else { format!("{base}-{n}") });
+        out.insert(if *n == 0 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        });
         *n += 1;
     }
     out
@@ -190,7 +194,9 @@ fn every_relative_link_and_anchor_resolves() {
                 } else if dest.extension().is_some_and(|x| x == "md") {
                     anchors(&fs::read_to_string(&dest).unwrap())
                 } else {
-                    broken.push(format!("{name}: `{target}`: anchor into a non-Markdown file"));
+                    broken.push(format!(
+                        "{name}: `{target}`: anchor into a non-Markdown file"
+                    ));
                     continue;
                 };
                 if !set.contains(anchor) {
@@ -199,12 +205,15 @@ fn every_relative_link_and_anchor_resolves() {
             }
         }
     }
-    assert!(checked > 50, "only {checked} links found: is the link parser broken?");
+    assert!(
+        checked > 50,
+        "only {checked} links found: is the link parser broken?"
+    );
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
 
-/// Keys of one example file: (dotted path, is an entry of a `[table]` whose
-/// entries are not settings but map entries).
+/// Keys of one example file as dotted paths; a `[table]` header as `[name]`; an inline
+/// table's key as itself.
 fn example_keys(text: &str) -> Vec<String> {
     let mut keys = Vec::new();
     let mut table: Vec<String> = Vec::new();
@@ -226,8 +235,16 @@ fn example_keys(text: &str) -> Vec<String> {
             continue;
         }
         if line.starts_with('[') {
-            let name = line.trim_start_matches('[').split(']').next().unwrap().trim();
-            table = name.split('.').map(|s| s.trim().trim_matches('"').to_string()).collect();
+            let name = line
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap()
+                .trim();
+            table = name
+                .split('.')
+                .map(|s| s.trim().trim_matches('"').to_string())
+                .collect();
             keys.push(format!("[{}]", table.join(".")));
             continue;
         }
@@ -264,7 +281,12 @@ fn reference_keys(text: &str, relative_to: Option<&str>) -> BTreeSet<String> {
             in_key_table = false;
             continue;
         }
-        let first = line.trim_matches('|').split('|').next().unwrap_or("").trim();
+        let first = line
+            .trim_matches('|')
+            .split('|')
+            .next()
+            .unwrap_or("")
+            .trim();
         if first == "key" {
             in_key_table = true;
             continue;
@@ -296,7 +318,13 @@ fn reference_keys(text: &str, relative_to: Option<&str>) -> BTreeSet<String> {
 
 /// Values of a map-valued table, not settings: their entry names are CRM
 /// columns (or header names).
-const MAP_TABLES: &[&str] = &["fields", "ownership", "max_lengths", "placeholders", "headers"];
+const MAP_TABLES: &[&str] = &[
+    "fields",
+    "ownership",
+    "max_lengths",
+    "placeholders",
+    "headers",
+];
 
 #[test]
 fn every_example_config_key_is_in_the_configuration_reference() {
@@ -307,13 +335,20 @@ fn every_example_config_key_is_in_the_configuration_reference() {
     let mut sink_pages: BTreeMap<String, String> = BTreeMap::new();
     for target in links(&reference_text) {
         let path = target.split('#').next().unwrap();
-        if let Some(kind) = path.strip_prefix("sinks/").and_then(|p| p.strip_suffix(".md")) {
+        if let Some(kind) = path
+            .strip_prefix("sinks/")
+            .and_then(|p| p.strip_suffix(".md"))
+        {
             let text = fs::read_to_string(root.join("docs").join(path)).unwrap();
             reference.extend(reference_keys(&text, Some(&format!("sink.{kind}"))));
             sink_pages.insert(kind.to_string(), text);
         }
     }
-    assert!(reference.len() > 40, "only {} keys in the reference: is the table parser broken?", reference.len());
+    assert!(
+        reference.len() > 40,
+        "only {} keys in the reference: is the table parser broken?",
+        reference.len()
+    );
 
     let mut missing = Vec::new();
     let mut examples: Vec<_> = fs::read_dir(root.join("config"))
@@ -343,13 +378,15 @@ fn every_example_config_key_is_in_the_configuration_reference() {
             let map = parent.rsplit('.').next().unwrap();
             if MAP_TABLES.contains(&map) && reference.contains(parent) {
                 let kind = parent.split('.').nth(1).unwrap_or("");
-                let named = sink_pages
-                    .get(kind)
-                    .is_some_and(|page| page.contains(&format!("`{entry}`")) || page.contains(&format!("`{entry} ")));
+                let named = sink_pages.get(kind).is_some_and(|page| {
+                    page.contains(&format!("`{entry}`")) || page.contains(&format!("`{entry} "))
+                });
                 if named {
                     continue;
                 }
-                missing.push(format!("{name}: `{key}` (not named in docs/sinks/{kind}.md)"));
+                missing.push(format!(
+                    "{name}: `{key}` (not named in docs/sinks/{kind}.md)"
+                ));
                 continue;
             }
             missing.push(format!("{name}: `{key}`"));
@@ -367,7 +404,13 @@ fn every_example_config_key_is_in_the_configuration_reference() {
 #[test]
 fn readme_and_benchmarks_stay_at_most_300_lines() {
     for name in ["README.md", "BENCHMARKS.md"] {
-        let lines = fs::read_to_string(root().join(name)).unwrap().lines().count();
-        assert!(lines <= 300, "{name} has {lines} lines: move a topic to docs/ (see docs/architecture.md)");
+        let lines = fs::read_to_string(root().join(name))
+            .unwrap()
+            .lines()
+            .count();
+        assert!(
+            lines <= 300,
+            "{name} has {lines} lines: move a topic to docs/ (see docs/architecture.md)"
+        );
     }
 }
