@@ -8,7 +8,7 @@
 //! same backfill takes 36% less CPU. Its defaults (4 arenas per core, dirty pages kept
 //! 10 s) cost 84 MiB at 100k rows against glibc's 58 MiB; one arena, with dirty pages
 //! purged after 1 s and no muzzy stage, brings that to 50 MiB at the same speed
-//! (BENCHMARKS.md, *Allocator*).
+//! (bench/results/history.md, *Allocator*).
 //!
 //! The fetch task allocates most of a page's strings and the merge and the commit free
 //! them, on other threads: each thread's cache of small objects keeps running empty on
@@ -16,7 +16,7 @@
 //! four times as deep as the default (`lg_tcache_nslots_mul:3` for 1; up to jemalloc's
 //! cap of 200 objects a size class) and collected every 256 KiB
 //! allocated instead of 64 KiB (`tcache_gc_incr_bytes`) take 3.6% of the instructions
-//! off a 10k backfill for 2 MiB of peak RSS (BENCHMARKS.md, *Eleventh round*).
+//! off a 10k backfill for 2 MiB of peak RSS (bench/results/history.md, *Eleventh round*).
 //!
 //! The library sets it, rather than each binary, so `leadsync`, `leadsync-bench` and the
 //! tests all run on the allocator that ships. `_RJEM_MALLOC_CONF` in the environment

@@ -536,7 +536,7 @@ pub enum SummaryForm {
 /// still seen as a change; the form before kept its text (`M = S`,
 /// [`SummaryForm::Text`]). A customer with three events of the bench's table takes 511
 /// bytes, where the serde form took 1,595 and the form with the text 962 (its summary
-/// is 455), and a settle rewrites that many fewer B-tree pages (BENCHMARKS.md).
+/// is 455), and a settle rewrites that many fewer B-tree pages (bench/results/history.md).
 ///
 /// `S` is `&str` to write and `String` to read: one definition, so the two cannot
 /// drift apart. postcard writes fields in order: fields may be added at the end only.

@@ -5,7 +5,7 @@
 //! JSON string parsed into a [`Customer`], noise removed, test leads flagged.
 //! Nothing here does I/O, and nothing here panics on any input: the table is
 //! written by the marketplace, not by us, and its values are messy (see
-//! `docs/marketplace-leads.md`).
+//! `docs/design.md`, "What happens to each row").
 //!
 //! Only a `CustomerInfo` that is present but not a JSON object rejects a row;
 //! everything else that is odd is kept (verbatim, in `extra`, or in `notes`), so

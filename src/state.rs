@@ -388,7 +388,7 @@ impl RetentionCursor {
 /// A commit rewrites every B-tree page its inserts touched, and a page's customers are
 /// spread over the whole customer table (their keys are emails, in no order the table's
 /// rows follow): on a small table each commit rewrote most of it. Committing up to ten
-/// pages at a time takes about a sixth of a 10k-row backfill's CPU away (BENCHMARKS.md,
+/// pages at a time takes about a sixth of a 10k-row backfill's CPU away (bench/results/history.md,
 /// fourteenth round). A crash or a failed sync loses at most the held pages' outcomes,
 /// not their deliveries: those rows are read again and delivered again as idempotent
 /// upserts, as after a power loss.
@@ -498,7 +498,7 @@ impl RedbStore {
         // redb's default page cache is 1 GiB, and it keeps what settle writes: RSS would
         // grow with the state file. 4 MiB keeps the process at about 37 MiB from 10k to
         // 100k rows (16 MiB: 45 -> 53 MiB) with no loss of throughput: what falls out of
-        // it is read back from the kernel's page cache (BENCHMARKS.md).
+        // it is read back from the kernel's page cache (bench/results/history.md).
         // redb's v3 file format, the only one redb 3 reads: a new file is created in it,
         // and a file of an earlier leadsync is upgraded below, so that moving to redb 3
         // strands no state file. Closing the file also writes less (no region tracker
@@ -1030,7 +1030,7 @@ const COMPACT: u8 = 1;
 
 /// The records written once per row or per customer (handled rows, customers) are
 /// written compactly: postcard is about 3x faster than JSON for them and half the size
-/// (BENCHMARKS.md, "Bottlenecks"). postcard encodes enum variants by position: variants
+/// (bench/results/history.md, "Bottlenecks"). postcard encodes enum variants by position: variants
 /// of stored enums (e.g. `Stage`) may be added at the end only. Now only the tests
 /// write this form, to check that it is still read.
 #[cfg(test)]

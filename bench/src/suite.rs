@@ -31,7 +31,7 @@ pub struct Args {
     /// once). Default: 15 below 100,000 rows, else 3. At 10k a round takes about two
     /// seconds and one round's JSONL share moves between about 55% and 115% with the
     /// machine: the median of 7 such rounds moved by 15 points between runs of one
-    /// build, that of 15 by about half that (BENCHMARKS.md, *Twelfth round*).
+    /// build, that of 15 by about half that (bench/results/history.md, *Twelfth round*).
     #[arg(long)]
     repeat: Option<usize>,
     /// Length of the idle measurement window.

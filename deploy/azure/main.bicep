@@ -15,9 +15,9 @@
 // The job keeps its state in a table of the storage account (state.backend = "table"):
 // a job has no durable disk. An execution stopped part-way (replicaTimeout, a lost
 // replica) costs the next one re-delivering what it had not recorded, as upserts of
-// the same CRM records; no row's outcome is lost (README, "State in an Azure table").
+// the same CRM records; no row's outcome is lost (docs/state.md, "State in an Azure table").
 //
-// Deploy: docs/deploy.md, "Azure Container Apps job".
+// Deploy: docs/deployment.md, "Azure Container Apps job".
 //   az deployment group create -g <rg> -f deploy/azure/main.bicep -p @main.parameters.json
 
 targetScope = 'resourceGroup'

@@ -123,7 +123,7 @@ pub struct DynamicsSettings {
     pub fields: BTreeMap<String, LeadField>,
     /// Lead column -> when leadsync writes it once the lead exists: `always`,
     /// `on_create` or `if_empty`. Entries override the defaults of the mapped attribute
-    /// (see the README's table); opt-outs are only ever written as `true`.
+    /// (see the table in docs/sinks/dynamics.md); opt-outs are only ever written as `true`.
     #[serde(default)]
     pub ownership: BTreeMap<String, WriteMode>,
     /// Column (logical name) -> maximum characters; longer values are cut and the cut is logged.

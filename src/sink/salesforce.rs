@@ -135,7 +135,7 @@ pub struct SalesforceSettings {
     pub fields: BTreeMap<String, LeadField>,
     /// Lead field API name -> when leadsync writes it once the Lead exists: `always`,
     /// `on_create` or `if_empty`. Entries override the defaults of the mapped
-    /// attribute (see the README's table); opt-outs are only ever written as `true`,
+    /// attribute (see the table in docs/sinks/salesforce.md); opt-outs are only ever written as `true`,
     /// and placeholders only on create, whatever this says.
     #[serde(default)]
     pub ownership: BTreeMap<String, WriteMode>,
