@@ -1831,7 +1831,10 @@ fn the_example_config_loads_and_states_the_defaults() {
     assert_eq!(d.parallelism, 4);
     assert_eq!(d.batch_size, 100);
     assert_eq!(d.fields, default_fields());
-    assert!(d.ownership.is_empty(), "the defaults of the table in docs/sinks/dynamics.md");
+    assert!(
+        d.ownership.is_empty(),
+        "the defaults of the table in docs/sinks/dynamics.md"
+    );
     assert_eq!(d.max_lengths, default_max_lengths());
     assert_eq!(d.token_refresh_margin, Duration::from_secs(300));
     assert_eq!(d.request_timeout, Duration::from_secs(30));

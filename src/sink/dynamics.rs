@@ -929,25 +929,8 @@ impl DynamicsSink {
             crate::timestamp::format(lead.last_seen)
         );
         let id = task_id(&event);
-        let (subject, _) = mapping::truncate(
-            &format!(
-                "Marketplace: {} ({})",
-                mapping::subject(lead),
-                crate::timestamp::format(lead.last_seen)
-            ),
-            TASK_SUBJECT_MAX,
-        );
-        let c = &lead.customer;
-        let name = [c.first_name.as_deref(), c.last_name.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(" ");
-        let email = c
-            .email
-            .as_ref()
-            .map(|e| e.original.as_str())
-            .unwrap_or("no email");
+        let subject = mapping::follow_up_subject(lead, TASK_SUBJECT_MAX);
+        let who = mapping::who(lead);
         let next = if lead.do_not_contact {
             "Next step: the customer asked not to be contacted. Do not call or email them; set Do not allow Emails/Phone Calls on the contact."
         } else if state == 1 {
@@ -956,7 +939,7 @@ impl DynamicsSink {
             "Next step: the lead was disqualified; decide whether this new interest reopens it."
         };
         let description = format!(
-            "{name} ({email}) came back through the marketplace: {}; stage {}.\nTheir lead {lead_id} is {state_name}, so leadsync did not change it.\n{next}\n\n{}",
+            "{who} came back through the marketplace: {}; stage {}.\nTheir lead {lead_id} is {state_name}, so leadsync did not change it.\n{next}\n\n{}",
             mapping::subject(lead),
             lead.stage.as_str(),
             lead.summary

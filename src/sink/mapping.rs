@@ -103,6 +103,37 @@ impl LeadField {
     }
 }
 
+/// The subject of a follow-up activity for a record that is sales' now (a converted
+/// Salesforce Lead, a closed Dataverse lead): `Marketplace: <subject> (<last seen>)`,
+/// cut to `max` characters.
+pub fn follow_up_subject(lead: &CustomerLead, max: usize) -> String {
+    truncate(
+        &format!(
+            "Marketplace: {} ({})",
+            subject(lead),
+            crate::timestamp::format(lead.last_seen)
+        ),
+        max,
+    )
+    .0
+}
+
+/// `First Last (address)` of a follow-up activity: who came back.
+pub fn who(lead: &CustomerLead) -> String {
+    let c = &lead.customer;
+    let name = [c.first_name.as_deref(), c.last_name.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let email = c
+        .email
+        .as_ref()
+        .map(|e| e.original.as_str())
+        .unwrap_or("no email");
+    format!("{name} ({email})")
+}
+
 /// `<offer title or id>: <action>` of the newest event; never empty.
 pub fn subject(lead: &CustomerLead) -> String {
     match latest(lead) {

@@ -1539,25 +1539,8 @@ impl SalesforceSink {
     /// The follow-up Task for a converted Lead's new event: on the converted Contact
     /// (who) and Opportunity, else Account (what), assigned to the Lead's owner.
     fn follow_up_task(&self, lead: &CustomerLead, e: &Existing) -> Value {
-        let (subject, _) = truncate(
-            &format!(
-                "Marketplace: {} ({})",
-                super::mapping::subject(lead),
-                crate::timestamp::format(lead.last_seen)
-            ),
-            255,
-        );
-        let c = &lead.customer;
-        let name = [c.first_name.as_deref(), c.last_name.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(" ");
-        let email = c
-            .email
-            .as_ref()
-            .map(|e| e.original.as_str())
-            .unwrap_or("no email");
+        let subject = super::mapping::follow_up_subject(lead, 255);
+        let who = super::mapping::who(lead);
         let offers = lead
             .offers
             .iter()
@@ -1570,7 +1553,7 @@ impl SalesforceSink {
             "Next step: contact the customer about this request within one business day, on the Opportunity if there is one."
         };
         let description = format!(
-            "{name} ({email}) came back through the marketplace: {subject}; stage {stage}; offers: {offers}.\n\
+            "{who} came back through the marketplace: {subject}; stage {stage}; offers: {offers}.\n\
              Their Lead {lead_id} was converted, so leadsync did not change it.\n{next}\n\n{summary}",
             stage = lead.stage.as_str(),
             offers = if offers.is_empty() { "none" } else { &offers },
