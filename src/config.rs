@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::sink::dynamics::DynamicsSettings;
+use crate::sink::hubspot::HubspotSettings;
 use crate::sink::salesforce::SalesforceSettings;
 use crate::sink::webhook::WebhookSettings;
 
@@ -224,6 +225,7 @@ pub enum SinkKind {
     Salesforce,
     Dynamics,
     Webhook,
+    Hubspot,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +245,8 @@ pub struct SinkSettings {
     pub dynamics: Option<DynamicsSettings>,
     /// Required when `kind = "webhook"`.
     pub webhook: Option<WebhookSettings>,
+    /// Required when `kind = "hubspot"`.
+    pub hubspot: Option<HubspotSettings>,
 }
 
 impl SinkSettings {
@@ -254,6 +258,8 @@ impl SinkSettings {
         self.batch_size.unwrap_or(match self.kind {
             SinkKind::Jsonl => 1000,
             SinkKind::Salesforce | SinkKind::Dynamics | SinkKind::Webhook => 200,
+            // A HubSpot batch holds at most 100 inputs.
+            SinkKind::Hubspot => 100,
         })
     }
 }
@@ -267,6 +273,7 @@ impl Default for SinkSettings {
             salesforce: None,
             dynamics: None,
             webhook: None,
+            hubspot: None,
         }
     }
 }
@@ -724,6 +731,10 @@ impl Settings {
             SinkKind::Webhook => match &self.sink.webhook {
                 Some(s) => s.validate()?,
                 None => return missing("webhook"),
+            },
+            SinkKind::Hubspot => match &self.sink.hubspot {
+                Some(s) => s.validate()?,
+                None => return missing("hubspot"),
             },
         }
         if self.sink.jsonl.path.as_os_str().is_empty() {

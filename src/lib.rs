@@ -119,6 +119,9 @@ pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
         SinkKind::Webhook => Arc::new(WebhookSink::new(
             s.webhook.as_ref().ok_or_else(|| missing("webhook"))?,
         )?),
+        SinkKind::Hubspot => Arc::new(crate::sink::HubspotSink::new(
+            s.hubspot.as_ref().ok_or_else(|| missing("hubspot"))?,
+        )?),
     })
 }
 

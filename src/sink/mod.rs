@@ -7,6 +7,7 @@ pub use crate::identity::CustomerLead;
 
 pub mod dynamics;
 pub mod http;
+pub mod hubspot;
 mod json_line;
 pub mod jsonl;
 pub mod mapping;
@@ -14,6 +15,7 @@ pub mod salesforce;
 pub mod webhook;
 
 pub use dynamics::DynamicsSink;
+pub use hubspot::HubspotSink;
 pub use jsonl::JsonlSink;
 pub use salesforce::SalesforceSink;
 pub use webhook::WebhookSink;
