@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::sink::dynamics::DynamicsSettings;
 use crate::sink::hubspot::HubspotSettings;
+use crate::sink::marketo::MarketoSettings;
 use crate::sink::salesforce::SalesforceSettings;
 use crate::sink::webhook::WebhookSettings;
 
@@ -226,6 +227,7 @@ pub enum SinkKind {
     Dynamics,
     Webhook,
     Hubspot,
+    Marketo,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -247,6 +249,8 @@ pub struct SinkSettings {
     pub webhook: Option<WebhookSettings>,
     /// Required when `kind = "hubspot"`.
     pub hubspot: Option<HubspotSettings>,
+    /// Required when `kind = "marketo"`.
+    pub marketo: Option<MarketoSettings>,
 }
 
 impl SinkSettings {
@@ -260,6 +264,8 @@ impl SinkSettings {
             SinkKind::Salesforce | SinkKind::Dynamics | SinkKind::Webhook => 200,
             // A HubSpot batch holds at most 100 inputs.
             SinkKind::Hubspot => 100,
+            // A Marketo leads.json call holds at most 300 leads.
+            SinkKind::Marketo => 300,
         })
     }
 }
@@ -274,6 +280,7 @@ impl Default for SinkSettings {
             dynamics: None,
             webhook: None,
             hubspot: None,
+            marketo: None,
         }
     }
 }
@@ -735,6 +742,10 @@ impl Settings {
             SinkKind::Hubspot => match &self.sink.hubspot {
                 Some(s) => s.validate()?,
                 None => return missing("hubspot"),
+            },
+            SinkKind::Marketo => match &self.sink.marketo {
+                Some(s) => s.validate()?,
+                None => return missing("marketo"),
             },
         }
         if self.sink.jsonl.path.as_os_str().is_empty() {

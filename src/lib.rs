@@ -122,6 +122,9 @@ pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
         SinkKind::Hubspot => Arc::new(crate::sink::HubspotSink::new(
             s.hubspot.as_ref().ok_or_else(|| missing("hubspot"))?,
         )?),
+        SinkKind::Marketo => Arc::new(crate::sink::MarketoSink::new(
+            s.marketo.as_ref().ok_or_else(|| missing("marketo"))?,
+        )?),
     })
 }
 

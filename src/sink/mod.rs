@@ -11,12 +11,14 @@ pub mod hubspot;
 mod json_line;
 pub mod jsonl;
 pub mod mapping;
+pub mod marketo;
 pub mod salesforce;
 pub mod webhook;
 
 pub use dynamics::DynamicsSink;
 pub use hubspot::HubspotSink;
 pub use jsonl::JsonlSink;
+pub use marketo::MarketoSink;
 pub use salesforce::SalesforceSink;
 pub use webhook::WebhookSink;
 
