@@ -81,7 +81,11 @@ fn too_many(body: &Value) -> Option<Response> {
 
 async fn read(State(crm): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
     if !authorised(&headers) {
-        return error(StatusCode::UNAUTHORIZED, "INVALID_AUTHENTICATION", "Authentication credentials not found.");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_AUTHENTICATION",
+            "Authentication credentials not found.",
+        );
     }
     if let Some(r) = too_many(&body) {
         return r;
@@ -104,7 +108,8 @@ async fn read(State(crm): State<Shared>, headers: HeaderMap, Json(body): Json<Va
                     .iter()
                     .map(|p| (p.clone(), c.get(p).cloned().unwrap_or(Value::Null)))
                     .collect();
-                results.push(json!({"id": c["hs_object_id"], "properties": props, "archived": false}));
+                results
+                    .push(json!({"id": c["hs_object_id"], "properties": props, "archived": false}));
             }
             None => missing.push(Value::String(id)),
         }
@@ -121,9 +126,17 @@ async fn read(State(crm): State<Shared>, headers: HeaderMap, Json(body): Json<Va
         .into_response()
 }
 
-async fn upsert(State(crm): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn upsert(
+    State(crm): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     if !authorised(&headers) {
-        return error(StatusCode::UNAUTHORIZED, "INVALID_AUTHENTICATION", "Authentication credentials not found.");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_AUTHENTICATION",
+            "Authentication credentials not found.",
+        );
     }
     if let Some(r) = too_many(&body) {
         return r;
@@ -139,7 +152,10 @@ async fn upsert(State(crm): State<Shared>, headers: HeaderMap, Json(body): Json<
     }
     let inputs = body["inputs"].as_array().unwrap().clone();
     // One invalid value refuses the whole batch, naming no input (as HubSpot does).
-    if inputs.iter().any(|i| i["properties"]["country"] == "Atlantis") {
+    if inputs
+        .iter()
+        .any(|i| i["properties"]["country"] == "Atlantis")
+    {
         return error(StatusCode::BAD_REQUEST, "VALIDATION_ERROR", "Property values were not valid: [{\"isValid\":false,\"message\":\"Atlantis was not one of the allowed options\",\"error\":\"INVALID_OPTION\",\"name\":\"country\"}]");
     }
     let mut results = Vec::new();
@@ -181,7 +197,8 @@ async fn upsert(State(crm): State<Shared>, headers: HeaderMap, Json(body): Json<
         }
         let mut shown = contact.clone();
         shown.insert(id_property, Value::String(id));
-        let mut result = json!({"id": contact["hs_object_id"], "properties": shown, "new": created});
+        let mut result =
+            json!({"id": contact["hs_object_id"], "properties": shown, "new": created});
         if let Some(trace) = input.get("objectWriteTraceId") {
             result["objectWriteTraceId"] = trace.clone();
         }
@@ -189,7 +206,11 @@ async fn upsert(State(crm): State<Shared>, headers: HeaderMap, Json(body): Json<
     }
     // Results are not promised in input order.
     results.reverse();
-    let status = if errors.is_empty() { StatusCode::OK } else { StatusCode::MULTI_STATUS };
+    let status = if errors.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::MULTI_STATUS
+    };
     let mut answer = json!({"status": "COMPLETE", "results": results});
     if !errors.is_empty() {
         answer["errors"] = Value::Array(errors.clone());
@@ -210,7 +231,10 @@ impl Fake {
             .route("/crm/v3/objects/contacts/batch/read", post(read))
             .route("/crm/v3/objects/contacts/batch/upsert", post(upsert))
             .with_state(crm.clone());
-        Fake { url: serve(router).await, crm }
+        Fake {
+            url: serve(router).await,
+            crm,
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Crm) -> T) -> T {
@@ -311,7 +335,10 @@ async fn a_batch_is_one_read_and_one_upsert_per_100_contacts_with_outcomes_in_in
 
     assert_eq!(outcomes, vec![Outcome::Delivered; 250]);
     let (reads, upserts) = fake.with(|c| (c.reads.clone(), c.upserts.clone()));
-    let sizes: Vec<usize> = upserts.iter().map(|u| u["inputs"].as_array().unwrap().len()).collect();
+    let sizes: Vec<usize> = upserts
+        .iter()
+        .map(|u| u["inputs"].as_array().unwrap().len())
+        .collect();
     assert_eq!(sizes, vec![100, 100, 50]);
     assert_eq!(reads.len(), 3);
     assert_eq!(fake.with(|c| c.creates), 250);
@@ -332,7 +359,10 @@ async fn the_same_customer_twice_is_one_contact_updated_not_a_second_one() {
     let sink = fake.sink("");
     let mut returning = lead(1);
 
-    assert_eq!(sink.deliver(&[returning.clone()]).await, vec![Outcome::Delivered]);
+    assert_eq!(
+        sink.deliver(&[returning.clone()]).await,
+        vec![Outcome::Delivered]
+    );
     returning.customer.title = Some("CEO".into());
     returning.stage = Stage::Trial;
     assert_eq!(sink.deliver(&[returning]).await, vec![Outcome::Delivered]);
@@ -369,12 +399,25 @@ async fn a_reps_company_lead_status_and_later_stage_survive() {
     assert_eq!(outcomes, vec![Outcome::Delivered, Outcome::Delivered]);
     let rep = fake.contact(&id(1));
     assert_eq!(rep["company"], "Fabrikam (typed by a rep)");
-    assert_eq!(rep["lifecyclestage"], "salesqualifiedlead", "never moved back");
+    assert_eq!(
+        rep["lifecyclestage"], "salesqualifiedlead",
+        "never moved back"
+    );
     assert_eq!(rep["hs_lead_status"], "IN_PROGRESS");
-    assert_eq!(rep["firstname"], "First1", "the customer's own data is current");
+    assert_eq!(
+        rep["firstname"], "First1",
+        "the customer's own data is current"
+    );
     let sent = &fake.upsert_inputs()[0]["properties"];
-    assert!(sent.get("company").is_none() && sent.get("lifecyclestage").is_none(), "{sent}");
-    assert_eq!(fake.contact(&id(2))["company"], "Company 2", "an empty company is filled");
+    assert!(
+        sent.get("company").is_none() && sent.get("lifecyclestage").is_none(),
+        "{sent}"
+    );
+    assert_eq!(
+        fake.contact(&id(2))["company"],
+        "Company 2",
+        "an empty company is filled"
+    );
     assert_eq!(fake.with(|c| c.creates), 0);
 }
 
@@ -398,7 +441,10 @@ async fn an_opt_out_is_only_ever_sent_as_true() {
     let inputs = fake.upsert_inputs();
     assert_eq!(inputs[0]["properties"]["leadsync_do_not_contact"], "true");
     for input in &inputs[1..] {
-        assert!(input["properties"].get("leadsync_do_not_contact").is_none(), "{input}");
+        assert!(
+            input["properties"].get("leadsync_do_not_contact").is_none(),
+            "{input}"
+        );
     }
     assert_eq!(fake.contact(&id(2))["leadsync_do_not_contact"], "true");
 }
@@ -412,7 +458,10 @@ async fn a_207_rejects_only_the_refused_contact_in_its_place() {
     let outcomes = sink.deliver(&[lead(1), lead(2), lead(3)]).await;
 
     assert_eq!(outcomes[0], Outcome::Delivered);
-    assert!(matches!(&outcomes[1], Outcome::Rejected { reason } if reason.contains("Property values were not valid")), "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[1], Outcome::Rejected { reason } if reason.contains("Property values were not valid")),
+        "{outcomes:?}"
+    );
     assert_eq!(outcomes[2], Outcome::Delivered);
     assert_eq!(fake.with(|c| c.upserts.len()), 1);
 }
@@ -428,7 +477,10 @@ async fn a_400_for_one_bad_input_is_split_until_that_input_alone_is_rejected() {
 
     for (i, o) in outcomes.iter().enumerate() {
         if i == 4 {
-            assert!(matches!(o, Outcome::Rejected { reason } if reason.contains("Atlantis")), "{o:?}");
+            assert!(
+                matches!(o, Outcome::Rejected { reason } if reason.contains("Atlantis")),
+                "{o:?}"
+            );
         } else {
             assert_eq!(o, &Outcome::Delivered, "lead {i}");
         }
@@ -481,7 +533,11 @@ async fn a_429_is_honoured_with_hubspots_interval_and_then_succeeds() {
     let outcomes = sink.deliver(&[lead(1)]).await;
 
     assert_eq!(outcomes, vec![Outcome::Delivered]);
-    assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(fake.with(|c| c.upserts.len()), 2);
 }
 
@@ -500,7 +556,10 @@ async fn a_429_asking_longer_than_the_back_off_cap_leaves_the_leads_for_later_wi
     let outcomes = sink.deliver(&[lead(1), lead(2)]).await;
 
     for o in &outcomes {
-        assert!(matches!(o, Outcome::RetryLater { after: Some(a), .. } if *a == Duration::from_secs(60)), "{o:?}");
+        assert!(
+            matches!(o, Outcome::RetryLater { after: Some(a), .. } if *a == Duration::from_secs(60)),
+            "{o:?}"
+        );
     }
     assert_eq!(fake.with(|c| c.upserts.len()), 1, "not retried at once");
 }
@@ -519,11 +578,17 @@ async fn a_refused_token_fails_the_endpoint_without_retries_and_the_token_is_nev
     drop(guard);
 
     for o in &outcomes {
-        assert!(matches!(o, Outcome::EndpointFailed { reason } if reason.contains("401") && reason.contains("access_token")), "{o:?}");
+        assert!(
+            matches!(o, Outcome::EndpointFailed { reason } if reason.contains("401") && reason.contains("access_token")),
+            "{o:?}"
+        );
     }
     assert!(health.contains("401"), "{health}");
     assert_eq!(fake.with(|c| (c.reads.len(), c.upserts.len())), (0, 0));
-    let text = format!("{} {outcomes:?} {health} {sink:?} {settings:?}", logs.text());
+    let text = format!(
+        "{} {outcomes:?} {health} {sink:?} {settings:?}",
+        logs.text()
+    );
     assert!(!text.contains(wrong), "{text}");
     assert!(!text.contains("99999999"), "{text}");
 }
@@ -537,7 +602,11 @@ async fn the_healthcheck_reads_without_writing() {
 
 #[test]
 fn the_example_config_parses_with_the_documented_defaults() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/hubspot.example.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/hubspot.example.toml"
+    ))
+    .unwrap();
     let settings = leadsync::config::Settings::from_toml_with_env(
         &text,
         std::path::Path::new("hubspot.example.toml"),
@@ -556,30 +625,60 @@ fn the_example_config_parses_with_the_documented_defaults() {
 async fn leads_from_the_table_reach_hubspot_once_per_customer_across_a_restart() {
     let world = World::new().await;
     let fake = Fake::start().await;
-    let sink = format!("[sink]\nkind = \"hubspot\"\n[sink.hubspot]\n{}", fake.section(""));
+    let sink = format!(
+        "[sink]\nkind = \"hubspot\"\n[sink.hubspot]\n{}",
+        fake.section("")
+    );
     let settings = world.settings_with_sink(&sink);
     world
         .insert(&[
-            lead_row("p1", "r001", "AppSource-PLT | contoso.analytics", customer(1)),
-            lead_row("p1", "r002", "AzureMarketplace-PLT | contoso.analytics", customer(2)),
+            lead_row(
+                "p1",
+                "r001",
+                "AppSource-PLT | contoso.analytics",
+                customer(1),
+            ),
+            lead_row(
+                "p1",
+                "r002",
+                "AzureMarketplace-PLT | contoso.analytics",
+                customer(2),
+            ),
         ])
         .await;
 
-    let first = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync starts");
+    let first = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync starts");
     let mut moved = customer(1);
     moved["Title"] = json!("VP Engineering");
     world
-        .insert(&[lead_row("p2", "r003", "AzureMarketplace-INS | contoso.analytics", moved)])
+        .insert(&[lead_row(
+            "p2",
+            "r003",
+            "AzureMarketplace-INS | contoso.analytics",
+            moved,
+        )])
         .await;
-    let second = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync restarts");
+    let second = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync restarts");
 
     assert_eq!(first.exit_code(), 0, "{first:?}");
     assert_eq!(second.exit_code(), 0, "{second:?}");
-    assert_eq!(fake.with(|c| (c.contacts.len(), c.creates)), (2, 2), "updated, not created again");
+    assert_eq!(
+        fake.with(|c| (c.contacts.len(), c.creates)),
+        (2, 2),
+        "updated, not created again"
+    );
     let returning = fake.contact("customer1@contoso.com");
     assert_eq!(returning["jobtitle"], "VP Engineering");
     assert_eq!(returning["lifecyclestage"], "marketingqualifiedlead");

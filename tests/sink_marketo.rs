@@ -116,11 +116,14 @@ async fn leads(State(m): State<Shared>, headers: HeaderMap, Json(body): Json<Val
                 for (k, v) in record.as_object().unwrap() {
                     lead.insert(k.clone(), v.clone());
                 }
-                result.push(json!({"id": lead["id"], "status": if exists { "updated" } else { "created" }}));
+                result.push(
+                    json!({"id": lead["id"], "status": if exists { "updated" } else { "created" }}),
+                );
             }
         }
     }
-    Json(json!({"requestId": "e42b#14272d07d78", "success": true, "result": result})).into_response()
+    Json(json!({"requestId": "e42b#14272d07d78", "success": true, "result": result}))
+        .into_response()
 }
 
 struct Fake {
@@ -135,7 +138,10 @@ impl Fake {
             .route("/identity/oauth/token", post(token))
             .route("/rest/v1/leads.json", post(leads))
             .with_state(m.clone());
-        Fake { url: serve(router).await, m }
+        Fake {
+            url: serve(router).await,
+            m,
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Instance) -> T) -> T {
@@ -229,8 +235,17 @@ async fn a_batch_is_one_call_per_300_leads_with_one_token_and_outcomes_in_order(
     let outcomes = sink.deliver(&batch).await;
 
     assert_eq!(outcomes, vec![Outcome::Delivered; 650]);
-    let sizes: Vec<usize> = fake.with(|m| m.calls.iter().map(|c| c["input"].as_array().unwrap().len()).collect());
-    assert_eq!(sizes, vec![300, 300, 50], "new leads: one createOnly call per 300");
+    let sizes: Vec<usize> = fake.with(|m| {
+        m.calls
+            .iter()
+            .map(|c| c["input"].as_array().unwrap().len())
+            .collect()
+    });
+    assert_eq!(
+        sizes,
+        vec![300, 300, 50],
+        "new leads: one createOnly call per 300"
+    );
     assert_eq!(fake.with(|m| (m.token_requests, m.creates)), (1, 650));
     let first = &fake.records()[0];
     assert_eq!(first["email"], email(0));
@@ -239,9 +254,14 @@ async fn a_batch_is_one_call_per_300_leads_with_one_token_and_outcomes_in_order(
 }
 
 #[tokio::test]
-async fn an_existing_lead_is_updated_once_without_touching_its_company_and_refusals_stay_in_place() {
+async fn an_existing_lead_is_updated_once_without_touching_its_company_and_refusals_stay_in_place()
+{
     let fake = Fake::start().await;
-    existing(&fake, 2, json!({"company": "Fabrikam (set in Marketo)", "firstName": "Old"}));
+    existing(
+        &fake,
+        2,
+        json!({"company": "Fabrikam (set in Marketo)", "firstName": "Old"}),
+    );
     fake.with(|m| m.refuse.insert(email(3)));
     let sink = fake.sink("");
 
@@ -249,7 +269,10 @@ async fn an_existing_lead_is_updated_once_without_touching_its_company_and_refus
 
     assert_eq!(outcomes[0], Outcome::Delivered);
     assert_eq!(outcomes[1], Outcome::Delivered);
-    assert!(matches!(&outcomes[2], Outcome::Rejected { reason } if reason.contains("1003")), "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[2], Outcome::Rejected { reason } if reason.contains("1003")),
+        "{outcomes:?}"
+    );
     let calls = fake.with(|m| m.calls.clone());
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[0]["action"], "createOnly");
@@ -259,7 +282,11 @@ async fn an_existing_lead_is_updated_once_without_touching_its_company_and_refus
     let rep = fake.lead(&email(2));
     assert_eq!(rep["company"], "Fabrikam (set in Marketo)");
     assert_eq!(rep["firstName"], "First2");
-    assert_eq!(fake.with(|m| (m.leads.len(), m.creates)), (2, 1), "no duplicate");
+    assert_eq!(
+        fake.with(|m| (m.leads.len(), m.creates)),
+        (2, 1),
+        "no duplicate"
+    );
 }
 
 #[tokio::test]
@@ -270,7 +297,10 @@ async fn an_opt_out_is_only_ever_sent_as_true() {
     let mut dnc = lead(1);
     dnc.do_not_contact = true;
 
-    assert_eq!(sink.deliver(&[dnc, lead(2)]).await, vec![Outcome::Delivered; 2]);
+    assert_eq!(
+        sink.deliver(&[dnc, lead(2)]).await,
+        vec![Outcome::Delivered; 2]
+    );
 
     for record in fake.records() {
         let sent = record.get("unsubscribed");
@@ -318,7 +348,10 @@ async fn a_rate_limit_that_persists_leaves_the_leads_for_later() {
     let outcomes = sink.deliver(&[lead(1), lead(2)]).await;
 
     for o in &outcomes {
-        assert!(matches!(o, Outcome::RetryLater { reason, .. } if reason.contains("606")), "{o:?}");
+        assert!(
+            matches!(o, Outcome::RetryLater { reason, .. } if reason.contains("606")),
+            "{o:?}"
+        );
     }
 }
 
@@ -334,9 +367,15 @@ async fn refused_credentials_fail_the_endpoint_and_the_secret_is_never_shown() {
     let health = sink.healthcheck().await.unwrap_err().to_string();
     drop(guard);
 
-    assert!(matches!(&outcomes[0], Outcome::EndpointFailed { reason } if reason.contains("401")), "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[0], Outcome::EndpointFailed { reason } if reason.contains("401")),
+        "{outcomes:?}"
+    );
     assert!(health.contains("Bad client credentials"), "{health}");
-    let text = format!("{} {outcomes:?} {health} {sink:?} {settings:?}", logs.text());
+    let text = format!(
+        "{} {outcomes:?} {health} {sink:?} {settings:?}",
+        logs.text()
+    );
     assert!(!text.contains(wrong), "{text}");
     assert_eq!(fake.with(|m| m.calls.len()), 0);
 }
@@ -350,7 +389,9 @@ async fn a_customer_without_email_is_rejected_when_matching_on_email() {
 
     let outcomes = fake.sink("").deliver(&[no_email, lead(1)]).await;
 
-    assert!(matches!(&outcomes[0], Outcome::Rejected { reason } if reason.contains("lookup_field")));
+    assert!(
+        matches!(&outcomes[0], Outcome::Rejected { reason } if reason.contains("lookup_field"))
+    );
     assert_eq!(outcomes[1], Outcome::Delivered);
 }
 
@@ -358,42 +399,79 @@ async fn a_customer_without_email_is_rejected_when_matching_on_email() {
 async fn leads_from_the_table_reach_marketo_once_per_customer_across_a_restart() {
     let world = World::new().await;
     let fake = Fake::start().await;
-    let sink = format!("[sink]\nkind = \"marketo\"\n[sink.marketo]\n{}", fake.section(""));
+    let sink = format!(
+        "[sink]\nkind = \"marketo\"\n[sink.marketo]\n{}",
+        fake.section("")
+    );
     let settings = world.settings_with_sink(&sink);
     world
         .insert(&[
-            lead_row("p1", "r001", "AppSource-PLT | contoso.analytics", customer(1)),
-            lead_row("p1", "r002", "AzureMarketplace-PLT | contoso.analytics", customer(2)),
+            lead_row(
+                "p1",
+                "r001",
+                "AppSource-PLT | contoso.analytics",
+                customer(1),
+            ),
+            lead_row(
+                "p1",
+                "r002",
+                "AzureMarketplace-PLT | contoso.analytics",
+                customer(2),
+            ),
         ])
         .await;
 
-    let first = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync starts");
+    let first = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync starts");
     let mut moved = customer(1);
     moved["Title"] = json!("VP Engineering");
     world
-        .insert(&[lead_row("p2", "r003", "AzureMarketplace-INS | contoso.analytics", moved)])
+        .insert(&[lead_row(
+            "p2",
+            "r003",
+            "AzureMarketplace-INS | contoso.analytics",
+            moved,
+        )])
         .await;
-    let second = leadsync::run(&settings, RunOptions { once: true }, CancellationToken::new())
-        .await
-        .expect("leadsync restarts");
+    let second = leadsync::run(
+        &settings,
+        RunOptions { once: true },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync restarts");
 
     assert_eq!(first.exit_code(), 0, "{first:?}");
     assert_eq!(second.exit_code(), 0, "{second:?}");
-    assert_eq!(fake.with(|m| (m.leads.len(), m.creates)), (2, 2), "updated, not created again");
+    assert_eq!(
+        fake.with(|m| (m.leads.len(), m.creates)),
+        (2, 2),
+        "updated, not created again"
+    );
     assert_eq!(fake.lead(&email(1))["title"], "VP Engineering");
 }
 
 #[test]
 fn the_example_config_parses() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/marketo.example.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/marketo.example.toml"
+    ))
+    .unwrap();
     let settings = leadsync::config::Settings::from_toml_with_env(
         &text,
         std::path::Path::new("marketo.example.toml"),
         &HashMap::new(),
     )
     .expect("the example is valid");
-    assert_eq!(settings.sink.marketo.expect("[sink.marketo]").lookup_field, "email");
+    assert_eq!(
+        settings.sink.marketo.expect("[sink.marketo]").lookup_field,
+        "email"
+    );
     assert_eq!(settings.sink.batch_size(), 300);
 }

@@ -282,7 +282,11 @@ impl ApiError {
     /// A fault of the configuration, not of a record: a property or the id property
     /// that does not exist or is not unique, scopes missing.
     fn is_endpoint_fault(&self) -> bool {
-        let codes = ["PROPERTY_DOESNT_EXIST", "INVALID_ID_PROPERTY", "MISSING_SCOPES"];
+        let codes = [
+            "PROPERTY_DOESNT_EXIST",
+            "INVALID_ID_PROPERTY",
+            "MISSING_SCOPES",
+        ];
         codes.contains(&self.category.as_str())
             || self.errors.iter().any(|e| codes.contains(&e.code.as_str()))
             || self.message.contains("does not exist")
@@ -479,8 +483,7 @@ impl HubspotSink {
         };
         props.insert(self.id_property.clone(), Value::String(id.to_owned()));
         if let Some(target) = stage_key(lead.stage).and_then(|s| self.lifecycle_stages.get(s)) {
-            if lifecycle_moves_forward(current("lifecyclestage").and_then(Value::as_str), target)
-            {
+            if lifecycle_moves_forward(current("lifecyclestage").and_then(Value::as_str), target) {
                 props.insert("lifecyclestage".into(), Value::String(target.clone()));
             }
         }
@@ -714,13 +717,8 @@ impl HubspotSink {
     ) {
         let mut queue: Vec<Vec<usize>> = vec![(0..indexes.len()).collect()];
         while let Some(group) = queue.pop() {
-            let body = json!({ "inputs": group.iter().map(|&k| inputs[k].clone()).collect::<Vec<_>>() });
-            let mut fail_rest = |outcome: Outcome, queue: &mut Vec<Vec<usize>>| {
-                for k in group.iter().chain(queue.iter().flatten()) {
-                    outcomes[indexes[*k]] = Some(outcome.clone());
-                }
-                queue.clear();
-            };
+            let body =
+                json!({ "inputs": group.iter().map(|&k| inputs[k].clone()).collect::<Vec<_>>() });
             match self.post(UPSERT_PATH, &body).await {
                 Finished::Done(Answer::Ok(text)) => {
                     let answer = match serde_json::from_str::<BatchAnswer>(&text) {
@@ -728,11 +726,14 @@ impl HubspotSink {
                         Err(e) => {
                             // Idempotent upsert: safe to send again later.
                             fail_rest(
+                                outcomes,
+                                indexes,
+                                &group,
+                                &mut queue,
                                 Outcome::RetryLater {
                                     after: None,
                                     reason: format!("HubSpot upsert answer unreadable ({e})"),
                                 },
-                                &mut queue,
                             );
                             continue;
                         }
@@ -744,13 +745,15 @@ impl HubspotSink {
                             }
                         }
                         let id = id?.to_ascii_lowercase();
-                        group
-                            .iter()
-                            .map(|&k| indexes[k])
-                            .find(|&i| ids[i].as_deref().map(str::to_ascii_lowercase) == Some(id.clone()))
+                        group.iter().map(|&k| indexes[k]).find(|&i| {
+                            ids[i].as_deref().map(str::to_ascii_lowercase) == Some(id.clone())
+                        })
                     };
                     for result in &answer.results {
-                        let id = result.properties.get(&self.id_property).and_then(Value::as_str);
+                        let id = result
+                            .properties
+                            .get(&self.id_property)
+                            .and_then(Value::as_str);
                         if let Some(i) = index_of(result.trace.as_deref(), id) {
                             outcomes[i] = Some(Outcome::Delivered);
                         }
@@ -763,7 +766,10 @@ impl HubspotSink {
                             }
                         } else if error.is_endpoint_fault() {
                             Outcome::EndpointFailed {
-                                reason: format!("HubSpot refused a property of the mapping: {}", error.text()),
+                                reason: format!(
+                                    "HubSpot refused a property of the mapping: {}",
+                                    error.text()
+                                ),
                             }
                         } else {
                             Outcome::Rejected {
@@ -786,6 +792,10 @@ impl HubspotSink {
                 Finished::Done(Answer::BadRequest(error)) => {
                     if error.is_endpoint_fault() {
                         fail_rest(
+                                outcomes,
+                                indexes,
+                                &group,
+                                &mut queue,
                             Outcome::EndpointFailed {
                                 reason: format!("HubSpot refused the batch upsert (HTTP 400): {} (check sink.hubspot.id_property and fields)", error.text()),
                             },
@@ -795,7 +805,10 @@ impl HubspotSink {
                     }
                     if group.len() == 1 {
                         outcomes[indexes[group[0]]] = Some(Outcome::Rejected {
-                            reason: format!("HubSpot refused the contact (HTTP 400): {}", error.text()),
+                            reason: format!(
+                                "HubSpot refused the contact (HTTP 400): {}",
+                                error.text()
+                            ),
                         });
                         continue;
                     }
@@ -808,7 +821,10 @@ impl HubspotSink {
                     if !bad.is_empty() && !good.is_empty() {
                         for k in bad {
                             outcomes[indexes[k]] = Some(Outcome::Rejected {
-                                reason: format!("HubSpot refused the contact (HTTP 400): {}", error.text()),
+                                reason: format!(
+                                    "HubSpot refused the contact (HTTP 400): {}",
+                                    error.text()
+                                ),
                             });
                         }
                         queue.push(good);
@@ -818,15 +834,37 @@ impl HubspotSink {
                         queue.push(a.to_vec());
                     }
                 }
-                Finished::GaveUp { after, reason } => {
-                    fail_rest(Outcome::RetryLater { after, reason }, &mut queue)
-                }
-                Finished::Failed { reason } => {
-                    fail_rest(Outcome::EndpointFailed { reason }, &mut queue)
-                }
+                Finished::GaveUp { after, reason } => fail_rest(
+                    outcomes,
+                    indexes,
+                    &group,
+                    &mut queue,
+                    Outcome::RetryLater { after, reason },
+                ),
+                Finished::Failed { reason } => fail_rest(
+                    outcomes,
+                    indexes,
+                    &group,
+                    &mut queue,
+                    Outcome::EndpointFailed { reason },
+                ),
             }
         }
     }
+}
+
+/// Gives `outcome` to the leads of `group` and of every group still queued.
+fn fail_rest(
+    outcomes: &mut [Option<Outcome>],
+    indexes: &[usize],
+    group: &[usize],
+    queue: &mut Vec<Vec<usize>>,
+    outcome: Outcome,
+) {
+    for k in group.iter().chain(queue.iter().flatten()) {
+        outcomes[indexes[*k]] = Some(outcome.clone());
+    }
+    queue.clear();
 }
 
 #[async_trait::async_trait]
@@ -846,7 +884,10 @@ impl LeadSink for HubspotSink {
     /// A batch read of one id that cannot exist: proves the token, the read scope and
     /// that `id_property` is a unique property. Writes nothing.
     async fn healthcheck(&self) -> Result<(), SinkError> {
-        match self.read(&["healthcheck@leadsync.invalid".to_owned()]).await {
+        match self
+            .read(&["healthcheck@leadsync.invalid".to_owned()])
+            .await
+        {
             Ok(_) => Ok(()),
             Err(Outcome::RetryLater { reason, .. }) => Err(sink_error(format!(
                 "HubSpot is not reachable now: {reason}"
@@ -892,17 +933,32 @@ mod tests {
     fn the_lifecycle_stage_only_moves_forward() {
         assert!(lifecycle_moves_forward(None, "lead"));
         assert!(lifecycle_moves_forward(Some(""), "lead"));
-        assert!(lifecycle_moves_forward(Some("lead"), "marketingqualifiedlead"));
-        assert!(!lifecycle_moves_forward(Some("marketingqualifiedlead"), "lead"));
-        assert!(!lifecycle_moves_forward(Some("customer"), "marketingqualifiedlead"));
+        assert!(lifecycle_moves_forward(
+            Some("lead"),
+            "marketingqualifiedlead"
+        ));
+        assert!(!lifecycle_moves_forward(
+            Some("marketingqualifiedlead"),
+            "lead"
+        ));
+        assert!(!lifecycle_moves_forward(
+            Some("customer"),
+            "marketingqualifiedlead"
+        ));
         assert!(!lifecycle_moves_forward(Some("lead"), "lead"));
-        assert!(!lifecycle_moves_forward(Some("1234567"), "lead"), "custom stages are the admin's");
+        assert!(
+            !lifecycle_moves_forward(Some("1234567"), "lead"),
+            "custom stages are the admin's"
+        );
     }
 
     #[test]
     fn a_429_waits_as_hubspot_says() {
         let mut h = HeaderMap::new();
-        h.insert("x-hubspot-ratelimit-interval-milliseconds", "10000".parse().unwrap());
+        h.insert(
+            "x-hubspot-ratelimit-interval-milliseconds",
+            "10000".parse().unwrap(),
+        );
         assert_eq!(rate_limit_wait(&h, ""), Some(Duration::from_secs(10)));
         assert_eq!(
             rate_limit_wait(&h, r#"{"policyName":"DAILY"}"#),

@@ -133,7 +133,10 @@ impl MarketoSettings {
             return bad("client_id", "must not be empty");
         }
         if !is_field_name(&self.lookup_field) {
-            return bad("lookup_field", "must be a lead field's REST name, e.g. email");
+            return bad(
+                "lookup_field",
+                "must be a lead field's REST name, e.g. email",
+            );
         }
         if self.fields.is_empty() {
             return bad("fields", "must map at least one lead field");
@@ -153,7 +156,10 @@ impl MarketoSettings {
             }
         }
         if !self.opt_out_field.is_empty() && !is_field_name(&self.opt_out_field) {
-            return bad("opt_out_field", "must be a boolean lead field's REST name, or \"\"");
+            return bad(
+                "opt_out_field",
+                "must be a boolean lead field's REST name, or \"\"",
+            );
         }
         if self.request_timeout.is_zero() {
             return bad("request_timeout", "must be greater than zero");
@@ -385,7 +391,11 @@ impl MarketoSink {
 
     async fn forget(&self, token: &Token) {
         let mut slot = self.token.lock().await;
-        if slot.current.as_ref().is_some_and(|t| t.serial == token.serial) {
+        if slot
+            .current
+            .as_ref()
+            .is_some_and(|t| t.serial == token.serial)
+        {
             slot.current = None;
         }
     }
@@ -401,7 +411,12 @@ impl MarketoSink {
                 loop {
                     let token = match self.token().await {
                         Auth::Token(t) => t,
-                        Auth::Retry(reason) => return Step::Retry { after: None, reason },
+                        Auth::Retry(reason) => {
+                            return Step::Retry {
+                                after: None,
+                                reason,
+                            }
+                        }
                         Auth::Refused(reason) => return Step::Fail { reason },
                     };
                     let response = match self
@@ -416,7 +431,8 @@ impl MarketoSink {
                         Err(e) => {
                             return Step::Retry {
                                 after: None,
-                                reason: self.scrub(format!("Marketo request failed: {e}"), Some(&token)),
+                                reason: self
+                                    .scrub(format!("Marketo request failed: {e}"), Some(&token)),
                             }
                         }
                     };
@@ -424,9 +440,16 @@ impl MarketoSink {
                     let headers = response.headers().clone();
                     let text = self.scrub(response.text().await.unwrap_or_default(), Some(&token));
                     if !status.is_success() {
-                        let reason = format!("Marketo answered HTTP {}: {}", status.as_u16(), truncate(text.trim(), 300).0);
+                        let reason = format!(
+                            "Marketo answered HTTP {}: {}",
+                            status.as_u16(),
+                            truncate(text.trim(), 300).0
+                        );
                         return if is_transient_status(status) {
-                            Step::Retry { after: retry_after(&headers), reason }
+                            Step::Retry {
+                                after: retry_after(&headers),
+                                reason,
+                            }
                         } else {
                             Step::Fail { reason }
                         };
@@ -443,7 +466,10 @@ impl MarketoSink {
                     if answer.success {
                         if answer.result.len() != n {
                             return Step::Fail {
-                                reason: format!("Marketo returned {} results for {n} leads", answer.result.len()),
+                                reason: format!(
+                                    "Marketo returned {} results for {n} leads",
+                                    answer.result.len()
+                                ),
                             };
                         }
                         return Step::Done(answer.result);
@@ -453,17 +479,31 @@ impl MarketoSink {
                     if codes.iter().any(|c| matches!(*c, "601" | "602")) {
                         self.forget(&token).await;
                         if !refreshed {
-                            tracing::info!(sink = SINK, "Marketo access token invalid or expired; authenticating again.");
+                            tracing::info!(
+                                sink = SINK,
+                                "Marketo access token invalid or expired; authenticating again."
+                            );
                             refreshed = true;
                             continue;
                         }
-                        return Step::Fail { reason: format!("{reason} (with a fresh token)") };
+                        return Step::Fail {
+                            reason: format!("{reason} (with a fresh token)"),
+                        };
                     }
                     if codes.contains(&"607") {
-                        return Step::Retry { after: Some(DAILY_QUOTA_WAIT), reason };
+                        return Step::Retry {
+                            after: Some(DAILY_QUOTA_WAIT),
+                            reason,
+                        };
                     }
-                    if codes.iter().any(|c| matches!(*c, "604" | "606" | "608" | "611" | "615" | "713")) {
-                        return Step::Retry { after: None, reason };
+                    if codes
+                        .iter()
+                        .any(|c| matches!(*c, "604" | "606" | "608" | "611" | "615" | "713"))
+                    {
+                        return Step::Retry {
+                            after: None,
+                            reason,
+                        };
                     }
                     return Step::Fail { reason };
                 }
@@ -539,7 +579,10 @@ impl MarketoSink {
 /// A skipped record: refused for a reason of its own (1003, 1004, 1006, 1007, ...).
 fn record_outcome(r: &LeadResult) -> Outcome {
     let text = if r.reasons.is_empty() {
-        format!("Marketo skipped the lead (status {:?}) without a reason", r.status)
+        format!(
+            "Marketo skipped the lead (status {:?}) without a reason",
+            r.status
+        )
     } else {
         describe(&r.reasons)
     };
