@@ -20,8 +20,10 @@
 //! - 403 `MISSING_SCOPES`: the app lacks `crm.objects.contacts.write`/`read`.
 //! - limits ("API usage guidelines", https://developers.hubspot.com/docs/api/usage-details):
 //!   per private app about 190 requests per 10 s on Professional/Enterprise tiers,
-//!   100 per 10 s on Free/Starter; a daily cap per account by tier (250,000 to
-//!   1,000,000). A `429` carries `X-HubSpot-RateLimit-Max`, `-Remaining`,
+//!   100 per 10 s on Free/Starter (the older "APIs by tier" page said 150 for paid
+//!   tiers); a daily cap per account by tier (250,000 on Free/Starter, more on paid
+//!   tiers, 1,000,000 with the API add-on; it resets at midnight in the account's
+//!   time zone). A `429` carries `X-HubSpot-RateLimit-Max`, `-Remaining`,
 //!   `-Interval-Milliseconds` (and `-Daily`, `-Daily-Remaining` for private apps)
 //!   and a body whose `policyName` is `TEN_SECONDLY_ROLLING` or `DAILY`.
 //!
@@ -49,7 +51,8 @@ use crate::config::{RetrySettings, SecretSource};
 use crate::lead::Stage;
 
 const SINK: &str = "hubspot";
-/// "Batch endpoints are limited to 100 inputs per request" (CRM batch APIs).
+/// CRM batch endpoints take at most 100 inputs per request (HubSpot CRM API docs,
+/// batch operations); a larger batch is refused with a 400.
 pub const MAX_INPUTS_PER_REQUEST: usize = 100;
 const UPSERT_PATH: &str = "/crm/v3/objects/contacts/batch/upsert";
 const READ_PATH: &str = "/crm/v3/objects/contacts/batch/read";
