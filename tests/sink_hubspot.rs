@@ -65,7 +65,7 @@ fn error(status: StatusCode, category: &str, message: &str) -> Response {
 }
 
 fn authorised(headers: &HeaderMap) -> bool {
-    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {TOKEN}"))
+    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(format!("Bearer {TOKEN}").as_str())
 }
 
 fn too_many(body: &Value) -> Option<Response> {
@@ -603,9 +603,9 @@ fn the_example_config_parses_with_the_documented_defaults() {
         &std::collections::HashMap::new(),
     )
     .expect("the example is valid");
+    assert_eq!(settings.sink.batch_size(), 100);
     let hubspot = settings.sink.hubspot.expect("a [sink.hubspot] section");
     assert_eq!(hubspot.id_property, "email");
-    assert_eq!(settings.sink.batch_size(), 100);
 }
 
 // ---------------------------------------------------------------------------

@@ -469,9 +469,9 @@ fn the_example_config_parses() {
         &HashMap::new(),
     )
     .expect("the example is valid");
+    assert_eq!(settings.sink.batch_size(), 300);
     assert_eq!(
         settings.sink.marketo.expect("[sink.marketo]").lookup_field,
         "email"
     );
-    assert_eq!(settings.sink.batch_size(), 300);
 }

@@ -784,7 +784,7 @@ impl HubspotSink {
                             None => error
                                 .ids()
                                 .iter()
-                                .filter_map(|id| index_of(None, Some(id)))
+                                .filter_map(|id| index_of(None, Some(id.as_str())))
                                 .collect(),
                         };
                         for i in named {
@@ -816,7 +816,7 @@ impl HubspotSink {
                         continue;
                     }
                     let named: Vec<String> = error.ids();
-                    let (bad, good): (Vec<usize>, Vec<usize>) = group.iter().partition(|&&k| {
+                    let (bad, good): (Vec<usize>, Vec<usize>) = group.iter().copied().partition(|&k| {
                         ids[indexes[k]]
                             .as_deref()
                             .is_some_and(|id| named.contains(&id.to_ascii_lowercase()))
