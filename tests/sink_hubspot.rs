@@ -65,7 +65,8 @@ fn error(status: StatusCode, category: &str, message: &str) -> Response {
 }
 
 fn authorised(headers: &HeaderMap) -> bool {
-    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(format!("Bearer {TOKEN}").as_str())
+    headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(format!("Bearer {TOKEN}").as_str())
 }
 
 fn too_many(body: &Value) -> Option<Response> {

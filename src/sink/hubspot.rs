@@ -505,10 +505,11 @@ impl HubspotSink {
         // HubSpot property values are strings.
         for value in props.values_mut() {
             if !value.is_string() {
-                *value = Value::String(match value {
+                let text = match &*value {
                     Value::Bool(b) => b.to_string(),
                     other => other.to_string(),
-                });
+                };
+                *value = Value::String(text);
             }
         }
         props
@@ -802,7 +803,6 @@ impl HubspotSink {
                             Outcome::EndpointFailed {
                                 reason: format!("HubSpot refused the batch upsert (HTTP 400): {} (check sink.hubspot.id_property and fields)", error.text()),
                             },
-                            &mut queue,
                         );
                         continue;
                     }
@@ -816,11 +816,12 @@ impl HubspotSink {
                         continue;
                     }
                     let named: Vec<String> = error.ids();
-                    let (bad, good): (Vec<usize>, Vec<usize>) = group.iter().copied().partition(|&k| {
-                        ids[indexes[k]]
-                            .as_deref()
-                            .is_some_and(|id| named.contains(&id.to_ascii_lowercase()))
-                    });
+                    let (bad, good): (Vec<usize>, Vec<usize>) =
+                        group.iter().copied().partition(|&k| {
+                            ids[indexes[k]]
+                                .as_deref()
+                                .is_some_and(|id| named.contains(&id.to_ascii_lowercase()))
+                        });
                     if !bad.is_empty() && !good.is_empty() {
                         for k in bad {
                             outcomes[indexes[k]] = Some(Outcome::Rejected {
