@@ -41,6 +41,9 @@ const ORDER: [&str; 8] = [
 // ---------------------------------------------------------------------------
 // The fake
 
+/// A scripted answer: status, extra headers, body.
+type Scripted = (StatusCode, Vec<(&'static str, String)>, Value);
+
 #[derive(Default)]
 struct Crm {
     /// Contacts by lower-cased value of the id property used.
@@ -49,7 +52,7 @@ struct Crm {
     reads: Vec<Value>,
     upserts: Vec<Value>,
     /// Scripted answers to the next upsert requests.
-    faults: VecDeque<(StatusCode, Vec<(&'static str, String)>, Value)>,
+    faults: VecDeque<Scripted>,
     /// Ids refused per record in a 207.
     refuse: HashSet<String>,
 }
