@@ -11,6 +11,8 @@ use serde::Deserialize;
 
 use crate::sink::alert::{SlackSettings, TeamsSettings, Vendor};
 use crate::sink::dynamics::DynamicsSettings;
+use crate::sink::hubspot::HubspotSettings;
+use crate::sink::marketo::MarketoSettings;
 use crate::sink::salesforce::SalesforceSettings;
 use crate::sink::webhook::WebhookSettings;
 
@@ -256,6 +258,8 @@ pub enum SinkKind {
     Teams,
     /// An alert in a Slack channel (incoming webhook) per stage reached.
     Slack,
+    Hubspot,
+    Marketo,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,6 +283,10 @@ pub struct SinkSettings {
     pub teams: Option<TeamsSettings>,
     /// Required when `kind = "slack"`.
     pub slack: Option<SlackSettings>,
+    /// Required when `kind = "hubspot"`.
+    pub hubspot: Option<HubspotSettings>,
+    /// Required when `kind = "marketo"`.
+    pub marketo: Option<MarketoSettings>,
 }
 
 impl SinkSettings {
@@ -292,6 +300,10 @@ impl SinkSettings {
             SinkKind::Salesforce | SinkKind::Dynamics | SinkKind::Webhook => 200,
             // A batch is posted one message at a time, paced: keep it short.
             SinkKind::Teams | SinkKind::Slack => 50,
+            // A HubSpot batch holds at most 100 inputs.
+            SinkKind::Hubspot => 100,
+            // A Marketo leads.json call holds at most 300 leads.
+            SinkKind::Marketo => 300,
         })
     }
 }
@@ -307,6 +319,8 @@ impl Default for SinkSettings {
             webhook: None,
             teams: None,
             slack: None,
+            hubspot: None,
+            marketo: None,
         }
     }
 }
@@ -780,6 +794,14 @@ impl Settings {
             SinkKind::Slack => match &self.sink.slack {
                 Some(s) => s.validate(Vendor::Slack)?,
                 None => return missing("slack"),
+            },
+            SinkKind::Hubspot => match &self.sink.hubspot {
+                Some(s) => s.validate()?,
+                None => return missing("hubspot"),
+            },
+            SinkKind::Marketo => match &self.sink.marketo {
+                Some(s) => s.validate()?,
+                None => return missing("marketo"),
             },
         }
         if self.sink.jsonl.path.as_os_str().is_empty() {

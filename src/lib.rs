@@ -127,6 +127,12 @@ pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
         SinkKind::Slack => Arc::new(AlertSink::slack(
             s.slack.as_ref().ok_or_else(|| missing("slack"))?,
         )?),
+        SinkKind::Hubspot => Arc::new(crate::sink::HubspotSink::new(
+            s.hubspot.as_ref().ok_or_else(|| missing("hubspot"))?,
+        )?),
+        SinkKind::Marketo => Arc::new(crate::sink::MarketoSink::new(
+            s.marketo.as_ref().ok_or_else(|| missing("marketo"))?,
+        )?),
     })
 }
 

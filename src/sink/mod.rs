@@ -8,9 +8,11 @@ pub use crate::identity::CustomerLead;
 pub mod alert;
 pub mod dynamics;
 pub mod http;
+pub mod hubspot;
 mod json_line;
 pub mod jsonl;
 pub mod mapping;
+pub mod marketo;
 pub mod salesforce;
 pub mod slack;
 pub mod teams;
@@ -18,7 +20,9 @@ pub mod webhook;
 
 pub use alert::AlertSink;
 pub use dynamics::DynamicsSink;
+pub use hubspot::HubspotSink;
 pub use jsonl::JsonlSink;
+pub use marketo::MarketoSink;
 pub use salesforce::SalesforceSink;
 pub use webhook::WebhookSink;
 
