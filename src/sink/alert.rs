@@ -42,7 +42,8 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::http::{self, Finished, Step};
+pub use super::http::Verdict;
+use super::http::{self, status_text, Finished, Step};
 use super::mapping;
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
 use crate::config::{RetrySettings, SecretSource};
@@ -365,30 +366,6 @@ impl Alert<'_> {
     }
 }
 
-/// What one response means for the lead.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Delivered,
-    Retry {
-        after: Option<Duration>,
-        reason: String,
-    },
-    /// The webhook, not the lead, is wrong; the lead waits.
-    Endpoint {
-        reason: String,
-    },
-    Reject {
-        reason: String,
-    },
-}
-
-fn status_text(status: StatusCode) -> String {
-    match status.canonical_reason() {
-        Some(words) => format!("HTTP {} {words}", status.as_u16()),
-        None => format!("HTTP {}", status.as_u16()),
-    }
-}
-
 /// What a status means. Slack's incoming webhooks answer `200 ok`, or an error string
 /// as the body with a status (docs.slack.dev/messaging/sending-messages-using-incoming-webhooks,
 /// "Handling errors": 400 `invalid_payload`/`user_not_found`/`no_text`, 403
@@ -452,26 +429,6 @@ pub fn classify(
             ),
         }
     }
-}
-
-/// A transport error with its causes, without the URL (it is the secret).
-fn transport_reason(e: reqwest::Error, vendor: Vendor, timeout: Duration) -> String {
-    if e.is_timeout() {
-        return format!(
-            "no response within {} (sink.{}.request_timeout)",
-            humantime::format_duration(timeout),
-            vendor.name()
-        );
-    }
-    let e = e.without_url();
-    let mut reason = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        reason.push_str(": ");
-        reason.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    reason
 }
 
 /// A Teams or Slack alert sink.
@@ -605,7 +562,11 @@ impl AlertSink {
             Err(e) => {
                 return Step::Retry {
                     after: None,
-                    reason: self.scrub(transport_reason(e, self.vendor, self.request_timeout)),
+                    reason: self.scrub(http::transport_reason(
+                        e,
+                        self.request_timeout,
+                        &format!("sink.{}.request_timeout", self.vendor.name()),
+                    )),
                 }
             }
         };
@@ -619,12 +580,7 @@ impl AlertSink {
                 .await
                 .unwrap_or_else(|e| format!("(body unreadable: {})", e.without_url()))
         };
-        match classify(self.vendor, status, after, &self.scrub(text)) {
-            Verdict::Delivered => Step::Done(Ok(())),
-            Verdict::Endpoint { reason } => Step::Done(Err(reason)),
-            Verdict::Retry { after, reason } => Step::Retry { after, reason },
-            Verdict::Reject { reason } => Step::Fail { reason },
-        }
+        classify(self.vendor, status, after, &self.scrub(text)).step()
     }
 
     fn event_hash(alert: &Alert<'_>) -> u64 {
@@ -721,7 +677,11 @@ impl LeadSink for AlertSink {
                 error(format!(
                     "cannot reach {}: {}",
                     self.shown_url,
-                    self.scrub(transport_reason(e, self.vendor, self.request_timeout))
+                    self.scrub(http::transport_reason(
+                        e,
+                        self.request_timeout,
+                        &format!("sink.{}.request_timeout", self.vendor.name()),
+                    ))
                 ))
             })?;
         let status = response.status();

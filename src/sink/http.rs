@@ -85,6 +85,70 @@ pub fn retries_total() -> u64 {
     RETRIES.load(Ordering::Relaxed)
 }
 
+/// What one HTTP answer means for a lead, for the sinks that post one lead (or one
+/// message) per request: the webhook and the alert sinks.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    /// Transient: try again (after `after`, when the receiver said).
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// The endpoint, not the lead, is wrong: our credentials refused (401, 403), the
+    /// receiver gone (404, 410: a deleted flow, a changed URL), or a redirect. Nothing
+    /// is wrong with the lead, so it waits for the configuration to be fixed instead
+    /// of becoming a dead letter (`Outcome::EndpointFailed`).
+    Endpoint {
+        reason: String,
+    },
+    /// The receiver refuses this lead for good.
+    Reject {
+        reason: String,
+    },
+}
+
+impl Verdict {
+    /// The attempt's step for [`retrying`]: an endpoint failure ends the loop at once
+    /// (as `Done(Err(reason))`, for the sink to answer `EndpointFailed`).
+    pub fn step(self) -> Step<Result<(), String>> {
+        match self {
+            Verdict::Delivered => Step::Done(Ok(())),
+            Verdict::Endpoint { reason } => Step::Done(Err(reason)),
+            Verdict::Retry { after, reason } => Step::Retry { after, reason },
+            Verdict::Reject { reason } => Step::Fail { reason },
+        }
+    }
+}
+
+/// `HTTP 404 Not Found`, or `HTTP 599` for a status without a canonical reason.
+pub fn status_text(status: reqwest::StatusCode) -> String {
+    match status.canonical_reason() {
+        Some(words) => format!("HTTP {} {words}", status.as_u16()),
+        None => format!("HTTP {}", status.as_u16()),
+    }
+}
+
+/// A transport error with its causes, without the URL (its query or path may hold a
+/// credential); a timeout names `timeout_key`, the setting that bounds it.
+pub fn transport_reason(e: reqwest::Error, timeout: Duration, timeout_key: &str) -> String {
+    if e.is_timeout() {
+        return format!(
+            "no response within {} ({timeout_key})",
+            humantime::format_duration(timeout)
+        );
+    }
+    let e = e.without_url();
+    let mut reason = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        reason.push_str(": ");
+        reason.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    reason
+}
+
 /// The result of one attempt, as the sink classifies it.
 #[derive(Debug)]
 pub enum Step<T> {

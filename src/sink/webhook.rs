@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use super::http::{self, Finished, Step};
+use super::http::{self, status_text, Finished, Step, Verdict};
 use super::mapping::{self, LeadField};
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
 use crate::config::{RetrySettings, SecretSource};
@@ -325,35 +325,6 @@ fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     format!("sha256={}", hex(&mac.finalize().into_bytes()))
 }
 
-/// What one response means for the lead.
-#[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    Delivered,
-    /// Transient: try again (after `after`, when the receiver said).
-    Retry {
-        after: Option<Duration>,
-        reason: String,
-    },
-    /// The endpoint, not the lead, is wrong: our credentials refused (401, 403), the
-    /// receiver gone (404, 410: a deleted flow, a changed URL), or a redirect. Nothing
-    /// is wrong with the lead, so it waits for the configuration to be fixed instead
-    /// of becoming a dead letter.
-    Endpoint {
-        reason: String,
-    },
-    /// The receiver refuses this lead for good.
-    Reject {
-        reason: String,
-    },
-}
-
-fn status_text(status: StatusCode) -> String {
-    match status.canonical_reason() {
-        Some(words) => format!("HTTP {} {words}", status.as_u16()),
-        None => format!("HTTP {}", status.as_u16()),
-    }
-}
-
 /// The one place that says what a status means.
 fn classify(status: StatusCode, after: Option<Duration>, body: &str) -> Verdict {
     let quoted = if body.trim().is_empty() {
@@ -397,25 +368,6 @@ fn classify(status: StatusCode, after: Option<Duration>, body: &str) -> Verdict 
             ),
         }
     }
-}
-
-/// A transport error with its causes, without the URL (its query may hold a credential).
-fn transport_reason(e: reqwest::Error, timeout: Duration) -> String {
-    if e.is_timeout() {
-        return format!(
-            "no response within {} (sink.webhook.request_timeout)",
-            humantime::format_duration(timeout)
-        );
-    }
-    let e = e.without_url();
-    let mut reason = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        reason.push_str(": ");
-        reason.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    reason
 }
 
 /// The HTTPS endpoint sink.
@@ -575,7 +527,11 @@ impl WebhookSink {
             Err(e) => {
                 return Step::Retry {
                     after: None,
-                    reason: self.scrub(transport_reason(e, self.request_timeout)),
+                    reason: self.scrub(http::transport_reason(
+                        e,
+                        self.request_timeout,
+                        "sink.webhook.request_timeout",
+                    )),
                 }
             }
         };
@@ -589,12 +545,7 @@ impl WebhookSink {
                 .await
                 .unwrap_or_else(|e| format!("(body unreadable: {})", e.without_url()))
         };
-        match classify(status, after, &self.scrub(text)) {
-            Verdict::Delivered => Step::Done(Ok(())),
-            Verdict::Endpoint { reason } => Step::Done(Err(reason)),
-            Verdict::Retry { after, reason } => Step::Retry { after, reason },
-            Verdict::Reject { reason } => Step::Fail { reason },
-        }
+        classify(status, after, &self.scrub(text)).step()
     }
 
     async fn deliver_one(&self, lead: &CustomerLead) -> Outcome {
@@ -664,7 +615,11 @@ impl LeadSink for WebhookSink {
                 sink_error(format!(
                     "cannot reach {}: {}",
                     self.shown_url,
-                    self.scrub(transport_reason(e, self.request_timeout))
+                    self.scrub(http::transport_reason(
+                        e,
+                        self.request_timeout,
+                        "sink.webhook.request_timeout"
+                    ))
                 ))
             })?;
         let status = response.status();
