@@ -1028,10 +1028,8 @@ fn refused_message(outcome: &Outcome) -> &str {
 
 fn held_message(outcome: &Outcome) -> &str {
     match outcome {
-        Outcome::RetryLater {
-            after: Some(after),
-            reason,
-        } if *after == leadsync::sink::http::CREDENTIALS_REFUSED_WAIT => reason,
+        // An endpoint failure: the leads wait, the pipeline pauses the sink and says why.
+        Outcome::EndpointFailed { reason } => reason,
         other => panic!("expected the leads to wait for corrected credentials, got {other:?}"),
     }
 }

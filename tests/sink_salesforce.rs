@@ -872,7 +872,7 @@ async fn a_wrong_client_secret_holds_the_batch_saying_invalid_client_without_the
     assert_eq!(outcomes.len(), 2);
     for outcome in &outcomes {
         assert!(
-            matches!(outcome, Outcome::RetryLater { after: Some(a), .. } if *a == leadsync::sink::http::CREDENTIALS_REFUSED_WAIT),
+            matches!(outcome, Outcome::EndpointFailed { .. }),
             "the leads wait for corrected credentials: {outcome:?}"
         );
         let reason = reason(outcome);
@@ -928,7 +928,7 @@ async fn an_assertion_signed_with_a_key_the_org_does_not_know_is_refused_as_inva
     let outcomes = sink.deliver(&[lead(1)]).await;
 
     assert!(
-        matches!(&outcomes[..], [Outcome::RetryLater { after: Some(_), reason }] if reason.contains("invalid_grant") && reason.contains("jwt_bearer")),
+        matches!(&outcomes[..], [Outcome::EndpointFailed { reason }] if reason.contains("invalid_grant") && reason.contains("jwt_bearer")),
         "{outcomes:?}"
     );
     assert!(fake.patches().is_empty());

@@ -826,12 +826,7 @@ impl DynamicsSink {
                     Finished::GaveUp { after, reason } => {
                         return Err(Outcome::RetryLater { after, reason })
                     }
-                    Finished::Failed { reason } => {
-                        return Err(Outcome::RetryLater {
-                            after: Some(http::CREDENTIALS_REFUSED_WAIT),
-                            reason,
-                        })
-                    }
+                    Finished::Failed { reason } => return Err(Outcome::EndpointFailed { reason }),
                 };
                 if !answer.status.is_success() {
                     return Err(Outcome::EndpointFailed {
@@ -1137,8 +1132,7 @@ impl DynamicsSink {
                     outcomes.extend(pending.iter().map(|p| {
                         (
                             p.index,
-                            Outcome::RetryLater {
-                                after: Some(http::CREDENTIALS_REFUSED_WAIT),
+                            Outcome::EndpointFailed {
                                 reason: reason.clone(),
                             },
                         )
@@ -1569,13 +1563,7 @@ impl LeadSink for DynamicsSink {
             }
             Finished::Failed { reason } => {
                 tracing::error!(leads = batch.len(), %reason, "Entra ID refused the Dataverse credentials; the leads wait until they are corrected.");
-                return vec![
-                    Outcome::RetryLater {
-                        after: Some(http::CREDENTIALS_REFUSED_WAIT),
-                        reason
-                    };
-                    batch.len()
-                ];
+                return vec![Outcome::EndpointFailed { reason }; batch.len()];
             }
         }
         let mut keys = Vec::new();

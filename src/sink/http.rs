@@ -72,12 +72,6 @@ pub fn is_transient_status(status: reqwest::StatusCode) -> bool {
         || status.is_server_error()
 }
 
-/// How long a sink waits after the CRM's identity provider refused its credentials.
-/// The leads wait in state (the checkpoint holds, the follow-up clock runs) instead of
-/// being dead-lettered: a rotated secret is fixed by the operator, and delivery then
-/// resumes by itself.
-pub const CREDENTIALS_REFUSED_WAIT: Duration = Duration::from_secs(300);
-
 static RETRIES: AtomicU64 = AtomicU64::new(0);
 
 /// CRM requests retried by [`retrying`] since the process started (for metrics).

@@ -1165,10 +1165,9 @@ impl SalesforceSink {
                             // A config problem, not a lead problem: the leads wait in state
                             // (no dead letters) until the credentials are corrected.
                             tracing::error!(sink = SINK, %reason, "Salesforce refused the credentials; the leads wait until they are corrected.");
-                            return Step::Retry {
-                                after: Some(super::http::CREDENTIALS_REFUSED_WAIT),
-                                reason,
-                            };
+                            // An endpoint failure: the pipeline pauses the sink and says
+                            // why in /readyz and the metrics until the login works.
+                            return Step::Fail { reason };
                         }
                     };
                     let (status, headers, text) =
