@@ -10,6 +10,7 @@ mod procinfo;
 mod proxy;
 mod seed;
 mod suite;
+mod webhook;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,14 @@ enum Command {
     RawRead {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// The webhook sink against a receiver answering in 100 ms, 5% in 3 s: requests
+    /// per second against `parallelism / 0.245 s`; prints a JSON summary.
+    WebhookThroughput {
+        #[arg(long, default_value_t = 400)]
+        leads: usize,
+        #[arg(long, default_value_t = 4)]
+        parallelism: usize,
     },
     /// Child: leadsync's own CLI, `leadsync --config FILE run` (stops on SIGTERM).
     Daemon {
@@ -82,6 +91,15 @@ async fn run() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::WebhookThroughput { leads, parallelism } => {
+            match webhook::run(leads, parallelism).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("leadsync-bench webhook-throughput: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Daemon { config } => {
             let cli = leadsync::cli::Cli::parse_from([
                 "leadsync".into(),
