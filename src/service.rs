@@ -60,8 +60,6 @@ pub struct Metrics {
     endpoint_failures: Mutex<std::collections::BTreeMap<String, String>>,
     /// Unix seconds of the last poll that completed without error.
     last_ok_poll: AtomicI64,
-    /// Unix seconds of the last sign of progress (a page, a poll, an idle tick).
-    last_progress: AtomicI64,
     last_summary: Mutex<Option<PollSummary>>,
     retries_seen: AtomicU64,
     /// The row key of the last marketplace test lead seen (for `leadsync check`).
@@ -173,7 +171,6 @@ impl Default for Metrics {
             api_limit_pauses,
             api_limit_pauses_seen: AtomicU64::new(0),
             last_ok_poll: AtomicI64::new(0),
-            last_progress: AtomicI64::new(now()),
             last_summary: Mutex::new(None),
             retries_seen: AtomicU64::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
@@ -183,9 +180,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records that the daemon is making progress (fed to the systemd watchdog).
+    /// Records that the daemon is making progress (fed to the systemd watchdog through
+    /// the process-wide heartbeat, `progress`, which the sinks and retry loops beat too).
     pub fn touch(&self) {
-        self.last_progress.store(now(), Ordering::Relaxed);
         crate::progress::beat();
     }
 
@@ -246,7 +243,6 @@ impl Metrics {
     fn alive(&self, period: Duration) -> bool {
         !self.polling.load(Ordering::Relaxed)
             || crate::progress::since_last().is_some_and(|since| since <= period)
-            || self.seconds_since_progress() <= period.as_secs() as i64
     }
 
     pub fn observe_sink_call(&self, sink: &str, took: Duration) {
@@ -309,10 +305,6 @@ impl Metrics {
     pub fn ready(&self, window: Duration) -> bool {
         let last = self.last_ok_poll.load(Ordering::Relaxed);
         last > 0 && now() - last <= window.as_secs() as i64
-    }
-
-    fn seconds_since_progress(&self) -> i64 {
-        now() - self.last_progress.load(Ordering::Relaxed)
     }
 }
 
@@ -446,7 +438,7 @@ pub mod systemd {
                     send(&[NotifyState::Watchdog]);
                 } else {
                     tracing::error!(
-                        stalled_s = metrics.seconds_since_progress(),
+                        stalled_s = crate::progress::since_last().map(|s| s.as_secs()),
                         "No progress within the watchdog period; letting systemd restart leadsync."
                     );
                 }
