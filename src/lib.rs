@@ -165,6 +165,9 @@ pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
     })
 }
 
+/// The longest pause between two rounds of retention.
+const RETENTION_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// `host:pid:random`, unique per process.
 fn lease_owner() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -349,6 +352,14 @@ pub async fn run_pipeline(
     let mut notified_ready = false;
     let owner = lease_owner();
     let ttl = settings.state.lease_ttl;
+    // Retention resumes at every poll while a round is under way; a finished round
+    // waits a tenth of the retention (at most 10 minutes): the data it removes is days
+    // old, and each step reads state (a query per partition on the table backend).
+    let retention_pause = settings
+        .state
+        .retention
+        .map_or(RETENTION_PAUSE_MAX, |r| (r / 10).min(RETENTION_PAUSE_MAX));
+    let mut retention_due = std::time::Instant::now();
     let mut interval = tokio::time::interval(settings.run.poll_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -404,8 +415,17 @@ pub async fn run_pipeline(
         }
         // state.retention: a bounded step per poll, while the lease is held.
         if let (Ok(summary), false) = (&result, poll_cancel.is_cancelled()) {
-            let (retention, overlap) = (settings.state.retention, settings.source.overlap);
-            personal::retain(&*pipeline.state, retention, overlap, summary.checkpoint).await;
+            if std::time::Instant::now() >= retention_due {
+                let (retention, overlap) = (settings.state.retention, settings.source.overlap);
+                let complete =
+                    personal::retain(&*pipeline.state, retention, overlap, summary.checkpoint)
+                        .await;
+                let now = std::time::Instant::now();
+                retention_due = match complete {
+                    true => now + retention_pause,
+                    false => now,
+                };
+            }
         }
         metrics.set_polling(false);
         renewer.0.abort();

@@ -238,18 +238,21 @@ pub fn retention_cutoff(
 
 /// One poll's share of retention, run by the daemon after a poll that succeeded: at
 /// most [`RETENTION_STEP`] records of each list looked at, resuming where the last
-/// poll stopped. A failure is logged; the next poll tries again.
+/// poll stopped. A failure is logged; the next poll tries again. Returns whether a
+/// round over every list has ended (nothing to resume at the next poll).
 pub async fn retain(
     state: &dyn StateStore,
     retention: Option<Duration>,
     overlap: Duration,
     checkpoint: Option<OffsetDateTime>,
-) {
+) -> bool {
     let Some(before) = retention_cutoff(retention, overlap, checkpoint, OffsetDateTime::now_utc())
     else {
-        return;
+        return true;
     };
-    match state.prune_older_than(before, RETENTION_STEP).await {
+    let result = state.prune_older_than(before, RETENTION_STEP).await;
+    let complete = result.as_ref().map_or(true, |pruned| pruned.complete);
+    match result {
         Ok(pruned) if pruned.removed() > 0 => tracing::info!(
             customers = pruned.customers,
             dead_letters = pruned.dead_letters,
@@ -264,6 +267,7 @@ pub async fn retain(
             tracing::warn!(error = %e, "Cannot remove lead data older than state.retention; trying again after the next poll.")
         }
     }
+    complete
 }
 
 /// Everything the state holds about a person.
