@@ -5,24 +5,18 @@
 //! [`state`] settlements and checkpoint, driven by [`pipeline`].
 
 mod alloc;
-pub mod azure_auth;
-pub mod check;
 pub mod cli;
 pub mod config;
-pub mod export;
 pub mod identity;
 pub mod lead;
-pub mod personal;
 pub mod pipeline;
 pub mod private_fs;
 pub mod progress;
 pub mod retry;
-pub mod row;
 pub mod service;
 pub mod sink;
 pub mod source;
 pub mod state;
-pub mod state_table;
 pub mod telemetry;
 pub mod timestamp;
 
@@ -143,7 +137,7 @@ pub fn open_state(settings: &Settings) -> Result<Arc<dyn StateStore>, StateError
             RedbStore::open(&settings.state.dir)?
                 .with_summary_template(&settings.identity.summary_template),
         ),
-        StateBackend::Table => state_table::open(&settings.source, &settings.state)?,
+        StateBackend::Table => state::table::open(&settings.source, &settings.state)?,
     })
 }
 
@@ -417,9 +411,13 @@ pub async fn run_pipeline(
         if let (Ok(summary), false) = (&result, poll_cancel.is_cancelled()) {
             if std::time::Instant::now() >= retention_due {
                 let (retention, overlap) = (settings.state.retention, settings.source.overlap);
-                let complete =
-                    personal::retain(&*pipeline.state, retention, overlap, summary.checkpoint)
-                        .await;
+                let complete = state::personal::retain(
+                    &*pipeline.state,
+                    retention,
+                    overlap,
+                    summary.checkpoint,
+                )
+                .await;
                 let now = std::time::Instant::now();
                 retention_due = match complete {
                     true => now + retention_pause,

@@ -13,8 +13,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use azure_core::auth::TokenCredential;
-use leadsync::azure_auth::{ManagedIdentityCredential, ManagedIdentityEndpoint};
 use leadsync::config::Settings;
+use leadsync::source::auth::{ManagedIdentityCredential, ManagedIdentityEndpoint};
 use leadsync::source::TableSource;
 
 /// A token request the fake saw: its form fields and headers.

@@ -13,7 +13,8 @@ async fn check_reports_a_reachable_table_with_leads_and_a_healthy_sink() {
     let world = World::new().await;
     world.insert(&many_rows(2, 1)).await;
 
-    let report = leadsync::check::check(&world.settings(), false, Duration::from_secs(1)).await;
+    let report =
+        leadsync::cli::check::check(&world.settings(), false, Duration::from_secs(1)).await;
 
     assert!(report.ok(), "{}", report.render());
     let text = report.render();
@@ -66,7 +67,7 @@ async fn a_test_lead_sent_by_check_is_handled_by_the_running_daemon() {
         })
     };
 
-    let report = leadsync::check::check(&settings, true, Duration::from_secs(20)).await;
+    let report = leadsync::cli::check::check(&settings, true, Duration::from_secs(20)).await;
     cancel.cancel();
     daemon.await.unwrap().unwrap();
 

@@ -148,7 +148,7 @@ fn table_config(world: &World) -> std::path::PathBuf {
 /// Takes the processing lease in the configured state table, as another leadsync would.
 async fn hold_lease(config: &std::path::Path, owner: &str) -> std::sync::Arc<dyn StateStore> {
     let settings = Settings::load(config).unwrap();
-    let store = leadsync::state_table::open(&settings.source, &settings.state).unwrap();
+    let store = leadsync::state::table::open(&settings.source, &settings.state).unwrap();
     let lease = store
         .acquire_lease(owner, Duration::from_secs(60))
         .await

@@ -298,9 +298,15 @@ async fn leads_without_email_use_the_fallback_key_or_are_held_and_exported() {
     );
     let state = RedbStore::open(&world.state_dir()).unwrap();
     let mut out = Vec::new();
-    let n = leadsync::export::export(&state, leadsync::export::Format::Csv, None, true, &mut out)
-        .await
-        .unwrap();
+    let n = leadsync::cli::export::export(
+        &state,
+        leadsync::cli::export::Format::Csv,
+        None,
+        true,
+        &mut out,
+    )
+    .await
+    .unwrap();
     let csv = String::from_utf8(out).unwrap();
     // The store keeps a hash of the summary; the export rebuilds the text delivered.
     let delivered = sink

@@ -736,8 +736,8 @@ fn customer_at(n: usize, at: time::OffsetDateTime) -> leadsync::identity::Custom
     let mut columns = lead_row("p", &format!("c{n}"), INS, customer(n));
     columns.remove("PartitionKey");
     columns.remove("RowKey");
-    let row = leadsync::row::RawRow {
-        id: leadsync::row::RowId::new("p", format!("c{n}")),
+    let row = leadsync::source::row::RawRow {
+        id: leadsync::source::row::RowId::new("p", format!("c{n}")),
         etag: format!("W/\"{n}\""),
         timestamp: at,
         columns,
@@ -785,7 +785,7 @@ async fn a_stores_retention_step_is_bounded_resumes_and_removes_exactly_the_olde
         };
         let rejected = |rk: &str, at| Settlement {
             row: RowVersion {
-                id: leadsync::row::RowId::new("p", rk),
+                id: leadsync::source::row::RowId::new("p", rk),
                 etag: format!("W/\"{rk}\""),
                 timestamp: at,
             },
@@ -811,7 +811,7 @@ async fn a_stores_retention_step_is_bounded_resumes_and_removes_exactly_the_olde
         state.set_checkpoint(now).await.unwrap();
         let handled = state.handled_len().await.unwrap();
 
-        let mut total = leadsync::personal::Pruned::default();
+        let mut total = leadsync::state::personal::Pruned::default();
         let mut calls = 0;
         loop {
             let step = state.prune_older_than(before, 1).await.unwrap();

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use common::{customer, lead_row, many_rows, Backend, World};
 use leadsync::pipeline::{Pipeline, PollError};
-use leadsync::row::RowId;
 use leadsync::sink::{CustomerLead, JsonlSink, LeadSink, Outcome, SinkError};
+use leadsync::source::row::RowId;
 use leadsync::state::{RowVersion, SettleBatch, Settled, Settlement, StateStore};
 use leadsync::{build_pipeline, RunOptions};
 use serde_json::json;

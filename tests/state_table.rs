@@ -14,13 +14,14 @@ use futures::StreamExt;
 use leadsync::config::{IdentitySettings, Settings};
 use leadsync::identity::{CustomerKey, CustomerState};
 use leadsync::lead::normalise;
-use leadsync::row::{RawRow, RowId};
 use leadsync::sink::{CustomerLead, LeadSink, Outcome, SinkError};
+use leadsync::source::row::{RawRow, RowId};
+use leadsync::state::table as state_table;
 use leadsync::state::{
     DeadLetter, Lease, RowVersion, SettleBatch, Settled, Settlement, StateStore,
 };
 use leadsync::timestamp::parse;
-use leadsync::{state_table, RunOptions};
+use leadsync::RunOptions;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use leadsync::config::Settings;
-use leadsync::row::RawRow;
+use leadsync::source::row::RawRow;
 use leadsync::source::{Continuation, TableSource};
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;

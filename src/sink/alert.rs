@@ -696,7 +696,7 @@ impl LeadSink for AlertSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::row::RowId;
+    use crate::source::row::RowId;
     use time::macros::datetime;
 
     fn entry(rk: &str, action: &str, stage: Stage, offer: &str) -> HistoryEntry {

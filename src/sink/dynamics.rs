@@ -1859,7 +1859,7 @@ mod tests {
     use crate::config::IdentitySettings;
     use crate::identity::{customer_key, CustomerState};
     use crate::lead::normalise;
-    use crate::row::{RawRow, RowId};
+    use crate::source::row::{RawRow, RowId};
     use serde_json::json;
 
     const SECRET: &str = "s3cr3t-client-value";

@@ -233,7 +233,7 @@ mod tests {
     use super::*;
     use crate::identity::OfferInterest;
     use crate::lead::{Email, Stage};
-    use crate::row::RowId;
+    use crate::source::row::RowId;
     use proptest::prelude::*;
 
     fn line(lead: &CustomerLead) -> Vec<u8> {

@@ -647,7 +647,7 @@ mod tests {
     use crate::config::IdentitySettings;
     use crate::identity::{CustomerKey, CustomerState};
     use crate::lead::normalise;
-    use crate::row::{RawRow, RowId};
+    use crate::source::row::{RawRow, RowId};
     use serde_json::json;
 
     fn lead(customer: serde_json::Value, lead_sources: &[&str]) -> CustomerLead {

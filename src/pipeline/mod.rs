@@ -25,8 +25,8 @@ use std::collections::BTreeMap;
 use crate::config::{DoNotContactPolicy, IdentitySettings, PolicySettings, TestLeadPolicy};
 use crate::identity::{customer_key, CustomerKey, CustomerLead, CustomerState, Unidentifiable};
 use crate::lead::{normalise, LeadEvent, Rejection};
-use crate::row::RawRow;
 use crate::sink::{LeadSink, Outcome};
+use crate::source::row::RawRow;
 use crate::source::{Continuation, MalformedEntity, SourceError, TableSource};
 use crate::state::{
     Continued, DeadLetter, RowVersion, SettleBatch, Settled, Settlement, StateError, StateStore,
@@ -123,7 +123,7 @@ pub struct Memory {
     sink_paused_until: std::sync::Mutex<Option<Instant>>,
     /// Endpoint-level failures in a row (see [`Pipeline::endpoint_health`]).
     endpoint_failures: std::sync::Mutex<u32>,
-    warned_overdue: std::sync::Mutex<std::collections::HashSet<crate::row::RowId>>,
+    warned_overdue: std::sync::Mutex<std::collections::HashSet<crate::source::row::RowId>>,
 }
 
 /// How a poll reads.

@@ -1,5 +1,8 @@
 //! The command line: what `main` parses and runs.
 
+pub mod check;
+pub mod export;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -7,8 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LogFormat, Settings, DEFAULT_CONFIG_PATH};
-use crate::personal::Person;
 use crate::pipeline::PollError;
+use crate::state::personal::Person;
 use crate::state::RecordedRow;
 
 /// Exit code when leadsync cannot start (config, state file, credentials).
@@ -86,7 +89,7 @@ pub enum Command {
     /// Write the merged customers as CSV or JSON lines (to stdout, or --output).
     Export {
         #[arg(long, value_enum, default_value = "csv")]
-        format: crate::export::Format,
+        format: crate::cli::export::Format,
         /// Only customers seen at or after this RFC 3339 time (e.g. 2024-05-01T00:00:00Z).
         #[arg(long, value_parser = parse_time)]
         since: Option<time::OffsetDateTime>,
@@ -181,7 +184,7 @@ pub async fn main(cli: Cli) -> ExitCode {
             send_test_lead,
             wait,
         } => {
-            let report = crate::check::check(&settings, send_test_lead, wait).await;
+            let report = crate::cli::check::check(&settings, send_test_lead, wait).await;
             print!("{}", report.render());
             if report.ok() {
                 ExitCode::SUCCESS
@@ -246,11 +249,11 @@ fn output_or_stdout(output: &Option<PathBuf>) -> Result<Box<dyn std::io::Write>,
 /// `leadsync export --email|--key`: the access export of one person.
 async fn access_export(
     settings: &Settings,
-    format: crate::export::Format,
+    format: crate::cli::export::Format,
     mut person: Person,
     output: Option<PathBuf>,
 ) -> ExitCode {
-    if format != crate::export::Format::Jsonl {
+    if format != crate::cli::export::Format::Jsonl {
         eprintln!("leadsync: export --email/--key writes JSON lines: add --format jsonl");
         return ExitCode::from(EXIT_START_FAILED);
     }
@@ -261,8 +264,8 @@ async fn access_export(
             return ExitCode::from(state_failed(&e));
         }
     };
-    let found = match crate::personal::resolve(store.as_ref(), &mut person).await {
-        Ok(()) => crate::personal::find(store.as_ref(), &person).await,
+    let found = match crate::state::personal::resolve(store.as_ref(), &mut person).await {
+        Ok(()) => crate::state::personal::find(store.as_ref(), &person).await,
         Err(e) => Err(e),
     };
     let found = match found {
@@ -276,7 +279,7 @@ async fn access_export(
         Ok(out) => out,
         Err(code) => return code,
     };
-    match crate::personal::write_access_export(&found, &mut out)
+    match crate::state::personal::write_access_export(&found, &mut out)
         .and_then(|n| out.flush().map(|()| n))
     {
         Ok(n) => {
@@ -408,8 +411,8 @@ async fn forget(settings: &Settings, mut person: Person, table_rows: bool) -> Ex
 async fn forget_in(
     store: &dyn crate::state::StateStore,
     person: &mut Person,
-) -> Result<crate::personal::Forgotten, crate::state::StateError> {
-    crate::personal::resolve(store, person).await?;
+) -> Result<crate::state::personal::Forgotten, crate::state::StateError> {
+    crate::state::personal::resolve(store, person).await?;
     store.forget(person).await
 }
 
@@ -547,7 +550,7 @@ async fn list_rows(settings: &Settings, which: RowsArg) -> ExitCode {
 
 async fn export(
     settings: &Settings,
-    format: crate::export::Format,
+    format: crate::cli::export::Format,
     since: Option<time::OffsetDateTime>,
     include_held: bool,
     output: Option<PathBuf>,
@@ -574,7 +577,7 @@ async fn export(
             }
         },
     };
-    match crate::export::export(store.as_ref(), format, since, include_held, &mut out).await {
+    match crate::cli::export::export(store.as_ref(), format, since, include_held, &mut out).await {
         Ok(n) => {
             if let Err(e) = out.flush() {
                 eprintln!("leadsync: cannot write the export: {e}");

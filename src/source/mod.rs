@@ -5,6 +5,9 @@
 //! happens at partition boundaries. So every page is followed to the end, one page at
 //! a time, and a failed page is retried from its own continuation, not from the start.
 
+pub mod auth;
+pub mod row;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{RetrySettings, SourceSettings};
 use crate::retry::{with_backoff, GaveUp};
-use crate::row::{RawRow, RowId};
+use crate::source::row::{RawRow, RowId};
 use crate::timestamp;
 
 /// Failures of the table source. Each says which request or row.
@@ -267,7 +270,7 @@ impl TableSource {
     }
 
     /// Deletes the row (`leadsync forget --table-rows`): `Ok(false)` when it was gone already.
-    pub async fn delete_row(&self, row: &crate::row::RowId) -> Result<bool, SourceError> {
+    pub async fn delete_row(&self, row: &crate::source::row::RowId) -> Result<bool, SourceError> {
         let cancel = CancellationToken::new();
         let client = self
             .table
@@ -700,7 +703,7 @@ fn location_and_credentials(
             .map_err(|e| setup("source.account_key", e.to_string()))?;
         StorageCredentials::access_key(account.clone(), key.expose_secret().to_owned())
     } else if let Some(kind) = s.identity {
-        let credential = crate::azure_auth::credential(
+        let credential = crate::source::auth::credential(
             kind,
             s.identity_client_id.clone(),
             s.identity_endpoint.clone(),

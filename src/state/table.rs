@@ -62,10 +62,10 @@ use time::OffsetDateTime;
 
 use crate::config::{RetrySettings, SourceSettings, StateSettings};
 use crate::identity::CustomerState;
-use crate::personal::{Forgotten, Person, Pruned, Walk};
 use crate::retry::{with_backoff, GaveUp};
-use crate::row::RowId;
+use crate::source::row::RowId;
 use crate::source::{describe, error_code, is_transient, status_of};
+use crate::state::personal::{Forgotten, Person, Pruned, Walk};
 use crate::state::{
     DeadLetter, Lease, RecordedRow, RowVersion, SettleBatch, Settled, StateError, StateStore,
 };
@@ -1579,7 +1579,7 @@ impl StateStore for TableStore {
             if !person.is(&customer.lead) {
                 continue;
             }
-            let history = crate::personal::history_versions(&customer.lead.history);
+            let history = crate::state::personal::history_versions(&customer.lead.history);
             forgotten.marked_handled += self.mark_handled(OP, &history).await?;
             forgotten.add_source_rows(customer.lead.history.iter().map(|h| &h.row));
             forgotten.customers.push(customer.lead.log_key());

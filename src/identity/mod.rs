@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 
 use crate::config::{ExternalKeyForm, FallbackKey, IdentitySettings};
 use crate::lead::{Action, Customer, Email, LeadEvent, Stage};
-use crate::row::RowId;
+use crate::source::row::RowId;
 use crate::timestamp::{self, serde_ticks};
 
 /// Who a lead is about.
@@ -561,7 +561,7 @@ struct StoredCustomer<S, M = S> {
 struct StoredEntry<S> {
     partition_key: S,
     row_key: S,
-    /// `None`: the standard ETag of `timestamp` ([`crate::row::standard_etag`]).
+    /// `None`: the standard ETag of `timestamp` ([`crate::source::row::standard_etag`]).
     etag: Option<S>,
     timestamp: i64,
     action: S,
@@ -644,7 +644,7 @@ impl CustomerState {
                 .map(|h| StoredEntry {
                     partition_key: h.row.partition_key.as_str(),
                     row_key: h.row.row_key.as_str(),
-                    etag: (!crate::row::is_standard_etag(&h.etag, h.timestamp))
+                    etag: (!crate::source::row::is_standard_etag(&h.etag, h.timestamp))
                         .then_some(h.etag.as_str()),
                     timestamp: timestamp::to_ticks(h.timestamp),
                     action: h.action.as_str(),
@@ -697,7 +697,7 @@ impl CustomerState {
                     row: RowId::new(h.partition_key, h.row_key),
                     etag: h
                         .etag
-                        .unwrap_or_else(|| crate::row::standard_etag(timestamp)),
+                        .unwrap_or_else(|| crate::source::row::standard_etag(timestamp)),
                     timestamp,
                     action: h.action,
                     source: h.source,
@@ -908,7 +908,7 @@ fn write_offers(lead: &CustomerLead, out: &mut String) {
 mod tests {
     use super::*;
     use crate::lead::normalise;
-    use crate::row::RawRow;
+    use crate::source::row::RawRow;
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -1317,7 +1317,7 @@ mod tests {
                 .into_iter()
                 .map(|(mut e, standard)| {
                     if standard {
-                        e.etag = crate::row::standard_etag(e.timestamp);
+                        e.etag = crate::source::row::standard_etag(e.timestamp);
                     }
                     e
                 })
@@ -1378,7 +1378,7 @@ mod tests {
 mod summary_tests {
     use super::*;
     use crate::lead::normalise;
-    use crate::row::RawRow;
+    use crate::source::row::RawRow;
     use serde_json::json;
     fn ev(rk: &str, ts: &str, ls: &str, c: serde_json::Value) -> LeadEvent {
         let mut columns = serde_json::Map::new();

@@ -5,6 +5,9 @@
 //! [`StateStore`] is the boundary; [`RedbStore`] keeps it all in one file under the
 //! state directory. A table-backed store for jobs without a disk can implement the same trait.
 
+pub mod personal;
+pub mod table;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,8 +18,8 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::identity::{CustomerState, SummaryForm};
-use crate::personal::{Forgotten, Person, Pruned, Walk};
-use crate::row::RowId;
+use crate::source::row::RowId;
+use crate::state::personal::{Forgotten, Person, Pruned, Walk};
 use crate::timestamp::serde_ticks;
 
 /// Failures of the state store.
@@ -297,7 +300,7 @@ pub trait StateStore: Send + Sync {
     async fn rejected(&self) -> Result<Vec<RecordedRow>, StateError>;
     /// Rows skipped by policy.
     async fn skipped(&self) -> Result<Vec<RecordedRow>, StateError>;
-    /// Removes everything this store holds about `person` (see [`crate::personal`]):
+    /// Removes everything this store holds about `person` (see [`crate::state::personal`]):
     /// their merged customer, their dead letters, and the rejected, skipped and
     /// unidentifiable rows about them. The rows of the customer's history are first
     /// marked handled (a marker is a row's keys and version, no personal data), so that
@@ -311,7 +314,7 @@ pub trait StateStore: Send + Sync {
     /// call's, and removes customers last seen before `before`, dead letters refused
     /// before it and recorded rows stamped before it. Handled markers and the
     /// checkpoint are not touched. Callers hold the processing lease and keep `before`
-    /// before the overlap window ([`crate::personal::retention_cutoff`]).
+    /// before the overlap window ([`crate::state::personal::retention_cutoff`]).
     async fn prune_older_than(
         &self,
         _before: OffsetDateTime,
@@ -799,7 +802,7 @@ impl RedbStore {
             // customer's history is the marker.
             let mut handled = txn.open_table(HANDLED).map_err(io(OP))?;
             for (key, customer) in &found {
-                for version in crate::personal::history_versions(&customer.lead.history) {
+                for version in crate::state::personal::history_versions(&customer.lead.history) {
                     let row = (
                         version.id.partition_key.as_bytes(),
                         version.id.row_key.as_bytes(),
@@ -1051,8 +1054,8 @@ const SUMMARY_HASHED: u8 = 3;
 /// A handled row's record: `(ETag, Timestamp ticks)`, the ETag `None` when it is the
 /// service's standard one for the Timestamp: at most 12 bytes instead of about 80.
 fn encode_handled(row: &RowVersion) -> Vec<u8> {
-    let etag =
-        (!crate::row::is_standard_etag(&row.etag, row.timestamp)).then_some(row.etag.as_str());
+    let etag = (!crate::source::row::is_standard_etag(&row.etag, row.timestamp))
+        .then_some(row.etag.as_str());
     let record: (Option<&str>, i64) = (etag, crate::timestamp::to_ticks(row.timestamp));
     postcard::to_extend(&record, vec![STORED]).expect("handled rows serialise to postcard")
 }
@@ -1070,7 +1073,7 @@ impl Handled {
     fn has_etag(&self, etag: &str) -> bool {
         match &self.etag {
             Some(stored) => stored == etag,
-            None => crate::row::is_standard_etag(etag, self.timestamp),
+            None => crate::source::row::is_standard_etag(etag, self.timestamp),
         }
     }
 }
@@ -1776,7 +1779,7 @@ mod tests {
         use crate::identity::CustomerKey;
         let email = format!("{name}@fabrikam.com");
         let info = serde_json::json!({ "FirstName": "Ana", "Email": email }).to_string();
-        let row = crate::row::RawRow {
+        let row = crate::source::row::RawRow {
             id: RowId::new("p", "r1"),
             etag: "W/1".into(),
             timestamp: parse("2024-05-01T10:00:00.1234567Z").unwrap(),
@@ -2151,7 +2154,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
         let ts = "2024-05-01T10:00:00.1234567Z";
-        let standard = crate::row::standard_etag(parse(ts).unwrap());
+        let standard = crate::source::row::standard_etag(parse(ts).unwrap());
         let rows = [
             version("standard", &standard, ts),
             version("other", "W/\"opaque-1\"", ts),
@@ -2190,7 +2193,9 @@ mod tests {
         let changed: Vec<RowVersion> = all
             .iter()
             .map(|r| RowVersion {
-                etag: crate::row::standard_etag(parse("2024-05-01T10:00:00.1234568Z").unwrap()),
+                etag: crate::source::row::standard_etag(
+                    parse("2024-05-01T10:00:00.1234568Z").unwrap(),
+                ),
                 ..r.clone()
             })
             .collect();

@@ -228,7 +228,7 @@ impl Metrics {
     }
 
     /// Remembers the last marketplace test lead seen.
-    pub fn saw_test_lead(&self, row: &crate::row::RowId) {
+    pub fn saw_test_lead(&self, row: &crate::source::row::RowId) {
         *self.last_test_lead.lock().expect("not poisoned") = Some(row.row_key.clone());
     }
 

@@ -20,7 +20,7 @@ use serde_json::Value;
 use smallvec::SmallVec;
 use time::OffsetDateTime;
 
-use crate::row::{RawRow, RowId};
+use crate::source::row::{RawRow, RowId};
 use crate::source::Key;
 
 /// The marker the marketplace puts in every field of the lead it sends when an

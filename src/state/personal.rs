@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::identity::{CustomerLead, CustomerState, HistoryEntry};
-use crate::row::RowId;
+use crate::source::row::RowId;
 use crate::state::{DeadLetter, RecordedRow, RowVersion, StateError, StateStore};
 
 /// Who an access or erasure request is about.

@@ -238,7 +238,7 @@ async fn handled(settings: &Settings, http: &reqwest::Client, row_key: &str) -> 
         StateBackend::File => RedbStore::open(&settings.state.dir)
             .ok()
             .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn StateStore>),
-        StateBackend::Table => crate::state_table::open(&settings.source, &settings.state).ok(),
+        StateBackend::Table => crate::state::table::open(&settings.source, &settings.state).ok(),
     };
     let Some(store) = store else { return false };
     let mut rows = store.skipped().await.unwrap_or_default();
