@@ -2,19 +2,25 @@
 //! validated before any I/O.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::sink::alert::{SlackSettings, TeamsSettings, Vendor};
-use crate::sink::dynamics::DynamicsSettings;
-use crate::sink::hubspot::HubspotSettings;
-use crate::sink::marketo::MarketoSettings;
-use crate::sink::salesforce::SalesforceSettings;
-use crate::sink::webhook::WebhookSettings;
+// Each part of the settings lives with the code it configures; this module puts them
+// together, loads and validates them. Re-exported so that `config::X` names every type.
+pub use crate::identity::{
+    ExternalKeyForm, FallbackKey, IdentitySettings, DEFAULT_SUMMARY_TEMPLATE,
+};
+pub use crate::pipeline::policy::{DoNotContactPolicy, PolicySettings, TestLeadPolicy};
+pub use crate::retry::RetrySettings;
+pub use crate::secret::{SecretError, SecretSource};
+pub use crate::service::MetricsSettings;
+use crate::sink::alert::Vendor;
+pub use crate::sink::{JsonlSettings, SinkKind, SinkSettings};
+pub use crate::source::{IdentityKind, SourceSettings};
+pub use crate::state::{StateBackend, StateSettings};
+pub use crate::telemetry::{LogFormat, LogSettings};
 
 /// Where the daemon looks for its file when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/leadsync/leadsync.toml";
@@ -42,8 +48,8 @@ pub enum ConfigError {
         message: String,
     },
     /// A secret named by the config could not be read.
-    #[error("config key `{key}`: {message}")]
-    Secret { key: String, message: String },
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 /// The whole settings tree.
@@ -75,395 +81,6 @@ pub struct Settings {
     pub metrics: MetricsSettings,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsSettings {
-    /// Address to listen on, e.g. "127.0.0.1:9464"; unset (the default) = no listener.
-    pub listen: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceSettings {
-    /// Table name. The marketplace has always used `MarketplaceLeads`, but never documented it.
-    #[serde(default = "default_table")]
-    pub table: String,
-    /// A full storage connection string (`UseDevelopmentStorage=true` works too).
-    pub connection_string: Option<SecretSource>,
-    /// Storage account name, with `account_key` or `sas_token`.
-    pub account: Option<String>,
-    /// Storage account key.
-    pub account_key: Option<SecretSource>,
-    /// Shared access signature (query string, with or without the leading `?`).
-    pub sas_token: Option<SecretSource>,
-    /// Entra ID instead of a key: "managed_identity", "workload_identity" or "azure_cli"
-    /// (needs `account` and the "Storage Table Data Contributor" role).
-    pub identity: Option<IdentityKind>,
-    /// Client id of a user-assigned managed identity (unset: the system-assigned one).
-    pub identity_client_id: Option<String>,
-    /// Managed-identity token endpoint override (default: `IDENTITY_ENDPOINT` when the
-    /// platform sets it, else the VM metadata service).
-    pub identity_endpoint: Option<String>,
-    /// Table endpoint URL, for sovereign clouds or emulators (default: the public cloud URL of `account`).
-    pub endpoint: Option<String>,
-    /// Look-back window re-read on every poll, because Timestamps are not ordered across partitions.
-    #[serde(default = "default_overlap", with = "humantime_serde")]
-    pub overlap: Duration,
-    /// Entities per page requested from the service (the service caps it at 1000).
-    #[serde(default = "default_page_size")]
-    pub page_size: u32,
-    /// Timeout of one request to the table service.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// Retries of one page request on timeouts, 5xx and throttling.
-    #[serde(default)]
-    pub retry: RetrySettings,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IdentityKind {
-    ManagedIdentity,
-    WorkloadIdentity,
-    AzureCli,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetrySettings {
-    /// Attempts per request before the poll gives up (and the next poll tries again).
-    #[serde(default = "default_attempts")]
-    pub max_attempts: u32,
-    /// First back-off; doubles per attempt, with full jitter.
-    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
-    pub initial_backoff: Duration,
-    /// Cap of one back-off.
-    #[serde(default = "default_max_backoff", with = "humantime_serde")]
-    pub max_backoff: Duration,
-}
-
-impl RetrySettings {
-    /// Checks the retry settings found under `prefix` (e.g. `sink.webhook.retry`).
-    pub fn validate(&self, prefix: &str) -> Result<(), (String, String)> {
-        let bad = |key: &str, why: String| Err((format!("{prefix}.{key}"), why));
-        if self.max_attempts == 0 {
-            return bad("max_attempts", "must be at least 1".into());
-        }
-        if self.initial_backoff.is_zero() {
-            return bad("initial_backoff", "must be greater than zero".into());
-        }
-        if self.max_backoff < self.initial_backoff {
-            return bad(
-                "max_backoff",
-                format!("must not be smaller than {prefix}.initial_backoff"),
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Default for RetrySettings {
-    fn default() -> Self {
-        Self {
-            max_attempts: default_attempts(),
-            initial_backoff: default_initial_backoff(),
-            max_backoff: default_max_backoff(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StateBackend {
-    /// One local file under `state.dir` (a VM with a disk).
-    File,
-    /// A table in the same storage account (jobs without a durable disk).
-    Table,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StateSettings {
-    /// Where state lives.
-    #[serde(default = "default_state_backend")]
-    pub backend: StateBackend,
-    /// Directory of the state file `leadsync.redb` (backend "file").
-    #[serde(default = "default_state_dir")]
-    pub dir: PathBuf,
-    /// State table in the source's storage account (backend "table").
-    #[serde(default = "default_state_table")]
-    pub table: String,
-    /// How long a processing lease lasts without renewal (backend "table"); a holder
-    /// that dies loses it after this long.
-    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
-    pub lease_ttl: Duration,
-    /// How long lead data is kept (`"forever"`: `None`): a customer not seen for this
-    /// long, and rejected, skipped and unidentifiable rows and dead letters older than
-    /// this, are removed by the daemon, a bounded amount per poll.
-    #[serde(default = "default_retention", deserialize_with = "retention")]
-    pub retention: Option<Duration>,
-}
-
-impl Default for StateSettings {
-    fn default() -> Self {
-        Self {
-            backend: default_state_backend(),
-            dir: default_state_dir(),
-            table: default_state_table(),
-            lease_ttl: default_lease_ttl(),
-            retention: default_retention(),
-        }
-    }
-}
-
-/// 400 days: a year of a customer's silence plus a month, so that a customer who comes
-/// back yearly (a renewal, a yearly trial) is still the same customer to leadsync.
-fn default_retention() -> Option<Duration> {
-    Some(Duration::from_secs(400 * 24 * 3600))
-}
-
-/// `"forever"`, or a duration such as `"400d"`.
-fn retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = String::deserialize(d)?;
-    if text.trim() == "forever" {
-        return Ok(None);
-    }
-    humantime::parse_duration(text.trim())
-        .map(Some)
-        .map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{e}: state.retention is a duration such as \"400d\", or \"forever\""
-            ))
-        })
-}
-
-fn default_state_backend() -> StateBackend {
-    StateBackend::File
-}
-fn default_state_table() -> String {
-    "LeadsyncState".into()
-}
-fn default_lease_ttl() -> Duration {
-    Duration::from_secs(60)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SinkKind {
-    Jsonl,
-    Salesforce,
-    Dynamics,
-    Webhook,
-    /// An alert in a Microsoft Teams channel (Workflows webhook) per stage reached.
-    Teams,
-    /// An alert in a Slack channel (incoming webhook) per stage reached.
-    Slack,
-    Hubspot,
-    Marketo,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SinkSettings {
-    /// Which sink receives leads.
-    #[serde(default = "default_sink_kind")]
-    pub kind: SinkKind,
-    /// Leads per delivery call; unset: [`SinkSettings::batch_size`] picks by sink.
-    #[serde(default)]
-    pub batch_size: Option<usize>,
-    #[serde(default)]
-    pub jsonl: JsonlSettings,
-    /// Required when `kind = "salesforce"`.
-    pub salesforce: Option<SalesforceSettings>,
-    /// Required when `kind = "dynamics"`.
-    pub dynamics: Option<DynamicsSettings>,
-    /// Required when `kind = "webhook"`.
-    pub webhook: Option<WebhookSettings>,
-    /// Required when `kind = "teams"`.
-    pub teams: Option<TeamsSettings>,
-    /// Required when `kind = "slack"`.
-    pub slack: Option<SlackSettings>,
-    /// Required when `kind = "hubspot"`.
-    pub hubspot: Option<HubspotSettings>,
-    /// Required when `kind = "marketo"`.
-    pub marketo: Option<MarketoSettings>,
-}
-
-impl SinkSettings {
-    /// Leads per delivery call: `batch_size` if set, else 200 for the CRM and webhook
-    /// sinks (a Salesforce sObject Collections request holds at most 200), and 1,000 (a
-    /// full table page) for JSONL, which has no per-call limit and syncs the file once
-    /// per call.
-    pub fn batch_size(&self) -> usize {
-        self.batch_size.unwrap_or(match self.kind {
-            SinkKind::Jsonl => 1000,
-            SinkKind::Salesforce | SinkKind::Dynamics | SinkKind::Webhook => 200,
-            // A batch is posted one message at a time, paced: keep it short.
-            SinkKind::Teams | SinkKind::Slack => 50,
-            // A HubSpot batch holds at most 100 inputs.
-            SinkKind::Hubspot => 100,
-            // A Marketo leads.json call holds at most 300 leads.
-            SinkKind::Marketo => 300,
-        })
-    }
-}
-
-impl Default for SinkSettings {
-    fn default() -> Self {
-        Self {
-            kind: default_sink_kind(),
-            batch_size: None,
-            jsonl: JsonlSettings::default(),
-            salesforce: None,
-            dynamics: None,
-            webhook: None,
-            teams: None,
-            slack: None,
-            hubspot: None,
-            marketo: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonlSettings {
-    /// File to append one JSON object per lead to; `-` is standard output.
-    #[serde(default = "default_jsonl_path")]
-    pub path: PathBuf,
-}
-
-impl Default for JsonlSettings {
-    fn default() -> Self {
-        Self {
-            path: default_jsonl_path(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TestLeadPolicy {
-    /// Record and log the test lead, do not deliver it.
-    Skip,
-    /// Deliver it like any other lead.
-    Deliver,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DoNotContactPolicy {
-    /// Record it, do not deliver it.
-    Skip,
-    /// Deliver it with the do-not-contact flag set.
-    Flag,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicySettings {
-    #[serde(default = "default_test_lead_policy")]
-    pub test_leads: TestLeadPolicy,
-    #[serde(default = "default_dnc_policy")]
-    pub do_not_contact: DoNotContactPolicy,
-}
-
-impl Default for PolicySettings {
-    fn default() -> Self {
-        Self {
-            test_leads: default_test_lead_policy(),
-            do_not_contact: default_dnc_policy(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FallbackKey {
-    /// Normalised name plus company and/or phone digits, when present.
-    NameCompanyPhone,
-    /// Leads without an email are held as unidentifiable.
-    None,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExternalKeyForm {
-    /// `ls-` + 20 hex digits of SHA-256 of the customer key: no personal data in the key.
-    Hash,
-    /// The normalised email itself (fallback-keyed customers still get the hash).
-    Email,
-}
-
-/// The default follow-up text; see `identity::summarise` for the placeholders.
-pub const DEFAULT_SUMMARY_TEMPLATE: &str =
-    "{name} ({company}), stage: {stage}, interested in {offers}.\n{history}\nNext step: {next_step}";
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdentitySettings {
-    /// The customer key of a lead without an email.
-    #[serde(default = "default_fallback")]
-    pub fallback: FallbackKey,
-    /// The form of the key sinks upsert on.
-    #[serde(default = "default_external_key")]
-    pub external_key: ExternalKeyForm,
-    /// The follow-up summary sent as the CRM description.
-    #[serde(default = "default_summary_template")]
-    pub summary_template: String,
-}
-
-impl Default for IdentitySettings {
-    fn default() -> Self {
-        Self {
-            fallback: default_fallback(),
-            external_key: default_external_key(),
-            summary_template: default_summary_template(),
-        }
-    }
-}
-
-fn default_fallback() -> FallbackKey {
-    FallbackKey::NameCompanyPhone
-}
-fn default_external_key() -> ExternalKeyForm {
-    ExternalKeyForm::Hash
-}
-fn default_summary_template() -> String {
-    DEFAULT_SUMMARY_TEMPLATE.into()
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogSettings {
-    #[serde(default = "default_log_format")]
-    pub format: LogFormat,
-    /// A `tracing` filter, e.g. `info` or `leadsync=debug,info`. `RUST_LOG` overrides it.
-    #[serde(default = "default_log_level")]
-    pub level: String,
-    /// Let email addresses through to the logs (debugging a mapping, say); off by
-    /// default: leadsync masks every address in a log line as `[email]`.
-    #[serde(default)]
-    pub personal_data: bool,
-}
-
-impl Default for LogSettings {
-    fn default() -> Self {
-        Self {
-            format: default_log_format(),
-            level: default_log_level(),
-            personal_data: false,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunSettings {
@@ -489,48 +106,6 @@ impl Default for RunSettings {
     }
 }
 
-fn default_table() -> String {
-    "MarketplaceLeads".into()
-}
-fn default_overlap() -> Duration {
-    Duration::from_secs(15 * 60)
-}
-fn default_page_size() -> u32 {
-    1000
-}
-fn default_request_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_attempts() -> u32 {
-    6
-}
-fn default_initial_backoff() -> Duration {
-    Duration::from_millis(500)
-}
-fn default_max_backoff() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_state_dir() -> PathBuf {
-    PathBuf::from("/var/lib/leadsync")
-}
-fn default_sink_kind() -> SinkKind {
-    SinkKind::Jsonl
-}
-fn default_jsonl_path() -> PathBuf {
-    PathBuf::from("-")
-}
-fn default_test_lead_policy() -> TestLeadPolicy {
-    TestLeadPolicy::Skip
-}
-fn default_dnc_policy() -> DoNotContactPolicy {
-    DoNotContactPolicy::Skip
-}
-fn default_log_format() -> LogFormat {
-    LogFormat::Text
-}
-fn default_log_level() -> String {
-    "info".into()
-}
 fn default_poll_interval() -> Duration {
     Duration::from_secs(30)
 }
@@ -539,65 +114,6 @@ fn default_follow_up_warning() -> Duration {
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(20)
-}
-
-/// A secret named in the config: read from a variable, a file, a systemd credential, or given inline.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum SecretSource {
-    /// The name of an environment variable holding the secret.
-    Env(String),
-    /// A file whose content (trimmed) is the secret.
-    File(PathBuf),
-    /// A systemd credential name, read from `$CREDENTIALS_DIRECTORY/<name>`.
-    Credential(String),
-    /// The secret itself (prefer the others: config files get copied around).
-    Value(SecretString),
-}
-
-impl fmt::Debug for SecretSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Env(name) => write!(f, "Env({name:?})"),
-            Self::File(path) => write!(f, "File({path:?})"),
-            Self::Credential(name) => write!(f, "Credential({name:?})"),
-            Self::Value(_) => f.write_str("Value([redacted])"),
-        }
-    }
-}
-
-impl SecretSource {
-    /// Reads the secret. `key` names the config key in errors; the secret never appears in them.
-    pub fn resolve(&self, key: &str) -> Result<SecretString, ConfigError> {
-        let err = |message: String| ConfigError::Secret {
-            key: key.to_owned(),
-            message,
-        };
-        let value = match self {
-            Self::Value(secret) => secret.expose_secret().to_owned(),
-            Self::Env(name) => std::env::var(name)
-                .map_err(|_| err(format!("environment variable {name} is not set")))?,
-            Self::File(path) => read_secret_file(path).map_err(err)?,
-            Self::Credential(name) => {
-                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
-                    err(format!(
-                        "credential {name:?} requested but CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)"
-                    ))
-                })?;
-                read_secret_file(&Path::new(&dir).join(name)).map_err(err)?
-            }
-        };
-        let value = value.trim().to_owned();
-        if value.is_empty() {
-            return Err(err("the secret is empty".into()));
-        }
-        Ok(SecretString::from(value))
-    }
-}
-
-fn read_secret_file(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))
 }
 
 impl Settings {

@@ -1,13 +1,12 @@
 //! Back-off shared by every retry loop: capped exponential with full jitter, and the
 //! loop itself for storage requests.
 
+use serde::Deserialize;
 use std::future::Future;
 use std::time::Duration;
 
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
-
-use crate::config::RetrySettings;
 
 /// Why [`with_backoff`] gave up.
 #[derive(Debug)]
@@ -73,6 +72,60 @@ pub fn backoff(retry: u32, initial: Duration, max: Duration, rng: &mut impl Rng)
         .min(max);
     let ceiling_ms = ceiling.as_millis().min(u64::MAX as u128) as u64;
     Duration::from_millis(rng.gen_range(0..=ceiling_ms))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Attempts per request before the poll gives up (and the next poll tries again).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// First back-off; doubles per attempt, with full jitter.
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Cap of one back-off.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl RetrySettings {
+    /// Checks the retry settings found under `prefix` (e.g. `sink.webhook.retry`).
+    pub fn validate(&self, prefix: &str) -> Result<(), (String, String)> {
+        let bad = |key: &str, why: String| Err((format!("{prefix}.{key}"), why));
+        if self.max_attempts == 0 {
+            return bad("max_attempts", "must be at least 1".into());
+        }
+        if self.initial_backoff.is_zero() {
+            return bad("initial_backoff", "must be greater than zero".into());
+        }
+        if self.max_backoff < self.initial_backoff {
+            return bad(
+                "max_backoff",
+                format!("must not be smaller than {prefix}.initial_backoff"),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+fn default_attempts() -> u32 {
+    6
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[cfg(test)]

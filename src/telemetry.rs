@@ -1,9 +1,8 @@
 //! The tracing subscriber, built once. Logs go to stderr: stdout may be the JSONL sink.
 
+use serde::Deserialize;
 use tracing_subscriber::filter::ParseError;
 use tracing_subscriber::EnvFilter;
-
-use crate::config::LogFormat;
 
 /// Crates whose debug and trace events carry credentials: azure_core logs every
 /// request's URL (with a SAS token's `sig`) and its `Authorization` header (a SharedKey
@@ -124,6 +123,44 @@ pub fn mask_emails(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `leadsync=debug,info`. `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// Let email addresses through to the logs (debugging a mapping, say); off by
+    /// default: leadsync masks every address in a log line as `[email]`.
+    #[serde(default)]
+    pub personal_data: bool,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            level: default_log_level(),
+            personal_data: false,
+        }
+    }
+}
+
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_log_level() -> String {
+    "info".into()
 }
 
 #[cfg(test)]

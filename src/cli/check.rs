@@ -148,7 +148,7 @@ pub async fn check(settings: &Settings, send_test_lead: bool, wait: Duration) ->
     };
     report.push(state_detail.0, "state", state_detail.1);
 
-    match crate::build_sink(settings) {
+    match crate::daemon::build_sink(settings) {
         Ok(sink) => match sink.healthcheck().await {
             Ok(()) => report.push(
                 true,

@@ -257,7 +257,7 @@ async fn access_export(
         eprintln!("leadsync: export --email/--key writes JSON lines: add --format jsonl");
         return ExitCode::from(EXIT_START_FAILED);
     }
-    let store = match crate::open_state(settings) {
+    let store = match crate::daemon::open_state(settings) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("leadsync: {e}");
@@ -326,16 +326,18 @@ async fn forget(settings: &Settings, mut person: Person, table_rows: bool) -> Ex
             forgotten
         }
         crate::config::StateBackend::Table => {
-            let store = match crate::open_state(settings) {
+            let store = match crate::daemon::open_state(settings) {
                 Ok(store) => store,
                 Err(e) => {
                     eprintln!("leadsync: {e}");
                     return ExitCode::from(state_failed(&e));
                 }
             };
-            let hold = match crate::LeaseHold::take(store.clone(), settings.state.lease_ttl).await {
-                Ok(crate::Holding::Held(hold)) => hold,
-                Ok(crate::Holding::HeldBy { owner, until }) => {
+            let hold = match crate::daemon::LeaseHold::take(store.clone(), settings.state.lease_ttl)
+                .await
+            {
+                Ok(crate::daemon::Holding::Held(hold)) => hold,
+                Ok(crate::daemon::Holding::HeldBy { owner, until }) => {
                     eprintln!("leadsync: {}", lease_held(&owner, until));
                     return ExitCode::from(EXIT_LEASE_HELD);
                 }
@@ -420,7 +422,7 @@ async fn run(settings: &Settings, once: bool) -> ExitCode {
     let cancel = CancellationToken::new();
     let grace = settings.run.shutdown_grace;
     tokio::spawn(watch_signals(cancel.clone(), grace));
-    match crate::run(settings, crate::RunOptions { once }, cancel).await {
+    match crate::daemon::run(settings, crate::daemon::RunOptions { once }, cancel).await {
         Ok(report) => {
             if let (true, Some((holder, until))) = (once, &report.lease_holder) {
                 eprintln!("leadsync: {}", lease_held(holder, *until));
@@ -463,9 +465,9 @@ fn lease_held(holder: &str, until: time::OffsetDateTime) -> String {
 }
 
 /// [`EXIT_LEASE_HELD`] when the state file is locked by another leadsync, else [`EXIT_START_FAILED`].
-fn start_failed(e: &crate::StartError) -> u8 {
+fn start_failed(e: &crate::daemon::StartError) -> u8 {
     match e {
-        crate::StartError::State(e) => state_failed(e),
+        crate::daemon::StartError::State(e) => state_failed(e),
         _ => EXIT_START_FAILED,
     }
 }
@@ -482,10 +484,10 @@ fn state_failed(e: &crate::state::StateError) -> u8 {
 async fn take_lease(
     settings: &Settings,
     pipeline: &crate::pipeline::Pipeline,
-) -> Result<crate::LeaseHold, ExitCode> {
-    match crate::LeaseHold::take(pipeline.state.clone(), settings.state.lease_ttl).await {
-        Ok(crate::Holding::Held(hold)) => Ok(hold),
-        Ok(crate::Holding::HeldBy { owner, until }) => {
+) -> Result<crate::daemon::LeaseHold, ExitCode> {
+    match crate::daemon::LeaseHold::take(pipeline.state.clone(), settings.state.lease_ttl).await {
+        Ok(crate::daemon::Holding::Held(hold)) => Ok(hold),
+        Ok(crate::daemon::Holding::HeldBy { owner, until }) => {
             tracing::info!(holder = %owner, until = %crate::timestamp::format(until), "Another leadsync holds the processing lease; not starting.");
             eprintln!("leadsync: {}", lease_held(&owner, until));
             Err(ExitCode::from(EXIT_LEASE_HELD))
@@ -519,7 +521,7 @@ async fn shutdown_signal() {
 }
 
 async fn list_rows(settings: &Settings, which: RowsArg) -> ExitCode {
-    let store = match crate::open_state(settings) {
+    let store = match crate::daemon::open_state(settings) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("leadsync: {e}");
@@ -555,7 +557,7 @@ async fn export(
     include_held: bool,
     output: Option<PathBuf>,
 ) -> ExitCode {
-    let store = match crate::open_state(settings) {
+    let store = match crate::daemon::open_state(settings) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("leadsync: {e}");
@@ -594,7 +596,7 @@ async fn export(
 }
 
 fn pipeline_or_exit(settings: &Settings) -> Result<crate::pipeline::Pipeline, ExitCode> {
-    crate::build_pipeline(settings).map_err(|e| {
+    crate::daemon::build_pipeline(settings).map_err(|e| {
         eprintln!("leadsync: {e}");
         ExitCode::from(start_failed(&e))
     })

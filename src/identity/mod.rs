@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::config::{ExternalKeyForm, FallbackKey, IdentitySettings};
 use crate::lead::{Action, Customer, Email, LeadEvent, Stage};
 use crate::source::row::RowId;
 use crate::timestamp::{self, serde_ticks};
@@ -904,6 +903,62 @@ fn write_offers(lead: &CustomerLead, out: &mut String) {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackKey {
+    /// Normalised name plus company and/or phone digits, when present.
+    NameCompanyPhone,
+    /// Leads without an email are held as unidentifiable.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExternalKeyForm {
+    /// `ls-` + 20 hex digits of SHA-256 of the customer key: no personal data in the key.
+    Hash,
+    /// The normalised email itself (fallback-keyed customers still get the hash).
+    Email,
+}
+
+/// The default follow-up text; see `identity::summarise` for the placeholders.
+pub const DEFAULT_SUMMARY_TEMPLATE: &str =
+    "{name} ({company}), stage: {stage}, interested in {offers}.\n{history}\nNext step: {next_step}";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// The customer key of a lead without an email.
+    #[serde(default = "default_fallback")]
+    pub fallback: FallbackKey,
+    /// The form of the key sinks upsert on.
+    #[serde(default = "default_external_key")]
+    pub external_key: ExternalKeyForm,
+    /// The follow-up summary sent as the CRM description.
+    #[serde(default = "default_summary_template")]
+    pub summary_template: String,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            fallback: default_fallback(),
+            external_key: default_external_key(),
+            summary_template: default_summary_template(),
+        }
+    }
+}
+
+fn default_fallback() -> FallbackKey {
+    FallbackKey::NameCompanyPhone
+}
+fn default_external_key() -> ExternalKeyForm {
+    ExternalKeyForm::Hash
+}
+fn default_summary_template() -> String {
+    DEFAULT_SUMMARY_TEMPLATE.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1421,7 +1476,7 @@ mod summary_tests {
     fn summary(events: &[LeadEvent], template: &str) -> String {
         let key = customer_key(
             &events[0].customer,
-            crate::config::FallbackKey::NameCompanyPhone,
+            crate::identity::FallbackKey::NameCompanyPhone,
         )
         .unwrap();
         let settings = IdentitySettings {

@@ -14,6 +14,9 @@
 //!   is in its customer's history (committed with its outcome), where the merge
 //!   recognises it. The table store remembers delivered rows too.
 
+pub mod metrics;
+pub mod policy;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,17 +25,18 @@ use tokio_util::sync::CancellationToken;
 
 use std::collections::BTreeMap;
 
-use crate::config::{DoNotContactPolicy, IdentitySettings, PolicySettings, TestLeadPolicy};
+use crate::identity::IdentitySettings;
 use crate::identity::{customer_key, CustomerKey, CustomerLead, CustomerState, Unidentifiable};
 use crate::lead::{normalise, LeadEvent, Rejection};
+use crate::pipeline::policy::{DoNotContactPolicy, PolicySettings, TestLeadPolicy};
 use crate::sink::{LeadSink, Outcome};
 use crate::source::row::RawRow;
 use crate::source::{Continuation, MalformedEntity, SourceError, TableSource};
 use crate::state::{
     Continued, DeadLetter, RowVersion, SettleBatch, Settled, Settlement, StateError, StateStore,
 };
+use crate::task::AbortOnDrop;
 use crate::timestamp;
-use crate::AbortOnDrop;
 
 /// The first pause after an endpoint-level failure; it doubles with each one in a row.
 const ENDPOINT_BACKOFF_FIRST: Duration = Duration::from_secs(30);
@@ -119,7 +123,7 @@ pub struct Pipeline {
 #[derive(Debug, Default)]
 pub struct Memory {
     /// Counters and liveness shared with the metrics listener and the watchdog.
-    pub metrics: Arc<crate::service::Metrics>,
+    pub metrics: Arc<metrics::Metrics>,
     sink_paused_until: std::sync::Mutex<Option<Instant>>,
     /// Endpoint-level failures in a row (see [`Pipeline::endpoint_health`]).
     endpoint_failures: std::sync::Mutex<u32>,

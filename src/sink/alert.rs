@@ -46,9 +46,10 @@ pub use super::http::Verdict;
 use super::http::{self, status_text, Finished, Step};
 use super::mapping;
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
-use crate::config::{RetrySettings, SecretSource};
 use crate::identity::{action_label, stage_label, HistoryEntry};
 use crate::lead::Stage;
+use crate::retry::RetrySettings;
+use crate::secret::SecretSource;
 
 /// How much of an error response a reason quotes.
 const BODY_SNIPPET_CHARS: usize = 300;

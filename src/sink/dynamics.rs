@@ -51,7 +51,8 @@ use tracing::Instrument;
 use super::http::{self, Finished, Step};
 use super::mapping::{self, LeadField, OwnedFields, WriteMode};
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
-use crate::config::{RetrySettings, SecretSource};
+use crate::retry::RetrySettings;
+use crate::secret::SecretSource;
 
 const SINK: &str = "dynamics";
 /// The entity set of the `lead` table in the Web API.
@@ -1856,7 +1857,7 @@ fn classify(status: StatusCode, after: Option<Duration>, body: &str) -> Step<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::IdentitySettings;
+    use crate::identity::IdentitySettings;
     use crate::identity::{customer_key, CustomerState};
     use crate::lead::normalise;
     use crate::source::row::{RawRow, RowId};

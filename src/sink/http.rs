@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 
-use crate::config::RetrySettings;
 use crate::retry::backoff;
+use crate::retry::RetrySettings;
 
 /// Builds the HTTP client of a sink: rustls, a timeout on every request, our user agent.
 pub fn client(timeout: Duration) -> Result<reqwest::Client, String> {

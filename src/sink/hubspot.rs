@@ -47,8 +47,9 @@ use serde_json::{json, Map, Value};
 use super::http::{check_url, client, is_transient_status, retry_after, retrying, Finished, Step};
 use super::mapping::{crm_value_is_empty, owned_fields, truncate, LeadField, WriteMode};
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
-use crate::config::{RetrySettings, SecretSource};
 use crate::lead::Stage;
+use crate::retry::RetrySettings;
+use crate::secret::SecretSource;
 
 const SINK: &str = "hubspot";
 /// CRM batch endpoints take at most 100 inputs per request (HubSpot CRM API docs,

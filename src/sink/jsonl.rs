@@ -241,7 +241,7 @@ impl JsonlSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::IdentitySettings;
+    use crate::identity::IdentitySettings;
     use crate::identity::{CustomerKey, CustomerState};
 
     fn lead(email: &str) -> CustomerLead {

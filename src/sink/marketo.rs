@@ -36,7 +36,8 @@ use tokio::sync::Mutex;
 use super::http::{check_url, client, is_transient_status, retry_after, retrying, Finished, Step};
 use super::mapping::{owned_fields, truncate, LeadField, WriteMode};
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
-use crate::config::{RetrySettings, SecretSource};
+use crate::retry::RetrySettings;
+use crate::secret::SecretSource;
 
 const SINK: &str = "marketo";
 /// "up to 300 records per call" (leads.json).

@@ -1,6 +1,15 @@
 //! Where leads go. The pipeline hands a sink a batch and gets one outcome per lead
 //! back, in the same order; it never knows which CRM it talks to.
 
+use std::path::PathBuf;
+
+use crate::sink::alert::{SlackSettings, TeamsSettings};
+use crate::sink::dynamics::DynamicsSettings;
+use crate::sink::hubspot::HubspotSettings;
+use crate::sink::marketo::MarketoSettings;
+use crate::sink::salesforce::SalesforceSettings;
+use crate::sink::webhook::WebhookSettings;
+use serde::Deserialize;
 use std::time::Duration;
 
 pub use crate::identity::CustomerLead;
@@ -78,4 +87,105 @@ pub trait LeadSink: Send + Sync {
     }
     /// Checks that the sink is reachable and authorised, without writing a lead.
     async fn healthcheck(&self) -> Result<(), SinkError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    Jsonl,
+    Salesforce,
+    Dynamics,
+    Webhook,
+    /// An alert in a Microsoft Teams channel (Workflows webhook) per stage reached.
+    Teams,
+    /// An alert in a Slack channel (incoming webhook) per stage reached.
+    Slack,
+    Hubspot,
+    Marketo,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// Which sink receives leads.
+    #[serde(default = "default_sink_kind")]
+    pub kind: SinkKind,
+    /// Leads per delivery call; unset: [`SinkSettings::batch_size`] picks by sink.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    #[serde(default)]
+    pub jsonl: JsonlSettings,
+    /// Required when `kind = "salesforce"`.
+    pub salesforce: Option<SalesforceSettings>,
+    /// Required when `kind = "dynamics"`.
+    pub dynamics: Option<DynamicsSettings>,
+    /// Required when `kind = "webhook"`.
+    pub webhook: Option<WebhookSettings>,
+    /// Required when `kind = "teams"`.
+    pub teams: Option<TeamsSettings>,
+    /// Required when `kind = "slack"`.
+    pub slack: Option<SlackSettings>,
+    /// Required when `kind = "hubspot"`.
+    pub hubspot: Option<HubspotSettings>,
+    /// Required when `kind = "marketo"`.
+    pub marketo: Option<MarketoSettings>,
+}
+
+impl SinkSettings {
+    /// Leads per delivery call: `batch_size` if set, else 200 for the CRM and webhook
+    /// sinks (a Salesforce sObject Collections request holds at most 200), and 1,000 (a
+    /// full table page) for JSONL, which has no per-call limit and syncs the file once
+    /// per call.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(match self.kind {
+            SinkKind::Jsonl => 1000,
+            SinkKind::Salesforce | SinkKind::Dynamics | SinkKind::Webhook => 200,
+            // A batch is posted one message at a time, paced: keep it short.
+            SinkKind::Teams | SinkKind::Slack => 50,
+            // A HubSpot batch holds at most 100 inputs.
+            SinkKind::Hubspot => 100,
+            // A Marketo leads.json call holds at most 300 leads.
+            SinkKind::Marketo => 300,
+        })
+    }
+}
+
+impl Default for SinkSettings {
+    fn default() -> Self {
+        Self {
+            kind: default_sink_kind(),
+            batch_size: None,
+            jsonl: JsonlSettings::default(),
+            salesforce: None,
+            dynamics: None,
+            webhook: None,
+            teams: None,
+            slack: None,
+            hubspot: None,
+            marketo: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlSettings {
+    /// File to append one JSON object per lead to; `-` is standard output.
+    #[serde(default = "default_jsonl_path")]
+    pub path: PathBuf,
+}
+
+impl Default for JsonlSettings {
+    fn default() -> Self {
+        Self {
+            path: default_jsonl_path(),
+        }
+    }
+}
+
+fn default_sink_kind() -> SinkKind {
+    SinkKind::Jsonl
+}
+fn default_jsonl_path() -> PathBuf {
+    PathBuf::from("-")
 }

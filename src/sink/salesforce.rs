@@ -41,7 +41,8 @@ use tokio::sync::Mutex;
 use super::http::{check_url, client, is_transient_status, retry_after, retrying, Finished, Step};
 use super::mapping::{crm_value_is_empty, owned_fields, truncate, LeadField, WriteMode};
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
-use crate::config::{RetrySettings, SecretSource};
+use crate::retry::RetrySettings;
+use crate::secret::SecretSource;
 
 const SINK: &str = "salesforce";
 /// "The list can contain up to 200 objects" (sObject Collections upsert).

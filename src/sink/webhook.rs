@@ -24,8 +24,9 @@ use sha2::Sha256;
 use super::http::{self, status_text, Finished, Step, Verdict};
 use super::mapping::{self, LeadField};
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
-use crate::config::{RetrySettings, SecretSource};
 use crate::identity::HistoryEntry;
+use crate::retry::RetrySettings;
+use crate::secret::SecretSource;
 
 const SINK: &str = "webhook";
 /// The stable customer key, so a receiver can upsert.
@@ -644,7 +645,7 @@ impl LeadSink for WebhookSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::IdentitySettings;
+    use crate::identity::IdentitySettings;
     use crate::identity::{CustomerKey, CustomerState};
     use crate::lead::normalise;
     use crate::source::row::{RawRow, RowId};

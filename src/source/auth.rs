@@ -175,12 +175,12 @@ impl TokenCredential for ManagedIdentityCredential {
 
 /// The credential named by `source.identity`.
 pub fn credential(
-    kind: crate::config::IdentityKind,
+    kind: crate::source::IdentityKind,
     client_id: Option<String>,
     endpoint: Option<String>,
     timeout: Duration,
 ) -> azure_core::Result<Arc<dyn TokenCredential>> {
-    use crate::config::IdentityKind;
+    use crate::source::IdentityKind;
     Ok(match kind {
         IdentityKind::ManagedIdentity => {
             let endpoint = match endpoint {

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod row;
 
+use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +26,9 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{RetrySettings, SourceSettings};
+use crate::retry::RetrySettings;
 use crate::retry::{with_backoff, GaveUp};
+use crate::secret::SecretSource;
 use crate::source::row::{RawRow, RowId};
 use crate::timestamp;
 
@@ -737,6 +739,65 @@ fn location_and_credentials(
         None => CloudLocation::Public { account },
     };
     Ok((location, credentials))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// Table name. The marketplace has always used `MarketplaceLeads`, but never documented it.
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// A full storage connection string (`UseDevelopmentStorage=true` works too).
+    pub connection_string: Option<SecretSource>,
+    /// Storage account name, with `account_key` or `sas_token`.
+    pub account: Option<String>,
+    /// Storage account key.
+    pub account_key: Option<SecretSource>,
+    /// Shared access signature (query string, with or without the leading `?`).
+    pub sas_token: Option<SecretSource>,
+    /// Entra ID instead of a key: "managed_identity", "workload_identity" or "azure_cli"
+    /// (needs `account` and the "Storage Table Data Contributor" role).
+    pub identity: Option<IdentityKind>,
+    /// Client id of a user-assigned managed identity (unset: the system-assigned one).
+    pub identity_client_id: Option<String>,
+    /// Managed-identity token endpoint override (default: `IDENTITY_ENDPOINT` when the
+    /// platform sets it, else the VM metadata service).
+    pub identity_endpoint: Option<String>,
+    /// Table endpoint URL, for sovereign clouds or emulators (default: the public cloud URL of `account`).
+    pub endpoint: Option<String>,
+    /// Look-back window re-read on every poll, because Timestamps are not ordered across partitions.
+    #[serde(default = "default_overlap", with = "humantime_serde")]
+    pub overlap: Duration,
+    /// Entities per page requested from the service (the service caps it at 1000).
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// Timeout of one request to the table service.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Retries of one page request on timeouts, 5xx and throttling.
+    #[serde(default)]
+    pub retry: RetrySettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityKind {
+    ManagedIdentity,
+    WorkloadIdentity,
+    AzureCli,
+}
+
+fn default_table() -> String {
+    "MarketplaceLeads".into()
+}
+fn default_overlap() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+fn default_page_size() -> u32 {
+    1000
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[cfg(test)]

@@ -542,7 +542,7 @@ impl RedbStore {
         txn.commit().map_err(io("open"))?;
         let store = Self {
             db,
-            summary_template: crate::config::IdentitySettings::default().summary_template,
+            summary_template: crate::identity::IdentitySettings::default().summary_template,
             held: Held::default(),
             hold_limits: (HOLD_PAGES, HOLD_BYTES),
             retention: Default::default(),
@@ -1512,6 +1512,85 @@ impl StateStore for RedbStore {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackend {
+    /// One local file under `state.dir` (a VM with a disk).
+    File,
+    /// A table in the same storage account (jobs without a durable disk).
+    Table,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    /// Where state lives.
+    #[serde(default = "default_state_backend")]
+    pub backend: StateBackend,
+    /// Directory of the state file `leadsync.redb` (backend "file").
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+    /// State table in the source's storage account (backend "table").
+    #[serde(default = "default_state_table")]
+    pub table: String,
+    /// How long a processing lease lasts without renewal (backend "table"); a holder
+    /// that dies loses it after this long.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How long lead data is kept (`"forever"`: `None`): a customer not seen for this
+    /// long, and rejected, skipped and unidentifiable rows and dead letters older than
+    /// this, are removed by the daemon, a bounded amount per poll.
+    #[serde(default = "default_retention", deserialize_with = "retention")]
+    pub retention: Option<Duration>,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            backend: default_state_backend(),
+            dir: default_state_dir(),
+            table: default_state_table(),
+            lease_ttl: default_lease_ttl(),
+            retention: default_retention(),
+        }
+    }
+}
+
+/// 400 days: a year of a customer's silence plus a month, so that a customer who comes
+/// back yearly (a renewal, a yearly trial) is still the same customer to leadsync.
+fn default_retention() -> Option<Duration> {
+    Some(Duration::from_secs(400 * 24 * 3600))
+}
+
+/// `"forever"`, or a duration such as `"400d"`.
+fn retention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.trim() == "forever" {
+        return Ok(None);
+    }
+    humantime::parse_duration(text.trim())
+        .map(Some)
+        .map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{e}: state.retention is a duration such as \"400d\", or \"forever\""
+            ))
+        })
+}
+
+fn default_state_backend() -> StateBackend {
+    StateBackend::File
+}
+fn default_state_table() -> String {
+    "LeadsyncState".into()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/leadsync")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1775,8 +1854,8 @@ mod tests {
 
     /// A customer `name`@fabrikam.com with one lead.
     fn customer_named(name: &str) -> CustomerState {
-        use crate::config::IdentitySettings;
         use crate::identity::CustomerKey;
+        use crate::identity::IdentitySettings;
         let email = format!("{name}@fabrikam.com");
         let info = serde_json::json!({ "FirstName": "Ana", "Email": email }).to_string();
         let row = crate::source::row::RawRow {

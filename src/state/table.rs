@@ -60,12 +60,14 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::config::{RetrySettings, SourceSettings, StateSettings};
 use crate::identity::CustomerState;
+use crate::retry::RetrySettings;
 use crate::retry::{with_backoff, GaveUp};
 use crate::source::row::RowId;
+use crate::source::SourceSettings;
 use crate::source::{describe, error_code, is_transient, status_of};
 use crate::state::personal::{Forgotten, Person, Pruned, Walk};
+use crate::state::StateSettings;
 use crate::state::{
     DeadLetter, Lease, RecordedRow, RowVersion, SettleBatch, Settled, StateError, StateStore,
 };

@@ -1,0 +1,312 @@
+//! The daemon's metrics: what the pipeline counts (rows by outcome, polls, pending
+//! leads, sink latency and endpoint failures) and the liveness facts the watchdog
+//! reads. The service serves them (`/metrics`, `/readyz`, `/status`, systemd).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::pipeline::PollSummary;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    sink: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabels {
+    sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+/// The daemon's metrics and liveness facts, shared by the poll loop and the listener.
+pub struct Metrics {
+    registry: Registry,
+    rows_read: Counter,
+    rows: Family<OutcomeLabels, Counter>,
+    records_sent: Family<SinkLabels, Counter>,
+    polls: Family<ResultLabels, Counter>,
+    pending: Gauge,
+    oldest_pending_age: Gauge,
+    overdue: Gauge,
+    poll_duration: Histogram,
+    sink_latency: Family<SinkLabels, Histogram>,
+    sink_retries: Counter,
+    /// Pauses of the Salesforce sink for its org's daily API limit.
+    api_limit_pauses: Counter,
+    api_limit_pauses_seen: AtomicU64,
+    long_polls: Counter,
+    endpoint_failing: Family<SinkLabels, Gauge>,
+    /// The last endpoint-level failure of each sink still failing, for `/readyz` and `/status`.
+    endpoint_failures: Mutex<std::collections::BTreeMap<String, String>>,
+    /// Unix seconds of the last poll that completed without error.
+    last_ok_poll: AtomicI64,
+    last_summary: Mutex<Option<PollSummary>>,
+    retries_seen: AtomicU64,
+    /// The row key of the last marketplace test lead seen (for `leadsync check`).
+    last_test_lead: Mutex<Option<String>>,
+    /// A poll is running (between polls the loop waits on a timer, which cannot hang).
+    polling: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("leadsync");
+        let rows_read = Counter::default();
+        registry.register(
+            "rows_read",
+            "Table entities read (including re-reads of the overlap window)",
+            rows_read.clone(),
+        );
+        let rows = Family::<OutcomeLabels, Counter>::default();
+        registry.register("rows", "Rows settled, by sink and outcome (delivered, skipped, rejected, unidentifiable, unchanged)", rows.clone());
+        let records_sent = Family::<SinkLabels, Counter>::default();
+        registry.register(
+            "records_sent",
+            "Merged customer records the sink acknowledged",
+            records_sent.clone(),
+        );
+        let polls = Family::<ResultLabels, Counter>::default();
+        registry.register("polls", "Polls, by result (ok, failed)", polls.clone());
+        let pending = Gauge::default();
+        registry.register(
+            "pending_rows",
+            "Rows whose lead is waiting for the sink after the last poll",
+            pending.clone(),
+        );
+        let oldest_pending_age = Gauge::default();
+        registry.register(
+            "oldest_undelivered_lead_age_seconds",
+            "Age of the oldest undelivered lead, from its table Timestamp",
+            oldest_pending_age.clone(),
+        );
+        let overdue = Gauge::default();
+        registry.register(
+            "overdue_leads",
+            "Undelivered leads older than run.follow_up_warning",
+            overdue.clone(),
+        );
+        let poll_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "poll_duration_seconds",
+            "Duration of one poll",
+            poll_duration.clone(),
+        );
+        let sink_latency = Family::<SinkLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        });
+        registry.register(
+            "sink_request_duration_seconds",
+            "Duration of one delivery call to the sink (retries included)",
+            sink_latency.clone(),
+        );
+        let sink_retries = Counter::default();
+        registry.register(
+            "sink_retries",
+            "CRM requests retried after a transient failure",
+            sink_retries.clone(),
+        );
+        let api_limit_pauses = Counter::default();
+        registry.register(
+            "sink_api_limit_pauses",
+            "Pauses of the Salesforce sink for REQUEST_LIMIT_EXCEEDED (one per pause, sink.salesforce.api_limit_pause long)",
+            api_limit_pauses.clone(),
+        );
+        let long_polls = Counter::default();
+        registry.register(
+            "long_polls",
+            "Polls that took longer than half of source.overlap",
+            long_polls.clone(),
+        );
+        let endpoint_failing = Family::<SinkLabels, Gauge>::default();
+        registry.register(
+            "sink_endpoint_failing",
+            "1 while the sink's endpoint refuses calls for a reason that is not the leads' (credentials, permissions, a wrong object or field); its leads wait",
+            endpoint_failing.clone(),
+        );
+        Self {
+            registry,
+            long_polls,
+            endpoint_failing,
+            endpoint_failures: Mutex::new(Default::default()),
+            rows_read,
+            rows,
+            records_sent,
+            polls,
+            pending,
+            oldest_pending_age,
+            overdue,
+            poll_duration,
+            sink_latency,
+            sink_retries,
+            api_limit_pauses,
+            api_limit_pauses_seen: AtomicU64::new(0),
+            last_ok_poll: AtomicI64::new(0),
+            last_summary: Mutex::new(None),
+            retries_seen: AtomicU64::new(0),
+            polling: std::sync::atomic::AtomicBool::new(false),
+            last_test_lead: Mutex::new(None),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records that the daemon is making progress (fed to the systemd watchdog through
+    /// the process-wide heartbeat, `progress`, which the sinks and retry loops beat too).
+    pub fn touch(&self) {
+        crate::progress::beat();
+    }
+
+    /// Records that `sink`'s endpoint refused a call for `reason` (not the leads' fault).
+    pub fn endpoint_failed(&self, sink: &str, reason: &str) {
+        self.endpoint_failing
+            .get_or_create(&SinkLabels { sink: sink.into() })
+            .set(1);
+        self.endpoint_failures
+            .lock()
+            .expect("not poisoned")
+            .insert(sink.into(), reason.into());
+    }
+
+    /// Records that `sink`'s endpoint answered for a record again.
+    pub fn endpoint_recovered(&self, sink: &str) {
+        if self
+            .endpoint_failures
+            .lock()
+            .expect("not poisoned")
+            .remove(sink)
+            .is_some()
+        {
+            self.endpoint_failing
+                .get_or_create(&SinkLabels { sink: sink.into() })
+                .set(0);
+        }
+    }
+
+    /// The sinks whose endpoint is failing, each with its last reason.
+    pub fn endpoint_failures(&self) -> Vec<(String, String)> {
+        self.endpoint_failures
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(s, r)| (s.clone(), r.clone()))
+            .collect()
+    }
+
+    /// Counts a poll longer than half the overlap.
+    pub fn saw_long_poll(&self) {
+        self.long_polls.inc();
+    }
+
+    /// Remembers the last marketplace test lead seen.
+    pub fn saw_test_lead(&self, row: &crate::source::row::RowId) {
+        *self.last_test_lead.lock().expect("not poisoned") = Some(row.row_key.clone());
+    }
+
+    /// Marks the start and end of a poll, for the watchdog.
+    pub fn set_polling(&self, polling: bool) {
+        self.touch();
+        self.polling.store(polling, Ordering::Relaxed);
+    }
+
+    /// The summary of the last poll that completed without error.
+    pub fn last_summary(&self) -> Option<PollSummary> {
+        self.last_summary.lock().expect("not poisoned").clone()
+    }
+
+    /// The row key of the last marketplace test lead seen.
+    pub fn last_test_lead(&self) -> Option<String> {
+        self.last_test_lead.lock().expect("not poisoned").clone()
+    }
+
+    /// Alive: idle between polls, or a poll that made progress within `period` (a page,
+    /// a batch, a CRM answer, a second of a back-off or throttle wait: `progress`).
+    pub fn alive(&self, period: Duration) -> bool {
+        !self.polling.load(Ordering::Relaxed)
+            || crate::progress::since_last().is_some_and(|since| since <= period)
+    }
+
+    pub fn observe_sink_call(&self, sink: &str, took: Duration) {
+        self.sink_latency
+            .get_or_create(&SinkLabels { sink: sink.into() })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn observe_poll(&self, sink: &str, result: Result<&PollSummary, ()>) {
+        self.touch();
+        let label = |r: &str| ResultLabels { result: r.into() };
+        let Ok(s) = result else {
+            self.polls.get_or_create(&label("failed")).inc();
+            return;
+        };
+        self.polls.get_or_create(&label("ok")).inc();
+        self.last_ok_poll.store(now(), Ordering::Relaxed);
+        self.rows_read.inc_by(s.rows_read);
+        for (outcome, n) in [
+            ("delivered", s.delivered),
+            ("skipped", s.skipped),
+            ("rejected", s.rejected),
+            ("unidentifiable", s.unidentifiable),
+            ("unchanged", s.unchanged),
+            ("followed_up", s.followed_up),
+        ] {
+            self.rows
+                .get_or_create(&OutcomeLabels {
+                    sink: sink.into(),
+                    outcome: outcome.into(),
+                })
+                .inc_by(n);
+        }
+        self.records_sent
+            .get_or_create(&SinkLabels { sink: sink.into() })
+            .inc_by(s.records_sent);
+        self.pending.set(s.pending as i64);
+        self.overdue.set(s.overdue as i64);
+        self.oldest_pending_age
+            .set(s.oldest_pending_age.map_or(0, |a| a.as_secs() as i64));
+        self.poll_duration.observe(s.duration.as_secs_f64());
+        let retries = crate::sink::http::retries_total();
+        let before = self.retries_seen.swap(retries, Ordering::Relaxed);
+        self.sink_retries.inc_by(retries.saturating_sub(before));
+        let pauses = crate::sink::salesforce::api_limit_pauses_total();
+        let before = self.api_limit_pauses_seen.swap(pauses, Ordering::Relaxed);
+        self.api_limit_pauses.inc_by(pauses.saturating_sub(before));
+        *self.last_summary.lock().expect("not poisoned") = Some(s.clone());
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Ready: a poll succeeded within `window`.
+    pub fn ready(&self, window: Duration) -> bool {
+        let last = self.last_ok_poll.load(Ordering::Relaxed);
+        last > 0 && now() - last <= window.as_secs() as i64
+    }
+}
