@@ -9,7 +9,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use smallvec::SmallVec;
 
-use super::{non_empty, Action, Customer, Email, LeadEvent, LeadSource, Rejection, TEST_LEAD_MARKER};
+use super::{
+    non_empty, Action, Customer, Email, LeadEvent, LeadSource, Rejection, TEST_LEAD_MARKER,
+};
 use crate::source::row::RawRow;
 use crate::source::Key;
 

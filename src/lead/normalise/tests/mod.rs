@@ -545,15 +545,13 @@ fn action_code_column_is_the_action_when_leadsource_has_none() {
 
 #[test]
 fn action_code_that_disagrees_with_leadsource_is_noted_and_leadsource_wins() {
-    let lead =
-        event(json!({ "LeadSource": "AzureMarketplace-INS | a.b", "ActionCode": "PLT" }));
+    let lead = event(json!({ "LeadSource": "AzureMarketplace-INS | a.b", "ActionCode": "PLT" }));
 
     assert_eq!(lead.action, Action::Install);
     assert_eq!(lead.stage, Stage::Active);
     assert_eq!(lead.notes.len(), 1, "{:?}", lead.notes);
     assert!(
-        lead.notes[0]
-            .starts_with("LeadSource action \"INS\" disagrees with ActionCode \"PLT\""),
+        lead.notes[0].starts_with("LeadSource action \"INS\" disagrees with ActionCode \"PLT\""),
         "{:?}",
         lead.notes
     );
@@ -561,8 +559,7 @@ fn action_code_that_disagrees_with_leadsource_is_noted_and_leadsource_wins() {
 
 #[test]
 fn action_code_that_agrees_in_another_case_adds_no_note() {
-    let lead =
-        event(json!({ "LeadSource": "AzureMarketplace-INS | a.b", "ActionCode": " ins " }));
+    let lead = event(json!({ "LeadSource": "AzureMarketplace-INS | a.b", "ActionCode": " ins " }));
 
     assert_eq!(lead.action, Action::Install);
     assert!(lead.notes.is_empty(), "{:?}", lead.notes);
@@ -841,8 +838,7 @@ fn unknown_columns_go_to_extra_under_their_original_names() {
 
 #[test]
 fn unknown_customer_info_keys_go_to_extra_with_a_prefix() {
-    let info =
-        json!({ "FirstName": "Ana", "Industry": "Retail", "UserDetails": { "Size": 10 } });
+    let info = json!({ "FirstName": "Ana", "Industry": "Retail", "UserDetails": { "Size": 10 } });
 
     let lead = customer_info(info);
 
