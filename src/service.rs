@@ -105,7 +105,7 @@ impl Default for Metrics {
         // (a series appearing at 1 has no increase) and a rule can tell "no poll
         // failed" from "no data".
         for result in ["ok", "failed"] {
-            polls.get_or_create(&ResultLabels {
+            let _ = polls.get_or_create(&ResultLabels {
                 result: result.into(),
             });
         }

@@ -140,7 +140,10 @@ async fn the_listener_serves_metrics_health_and_readiness() {
     };
     let polled_at = gauge("leadsync_last_successful_poll_timestamp_seconds");
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    assert!((now - 60..=now).contains(&polled_at), "{polled_at} vs {now}");
+    assert!(
+        (now - 60..=now).contains(&polled_at),
+        "{polled_at} vs {now}"
+    );
     let checkpoint = gauge("leadsync_checkpoint_timestamp_seconds");
     assert!(
         checkpoint > 0 && checkpoint <= polled_at,
