@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs the pinned Azurite (npm),
-# checks the systemd unit when systemd-analyze exists, then runs every Rust test of
-# the workspace (leadsync, the test kit, and the benchmark harness in bench/, which is
-# built by this too).
+# checks the systemd unit when systemd-analyze exists and the Prometheus rules when
+# promtool exists, then runs every Rust test of the workspace (leadsync, the test
+# kit, and the benchmark harness in bench/, which is built by this too).
 # Tests start their own Azurite on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 npm ci --prefix tools/azurite --no-audit --no-fund --loglevel=error
 bash deploy/systemd/verify.sh
+bash deploy/prometheus/verify.sh
 cargo build --locked --examples
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

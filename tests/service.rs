@@ -127,5 +127,27 @@ async fn the_listener_serves_metrics_health_and_readiness() {
         metrics.contains("leadsync_sink_request_duration_seconds_count{sink=\"jsonl\"}"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(r#"leadsync_polls_total{result="failed"} 0"#),
+        "{metrics}"
+    );
+    let gauge = |name: &str| -> i64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.split(' ').next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let polled_at = gauge("leadsync_last_successful_poll_timestamp_seconds");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        (now - 60..=now).contains(&polled_at),
+        "{polled_at} vs {now}"
+    );
+    let checkpoint = gauge("leadsync_checkpoint_timestamp_seconds");
+    assert!(
+        checkpoint > 0 && checkpoint <= polled_at,
+        "{checkpoint} vs {polled_at}"
+    );
     assert_eq!(status["ready"], true);
 }

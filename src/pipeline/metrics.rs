@@ -53,6 +53,10 @@ pub struct Metrics {
     endpoint_failures: Mutex<std::collections::BTreeMap<String, String>>,
     /// Unix seconds of the last poll that completed without error.
     last_ok_poll: AtomicI64,
+    /// `last_ok_poll` for Prometheus: alerts on a daemon that stopped polling
+    /// successfully whether its polls fail or hang.
+    last_ok_poll_gauge: Gauge,
+    checkpoint: Gauge,
     last_summary: Mutex<Option<PollSummary>>,
     retries_seen: AtomicU64,
     /// The row key of the last marketplace test lead seen (for `leadsync check`).
@@ -90,6 +94,26 @@ impl Default for Metrics {
         );
         let polls = Family::<ResultLabels, Counter>::default();
         registry.register("polls", "Polls, by result (ok, failed)", polls.clone());
+        // Both series exist from the start, so that `increase()` sees the first failure
+        // (a series appearing at 1 has no increase) and a rule can tell "no poll
+        // failed" from "no data".
+        for result in ["ok", "failed"] {
+            let _ = polls.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
+        }
+        let last_ok_poll_gauge = Gauge::default();
+        registry.register(
+            "last_successful_poll_timestamp_seconds",
+            "Unix time of the last poll that completed without error (0: none yet)",
+            last_ok_poll_gauge.clone(),
+        );
+        let checkpoint = Gauge::default();
+        registry.register(
+            "checkpoint_timestamp_seconds",
+            "The checkpoint after the last successful poll, as Unix time (0: none yet); it holds at the oldest waiting lead, and stands still while the table gets no new rows",
+            checkpoint.clone(),
+        );
         let pending = Gauge::default();
         registry.register(
             "pending_rows",
@@ -164,6 +188,8 @@ impl Default for Metrics {
             api_limit_pauses,
             api_limit_pauses_seen: AtomicU64::new(0),
             last_ok_poll: AtomicI64::new(0),
+            last_ok_poll_gauge,
+            checkpoint,
             last_summary: Mutex::new(None),
             retries_seen: AtomicU64::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
@@ -262,7 +288,12 @@ impl Metrics {
             return;
         };
         self.polls.get_or_create(&label("ok")).inc();
-        self.last_ok_poll.store(now(), Ordering::Relaxed);
+        let now = now();
+        self.last_ok_poll.store(now, Ordering::Relaxed);
+        self.last_ok_poll_gauge.set(now);
+        if let Some(checkpoint) = s.checkpoint {
+            self.checkpoint.set(checkpoint.unix_timestamp());
+        }
         self.rows_read.inc_by(s.rows_read);
         for (outcome, n) in [
             ("delivered", s.delivered),

@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::metrics::Metrics;
+pub use crate::pipeline::metrics::Metrics;
 
 #[derive(Clone)]
 struct Listener {
