@@ -16,7 +16,6 @@ pub use crate::pipeline::policy::{DoNotContactPolicy, PolicySettings, TestLeadPo
 pub use crate::retry::RetrySettings;
 pub use crate::secret::{SecretError, SecretSource};
 pub use crate::service::MetricsSettings;
-use crate::sink::alert::Vendor;
 pub use crate::sink::{JsonlSettings, SinkKind, SinkSettings};
 pub use crate::source::{IdentityKind, SourceSettings};
 pub use crate::state::{StateBackend, StateSettings};
@@ -195,137 +194,12 @@ impl Settings {
     /// Checks what types cannot express. Returns the offending key and why.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let bad = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
-        let s = &self.source;
-        if s.table.trim().is_empty() {
-            return bad("source.table", "the table name must not be empty");
-        }
-        if !valid_table_name(&s.table) {
-            return bad(
-                "source.table",
-                "a table name is 3 to 63 letters and digits, starting with a letter",
-            );
-        }
-        if self.state.backend == StateBackend::Table {
-            if !valid_table_name(&self.state.table) {
-                return bad(
-                    "state.table",
-                    "a table name is 3 to 63 letters and digits, starting with a letter",
-                );
-            }
-            if self.state.table.eq_ignore_ascii_case(&s.table) {
-                return bad("state.table", "must differ from source.table");
-            }
-            if self.state.lease_ttl < Duration::from_secs(5) {
-                return bad("state.lease_ttl", "must be at least 5s");
-            }
-        }
-        let credentials = [
-            s.connection_string.is_some(),
-            s.account_key.is_some(),
-            s.sas_token.is_some(),
-            s.identity.is_some(),
-        ]
-        .iter()
-        .filter(|set| **set)
-        .count();
-        if credentials != 1 {
-            return bad(
-                "source.connection_string",
-                "set exactly one of source.connection_string, source.account_key, source.sas_token or source.identity",
-            );
-        }
-        if (s.account_key.is_some() || s.sas_token.is_some() || s.identity.is_some())
-            && s.account.as_deref().is_none_or(|a| a.trim().is_empty())
-        {
-            return bad(
-                "source.account",
-                "the storage account name is required with account_key, sas_token or identity",
-            );
-        }
-        if s.identity_client_id.is_some() && s.identity != Some(IdentityKind::ManagedIdentity) {
-            return bad(
-                "source.identity_client_id",
-                "only applies with identity = \"managed_identity\"",
-            );
-        }
-        if let Some(endpoint) = &s.endpoint {
-            if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
-                return bad("source.endpoint", "must be an http(s) URL");
-            }
-        }
-        if s.overlap.is_zero() {
-            return bad(
-                "source.overlap",
-                "must be greater than zero: late-visible rows would be lost",
-            );
-        }
-        if let Some(retention) = self.state.retention {
-            if retention <= s.overlap {
-                return bad(
-                    "state.retention",
-                    "must be longer than source.overlap (a row re-read inside the overlap window must still find its state), or \"forever\"",
-                );
-            }
-        }
-        if s.page_size == 0 || s.page_size > 1000 {
-            return bad("source.page_size", "must be between 1 and 1000");
-        }
-        if s.request_timeout.is_zero() {
-            return bad("source.request_timeout", "must be greater than zero");
-        }
-        s.retry.validate("source.retry")?;
-        if self.state.dir.as_os_str().is_empty() {
-            return bad("state.dir", "must not be empty");
-        }
+        self.source.validate()?;
+        self.state.validate(&self.source)?;
         if self.identity.summary_template.trim().is_empty() {
             return bad("identity.summary_template", "must not be empty");
         }
-        if self.sink.batch_size == Some(0) {
-            return bad("sink.batch_size", "must be at least 1");
-        }
-        let missing = |section: &str| {
-            Err((
-                format!("sink.{section}"),
-                format!("sink.kind = \"{section}\" needs a [sink.{section}] section"),
-            ))
-        };
-        match self.sink.kind {
-            SinkKind::Jsonl => {}
-            SinkKind::Salesforce => match &self.sink.salesforce {
-                Some(s) => s.validate()?,
-                None => return missing("salesforce"),
-            },
-            SinkKind::Dynamics => match &self.sink.dynamics {
-                Some(s) => s.validate()?,
-                None => return missing("dynamics"),
-            },
-            SinkKind::Webhook => match &self.sink.webhook {
-                Some(s) => s.validate()?,
-                None => return missing("webhook"),
-            },
-            SinkKind::Teams => match &self.sink.teams {
-                Some(s) => s.validate(Vendor::Teams)?,
-                None => return missing("teams"),
-            },
-            SinkKind::Slack => match &self.sink.slack {
-                Some(s) => s.validate(Vendor::Slack)?,
-                None => return missing("slack"),
-            },
-            SinkKind::Hubspot => match &self.sink.hubspot {
-                Some(s) => s.validate()?,
-                None => return missing("hubspot"),
-            },
-            SinkKind::Marketo => match &self.sink.marketo {
-                Some(s) => s.validate()?,
-                None => return missing("marketo"),
-            },
-        }
-        if self.sink.jsonl.path.as_os_str().is_empty() {
-            return bad(
-                "sink.jsonl.path",
-                "must not be empty (use \"-\" for stdout)",
-            );
-        }
+        self.sink.validate()?;
         if self.run.poll_interval.is_zero() {
             return bad("run.poll_interval", "must be greater than zero");
         }
@@ -348,13 +222,6 @@ impl Settings {
         }
         Ok(())
     }
-}
-
-/// Azure table names: 3-63 alphanumerics, starting with a letter.
-fn valid_table_name(name: &str) -> bool {
-    (3..=63).contains(&name.len())
-        && name.chars().all(|c| c.is_ascii_alphanumeric())
-        && name.starts_with(|c: char| c.is_ascii_alphabetic())
 }
 
 /// Says whether a key's value came from an environment variable or the file.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Settings, SinkKind, StateBackend};
+use crate::pipeline::metrics::Metrics;
 use crate::pipeline::{log_summary, Pipeline, PollError, PollMode, PollSummary};
 use crate::sink::AlertSink;
 use crate::sink::{DynamicsSink, JsonlSink, LeadSink, SalesforceSink, SinkError, WebhookSink};
@@ -306,27 +307,10 @@ pub async fn run_pipeline(
     );
     let mut report = RunReport::default();
     let metrics = pipeline.memory.metrics.clone();
-    let ready_window = (settings.run.poll_interval * 3).max(std::time::Duration::from_secs(120));
-    if let Some(listen) = &settings.metrics.listen {
-        let addr = listen
-            .parse()
-            .expect("validated: metrics.listen is an address");
-        if let Err(e) = service::serve(addr, metrics.clone(), ready_window, cancel.clone()).await {
-            tracing::error!(address = %listen, error = %e, "Cannot serve metrics; continuing without them.");
-        }
-    }
-    service::systemd::spawn_watchdog(metrics.clone(), cancel.clone());
+    serve(settings, &metrics, &cancel).await;
     let mut notified_ready = false;
     let owner = lease_owner();
-    let ttl = settings.state.lease_ttl;
-    // Retention resumes at every poll while a round is under way; a finished round
-    // waits a tenth of the retention (at most 10 minutes): the data it removes is days
-    // old, and each step reads state (a query per partition on the table backend).
-    let retention_pause = settings
-        .state
-        .retention
-        .map_or(RETENTION_PAUSE_MAX, |r| (r / 10).min(RETENTION_PAUSE_MAX));
-    let mut retention_due = std::time::Instant::now();
+    let mut retention = RetentionClock::new(settings.state.retention);
     let mut interval = tokio::time::interval(settings.run.poll_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -334,75 +318,23 @@ pub async fn run_pipeline(
             _ = interval.tick() => {}
             _ = cancel.cancelled() => break,
         }
-        let asked = Instant::now();
-        match pipeline.state.acquire_lease(&owner, ttl).await {
-            Ok(Lease::Held) => {}
-            Ok(Lease::HeldBy {
-                owner: holder,
-                until,
-            }) => {
-                tracing::info!(%holder, until = %timestamp::format(until), "Another leadsync holds the processing lease; not polling.");
-                report.lease_busy = true;
-                report.lease_holder = Some((holder, until));
-                if options.once {
-                    break;
-                }
-                continue;
+        let Some(asked) = take_lease(pipeline, settings, &owner, &mut report).await else {
+            if options.once {
+                break;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot take the processing lease; trying again at the next interval.");
-                report.last_error = Some(e.to_string());
-                if options.once {
-                    break;
-                }
-                continue;
-            }
-        }
-        report.lease_busy = false;
-        report.lease_holder = None;
+            continue;
+        };
         report.polls += 1;
-        // The lease is renewed while the poll runs; losing it stops the poll between pages.
-        let poll_cancel = cancel.child_token();
-        let mut renewer = crate::task::AbortOnDrop(tokio::spawn(renew_lease(
-            pipeline.state.clone(),
-            owner.clone(),
-            ttl,
-            asked + ttl.saturating_sub(LEASE_CLOCK_RESOLUTION),
-            poll_cancel.clone(),
-        )));
-        metrics.set_polling(true);
-        // Counted as it goes: a poll that fails still reports what it delivered first.
-        let mut summary = PollSummary::default();
-        let result = pipeline
-            .poll_counting(PollMode::default(), &poll_cancel, &mut summary)
-            .await
-            .map(|()| summary.clone());
-        if result.is_err() {
-            report.add(&summary);
-        }
-        // state.retention: a bounded step per poll, while the lease is held.
-        if let (Ok(summary), false) = (&result, poll_cancel.is_cancelled()) {
-            if std::time::Instant::now() >= retention_due {
-                let (retention, overlap) = (settings.state.retention, settings.source.overlap);
-                let complete = state::personal::retain(
-                    &*pipeline.state,
-                    retention,
-                    overlap,
-                    summary.checkpoint,
-                )
-                .await;
-                let now = std::time::Instant::now();
-                retention_due = match complete {
-                    true => now + retention_pause,
-                    false => now,
-                };
-            }
-        }
-        metrics.set_polling(false);
-        renewer.0.abort();
-        // Wait for it to go, so it drops its handle on the state before we return.
-        let _ = (&mut renewer.0).await;
-        metrics.observe_poll(pipeline.sink.name(), result.as_ref().map_err(|_| ()));
+        let result = poll_holding_lease(
+            pipeline,
+            settings,
+            &owner,
+            asked,
+            &cancel,
+            &mut retention,
+            &mut report,
+        )
+        .await;
         let status = match &result {
             Ok(s) => format!(
                 "last poll: {} rows read, {} delivered, {} pending",
@@ -416,40 +348,8 @@ pub async fn run_pipeline(
             service::systemd::ready(&status);
             notified_ready = true;
         }
-        match result {
-            Ok(summary) => {
-                log_summary(&summary);
-                report.add(&summary);
-                report.last_error = None;
-            }
-            Err(PollError::Interrupted { pages }) if !cancel.is_cancelled() => {
-                tracing::warn!(
-                    pages,
-                    "Processing lease lost during a poll; the checkpoint stays where it was."
-                );
-                report.last_error = Some("processing lease lost".into());
-            }
-            Err(PollError::Interrupted { pages }) => {
-                tracing::info!(
-                    pages,
-                    "Shutdown requested during a poll; the checkpoint stays where it was."
-                );
-                break;
-            }
-            Err(e) => {
-                report.failed_polls += 1;
-                match &e {
-                    PollError::Source(s) if s.is_transient() => {
-                        tracing::warn!(error = %e, "Poll failed; trying again at the next interval.")
-                    }
-                    _ => {
-                        tracing::error!(error = %e, "Poll failed; trying again at the next interval.")
-                    }
-                }
-                report.last_error = Some(e.to_string());
-            }
-        }
-        if options.once || cancel.is_cancelled() {
+        let stopping = record_result(result, &cancel, &mut report);
+        if stopping || options.once || cancel.is_cancelled() {
             break;
         }
     }
@@ -467,4 +367,176 @@ pub async fn run_pipeline(
         "leadsync stopped."
     );
     Ok(report)
+}
+
+/// Starts the HTTP listener when `metrics.listen` is set, and the systemd watchdog.
+async fn serve(settings: &Settings, metrics: &Arc<Metrics>, cancel: &CancellationToken) {
+    let ready_window = (settings.run.poll_interval * 3).max(Duration::from_secs(120));
+    if let Some(listen) = &settings.metrics.listen {
+        let addr = listen
+            .parse()
+            .expect("validated: metrics.listen is an address");
+        if let Err(e) = service::serve(addr, metrics.clone(), ready_window, cancel.clone()).await {
+            tracing::error!(address = %listen, error = %e, "Cannot serve metrics; continuing without them.");
+        }
+    }
+    service::systemd::spawn_watchdog(metrics.clone(), cancel.clone());
+}
+
+/// Takes or renews the processing lease; `Some(when it was asked for)` when held. Says
+/// in `report` who holds it otherwise, or why it could not be asked for.
+async fn take_lease(
+    pipeline: &Pipeline,
+    settings: &Settings,
+    owner: &str,
+    report: &mut RunReport,
+) -> Option<Instant> {
+    let asked = Instant::now();
+    match pipeline
+        .state
+        .acquire_lease(owner, settings.state.lease_ttl)
+        .await
+    {
+        Ok(Lease::Held) => {
+            report.lease_busy = false;
+            report.lease_holder = None;
+            Some(asked)
+        }
+        Ok(Lease::HeldBy {
+            owner: holder,
+            until,
+        }) => {
+            tracing::info!(%holder, until = %timestamp::format(until), "Another leadsync holds the processing lease; not polling.");
+            report.lease_busy = true;
+            report.lease_holder = Some((holder, until));
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot take the processing lease; trying again at the next interval.");
+            report.last_error = Some(e.to_string());
+            None
+        }
+    }
+}
+
+/// When the next step of `state.retention` is due. A step resumes at every poll while
+/// a round is under way; a finished round waits a tenth of the retention (at most 10
+/// minutes): the data it removes is days old, and each step reads state (a query per
+/// partition on the table backend).
+struct RetentionClock {
+    pause: Duration,
+    due: Instant,
+}
+
+impl RetentionClock {
+    fn new(retention: Option<Duration>) -> Self {
+        Self {
+            pause: retention.map_or(RETENTION_PAUSE_MAX, |r| (r / 10).min(RETENTION_PAUSE_MAX)),
+            due: Instant::now(),
+        }
+    }
+
+    /// One bounded step of retention when it is due.
+    async fn step(
+        &mut self,
+        pipeline: &Pipeline,
+        settings: &Settings,
+        checkpoint: Option<time::OffsetDateTime>,
+    ) {
+        if Instant::now() < self.due {
+            return;
+        }
+        let (retention, overlap) = (settings.state.retention, settings.source.overlap);
+        let complete =
+            state::personal::retain(&*pipeline.state, retention, overlap, checkpoint).await;
+        self.due = match complete {
+            true => Instant::now() + self.pause,
+            false => Instant::now(),
+        };
+    }
+}
+
+/// One poll while the lease is held (renewed meanwhile; losing it stops the poll
+/// between pages), then a step of retention, then the metrics.
+async fn poll_holding_lease(
+    pipeline: &Pipeline,
+    settings: &Settings,
+    owner: &str,
+    asked: Instant,
+    cancel: &CancellationToken,
+    retention: &mut RetentionClock,
+    report: &mut RunReport,
+) -> Result<PollSummary, PollError> {
+    let ttl = settings.state.lease_ttl;
+    let metrics = &pipeline.memory.metrics;
+    let poll_cancel = cancel.child_token();
+    let mut renewer = crate::task::AbortOnDrop(tokio::spawn(renew_lease(
+        pipeline.state.clone(),
+        owner.to_owned(),
+        ttl,
+        asked + ttl.saturating_sub(LEASE_CLOCK_RESOLUTION),
+        poll_cancel.clone(),
+    )));
+    metrics.set_polling(true);
+    // Counted as it goes: a poll that fails still reports what it delivered first.
+    let mut summary = PollSummary::default();
+    let result = pipeline
+        .poll_counting(PollMode::default(), &poll_cancel, &mut summary)
+        .await
+        .map(|()| summary.clone());
+    if result.is_err() {
+        report.add(&summary);
+    }
+    // state.retention: a bounded step per poll, while the lease is held.
+    if let (Ok(summary), false) = (&result, poll_cancel.is_cancelled()) {
+        retention.step(pipeline, settings, summary.checkpoint).await;
+    }
+    metrics.set_polling(false);
+    renewer.0.abort();
+    // Wait for it to go, so it drops its handle on the state before we return.
+    let _ = (&mut renewer.0).await;
+    metrics.observe_poll(pipeline.sink.name(), result.as_ref().map_err(|_| ()));
+    result
+}
+
+/// Logs a poll's result and adds it to `report`; `true` when the daemon is stopping.
+fn record_result(
+    result: Result<PollSummary, PollError>,
+    cancel: &CancellationToken,
+    report: &mut RunReport,
+) -> bool {
+    match result {
+        Ok(summary) => {
+            log_summary(&summary);
+            report.add(&summary);
+            report.last_error = None;
+        }
+        Err(PollError::Interrupted { pages }) if !cancel.is_cancelled() => {
+            tracing::warn!(
+                pages,
+                "Processing lease lost during a poll; the checkpoint stays where it was."
+            );
+            report.last_error = Some("processing lease lost".into());
+        }
+        Err(PollError::Interrupted { pages }) => {
+            tracing::info!(
+                pages,
+                "Shutdown requested during a poll; the checkpoint stays where it was."
+            );
+            return true;
+        }
+        Err(e) => {
+            report.failed_polls += 1;
+            match &e {
+                PollError::Source(s) if s.is_transient() => {
+                    tracing::warn!(error = %e, "Poll failed; trying again at the next interval.")
+                }
+                _ => {
+                    tracing::error!(error = %e, "Poll failed; trying again at the next interval.")
+                }
+            }
+            report.last_error = Some(e.to_string());
+        }
+    }
+    false
 }

@@ -1,6 +1,5 @@
 //! The merge of a customer's events into one record, and the record as a store keeps it.
 
-
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;

@@ -6,7 +6,6 @@
 //! stage is the highest ever reached, the history is sorted. So the same events in any
 //! order, across any number of polls and restarts, give the same record.
 
-
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::sink::alert::{SlackSettings, TeamsSettings};
+use crate::sink::alert::{SlackSettings, TeamsSettings, Vendor};
 use crate::sink::dynamics::DynamicsSettings;
 use crate::sink::hubspot::HubspotSettings;
 use crate::sink::marketo::MarketoSettings;
@@ -188,4 +188,57 @@ fn default_sink_kind() -> SinkKind {
 }
 fn default_jsonl_path() -> PathBuf {
     PathBuf::from("-")
+}
+
+impl SinkSettings {
+    /// Checks the `sink.*` keys: `Err((key, why))` for the first one that is wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.batch_size == Some(0) {
+            return Err(("sink.batch_size".into(), "must be at least 1".into()));
+        }
+        let missing = |section: &str| {
+            Err((
+                format!("sink.{section}"),
+                format!("sink.kind = \"{section}\" needs a [sink.{section}] section"),
+            ))
+        };
+        match self.kind {
+            SinkKind::Jsonl => {}
+            SinkKind::Salesforce => match &self.salesforce {
+                Some(s) => s.validate()?,
+                None => return missing("salesforce"),
+            },
+            SinkKind::Dynamics => match &self.dynamics {
+                Some(s) => s.validate()?,
+                None => return missing("dynamics"),
+            },
+            SinkKind::Webhook => match &self.webhook {
+                Some(s) => s.validate()?,
+                None => return missing("webhook"),
+            },
+            SinkKind::Teams => match &self.teams {
+                Some(s) => s.validate(Vendor::Teams)?,
+                None => return missing("teams"),
+            },
+            SinkKind::Slack => match &self.slack {
+                Some(s) => s.validate(Vendor::Slack)?,
+                None => return missing("slack"),
+            },
+            SinkKind::Hubspot => match &self.hubspot {
+                Some(s) => s.validate()?,
+                None => return missing("hubspot"),
+            },
+            SinkKind::Marketo => match &self.marketo {
+                Some(s) => s.validate()?,
+                None => return missing("marketo"),
+            },
+        }
+        if self.jsonl.path.as_os_str().is_empty() {
+            return Err((
+                "sink.jsonl.path".into(),
+                "must not be empty (use \"-\" for stdout)".into(),
+            ));
+        }
+        Ok(())
+    }
 }

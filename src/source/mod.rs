@@ -800,6 +800,77 @@ fn default_request_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+impl SourceSettings {
+    /// Checks the `source.*` keys: `Err((key, why))` for the first one that is wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
+        if self.table.trim().is_empty() {
+            return bad("source.table", "the table name must not be empty");
+        }
+        if !valid_table_name(&self.table) {
+            return bad(
+                "source.table",
+                "a table name is 3 to 63 letters and digits, starting with a letter",
+            );
+        }
+        let credentials = [
+            self.connection_string.is_some(),
+            self.account_key.is_some(),
+            self.sas_token.is_some(),
+            self.identity.is_some(),
+        ]
+        .iter()
+        .filter(|set| **set)
+        .count();
+        if credentials != 1 {
+            return bad(
+                "source.connection_string",
+                "set exactly one of source.connection_string, source.account_key, source.sas_token or source.identity",
+            );
+        }
+        if (self.account_key.is_some() || self.sas_token.is_some() || self.identity.is_some())
+            && self.account.as_deref().is_none_or(|a| a.trim().is_empty())
+        {
+            return bad(
+                "source.account",
+                "the storage account name is required with account_key, sas_token or identity",
+            );
+        }
+        if self.identity_client_id.is_some() && self.identity != Some(IdentityKind::ManagedIdentity)
+        {
+            return bad(
+                "source.identity_client_id",
+                "only applies with identity = \"managed_identity\"",
+            );
+        }
+        if let Some(endpoint) = &self.endpoint {
+            if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+                return bad("source.endpoint", "must be an http(s) URL");
+            }
+        }
+        if self.overlap.is_zero() {
+            return bad(
+                "source.overlap",
+                "must be greater than zero: late-visible rows would be lost",
+            );
+        }
+        if self.page_size == 0 || self.page_size > 1000 {
+            return bad("source.page_size", "must be between 1 and 1000");
+        }
+        if self.request_timeout.is_zero() {
+            return bad("source.request_timeout", "must be greater than zero");
+        }
+        self.retry.validate("source.retry")
+    }
+}
+
+/// Azure table names: 3-63 alphanumerics, starting with a letter.
+pub fn valid_table_name(name: &str) -> bool {
+    (3..=63).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_alphanumeric())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1591,6 +1591,40 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/leadsync")
 }
 
+impl StateSettings {
+    /// Checks the `state.*` keys (some against `source.*`): `Err((key, why))` for the
+    /// first one that is wrong.
+    pub fn validate(&self, source: &crate::source::SourceSettings) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
+        if self.backend == StateBackend::Table {
+            if !crate::source::valid_table_name(&self.table) {
+                return bad(
+                    "state.table",
+                    "a table name is 3 to 63 letters and digits, starting with a letter",
+                );
+            }
+            if self.table.eq_ignore_ascii_case(&source.table) {
+                return bad("state.table", "must differ from source.table");
+            }
+            if self.lease_ttl < Duration::from_secs(5) {
+                return bad("state.lease_ttl", "must be at least 5s");
+            }
+        }
+        if let Some(retention) = self.retention {
+            if retention <= source.overlap {
+                return bad(
+                    "state.retention",
+                    "must be longer than source.overlap (a row re-read inside the overlap window must still find its state), or \"forever\"",
+                );
+            }
+        }
+        if self.dir.as_os_str().is_empty() {
+            return bad("state.dir", "must not be empty");
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
