@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use reqwest::StatusCode;
+use secrecy::SecretString;
 
 use super::api::{classify, error_text, is_endpoint_refusal, Answer};
 use super::{DynamicsSink, SINK};
@@ -83,24 +84,12 @@ impl DynamicsSink {
                 Ok(token) => token,
                 Err(error) => return error.into_step(),
             };
-            let boundary = format!("batch_leadsync_{:016x}", rand::random::<u64>());
-            let request = self
-                .odata(
-                    self.client.post(format!("{}/$batch", self.api_base)),
-                    &token,
-                )
-                .header(
-                    CONTENT_TYPE,
-                    format!("multipart/mixed; boundary={boundary}"),
-                )
-                .header("Prefer", "odata.continue-on-error")
-                .body(batch_body(&boundary, &parts));
-            let response = match request.send().await {
+            let response = match self.post_batch(&token, &parts).await {
                 Ok(response) => response,
-                Err(e) => {
+                Err(reason) => {
                     return Step::Retry {
                         after: None,
-                        reason: self.transport_reason("$batch request", e),
+                        reason,
                     }
                 }
             };
@@ -131,45 +120,7 @@ impl DynamicsSink {
                 }
             };
             if !status.is_success() {
-                self.log_service_protection(&text, after, parts.len());
-                // Throttling counts the `$batch` as one request and answers it as a whole.
-                if let Step::Retry { after, reason } = classify(status, after, &text) {
-                    return Step::Retry {
-                        after,
-                        reason: self.redact(reason),
-                    };
-                }
-                let answer = Answer {
-                    status,
-                    text: self.redact(text),
-                    entity: String::new(),
-                };
-                if is_endpoint_refusal(status, &answer.text) {
-                    let mut done = lock(finished);
-                    for part in &parts {
-                        done.push((part.index, self.refusal(&answer, "the $batch")));
-                    }
-                    lock(pending).clear();
-                    return Step::Done(BatchEnd::Answered);
-                }
-                if parts.len() > 1 {
-                    tracing::warn!(
-                        requests = parts.len(),
-                        status = status.as_u16(),
-                        reason = %error_text(&answer.text),
-                        "Dataverse refused the $batch as a whole; sending it again in halves so that one bad record does not hold back the others."
-                    );
-                    return Step::Done(BatchEnd::Split);
-                }
-                // One request left: the refusal is its own.
-                let part = &parts[0];
-                let outcome = match self.judge(part, &answer, None) {
-                    Ok(outcome) => outcome,
-                    Err((after, reason)) => return Step::Retry { after, reason },
-                };
-                lock(finished).push((part.index, outcome));
-                lock(pending).clear();
-                return Step::Done(BatchEnd::Answered);
+                return self.batch_refused(&parts, status, after, text, pending, finished);
             }
             let answers = match parse_batch_response(&content_type, &text) {
                 Ok(answers) => answers,
@@ -180,50 +131,7 @@ impl DynamicsSink {
                     }
                 }
             };
-            // The responses come in the order of the requests; without
-            // continue-on-error Dataverse would stop at the first failure, so a request
-            // without a response is sent again.
-            let sent = parts.len();
-            let mut again = Vec::new();
-            let mut done = Vec::new();
-            let mut retry: Option<(Option<Duration>, String)> = None;
-            let mut reauth = false;
-            for (i, part) in parts.into_iter().enumerate() {
-                let Some(inner) = answers.get(i) else {
-                    retry.get_or_insert((
-                        None,
-                        format!(
-                            "Dataverse answered {} of the $batch's {sent} requests",
-                            answers.len()
-                        ),
-                    ));
-                    again.push(part);
-                    continue;
-                };
-                if inner.status == StatusCode::UNAUTHORIZED && !refreshed {
-                    reauth = true;
-                    again.push(part);
-                    continue;
-                }
-                let answer = Answer {
-                    status: inner.status,
-                    text: self.redact(inner.text.clone()),
-                    entity: inner.entity.clone(),
-                };
-                self.log_service_protection(&answer.text, inner.after, 1);
-                match self.judge(&part, &answer, inner.after) {
-                    Ok(outcome) => done.push((part.index, outcome)),
-                    Err((after, reason)) => {
-                        retry = Some(match retry {
-                            None => (after, reason),
-                            Some((was, first)) => (was.max(after), first),
-                        });
-                        again.push(part);
-                    }
-                }
-            }
-            lock(finished).extend(done);
-            *lock(pending) = again;
+            let (retry, reauth) = self.take_answers(parts, &answers, refreshed, pending, finished);
             if reauth {
                 self.forget(&token).await;
                 refreshed = true;
@@ -234,6 +142,135 @@ impl DynamicsSink {
                 Some((after, reason)) => Step::Retry { after, reason },
             };
         }
+    }
+
+    /// `POST $batch` of `parts`, or why it was not answered.
+    async fn post_batch(
+        &self,
+        token: &SecretString,
+        parts: &[Part],
+    ) -> Result<reqwest::Response, String> {
+        let boundary = format!("batch_leadsync_{:016x}", rand::random::<u64>());
+        self.odata(self.client.post(format!("{}/$batch", self.api_base)), token)
+            .header(
+                CONTENT_TYPE,
+                format!("multipart/mixed; boundary={boundary}"),
+            )
+            .header("Prefer", "odata.continue-on-error")
+            .body(batch_body(&boundary, parts))
+            .send()
+            .await
+            .map_err(|e| self.transport_reason("$batch request", e))
+    }
+
+    /// A `$batch` refused as a whole: throttling is waited out, an endpoint refusal is
+    /// every part's, more than one part is split in halves, one part's refusal is its own.
+    fn batch_refused(
+        &self,
+        parts: &[Part],
+        status: StatusCode,
+        after: Option<Duration>,
+        text: String,
+        pending: &StdMutex<Vec<Part>>,
+        finished: &StdMutex<Vec<(usize, Outcome)>>,
+    ) -> Step<BatchEnd> {
+        self.log_service_protection(&text, after, parts.len());
+        // Throttling counts the `$batch` as one request and answers it as a whole.
+        if let Step::Retry { after, reason } = classify(status, after, &text) {
+            return Step::Retry {
+                after,
+                reason: self.redact(reason),
+            };
+        }
+        let answer = Answer {
+            status,
+            text: self.redact(text),
+            entity: String::new(),
+        };
+        if is_endpoint_refusal(status, &answer.text) {
+            let mut done = lock(finished);
+            for part in parts {
+                done.push((part.index, self.refusal(&answer, "the $batch")));
+            }
+            lock(pending).clear();
+            return Step::Done(BatchEnd::Answered);
+        }
+        if parts.len() > 1 {
+            tracing::warn!(
+                requests = parts.len(),
+                status = status.as_u16(),
+                reason = %error_text(&answer.text),
+                "Dataverse refused the $batch as a whole; sending it again in halves so that one bad record does not hold back the others."
+            );
+            return Step::Done(BatchEnd::Split);
+        }
+        // One request left: the refusal is its own.
+        let part = &parts[0];
+        let outcome = match self.judge(part, &answer, None) {
+            Ok(outcome) => outcome,
+            Err((after, reason)) => return Step::Retry { after, reason },
+        };
+        lock(finished).push((part.index, outcome));
+        lock(pending).clear();
+        Step::Done(BatchEnd::Answered)
+    }
+
+    /// Moves the parts with a final answer to `finished` and keeps the others pending.
+    /// Returns why some go again (the longest `Retry-After` among them, the first
+    /// reason), and whether an inner 401 asks for a fresh token.
+    fn take_answers(
+        &self,
+        parts: Vec<Part>,
+        answers: &[InnerAnswer],
+        refreshed: bool,
+        pending: &StdMutex<Vec<Part>>,
+        finished: &StdMutex<Vec<(usize, Outcome)>>,
+    ) -> (Option<(Option<Duration>, String)>, bool) {
+        // The responses come in the order of the requests; without
+        // continue-on-error Dataverse would stop at the first failure, so a request
+        // without a response is sent again.
+        let sent = parts.len();
+        let mut again = Vec::new();
+        let mut done = Vec::new();
+        let mut retry: Option<(Option<Duration>, String)> = None;
+        let mut reauth = false;
+        for (i, part) in parts.into_iter().enumerate() {
+            let Some(inner) = answers.get(i) else {
+                retry.get_or_insert((
+                    None,
+                    format!(
+                        "Dataverse answered {} of the $batch's {sent} requests",
+                        answers.len()
+                    ),
+                ));
+                again.push(part);
+                continue;
+            };
+            if inner.status == StatusCode::UNAUTHORIZED && !refreshed {
+                reauth = true;
+                again.push(part);
+                continue;
+            }
+            let answer = Answer {
+                status: inner.status,
+                text: self.redact(inner.text.clone()),
+                entity: inner.entity.clone(),
+            };
+            self.log_service_protection(&answer.text, inner.after, 1);
+            match self.judge(&part, &answer, inner.after) {
+                Ok(outcome) => done.push((part.index, outcome)),
+                Err((after, reason)) => {
+                    retry = Some(match retry {
+                        None => (after, reason),
+                        Some((was, first)) => (was.max(after), first),
+                    });
+                    again.push(part);
+                }
+            }
+        }
+        lock(finished).extend(done);
+        *lock(pending) = again;
+        (retry, reauth)
     }
 }
 

@@ -9,9 +9,12 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::api::snippet;
-use super::settings::AuthFlow;
-use super::{transport_reason, SalesforceSink, ASSERTION_LIFETIME, JWT_GRANT, REDACTED, SINK};
+use super::settings::{default_audience, AuthFlow, SalesforceSettings};
+use super::{
+    sink_error, transport_reason, SalesforceSink, ASSERTION_LIFETIME, JWT_GRANT, REDACTED, SINK,
+};
 use crate::sink::http::{check_url, is_transient_status};
+use crate::sink::SinkError;
 
 pub(super) enum Credentials {
     ClientSecret(SecretString),
@@ -20,6 +23,53 @@ pub(super) enum Credentials {
         audience: String,
         key: EncodingKey,
     },
+}
+
+impl Credentials {
+    /// The secret or the signing key of the configured flow, read from their sources.
+    pub(super) fn from_settings(
+        settings: &SalesforceSettings,
+        login: &reqwest::Url,
+    ) -> Result<Self, SinkError> {
+        Ok(match settings.auth {
+            AuthFlow::ClientCredentials => {
+                let source = settings.client_secret.as_ref().ok_or_else(|| {
+                    sink_error("config key `sink.salesforce.client_secret` is missing")
+                })?;
+                Credentials::ClientSecret(
+                    source
+                        .resolve("sink.salesforce.client_secret")
+                        .map_err(|e| sink_error(e.to_string()))?,
+                )
+            }
+            AuthFlow::JwtBearer => {
+                let source = settings.private_key.as_ref().ok_or_else(|| {
+                    sink_error("config key `sink.salesforce.private_key` is missing")
+                })?;
+                let pem = source
+                    .resolve("sink.salesforce.private_key")
+                    .map_err(|e| sink_error(e.to_string()))?;
+                let key = EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes()).map_err(|_| {
+                sink_error(
+                    "config key `sink.salesforce.private_key`: not an RSA private key in PEM form (PKCS#8 or PKCS#1)",
+                )
+            })?;
+                Credentials::Jwt {
+                    username: settings
+                        .username
+                        .clone()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                    audience: settings
+                        .audience
+                        .clone()
+                        .unwrap_or_else(|| default_audience(login)),
+                    key,
+                }
+            }
+        })
+    }
 }
 
 #[derive(Clone)]

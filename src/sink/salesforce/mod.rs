@@ -30,9 +30,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::EncodingKey;
 use reqwest::Method;
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
@@ -141,44 +139,7 @@ impl SalesforceSink {
             settings.allow_http,
         )
         .map_err(|(key, why)| sink_error(format!("config key `{key}`: {why}")))?;
-        let credentials = match settings.auth {
-            AuthFlow::ClientCredentials => {
-                let source = settings.client_secret.as_ref().ok_or_else(|| {
-                    sink_error("config key `sink.salesforce.client_secret` is missing")
-                })?;
-                Credentials::ClientSecret(
-                    source
-                        .resolve("sink.salesforce.client_secret")
-                        .map_err(|e| sink_error(e.to_string()))?,
-                )
-            }
-            AuthFlow::JwtBearer => {
-                let source = settings.private_key.as_ref().ok_or_else(|| {
-                    sink_error("config key `sink.salesforce.private_key` is missing")
-                })?;
-                let pem = source
-                    .resolve("sink.salesforce.private_key")
-                    .map_err(|e| sink_error(e.to_string()))?;
-                let key = EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes()).map_err(|_| {
-                    sink_error(
-                        "config key `sink.salesforce.private_key`: not an RSA private key in PEM form (PKCS#8 or PKCS#1)",
-                    )
-                })?;
-                Credentials::Jwt {
-                    username: settings
-                        .username
-                        .clone()
-                        .unwrap_or_default()
-                        .trim()
-                        .to_owned(),
-                    audience: settings
-                        .audience
-                        .clone()
-                        .unwrap_or_else(|| default_audience(&login)),
-                    key,
-                }
-            }
-        };
+        let credentials = Credentials::from_settings(settings, &login)?;
         let mut placeholders = BTreeMap::new();
         for (field, value) in default_placeholders()
             .into_iter()

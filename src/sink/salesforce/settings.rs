@@ -190,7 +190,6 @@ pub(super) fn api_major(version: &str) -> Option<u32> {
 impl SalesforceSettings {
     /// Checks what types cannot express; returns the offending key and why.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        let bad = |key: &str, why: &str| Err((format!("sink.salesforce.{key}"), why.to_owned()));
         let login = check_url(
             "sink.salesforce.login_url",
             &self.login_url,
@@ -205,6 +204,37 @@ impl SalesforceSettings {
         if self.client_id.trim().is_empty() {
             return bad("client_id", "must not be empty (the app's consumer key)");
         }
+        self.validate_auth()?;
+        match api_major(&self.api_version) {
+            Some(major) if major >= MIN_API_MAJOR => {}
+            Some(_) => {
+                return bad(
+                    "api_version",
+                    "must be v52.0 or later (the duplicate rule header needs it)",
+                )
+            }
+            None => return bad("api_version", "must look like \"v62.0\""),
+        }
+        if !is_api_name(&self.external_id_field) {
+            return bad(
+                "external_id_field",
+                "must be a Salesforce field API name such as Leadsync_Key__c",
+            );
+        }
+        self.validate_field_names()?;
+        if self.api_limit_pause.is_zero() {
+            return bad("api_limit_pause", "must be greater than zero");
+        }
+        self.validate_field_values()?;
+        if self.request_timeout.is_zero() {
+            return bad("request_timeout", "must be greater than zero");
+        }
+        self.retry.validate("sink.salesforce.retry")?;
+        Ok(())
+    }
+
+    /// The keys each OAuth flow needs, and those it does not use.
+    fn validate_auth(&self) -> Result<(), (String, String)> {
         match self.auth {
             AuthFlow::ClientCredentials => {
                 if self.client_secret.is_none() {
@@ -245,22 +275,11 @@ impl SalesforceSettings {
                 }
             }
         }
-        match api_major(&self.api_version) {
-            Some(major) if major >= MIN_API_MAJOR => {}
-            Some(_) => {
-                return bad(
-                    "api_version",
-                    "must be v52.0 or later (the duplicate rule header needs it)",
-                )
-            }
-            None => return bad("api_version", "must look like \"v62.0\""),
-        }
-        if !is_api_name(&self.external_id_field) {
-            return bad(
-                "external_id_field",
-                "must be a Salesforce field API name such as Leadsync_Key__c",
-            );
-        }
+        Ok(())
+    }
+
+    /// Mapped and owned fields: API names, never the external id or the record id.
+    fn validate_field_names(&self) -> Result<(), (String, String)> {
         if self.fields.is_empty() {
             return bad("fields", "must map at least one Lead field");
         }
@@ -293,9 +312,11 @@ impl SalesforceSettings {
                 ));
             }
         }
-        if self.api_limit_pause.is_zero() {
-            return bad("api_limit_pause", "must be greater than zero");
-        }
+        Ok(())
+    }
+
+    /// Placeholders and maximum lengths: API names with a usable value.
+    fn validate_field_values(&self) -> Result<(), (String, String)> {
         for (name, value) in &self.placeholders {
             if !is_api_name(name) {
                 return Err((
@@ -325,12 +346,13 @@ impl SalesforceSettings {
                 ));
             }
         }
-        if self.request_timeout.is_zero() {
-            return bad("request_timeout", "must be greater than zero");
-        }
-        self.retry.validate("sink.salesforce.retry")?;
         Ok(())
     }
+}
+
+/// `sink.salesforce.{key}` and why it is refused.
+fn bad<T>(key: &str, why: &str) -> Result<T, (String, String)> {
+    Err((format!("sink.salesforce.{key}"), why.to_owned()))
 }
 
 /// The JWT `aud` when none is configured: Salesforce accepts only its login hosts

@@ -77,7 +77,6 @@ impl SalesforceSink {
         existing: &HashMap<String, Existing>,
         outcomes: &mut [Option<Outcome>],
     ) {
-        let text = |v: &Value, f: &str| v.get(f).and_then(Value::as_str).unwrap_or("").to_owned();
         let tasks: Vec<(usize, &Existing, Value)> = indexes
             .iter()
             .map(|&i| {
@@ -85,68 +84,20 @@ impl SalesforceSink {
                 (i, e, self.follow_up_task(&leads[i], e))
             })
             .collect();
-        let identity = |v: &Value| (text(v, "Subject"), text(v, "WhoId"), text(v, "WhatId"));
         let subjects: Vec<String> = tasks
             .iter()
             .map(|(_, _, t)| text(t, "Subject"))
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let fail = |outcomes: &mut [Option<Outcome>], outcome: Outcome| {
-            for &i in indexes {
-                outcomes[i] = Some(outcome.clone());
-            }
-        };
-        let already: HashMap<(String, String, String), String> = match self
-            .query_in("Id, Subject, WhoId, WhatId", "Task", "Subject", &subjects)
-            .await
-        {
-            Finished::Done(records) => records
-                .into_iter()
-                .map(|r| {
-                    let r = Value::Object(r);
-                    (identity(&r), text(&r, "Id"))
-                })
-                .collect(),
-            Finished::GaveUp { after, reason } => {
-                return fail(outcomes, Outcome::RetryLater { after, reason })
-            }
-            Finished::Failed { reason } => {
-                return fail(
-                    outcomes,
-                    Outcome::EndpointFailed {
-                        reason: format!(
-                            "Salesforce refused the query of follow-up Tasks: {reason}"
-                        ),
-                    },
-                )
-            }
-        };
-        let note = |task_id: &str, e: &Existing, task: &Value| {
-            let mut on = Vec::new();
-            if let Some(c) = &e.contact {
-                on.push(format!("Contact {c}"));
-            }
-            if let Some(o) = &e.opportunity {
-                on.push(format!("Opportunity {o}"));
-            } else if let Some(a) = &e.account {
-                on.push(format!("Account {a}"));
-            }
-            let owner = text(task, "OwnerId");
-            format!(
-                "Task {task_id} on {} for converted Lead {}{}",
-                if on.is_empty() {
-                    "no record".to_owned()
-                } else {
-                    on.join(" and ")
-                },
-                e.id,
-                if owner.is_empty() {
-                    String::new()
-                } else {
-                    format!(", assigned to {owner}")
+        let already = match self.existing_tasks(&subjects).await {
+            Ok(already) => already,
+            Err(outcome) => {
+                for &i in indexes {
+                    outcomes[i] = Some(outcome.clone());
                 }
-            )
+                return;
+            }
         };
         let mut to_create = Vec::new();
         for (i, e, task) in &tasks {
@@ -159,58 +110,47 @@ impl SalesforceSink {
                 None => to_create.push((*i, *e, task.clone())),
             }
         }
-        if to_create.is_empty() {
-            return;
+        if !to_create.is_empty() {
+            self.create_tasks(leads, &to_create, outcomes).await;
         }
-        let body = json!({
-            "allOrNone": false,
-            "records": to_create.iter().map(|(_, _, t)| t.clone()).collect::<Vec<_>>(),
-        });
-        let path = format!("/services/data/{}/composite/sobjects", self.api_version);
-        let results = match self.call(Method::POST, &path, Some(&body), false).await {
-            Finished::Done(text) => match serde_json::from_str::<Vec<UpsertResult>>(&text) {
-                Ok(results) if results.len() == to_create.len() => results,
-                Ok(results) => {
-                    let reason = format!(
-                        "Salesforce returned {} results for {} Tasks",
-                        results.len(),
-                        to_create.len()
-                    );
-                    for (i, _, _) in &to_create {
-                        outcomes[*i] = Some(Outcome::EndpointFailed {
-                            reason: reason.clone(),
-                        });
-                    }
-                    return;
-                }
-                Err(e) => {
-                    let reason = format!(
-                        "Salesforce Task answer is not a list of results ({e}): {}",
-                        snippet(&text)
-                    );
-                    for (i, _, _) in &to_create {
-                        outcomes[*i] = Some(Outcome::RetryLater {
-                            after: None,
-                            reason: reason.clone(),
-                        });
-                    }
-                    return;
-                }
-            },
-            Finished::GaveUp { after, reason } => {
-                for (i, _, _) in &to_create {
-                    outcomes[*i] = Some(Outcome::RetryLater {
-                        after,
-                        reason: reason.clone(),
-                    });
-                }
-                return;
-            }
-            Finished::Failed { reason } => {
-                for (i, _, _) in &to_create {
-                    outcomes[*i] = Some(Outcome::EndpointFailed {
-                        reason: reason.clone(),
-                    });
+    }
+
+    /// The Tasks that already have one of `subjects`, by identity, with their ids.
+    async fn existing_tasks(
+        &self,
+        subjects: &[String],
+    ) -> Result<HashMap<TaskIdentity, String>, Outcome> {
+        match self
+            .query_in("Id, Subject, WhoId, WhatId", "Task", "Subject", subjects)
+            .await
+        {
+            Finished::Done(records) => Ok(records
+                .into_iter()
+                .map(|r| {
+                    let r = Value::Object(r);
+                    (identity(&r), text(&r, "Id"))
+                })
+                .collect()),
+            Finished::GaveUp { after, reason } => Err(Outcome::RetryLater { after, reason }),
+            Finished::Failed { reason } => Err(Outcome::EndpointFailed {
+                reason: format!("Salesforce refused the query of follow-up Tasks: {reason}"),
+            }),
+        }
+    }
+
+    /// Creates the Tasks of `to_create` in one request and sets each lead's outcome.
+    async fn create_tasks(
+        &self,
+        leads: &[CustomerLead],
+        to_create: &[(usize, &Existing, Value)],
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        let tasks: Vec<Value> = to_create.iter().map(|(_, _, t)| t.clone()).collect();
+        let results = match self.post_tasks(tasks).await {
+            Ok(results) => results,
+            Err(outcome) => {
+                for (i, _, _) in to_create {
+                    outcomes[*i] = Some(outcome.clone());
                 }
                 return;
             }
@@ -242,4 +182,71 @@ impl SalesforceSink {
             });
         }
     }
+
+    /// One sObject Collections create of `tasks`: a result per Task, in order, or the
+    /// outcome every one of them gets.
+    async fn post_tasks(&self, tasks: Vec<Value>) -> Result<Vec<UpsertResult>, Outcome> {
+        let count = tasks.len();
+        let body = json!({ "allOrNone": false, "records": tasks });
+        let path = format!("/services/data/{}/composite/sobjects", self.api_version);
+        match self.call(Method::POST, &path, Some(&body), false).await {
+            Finished::Done(text) => match serde_json::from_str::<Vec<UpsertResult>>(&text) {
+                Ok(results) if results.len() == count => Ok(results),
+                Ok(results) => Err(Outcome::EndpointFailed {
+                    reason: format!(
+                        "Salesforce returned {} results for {count} Tasks",
+                        results.len()
+                    ),
+                }),
+                Err(e) => Err(Outcome::RetryLater {
+                    after: None,
+                    reason: format!(
+                        "Salesforce Task answer is not a list of results ({e}): {}",
+                        snippet(&text)
+                    ),
+                }),
+            },
+            Finished::GaveUp { after, reason } => Err(Outcome::RetryLater { after, reason }),
+            Finished::Failed { reason } => Err(Outcome::EndpointFailed { reason }),
+        }
+    }
+}
+
+/// Subject, WhoId and WhatId: a Task with the same ones is the same event's Task.
+type TaskIdentity = (String, String, String);
+
+fn text(v: &Value, f: &str) -> String {
+    v.get(f).and_then(Value::as_str).unwrap_or("").to_owned()
+}
+
+fn identity(v: &Value) -> TaskIdentity {
+    (text(v, "Subject"), text(v, "WhoId"), text(v, "WhatId"))
+}
+
+/// What the outcome says about a follow-up Task: the records it is on, its owner.
+fn note(task_id: &str, e: &Existing, task: &Value) -> String {
+    let mut on = Vec::new();
+    if let Some(c) = &e.contact {
+        on.push(format!("Contact {c}"));
+    }
+    if let Some(o) = &e.opportunity {
+        on.push(format!("Opportunity {o}"));
+    } else if let Some(a) = &e.account {
+        on.push(format!("Account {a}"));
+    }
+    let owner = text(task, "OwnerId");
+    format!(
+        "Task {task_id} on {} for converted Lead {}{}",
+        if on.is_empty() {
+            "no record".to_owned()
+        } else {
+            on.join(" and ")
+        },
+        e.id,
+        if owner.is_empty() {
+            String::new()
+        } else {
+            format!(", assigned to {owner}")
+        }
+    )
 }

@@ -194,21 +194,8 @@ impl SalesforceSink {
             .collect();
         let results = match self.upsert(&records, false).await {
             Finished::Done(results) => results,
-            Finished::GaveUp { after, reason } => {
-                for &i in indexes {
-                    outcomes[i] = Some(Outcome::RetryLater {
-                        after,
-                        reason: reason.clone(),
-                    });
-                }
-                return 0;
-            }
-            Finished::Failed { reason } => {
-                for &i in indexes {
-                    outcomes[i] = Some(Outcome::EndpointFailed {
-                        reason: reason.clone(),
-                    });
-                }
+            other => {
+                set_unanswered(outcomes, indexes.iter().copied(), other);
                 return 0;
             }
         };
@@ -225,69 +212,95 @@ impl SalesforceSink {
                     duplicates.push(n);
                     Outcome::Rejected { reason: text }
                 }
-                RecordVerdict::Duplicate(text) => Outcome::Rejected {
-                    reason: format!(
-                        "Salesforce duplicate rule refused the Lead (sink.salesforce.duplicates = \"reject\"): {text}"
-                    ),
-                },
-                RecordVerdict::Locked(text) => Outcome::RetryLater {
-                    after: None,
-                    reason: format!("Salesforce record was locked: {text}"),
-                },
-                RecordVerdict::Converted(text) => Outcome::RetryLater {
-                    after: None,
-                    reason: format!("the Lead was converted while leadsync sent it; its follow-up Task comes next time: {text}"),
-                },
-                RecordVerdict::Rejected(text) => Outcome::Rejected {
-                    reason: format!("Salesforce refused the Lead: {text}"),
-                },
+                verdict => first_outcome(verdict),
             };
             outcomes[i] = Some(outcome);
         }
         if !duplicates.is_empty() {
-            let again: Vec<Value> = duplicates.iter().map(|&n| records[n].clone()).collect();
-            match self.upsert(&again, true).await {
-                Finished::Done(results) => {
-                    for (&n, result) in duplicates.iter().zip(&results) {
-                        outcomes[indexes[n]] = Some(match record_verdict(result) {
-                            RecordVerdict::Upserted { .. } => Outcome::Delivered,
-                            RecordVerdict::Locked(text) | RecordVerdict::Converted(text) => {
-                                Outcome::RetryLater {
-                                    after: None,
-                                    reason: format!("Salesforce could not update the Lead now: {text}"),
-                                }
-                            }
-                            RecordVerdict::Duplicate(text) => Outcome::Rejected {
-                                reason: format!(
-                                    "Salesforce duplicate rule blocks the Lead even with allowSave=true: {text}"
-                                ),
-                            },
-                            RecordVerdict::Rejected(text) => Outcome::Rejected {
-                                reason: format!("Salesforce refused the Lead: {text}"),
-                            },
-                        });
-                    }
-                }
-                Finished::GaveUp { after, reason } => {
-                    for &n in &duplicates {
-                        outcomes[indexes[n]] = Some(Outcome::RetryLater {
-                            after,
-                            reason: reason.clone(),
-                        });
-                    }
-                }
-                Finished::Failed { reason } => {
-                    for &n in &duplicates {
-                        outcomes[indexes[n]] = Some(Outcome::EndpointFailed {
-                            reason: reason.clone(),
-                        });
-                    }
-                }
-            }
+            self.upsert_allowing_duplicates(&records, indexes, &duplicates, outcomes)
+                .await;
         }
         results
             .iter()
             .filter(|r| r.success && r.created == Some(true))
             .count()
+    }
+
+    /// Sends the records at `duplicates` (positions in `indexes`) again with
+    /// allowSave=true; duplicate rules whose action is "Alert" let them through.
+    async fn upsert_allowing_duplicates(
+        &self,
+        records: &[Value],
+        indexes: &[usize],
+        duplicates: &[usize],
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        let again: Vec<Value> = duplicates.iter().map(|&n| records[n].clone()).collect();
+        let results = match self.upsert(&again, true).await {
+            Finished::Done(results) => results,
+            other => {
+                set_unanswered(outcomes, duplicates.iter().map(|&n| indexes[n]), other);
+                return;
+            }
+        };
+        for (&n, result) in duplicates.iter().zip(&results) {
+            outcomes[indexes[n]] = Some(match record_verdict(result) {
+                RecordVerdict::Upserted { .. } => Outcome::Delivered,
+                RecordVerdict::Locked(text) | RecordVerdict::Converted(text) => {
+                    Outcome::RetryLater {
+                        after: None,
+                        reason: format!("Salesforce could not update the Lead now: {text}"),
+                    }
+                }
+                RecordVerdict::Duplicate(text) => Outcome::Rejected {
+                    reason: format!(
+                        "Salesforce duplicate rule blocks the Lead even with allowSave=true: {text}"
+                    ),
+                },
+                RecordVerdict::Rejected(text) => Outcome::Rejected {
+                    reason: format!("Salesforce refused the Lead: {text}"),
+                },
+            });
+        }
+    }
+}
+
+/// The outcome of a record's first upsert (a duplicate under `duplicates = "reject"`).
+fn first_outcome(verdict: RecordVerdict) -> Outcome {
+    match verdict {
+        RecordVerdict::Upserted { .. } => Outcome::Delivered,
+        RecordVerdict::Duplicate(text) => Outcome::Rejected {
+            reason: format!(
+                "Salesforce duplicate rule refused the Lead (sink.salesforce.duplicates = \"reject\"): {text}"
+            ),
+        },
+        RecordVerdict::Locked(text) => Outcome::RetryLater {
+            after: None,
+            reason: format!("Salesforce record was locked: {text}"),
+        },
+        RecordVerdict::Converted(text) => Outcome::RetryLater {
+            after: None,
+            reason: format!("the Lead was converted while leadsync sent it; its follow-up Task comes next time: {text}"),
+        },
+        RecordVerdict::Rejected(text) => Outcome::Rejected {
+            reason: format!("Salesforce refused the Lead: {text}"),
+        },
+    }
+}
+
+/// Every lead at `indexes` gets the outcome of an upsert that was not answered:
+/// retry later (`GaveUp`) or the endpoint failed (`Failed`).
+fn set_unanswered<T>(
+    outcomes: &mut [Option<Outcome>],
+    indexes: impl Iterator<Item = usize>,
+    finished: Finished<T>,
+) {
+    let outcome = match finished {
+        Finished::GaveUp { after, reason } => Outcome::RetryLater { after, reason },
+        Finished::Failed { reason } => Outcome::EndpointFailed { reason },
+        Finished::Done(_) => return,
+    };
+    for i in indexes {
+        outcomes[i] = Some(outcome.clone());
     }
 }
