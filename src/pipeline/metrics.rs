@@ -75,25 +75,27 @@ fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// Registers `metric` under `name` and gives it back.
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("leadsync");
-        let rows_read = Counter::default();
-        registry.register(
-            "rows_read",
-            "Table entities read (including re-reads of the overlap window)",
-            rows_read.clone(),
+        let r = &mut registry;
+        let polls = registered(
+            r,
+            "polls",
+            "Polls, by result (ok, failed)",
+            Family::default(),
         );
-        let rows = Family::<OutcomeLabels, Counter>::default();
-        registry.register("rows", "Rows settled, by sink and outcome (delivered, skipped, rejected, unidentifiable, unchanged)", rows.clone());
-        let records_sent = Family::<SinkLabels, Counter>::default();
-        registry.register(
-            "records_sent",
-            "Merged customer records the sink acknowledged",
-            records_sent.clone(),
-        );
-        let polls = Family::<ResultLabels, Counter>::default();
-        registry.register("polls", "Polls, by result (ok, failed)", polls.clone());
         // Both series exist from the start, so that `increase()` sees the first failure
         // (a series appearing at 1 has no increase) and a rule can tell "no poll
         // failed" from "no data".
@@ -102,98 +104,30 @@ impl Default for Metrics {
                 result: result.into(),
             });
         }
-        let last_ok_poll_gauge = Gauge::default();
-        registry.register(
-            "last_successful_poll_timestamp_seconds",
-            "Unix time of the last poll that completed without error (0: none yet)",
-            last_ok_poll_gauge.clone(),
-        );
-        let checkpoint = Gauge::default();
-        registry.register(
-            "checkpoint_timestamp_seconds",
-            "The checkpoint after the last successful poll, as Unix time (0: none yet); it holds at the oldest waiting lead, and stands still while the table gets no new rows",
-            checkpoint.clone(),
-        );
-        let pending = Gauge::default();
-        registry.register(
-            "pending_rows",
-            "Rows whose lead is waiting for the sink after the last poll",
-            pending.clone(),
-        );
-        let oldest_pending_age = Gauge::default();
-        registry.register(
-            "oldest_undelivered_lead_age_seconds",
-            "Age of the oldest undelivered lead, from its table Timestamp",
-            oldest_pending_age.clone(),
-        );
-        let overdue = Gauge::default();
-        registry.register(
-            "overdue_leads",
-            "Undelivered leads older than run.follow_up_warning",
-            overdue.clone(),
-        );
-        let poll_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
-        registry.register(
-            "poll_duration_seconds",
-            "Duration of one poll",
-            poll_duration.clone(),
-        );
-        let sink_latency = Family::<SinkLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.005, 2.0, 14))
-        });
-        registry.register(
-            "sink_request_duration_seconds",
-            "Duration of one delivery call to the sink (retries included)",
-            sink_latency.clone(),
-        );
-        let sink_retries = Counter::default();
-        registry.register(
-            "sink_retries",
-            "CRM requests retried after a transient failure",
-            sink_retries.clone(),
-        );
-        let api_limit_pauses = Counter::default();
-        registry.register(
-            "sink_api_limit_pauses",
-            "Pauses of the Salesforce sink for REQUEST_LIMIT_EXCEEDED (one per pause, sink.salesforce.api_limit_pause long)",
-            api_limit_pauses.clone(),
-        );
-        let long_polls = Counter::default();
-        registry.register(
-            "long_polls",
-            "Polls that took longer than half of source.overlap",
-            long_polls.clone(),
-        );
-        let endpoint_failing = Family::<SinkLabels, Gauge>::default();
-        registry.register(
-            "sink_endpoint_failing",
-            "1 while the sink's endpoint refuses calls for a reason that is not the leads' (credentials, permissions, a wrong object or field); its leads wait",
-            endpoint_failing.clone(),
-        );
         Self {
-            registry,
-            long_polls,
-            endpoint_failing,
-            endpoint_failures: Mutex::new(Default::default()),
-            rows_read,
-            rows,
-            records_sent,
+            rows_read: registered(r, "rows_read", "Table entities read (including re-reads of the overlap window)", Counter::default()),
+            rows: registered(r, "rows", "Rows settled, by sink and outcome (delivered, skipped, rejected, unidentifiable, unchanged)", Family::default()),
+            records_sent: registered(r, "records_sent", "Merged customer records the sink acknowledged", Family::default()),
             polls,
-            pending,
-            oldest_pending_age,
-            overdue,
-            poll_duration,
-            sink_latency,
-            sink_retries,
-            api_limit_pauses,
+            last_ok_poll_gauge: registered(r, "last_successful_poll_timestamp_seconds", "Unix time of the last poll that completed without error (0: none yet)", Gauge::default()),
+            checkpoint: registered(r, "checkpoint_timestamp_seconds", "The checkpoint after the last successful poll, as Unix time (0: none yet); it holds at the oldest waiting lead, and stands still while the table gets no new rows", Gauge::default()),
+            pending: registered(r, "pending_rows", "Rows whose lead is waiting for the sink after the last poll", Gauge::default()),
+            oldest_pending_age: registered(r, "oldest_undelivered_lead_age_seconds", "Age of the oldest undelivered lead, from its table Timestamp", Gauge::default()),
+            overdue: registered(r, "overdue_leads", "Undelivered leads older than run.follow_up_warning", Gauge::default()),
+            poll_duration: registered(r, "poll_duration_seconds", "Duration of one poll", Histogram::new(exponential_buckets(0.01, 2.0, 14))),
+            sink_latency: registered(r, "sink_request_duration_seconds", "Duration of one delivery call to the sink (retries included)", Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14)))),
+            sink_retries: registered(r, "sink_retries", "CRM requests retried after a transient failure", Counter::default()),
+            api_limit_pauses: registered(r, "sink_api_limit_pauses", "Pauses of the Salesforce sink for REQUEST_LIMIT_EXCEEDED (one per pause, sink.salesforce.api_limit_pause long)", Counter::default()),
+            long_polls: registered(r, "long_polls", "Polls that took longer than half of source.overlap", Counter::default()),
+            endpoint_failing: registered(r, "sink_endpoint_failing", "1 while the sink's endpoint refuses calls for a reason that is not the leads' (credentials, permissions, a wrong object or field); its leads wait", Family::default()),
+            endpoint_failures: Mutex::new(Default::default()),
             api_limit_pauses_seen: AtomicU64::new(0),
             last_ok_poll: AtomicI64::new(0),
-            last_ok_poll_gauge,
-            checkpoint,
             last_summary: Mutex::new(None),
             retries_seen: AtomicU64::new(0),
             polling: std::sync::atomic::AtomicBool::new(false),
             last_test_lead: Mutex::new(None),
+            registry,
         }
     }
 }
