@@ -60,9 +60,13 @@ pub struct Settings {
     /// Where leadsync keeps its checkpoint and the rows it has handled.
     #[serde(default)]
     pub state: StateSettings,
-    /// Where leads are delivered.
+    /// Where leads are delivered: one sink (`[sink]`).
     #[serde(default)]
     pub sink: SinkSettings,
+    /// Or several at once (`[[sinks]]`, each with a `name`): every lead goes to each,
+    /// and a row is settled when every sink has settled it. Use `[sink]` or `[[sinks]]`.
+    #[serde(default)]
+    pub sinks: Vec<SinkSettings>,
     /// What happens to test leads and do-not-contact leads.
     #[serde(default)]
     pub policy: PolicySettings,
@@ -160,6 +164,7 @@ impl Settings {
                 message: e.to_string(),
             })?;
         let origin = |key: &str| origin_of(key, path, &ours);
+        let sink_given = layered.get::<config::Value>("sink").is_ok();
         let settings: Settings = serde_path_to_error::deserialize(layered).map_err(|e| {
             let mut key = e.path().to_string();
             // A missing field is reported at its parent's path; name the field itself.
@@ -181,6 +186,13 @@ impl Settings {
                 key,
             }
         })?;
+        if sink_given && !settings.sinks.is_empty() {
+            return Err(ConfigError::Invalid {
+                origin: origin("sinks"),
+                key: "sinks".into(),
+                message: "use either one [sink] or a list of [[sinks]], not both".into(),
+            });
+        }
         settings
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid {
@@ -191,6 +203,53 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The deployment's sinks: each `[[sinks]]` entry, or the one `[sink]`.
+    pub fn sink_list(&self) -> Vec<&SinkSettings> {
+        if self.sinks.is_empty() {
+            vec![&self.sink]
+        } else {
+            self.sinks.iter().collect()
+        }
+    }
+
+    /// Checks each `[[sinks]]` entry as `[sink]` is checked, naming it `sinks[i]`, and
+    /// that every entry has a name of its own.
+    fn validate_sinks(&self) -> Result<(), (String, String)> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, sink) in self.sinks.iter().enumerate() {
+            let at = format!("sinks[{i}]");
+            sink.validate().map_err(|(key, why)| {
+                (
+                    key.replacen("sink", &at, 1),
+                    why.replace("[sink.", &format!("[{at}.")),
+                )
+            })?;
+            let Some(name) = &sink.name else {
+                return Err((
+                    format!("{at}.name"),
+                    "every [[sinks]] entry needs a name (e.g. \"crm\", \"sales-channel\")".into(),
+                ));
+            };
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err((
+                    format!("{at}.name"),
+                    "a sink name is letters, digits, '-' and '_'".into(),
+                ));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err((
+                    format!("{at}.name"),
+                    format!("another [[sinks]] entry is named \"{name}\" already"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what types cannot express. Returns the offending key and why.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let bad = |key: &str, message: &str| Err((key.to_owned(), message.to_owned()));
@@ -199,7 +258,10 @@ impl Settings {
         if self.identity.summary_template.trim().is_empty() {
             return bad("identity.summary_template", "must not be empty");
         }
-        self.sink.validate()?;
+        if self.sinks.is_empty() {
+            self.sink.validate()?;
+        }
+        self.validate_sinks()?;
         if self.run.poll_interval.is_zero() {
             return bad("run.poll_interval", "must be greater than zero");
         }

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, SinkKind, StateBackend};
+use crate::config::{Settings, SinkKind, SinkSettings, StateBackend};
 use crate::pipeline::metrics::Metrics;
+use crate::pipeline::Outlet;
 use crate::pipeline::{log_summary, Pipeline, PollError, PollMode, PollSummary};
 use crate::sink::AlertSink;
 use crate::sink::{DynamicsSink, JsonlSink, LeadSink, SalesforceSink, SinkError, WebhookSink};
@@ -80,13 +81,26 @@ impl RunReport {
     }
 }
 
-/// Builds the sink named by the settings (validation guarantees its section is there).
+/// Builds the sink `[sink]` names (the first of `[[sinks]]`), for `check` and tests.
 pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
+    build_sink_of(settings.sink_list()[0])
+}
+
+/// Builds every sink of the deployment, each with its name and batch size.
+pub fn build_outlets(settings: &Settings) -> Result<Vec<Outlet>, SinkError> {
+    settings
+        .sink_list()
+        .into_iter()
+        .map(|s| Ok(Outlet::new(s.name(), build_sink_of(s)?, s.batch_size())))
+        .collect()
+}
+
+/// Builds the sink one `[sink]` (or `[[sinks]]` entry) names.
+pub fn build_sink_of(s: &SinkSettings) -> Result<Arc<dyn LeadSink>, SinkError> {
     let missing = |sink: &str| SinkError {
         sink: sink.into(),
         message: format!("no [sink.{sink}] section"),
     };
-    let s = &settings.sink;
     Ok(match s.kind {
         SinkKind::Jsonl => Arc::new(JsonlSink::new(&s.jsonl.path)),
         SinkKind::Salesforce => Arc::new(SalesforceSink::new(
@@ -131,11 +145,10 @@ pub fn build_pipeline(settings: &Settings) -> Result<Pipeline, StartError> {
     Ok(Pipeline {
         source,
         state,
-        sink: build_sink(settings)?,
+        sinks: build_outlets(settings)?,
         policy: settings.policy.clone(),
         identity: settings.identity.clone(),
         overlap: settings.source.overlap,
-        batch_size: settings.sink.batch_size(),
         window_pages: crate::pipeline::WINDOW_PAGES,
         follow_up_warning: settings.run.follow_up_warning,
         memory: Default::default(),
@@ -299,7 +312,7 @@ pub async fn run_pipeline(
 ) -> Result<RunReport, StartError> {
     tracing::info!(
         table = pipeline.source.table_name(),
-        sink = pipeline.sink.name(),
+        sinks = pipeline.sink_names(),
         once = options.once,
         poll_interval = %humantime::format_duration(settings.run.poll_interval),
         overlap = %humantime::format_duration(settings.source.overlap),
@@ -495,7 +508,8 @@ async fn poll_holding_lease(
     renewer.0.abort();
     // Wait for it to go, so it drops its handle on the state before we return.
     let _ = (&mut renewer.0).await;
-    metrics.observe_poll(pipeline.sink.name(), result.as_ref().map_err(|_| ()));
+    let sinks: Vec<&str> = pipeline.sinks.iter().map(|o| o.name.as_str()).collect();
+    metrics.observe_poll(&sinks, result.as_ref().map_err(|_| ()));
     result
 }
 

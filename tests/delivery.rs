@@ -67,9 +67,8 @@ impl LeadSink for PickyCrm {
 fn pipeline(world: &World, crm: Arc<PickyCrm>, follow_up_warning: Duration) -> Pipeline {
     let built = build_pipeline(&world.settings()).unwrap();
     Pipeline {
-        sink: crm,
         follow_up_warning,
-        ..built
+        ..built.with_sink(crm)
     }
 }
 
@@ -178,10 +177,7 @@ async fn replay_changes_nothing_that_is_already_right_and_resend_never_duplicate
     let sink = Arc::new(MemorySink::default());
     world.poll_with(&world.settings(), sink.clone()).await;
     let built = build_pipeline(&world.settings()).unwrap();
-    let p = Pipeline {
-        sink: sink.clone(),
-        ..built
-    };
+    let p = built.with_sink(sink.clone());
     let since = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
 
     let replay = p
@@ -190,6 +186,7 @@ async fn replay_changes_nothing_that_is_already_right_and_resend_never_duplicate
                 since: Some(since),
                 ignore_handled: true,
                 resend: false,
+                sink: None,
             },
             &CancellationToken::new(),
         )
@@ -205,6 +202,7 @@ async fn replay_changes_nothing_that_is_already_right_and_resend_never_duplicate
                 since: Some(since),
                 ignore_handled: true,
                 resend: true,
+                sink: None,
             },
             &CancellationToken::new(),
         )

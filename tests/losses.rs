@@ -416,9 +416,8 @@ async fn a_failed_run_once_reports_what_it_delivered_before_the_failure() {
     let built = build_pipeline(&settings).unwrap();
     // A delivery window of one page: each page is delivered and synced on its own.
     let pipeline = leadsync::pipeline::Pipeline {
-        sink: sink.clone(),
         window_pages: 1,
-        ..built
+        ..built.with_sink(sink.clone())
     };
     let report = leadsync::run_pipeline(
         &pipeline,

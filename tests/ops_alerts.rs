@@ -34,8 +34,8 @@ fn exposition() -> String {
         duration: Duration::from_millis(40),
         ..PollSummary::default()
     };
-    metrics.observe_poll("webhook", Ok(&summary));
-    metrics.observe_poll("webhook", Err(()));
+    metrics.observe_poll(&["webhook"], Ok(&summary));
+    metrics.observe_poll(&["webhook"], Err(()));
     metrics.observe_sink_call("webhook", Duration::from_millis(20));
     metrics.endpoint_failed("webhook", "401 Unauthorized");
     metrics.saw_long_poll();

@@ -380,10 +380,7 @@ async fn flaky_world(backend: Backend, up: bool, syncs: bool) -> (World, Arc<Fla
         inner: JsonlSink::new(&world.output()),
     });
     let built = build_pipeline(&world.settings()).unwrap();
-    let pipeline = Pipeline {
-        sink: sink.clone(),
-        ..built
-    };
+    let pipeline = built.with_sink(sink.clone());
     (world, sink, pipeline)
 }
 
@@ -648,14 +645,13 @@ async fn a_customer_seen_again_pages_later_keeps_every_event_and_an_interrupted_
     world.insert(&more).await;
     let cancel = CancellationToken::new();
     let stopping = StopAfterFirstPage {
-        sink: pipeline.sink.clone(),
+        sink: pipeline.sinks[0].sink.clone(),
         cancel: cancel.clone(),
     };
     // One page per delivery window, so that the stop falls between two flushes.
     let stopped = Pipeline {
-        sink: Arc::new(stopping),
         window_pages: 1,
-        ..pipeline
+        ..pipeline.with_sink(Arc::new(stopping))
     };
     let failed = stopped.poll(&cancel).await.unwrap_err();
     assert!(
@@ -720,10 +716,7 @@ async fn a_customer_whose_rows_span_the_pages_of_a_window_is_sent_once_with_all_
     let settings = world.settings_with("page_size = 4");
     let sent = Arc::new(common::MemorySink::default());
     let built = build_pipeline(&settings).unwrap();
-    let pipeline = Pipeline {
-        sink: sent.clone(),
-        ..built
-    };
+    let pipeline = built.with_sink(sent.clone());
 
     let summary = pipeline.poll(&CancellationToken::new()).await.unwrap();
 
@@ -742,9 +735,8 @@ async fn a_customer_whose_rows_span_the_pages_of_a_window_is_sent_once_with_all_
     let sent = Arc::new(common::MemorySink::default());
     let built = build_pipeline(&edge.settings_with("page_size = 4")).unwrap();
     let pipeline = Pipeline {
-        sink: sent.clone(),
         window_pages: 6,
-        ..built
+        ..built.with_sink(sent.clone())
     };
     let summary = pipeline.poll(&CancellationToken::new()).await.unwrap();
     assert_eq!(summary.delivered, 48);

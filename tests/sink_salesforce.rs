@@ -1943,6 +1943,7 @@ async fn the_crms_edits_survive_the_daemon_and_a_replay_resend_and_a_converted_c
                 since: Some(time::OffsetDateTime::now_utc() - time::Duration::hours(1)),
                 ignore_handled: true,
                 resend: true,
+                sink: None,
             },
             &CancellationToken::new(),
         )

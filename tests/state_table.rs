@@ -945,9 +945,8 @@ async fn a_holder_that_cannot_renew_its_lease_in_time_stops_before_it_may_expire
     let built = leadsync::build_pipeline(&settings).unwrap();
     // A delivery window of one page: each page goes to the sink on its own.
     let pipeline = leadsync::pipeline::Pipeline {
-        sink: sink.clone(),
         window_pages: 1,
-        ..built
+        ..built.with_sink(sink.clone())
     };
 
     // Act
@@ -1066,7 +1065,7 @@ fn spawn_daemon(
     });
     tokio::spawn(async move {
         let built = leadsync::build_pipeline(&settings).expect("pipeline");
-        let pipeline = leadsync::pipeline::Pipeline { sink, ..built };
+        let pipeline = built.with_sink(sink);
         leadsync::run_pipeline(&pipeline, &settings, RunOptions { once: false }, cancel)
             .await
             .expect("daemon runs")
@@ -1168,7 +1167,7 @@ async fn a_daemon_that_dies_holding_the_lease_is_replaced_after_the_lease_expire
             let _daemon = runtime.spawn(async move {
                 let sink: Arc<dyn LeadSink> = Arc::new(SharedSink { daemon: 0, crm });
                 let built = leadsync::build_pipeline(&settings).expect("pipeline");
-                let pipeline = leadsync::pipeline::Pipeline { sink, ..built };
+                let pipeline = built.with_sink(sink);
                 leadsync::run_pipeline(
                     &pipeline,
                     &settings,
@@ -1377,14 +1376,11 @@ async fn a_crash_right_after_the_customers_are_written_keeps_a_refused_rows_outc
     let (proxy, settings) = FaultProxy::start(&world, Duration::ZERO, "").await;
     let built = leadsync::build_pipeline(&settings).unwrap();
     let sink = Arc::new(Refusing {
-        inner: built.sink.clone(),
+        inner: built.sinks[0].sink.clone(),
         refuse: false.into(),
         only: None,
     });
-    let pipeline = leadsync::pipeline::Pipeline {
-        sink: sink.clone(),
-        ..built
-    };
+    let pipeline = built.with_sink(sink.clone());
     let cancel = CancellationToken::new();
     let poll = || pipeline.poll(&cancel);
     let product = "AzureMarketplace-INS | contoso.analytics";
@@ -1462,14 +1458,11 @@ async fn a_crash_after_any_transaction_of_a_settle_leaves_every_rows_outcome_rec
         let (proxy, settings) = FaultProxy::start(&world, Duration::ZERO, "").await;
         let built = leadsync::build_pipeline(&settings).unwrap();
         let sink = Arc::new(Refusing {
-            inner: built.sink.clone(),
+            inner: built.sinks[0].sink.clone(),
             refuse: false.into(),
             only: Some("customer1@"),
         });
-        let pipeline = leadsync::pipeline::Pipeline {
-            sink: sink.clone(),
-            ..built
-        };
+        let pipeline = built.with_sink(sink.clone());
         let cancel = CancellationToken::new();
         let poll = || pipeline.poll(&cancel);
         let product = "AzureMarketplace-INS | contoso.analytics";

@@ -148,19 +148,27 @@ pub async fn check(settings: &Settings, send_test_lead: bool, wait: Duration) ->
     };
     report.push(state_detail.0, "state", state_detail.1);
 
-    match crate::daemon::build_sink(settings) {
-        Ok(sink) => match sink.healthcheck().await {
-            Ok(()) => report.push(
-                true,
-                "sink",
-                format!(
-                    "{}: reachable and authorised (nothing written)",
-                    sink.name()
+    // Every sink of the deployment; with several, each line names its sink.
+    let several = settings.sink_list().len() > 1;
+    for sink_settings in settings.sink_list() {
+        let named = |detail: String| match several {
+            true => format!("{}: {detail}", sink_settings.name()),
+            false => detail,
+        };
+        match crate::daemon::build_sink_of(sink_settings) {
+            Ok(sink) => match sink.healthcheck().await {
+                Ok(()) => report.push(
+                    true,
+                    "sink",
+                    named(format!(
+                        "{}: reachable and authorised (nothing written)",
+                        sink.name()
+                    )),
                 ),
-            ),
-            Err(e) => report.push(false, "sink", e.to_string()),
-        },
-        Err(e) => report.push(false, "sink", e.to_string()),
+                Err(e) => report.push(false, "sink", named(e.to_string())),
+            },
+            Err(e) => report.push(false, "sink", named(e.to_string())),
+        }
     }
 
     if send_test_lead {

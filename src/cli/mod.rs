@@ -85,6 +85,11 @@ pub enum Command {
         /// (e.g. after records were lost on the CRM side).
         #[arg(long)]
         resend: bool,
+        /// Send to this sink only (a `[[sinks]]` name), whether or not it had the
+        /// record: e.g. a sink added to a running deployment, given the leads since
+        /// --since. Implies --resend for that sink; the other sinks are not touched.
+        #[arg(long)]
+        sink: Option<String>,
     },
     /// Write the merged customers as CSV or JSON lines (to stdout, or --output).
     Export {
@@ -192,7 +197,11 @@ pub async fn main(cli: Cli) -> ExitCode {
                 ExitCode::from(EXIT_START_FAILED)
             }
         }
-        Command::Replay { since, resend } => replay(&settings, since, resend).await,
+        Command::Replay {
+            since,
+            resend,
+            sink,
+        } => replay(&settings, since, resend, sink.as_deref()).await,
         Command::Export {
             format,
             output,
@@ -712,15 +721,33 @@ async fn dlq_action(pipeline: &crate::pipeline::Pipeline, action: DlqAction) -> 
     })
 }
 
-async fn replay(settings: &Settings, since: time::OffsetDateTime, resend: bool) -> ExitCode {
+async fn replay(
+    settings: &Settings,
+    since: time::OffsetDateTime,
+    resend: bool,
+    sink: Option<&str>,
+) -> ExitCode {
     let pipeline = match pipeline_or_exit(settings) {
         Ok(p) => p,
         Err(code) => return code,
     };
+    let only = match sink.map(|name| pipeline.sinks.iter().position(|o| o.name == name)) {
+        None => None,
+        Some(Some(index)) => Some(index),
+        Some(None) => {
+            eprintln!(
+                "leadsync: no sink named {:?}; this deployment's sinks: {}",
+                sink.unwrap_or_default(),
+                pipeline.sink_names()
+            );
+            return ExitCode::from(2);
+        }
+    };
     let mode = crate::pipeline::PollMode {
         since: Some(since),
         ignore_handled: true,
-        resend,
+        resend: resend || only.is_some(),
+        sink: only,
     };
     let hold = match take_lease(settings, &pipeline).await {
         Ok(hold) => hold,

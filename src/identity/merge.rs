@@ -57,6 +57,12 @@ pub struct CustomerState {
     stamps: Stamps,
     /// The record was delivered to the sink at least once.
     pub delivered: bool,
+    /// The sinks that have this version of the record while another sink of the
+    /// deployment does not have it yet (`[[sinks]]`): the ledger that keeps a sink from
+    /// receiving a record twice while another one is retried. Empty when every sink
+    /// has it, or none; cleared when the record changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acked: Vec<String>,
     /// `Some` when read from the stored form, which keeps only a hash of the summary
     /// ([`StoredCustomer`]): `lead.summary` is empty until [`CustomerState::apply`]
     /// rebuilds it (comparing the new text with this hash, so a replay still sends
@@ -65,6 +71,27 @@ pub struct CustomerState {
     /// completes it.
     #[serde(skip)]
     summary_hash: Option<u64>,
+}
+
+/// A customer as the file store wrote it before the stored form, as postcard or JSON of
+/// the struct itself ([`CustomerState`] without `acked`): only read, never written.
+#[derive(Deserialize)]
+pub struct EarlierCustomerState {
+    lead: CustomerLead,
+    stamps: Stamps,
+    delivered: bool,
+}
+
+impl From<EarlierCustomerState> for CustomerState {
+    fn from(earlier: EarlierCustomerState) -> Self {
+        Self {
+            lead: earlier.lead,
+            stamps: earlier.stamps,
+            delivered: earlier.delivered,
+            acked: Vec::new(),
+            summary_hash: None,
+        }
+    }
 }
 
 /// The hash the stored form keeps of a summary (xxh3, stable across versions and
@@ -79,6 +106,8 @@ fn summary_hash(summary: &str) -> u64 {
 pub struct MergeState {
     stamps: Stamps,
     pub delivered: bool,
+    /// See [`CustomerState::acked`].
+    pub acked: Vec<String>,
     summary_hash: Option<u64>,
 }
 
@@ -142,6 +171,7 @@ impl CustomerState {
             },
             stamps: Stamps::default(),
             delivered: false,
+            acked: Vec::new(),
             summary_hash: None,
         }
     }
@@ -152,6 +182,7 @@ impl CustomerState {
         let rest = MergeState {
             stamps: self.stamps,
             delivered: self.delivered,
+            acked: self.acked,
             summary_hash: self.summary_hash,
         };
         (self.lead, rest)
@@ -163,6 +194,7 @@ impl CustomerState {
             lead,
             stamps: rest.stamps,
             delivered: rest.delivered,
+            acked: rest.acked,
             summary_hash: rest.summary_hash,
         }
     }
@@ -198,7 +230,12 @@ impl CustomerState {
             changed |= self.merge_fields(event);
             changed |= self.add_history(event);
         }
-        self.derive(settings) || changed
+        let changed = self.derive(settings) || changed;
+        if changed {
+            // A new version: no sink has it yet.
+            self.acked.clear();
+        }
+        changed
     }
 
     fn merge_fields(&mut self, event: &LeadEvent) -> bool {
@@ -395,7 +432,14 @@ impl CustomerState {
         let hash = self
             .summary_hash
             .unwrap_or_else(|| summary_hash(&self.lead.summary));
-        postcard::to_extend(&self.stored(hash), out).expect("customers serialise to postcard")
+        let out =
+            postcard::to_extend(&self.stored(hash), out).expect("customers serialise to postcard");
+        if self.acked.is_empty() {
+            return out;
+        }
+        // The sinks that have this version while another does not, after the record: a
+        // record without them (almost all, and every one written before) reads as none.
+        postcard::to_extend(&self.acked, out).expect("sink names serialise to postcard")
     }
 
     /// The form the version before wrote ([`SummaryForm::Text`]), to test that it is
@@ -475,9 +519,14 @@ impl CustomerState {
                 Self::from_stored(key, stored, |text| (text, None))
             }
             SummaryForm::Hash => {
-                let stored: StoredCustomer<String, u64> =
-                    postcard::from_bytes(bytes).map_err(read)?;
-                Self::from_stored(key, stored, |hash| (String::new(), Some(hash)))
+                let (stored, rest): (StoredCustomer<String, u64>, _) =
+                    postcard::take_from_bytes(bytes).map_err(read)?;
+                let mut customer =
+                    Self::from_stored(key, stored, |hash| (String::new(), Some(hash)))?;
+                if !rest.is_empty() {
+                    customer.acked = postcard::from_bytes(rest).map_err(read)?;
+                }
+                Ok(customer)
             }
         }
     }
@@ -560,6 +609,7 @@ impl CustomerState {
             },
             stamps,
             delivered: stored.delivered,
+            acked: Vec::new(),
             summary_hash,
         })
     }

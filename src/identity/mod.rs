@@ -263,6 +263,6 @@ fn default_summary_template() -> String {
 mod merge;
 mod summary;
 
-pub use merge::{CustomerState, MergeState, SummaryForm};
+pub use merge::{CustomerState, EarlierCustomerState, MergeState, SummaryForm};
 pub use summary::summarise;
 pub(crate) use summary::{action_label, stage_label};

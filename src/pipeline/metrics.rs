@@ -214,7 +214,14 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    pub fn observe_poll(&self, sink: &str, result: Result<&PollSummary, ()>) {
+    /// Counts a poll's outcome. With one sink, rows are counted under its name; with
+    /// several, under `sink="all"` (a row settles once, for every sink), and each
+    /// sink's acknowledged records under its own name.
+    pub fn observe_poll(&self, sinks: &[&str], result: Result<&PollSummary, ()>) {
+        let sink = match sinks {
+            [one] => *one,
+            _ => "all",
+        };
         self.touch();
         let label = |r: &str| ResultLabels { result: r.into() };
         let Ok(s) = result else {
@@ -244,9 +251,17 @@ impl Metrics {
                 })
                 .inc_by(n);
         }
-        self.records_sent
-            .get_or_create(&SinkLabels { sink: sink.into() })
-            .inc_by(s.records_sent);
+        for name in sinks {
+            let sent = match sinks {
+                [_] => s.records_sent,
+                _ => s.sent_by_sink.get(*name).copied().unwrap_or(0),
+            };
+            self.records_sent
+                .get_or_create(&SinkLabels {
+                    sink: (*name).into(),
+                })
+                .inc_by(sent);
+        }
         self.pending.set(s.pending as i64);
         self.overdue.set(s.overdue as i64);
         self.oldest_pending_age

@@ -80,8 +80,10 @@ pub struct PollSummary {
     /// Rows whose CRM record is sales' now (converted, qualified): not updated, the
     /// people working it told instead (`Outcome::FollowedUp`).
     pub followed_up: u64,
-    /// Merged customer records the sink acknowledged (one per customer per batch).
+    /// Merged customer records the sinks acknowledged (one per customer per batch per sink).
     pub records_sent: u64,
+    /// `records_sent` by sink name.
+    pub sent_by_sink: BTreeMap<String, u64>,
     /// Pending rows waiting longer than `run.follow_up_warning` since their table Timestamp.
     pub overdue: u64,
     /// Age of the oldest pending row, from its table Timestamp.
@@ -104,11 +106,12 @@ type Settling = (
 pub struct Pipeline {
     pub source: TableSource,
     pub state: Arc<dyn StateStore>,
-    pub sink: Arc<dyn LeadSink>,
+    /// Where every lead goes: one sink, or several (`[[sinks]]`), each with its own
+    /// batches, pauses, dead letters and ledger ([`CustomerState::acked`]).
+    pub sinks: Vec<Outlet>,
     pub policy: PolicySettings,
     pub identity: IdentitySettings,
     pub overlap: Duration,
-    pub batch_size: usize,
     /// Pages merged before their customers go to the sink (see [`Window`]): a customer
     /// whose rows span them is sent once. [`WINDOW_PAGES`] unless a test says.
     pub window_pages: u32,
@@ -118,16 +121,47 @@ pub struct Pipeline {
     pub memory: Memory,
 }
 
-/// In-process memory of the pipeline: when the sink asked to be left alone, and which
-/// overdue leads were already warned about (once per lead per process).
+/// In-process memory of the pipeline: which overdue leads were already warned about
+/// (once per lead per process).
 #[derive(Debug, Default)]
 pub struct Memory {
     /// Counters and liveness shared with the metrics listener and the watchdog.
     pub metrics: Arc<metrics::Metrics>,
-    sink_paused_until: std::sync::Mutex<Option<Instant>>,
+    warned_overdue: std::sync::Mutex<std::collections::HashSet<crate::source::row::RowId>>,
+}
+
+/// One sink of a pipeline, and what the pipeline remembers of it in this process: when
+/// it asked to be left alone, and its endpoint-level failures in a row.
+pub struct Outlet {
+    /// The sink's name in state, logs, metrics and commands (`[[sinks]]` `name`).
+    pub name: String,
+    pub sink: Arc<dyn LeadSink>,
+    /// Leads per delivery call.
+    pub batch_size: usize,
+    paused_until: std::sync::Mutex<Option<Instant>>,
     /// Endpoint-level failures in a row (see [`Pipeline::endpoint_health`]).
     endpoint_failures: std::sync::Mutex<u32>,
-    warned_overdue: std::sync::Mutex<std::collections::HashSet<crate::source::row::RowId>>,
+}
+
+impl Outlet {
+    pub fn new(name: impl Into<String>, sink: Arc<dyn LeadSink>, batch_size: usize) -> Self {
+        Self {
+            name: name.into(),
+            sink,
+            batch_size: batch_size.max(1),
+            paused_until: Default::default(),
+            endpoint_failures: Default::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Outlet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outlet")
+            .field("name", &self.name)
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a poll reads.
@@ -139,6 +173,9 @@ pub struct PollMode {
     pub ignore_handled: bool,
     /// Send every customer touched, even when the merged record did not change.
     pub resend: bool,
+    /// Deliver to this sink only (its index in [`Pipeline::sinks`]; `replay --sink`),
+    /// whether or not it had the record; the others are left as they are.
+    pub sink: Option<usize>,
 }
 
 /// What `retry_dead_letters` did.
@@ -216,6 +253,20 @@ type FetchedPage = (Vec<RawRow>, Events, Vec<MalformedEntity>);
 struct Fetching {
     next: tokio::sync::oneshot::Receiver<(Option<Continuation>, OffsetDateTime)>,
     task: AbortOnDrop<Result<FetchedPage, PollError>>,
+}
+
+/// What the sinks of a pipeline made of one record.
+#[derive(Default)]
+struct Fate<'a> {
+    /// The sinks that took it (delivered, or followed up).
+    acked: Vec<String>,
+    /// The sinks that refused it (dead-lettered).
+    refused: Vec<String>,
+    /// The first refusal, as its rows' reason.
+    rejected: Option<String>,
+    followed_up: Option<String>,
+    /// A sink that could not take it now, and why: the rows stay open.
+    pending: Option<(&'a str, String)>,
 }
 
 /// A customer whose merged record goes to the sink, with the rows it settles.
@@ -504,15 +555,18 @@ impl Pipeline {
                 if cancel.is_cancelled() {
                     return Err(PollError::Interrupted { pages: pages - 1 });
                 }
-                let (mut batch, settled, open) = self.deliver_all(merged, summary).await;
+                let (mut batch, settled, open) = self.deliver_all(merged, mode, summary).await;
                 let t3 = Instant::now();
                 // The store may commit this page with the next ones (`StateStore::commit_held`);
                 // on the last page the flag has ended already.
                 batch.continued = continued.clone();
                 let batch = Arc::new(batch);
-                let (state, sink, committing) = (
+                let (state, sinks, committing) = (
                     Arc::clone(&self.state),
-                    Arc::clone(&self.sink),
+                    self.sinks
+                        .iter()
+                        .map(|o| Arc::clone(&o.sink))
+                        .collect::<Vec<_>>(),
                     Arc::clone(&batch),
                 );
                 // What the sink took is made durable (a JSONL file synced) before its
@@ -525,7 +579,7 @@ impl Pipeline {
                         // syncs, and commits once the sync has succeeded.
                         let (synced, when) = tokio::sync::oneshot::channel();
                         let syncing = tokio::spawn(async move {
-                            let result = sink.sync().await;
+                            let result = sync_all(&sinks).await;
                             let _ = synced.send(result.is_ok());
                             (result, started.elapsed())
                         });
@@ -837,7 +891,9 @@ impl Pipeline {
             by_customer.into_iter().zip(stored).zip(windowed)
         {
             let mut customer = stored.unwrap_or_else(|| CustomerState::new(&key, &self.identity));
-            if customer.delivered && !mode.ignore_handled {
+            // A record some sinks have and others not yet (`acked`) is pending: its rows
+            // read again are what the other sinks still need, not handled ones.
+            if customer.delivered && customer.acked.is_empty() && !mode.ignore_handled {
                 // Rows read again (the overlap window, or after a crash) whose version the
                 // store did not remember as handled: the file store leaves delivered rows to
                 // their customers' histories. They are already handled, as a remembered
@@ -856,7 +912,12 @@ impl Pipeline {
             }
             let changed = customer.apply(items.iter().map(|(_, e)| e), &self.identity);
             let rows = items.into_iter().map(|(v, _)| v);
-            if customer.delivered && !changed && !mode.resend && !windowed {
+            if customer.delivered
+                && customer.acked.is_empty()
+                && !changed
+                && !mode.resend
+                && !windowed
+            {
                 // A replay of events already merged and delivered: nothing to send.
                 let before = settlements.len();
                 settle_all(rows, self.delivered(), &mut settlements);
@@ -895,11 +956,17 @@ impl Pipeline {
         })
     }
 
-    /// Last step of a page: hands the merged records to the sink in batches and returns
-    /// what to commit, with the newest settled Timestamp and the oldest still-open one.
+    /// Last step of a page: hands the merged records to every sink in batches (the sinks
+    /// at once, each its batches in turn) and returns what to commit, with the newest
+    /// settled Timestamp and the oldest still-open one. A record goes to each sink that
+    /// does not have this version yet ([`CustomerState::acked`]); its rows settle when
+    /// every sink has delivered it, followed it up, or dead-lettered it. Until then they
+    /// stay open, and the sinks that have it are kept in the record, so a sink never
+    /// gets a record twice because another is retried.
     async fn deliver_all(
         &self,
         merged: Merged,
+        mode: PollMode,
         summary: &mut PollSummary,
     ) -> (SettleBatch, Option<OffsetDateTime>, Option<OffsetDateTime>) {
         let Merged {
@@ -910,90 +977,106 @@ impl Pipeline {
         } = merged;
         let mut oldest_open: Option<OffsetDateTime> = None;
         let mut dead_letters = Vec::new();
-        // Room for what the deliveries add, so that neither the records nor the rows are
-        // copied as these vectors grow.
-        let mut resolved = Vec::with_capacity(deliveries.len());
+        let mut resolved = Vec::new();
         to_store.reserve(deliveries.len());
         settlements.reserve(deliveries.iter().map(|d| d.rows.len()).sum());
-        let mut deliveries = deliveries.into_iter().peekable();
-        while deliveries.peek().is_some() {
-            // The records are lent to the sink, not copied: they go back to state after.
-            let (leads, rest): (Vec<CustomerLead>, Vec<_>) = deliveries
-                .by_ref()
-                .take(self.batch_size.max(1))
-                .map(|d| {
-                    let (lead, merge) = d.customer.into_parts();
-                    (lead, (merge, d.rows))
-                })
-                .unzip();
-            let outcomes = self.deliver(&leads).await;
-            // Each batch is progress for the watchdog: a page of a thousand customers to
-            // a slow CRM can take longer than its period.
-            self.memory.metrics.touch();
-            for ((lead, (mut merge, rows)), outcome) in leads.into_iter().zip(rest).zip(outcomes) {
-                let customer = &lead.external_key;
-                let settled = match outcome {
-                    Outcome::Delivered => {
-                        summary.delivered += rows.len() as u64;
-                        summary.records_sent += 1;
-                        resolved.push(customer.clone());
-                        merge.delivered = true;
-                        to_store.push(CustomerState::from_parts(lead, merge));
-                        self.delivered()
-                    }
-                    Outcome::Rejected { reason } => {
-                        tracing::warn!(customer = %lead.log_key(), sink = self.sink.name(), %reason, "Sink rejected the lead; kept as a dead letter (leadsync dlq list).");
-                        summary.rejected += rows.len() as u64;
-                        let settled = Settled::Rejected {
-                            reason: format!(
-                                "{} rejected customer {customer}: {reason}",
-                                self.sink.name()
-                            ),
-                        };
-                        dead_letters.push(DeadLetter {
-                            id: customer.clone(),
-                            sink: self.sink.name().into(),
-                            reason,
-                            payload: lead.clone(),
-                            rows: rows.clone(),
-                            at: OffsetDateTime::now_utc(),
-                            attempts: 1,
-                        });
-                        to_store.push(CustomerState::from_parts(lead, merge));
-                        settled
-                    }
-                    Outcome::FollowedUp { note } => {
-                        tracing::info!(customer = %lead.log_key(), sink = self.sink.name(), %note, "The CRM record is sales' now; not updated, the people working it were told.");
-                        summary.followed_up += rows.len() as u64;
-                        summary.records_sent += 1;
-                        resolved.push(customer.clone());
-                        merge.delivered = true;
-                        to_store.push(CustomerState::from_parts(lead, merge));
-                        Settled::Skipped {
-                            policy: format!("followed_up: {note}"),
-                        }
-                    }
-                    Outcome::RetryLater { reason, .. } | Outcome::EndpointFailed { reason } => {
-                        summary.pending += rows.len() as u64;
-                        for row in &rows {
-                            oldest_open =
-                                Some(oldest_open.map_or(row.timestamp, |t| t.min(row.timestamp)));
-                            self.follow_up_clock(row, &reason, summary);
-                        }
-                        continue;
-                    }
-                };
-                {
-                    let mut warned = self.memory.warned_overdue.lock().expect("not poisoned");
-                    if !warned.is_empty() {
-                        // Settled: forget the overdue warning, so the set stays as small as the backlog.
-                        for row in &rows {
-                            warned.remove(&row.id);
-                        }
+        // The records are lent to the sinks, not copied: they go back to state after.
+        let (leads, rest): (Vec<CustomerLead>, Vec<_>) = deliveries
+            .into_iter()
+            .map(|d| {
+                let (lead, merge) = d.customer.into_parts();
+                (lead, (merge, d.rows))
+            })
+            .unzip();
+        let wanted = |s: usize, i: usize| match mode.sink {
+            Some(only) => only == s,
+            None => !rest[i].0.acked.contains(&self.sinks[s].name),
+        };
+        let mut outcomes: Vec<Vec<Option<Outcome>>> =
+            vec![vec![None; self.sinks.len()]; leads.len()];
+        let per_sink = futures::future::join_all((0..self.sinks.len()).map(|s| {
+            let wanted = &wanted;
+            self.deliver_to(s, &leads, move |i| wanted(s, i))
+        }))
+        .await;
+        for (s, answers) in per_sink.into_iter().enumerate() {
+            for (i, outcome) in answers {
+                outcomes[i][s] = Some(outcome);
+            }
+        }
+        for ((lead, (mut merge, rows)), outcomes) in leads.into_iter().zip(rest).zip(outcomes) {
+            let mut fate = Fate::default();
+            for (outlet, outcome) in self.sinks.iter().zip(outcomes) {
+                let Some(outcome) = outcome else { continue };
+                self.judge(
+                    outlet,
+                    &lead,
+                    &rows,
+                    outcome,
+                    &mut fate,
+                    &mut dead_letters,
+                    summary,
+                );
+            }
+            for name in &fate.acked {
+                resolved.push(self.dead_letter_id(name, &lead.external_key));
+                if !merge.acked.contains(name) {
+                    merge.acked.push(name.clone());
+                }
+            }
+            if let Some((sink, reason)) = fate.pending {
+                // Open until every sink settled it; the sinks that have it (or
+                // dead-lettered it) are kept, and not asked again for this version.
+                for name in &fate.refused {
+                    if !merge.acked.contains(name) {
+                        merge.acked.push(name.clone());
                     }
                 }
-                settle_all(rows.into_iter(), settled, &mut settlements);
+                summary.pending += rows.len() as u64;
+                for row in &rows {
+                    oldest_open = Some(oldest_open.map_or(row.timestamp, |t| t.min(row.timestamp)));
+                    self.follow_up_clock(row, sink, &reason, summary);
+                }
+                if !fate.acked.is_empty() || !fate.refused.is_empty() {
+                    to_store.push(CustomerState::from_parts(lead, merge));
+                }
+                continue;
             }
+            let settled = match (fate.rejected, fate.followed_up) {
+                (Some(reason), _) => {
+                    summary.rejected += rows.len() as u64;
+                    Settled::Rejected { reason }
+                }
+                (None, Some(note)) => {
+                    summary.followed_up += rows.len() as u64;
+                    Settled::Skipped {
+                        policy: format!("followed_up: {note}"),
+                    }
+                }
+                (None, None) => {
+                    summary.delivered += rows.len() as u64;
+                    self.delivered()
+                }
+            };
+            if fate.refused.is_empty() {
+                // Every sink has this version now.
+                merge.delivered = true;
+                merge.acked.clear();
+            } else {
+                // Kept for `dlq retry`: it completes the record when the last one takes it.
+                merge.acked.retain(|name| !fate.refused.contains(name));
+            }
+            to_store.push(CustomerState::from_parts(lead, merge));
+            {
+                let mut warned = self.memory.warned_overdue.lock().expect("not poisoned");
+                if !warned.is_empty() {
+                    // Settled: forget the overdue warning, so the set stays as small as the backlog.
+                    for row in &rows {
+                        warned.remove(&row.id);
+                    }
+                }
+            }
+            settle_all(rows.into_iter(), settled, &mut settlements);
         }
 
         for s in &settlements {
@@ -1009,17 +1092,117 @@ impl Pipeline {
         (batch, newest_settled, oldest_open)
     }
 
-    /// The outcome of a row whose customer this pipeline's sink has.
+    /// Sends the records `wanted` says to sink `s`, in its batches; each answer with the
+    /// record's index. A run of wanted records is lent as it is; only a batch with gaps
+    /// (records this sink has already) is copied.
+    async fn deliver_to(
+        &self,
+        s: usize,
+        leads: &[CustomerLead],
+        wanted: impl Fn(usize) -> bool,
+    ) -> Vec<(usize, Outcome)> {
+        let outlet = &self.sinks[s];
+        let todo: Vec<usize> = (0..leads.len()).filter(|&i| wanted(i)).collect();
+        let mut answers = Vec::with_capacity(todo.len());
+        for chunk in todo.chunks(outlet.batch_size) {
+            let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
+            let outcomes = if last - first + 1 == chunk.len() {
+                self.deliver(outlet, &leads[first..=last]).await
+            } else {
+                let gathered: Vec<CustomerLead> = chunk.iter().map(|&i| leads[i].clone()).collect();
+                self.deliver(outlet, &gathered).await
+            };
+            // Each batch is progress for the watchdog: a page of a thousand customers to
+            // a slow CRM can take longer than its period.
+            self.memory.metrics.touch();
+            answers.extend(chunk.iter().copied().zip(outcomes));
+        }
+        answers
+    }
+
+    /// Adds what `outlet` answered for one record to its fate.
+    #[allow(clippy::too_many_arguments)]
+    fn judge<'a>(
+        &self,
+        outlet: &'a Outlet,
+        lead: &CustomerLead,
+        rows: &[RowVersion],
+        outcome: Outcome,
+        fate: &mut Fate<'a>,
+        dead_letters: &mut Vec<DeadLetter>,
+        summary: &mut PollSummary,
+    ) {
+        let customer = &lead.external_key;
+        let sink = outlet.name.as_str();
+        match outcome {
+            Outcome::Delivered => {
+                summary.records_sent += 1;
+                *summary.sent_by_sink.entry(outlet.name.clone()).or_default() += 1;
+                fate.acked.push(outlet.name.clone());
+            }
+            Outcome::FollowedUp { note } => {
+                tracing::info!(customer = %lead.log_key(), sink, %note, "The CRM record is sales' now; not updated, the people working it were told.");
+                summary.records_sent += 1;
+                *summary.sent_by_sink.entry(outlet.name.clone()).or_default() += 1;
+                fate.acked.push(outlet.name.clone());
+                fate.followed_up.get_or_insert(note);
+            }
+            Outcome::Rejected { reason } => {
+                tracing::warn!(customer = %lead.log_key(), sink, %reason, "Sink rejected the lead; kept as a dead letter (leadsync dlq list).");
+                fate.rejected.get_or_insert_with(|| {
+                    format!("{sink} rejected customer {customer}: {reason}")
+                });
+                fate.refused.push(outlet.name.clone());
+                dead_letters.push(DeadLetter {
+                    id: self.dead_letter_id(sink, customer),
+                    sink: sink.into(),
+                    reason,
+                    payload: lead.clone(),
+                    rows: rows.to_vec(),
+                    at: OffsetDateTime::now_utc(),
+                    attempts: 1,
+                });
+            }
+            Outcome::RetryLater { reason, .. } | Outcome::EndpointFailed { reason } => {
+                fate.pending.get_or_insert((sink, reason));
+            }
+        }
+    }
+
+    /// A dead letter's id: the customer's key; with several sinks, `<sink>:<key>`, so
+    /// that each sink's letter of one customer is its own.
+    fn dead_letter_id(&self, sink: &str, customer: &str) -> String {
+        if self.sinks.len() == 1 {
+            customer.to_owned()
+        } else {
+            format!("{sink}:{customer}")
+        }
+    }
+
+    /// The outcome of a row whose customer every sink has.
     fn delivered(&self) -> Settled {
         Settled::Delivered {
-            sink: self.sink.name().into(),
+            sink: self.sink_names(),
         }
+    }
+
+    /// The sinks' names, comma-separated.
+    pub fn sink_names(&self) -> String {
+        let names: Vec<&str> = self.sinks.iter().map(|o| o.name.as_str()).collect();
+        names.join(",")
+    }
+
+    /// Replaces the sinks with `sink` alone, in batches of the first sink's size (tests).
+    pub fn with_sink(mut self, sink: Arc<dyn LeadSink>) -> Self {
+        let batch_size = self.sinks.first().map_or(200, |o| o.batch_size);
+        self.sinks = vec![Outlet::new(sink.name().to_owned(), sink, batch_size)];
+        self
     }
 
     /// Hands a batch to the sink, unless the sink asked for a pause (Retry-After), and
     /// checks the sink kept its contract of one outcome per lead.
-    async fn deliver(&self, leads: &[CustomerLead]) -> Vec<Outcome> {
-        let paused = *self.memory.sink_paused_until.lock().expect("not poisoned");
+    async fn deliver(&self, outlet: &Outlet, leads: &[CustomerLead]) -> Vec<Outcome> {
+        let paused = *outlet.paused_until.lock().expect("not poisoned");
         if let Some(until) = paused.filter(|u| *u > Instant::now()) {
             let wait = until - Instant::now();
             return vec![
@@ -1031,14 +1214,14 @@ impl Pipeline {
             ];
         }
         let started = Instant::now();
-        let outcomes = self.sink.deliver(leads).await;
+        let outcomes = outlet.sink.deliver(leads).await;
         self.memory
             .metrics
-            .observe_sink_call(self.sink.name(), started.elapsed());
+            .observe_sink_call(&outlet.name, started.elapsed());
         if outcomes.len() != leads.len() {
             // A sink bug must not settle rows it did not report on.
             tracing::error!(
-                sink = self.sink.name(),
+                sink = outlet.name.as_str(),
                 expected = leads.len(),
                 got = outcomes.len(),
                 "Sink returned the wrong number of outcomes; treating the batch as not delivered."
@@ -1051,7 +1234,7 @@ impl Pipeline {
                 leads.len()
             ];
         }
-        self.endpoint_health(&outcomes);
+        self.endpoint_health(outlet, &outcomes);
         let longest = outcomes
             .iter()
             .filter_map(|o| match o {
@@ -1061,12 +1244,11 @@ impl Pipeline {
             .max();
         if let Some(after) = longest {
             tracing::warn!(
-                sink = self.sink.name(),
+                sink = outlet.name.as_str(),
                 wait_s = after.as_secs(),
                 "Sink asked to wait; no delivery before then."
             );
-            *self.memory.sink_paused_until.lock().expect("not poisoned") =
-                Some(Instant::now() + after);
+            *outlet.paused_until.lock().expect("not poisoned") = Some(Instant::now() + after);
         }
         outcomes
     }
@@ -1075,7 +1257,7 @@ impl Pipeline {
     /// for a back-off that doubles with each failure in a row (30 s up to 15 min) and
     /// reports the reason (`/readyz`, `/status`, `leadsync_sink_endpoint_failing`); any
     /// answer that reached a record (delivered, followed up, rejected) clears it.
-    fn endpoint_health(&self, outcomes: &[Outcome]) {
+    fn endpoint_health(&self, outlet: &Outlet, outcomes: &[Outcome]) {
         let failed = outcomes.iter().find_map(|o| match o {
             Outcome::EndpointFailed { reason } => Some(reason),
             _ => None,
@@ -1086,16 +1268,15 @@ impl Pipeline {
                 Outcome::Delivered | Outcome::FollowedUp { .. } | Outcome::Rejected { .. }
             )
         });
-        let sink = self.sink.name();
-        let mut failures = self.memory.endpoint_failures.lock().expect("not poisoned");
+        let sink = outlet.name.as_str();
+        let mut failures = outlet.endpoint_failures.lock().expect("not poisoned");
         match failed {
             Some(reason) => {
                 *failures += 1;
                 let pause = ENDPOINT_BACKOFF_FIRST
                     .saturating_mul(1 << (*failures - 1).min(10))
                     .min(ENDPOINT_BACKOFF_MAX);
-                *self.memory.sink_paused_until.lock().expect("not poisoned") =
-                    Some(Instant::now() + pause);
+                *outlet.paused_until.lock().expect("not poisoned") = Some(Instant::now() + pause);
                 self.memory.metrics.endpoint_failed(sink, reason);
                 tracing::error!(
                     sink,
@@ -1117,13 +1298,19 @@ impl Pipeline {
     }
 
     /// Tracks how long a pending lead has waited since the marketplace wrote it.
-    fn follow_up_clock(&self, row: &RowVersion, reason: &str, summary: &mut PollSummary) {
+    fn follow_up_clock(
+        &self,
+        row: &RowVersion,
+        sink: &str,
+        reason: &str,
+        summary: &mut PollSummary,
+    ) {
         let age = (OffsetDateTime::now_utc() - row.timestamp)
             .try_into()
             .unwrap_or(Duration::ZERO);
         summary.oldest_pending_age = summary.oldest_pending_age.max(Some(age));
         if age < self.follow_up_warning {
-            tracing::info!(row = %row.id, sink = self.sink.name(), %reason, "Lead not delivered yet; it will be offered again next poll.");
+            tracing::info!(row = %row.id, sink, %reason, "Lead not delivered yet; it will be offered again next poll.");
             return;
         }
         summary.overdue += 1;
@@ -1136,7 +1323,7 @@ impl Pipeline {
         if first_time {
             tracing::warn!(
                 row = %row.id,
-                sink = self.sink.name(),
+                sink,
                 waiting = %humantime::format_duration(Duration::from_secs(age.as_secs())),
                 %reason,
                 "Lead still undelivered past the follow-up warning; the 24-hour follow-up window is running."
@@ -1144,8 +1331,8 @@ impl Pipeline {
         }
     }
 
-    /// Sends dead letters again (all, or those with the given ids) through the sink,
-    /// with the customer's current merged record.
+    /// Sends dead letters again (all, or those with the given ids), each through the
+    /// sink that refused it, with the customer's current merged record.
     pub async fn retry_dead_letters(
         &self,
         ids: Option<&[String]>,
@@ -1160,48 +1347,96 @@ impl Pipeline {
             }
             letters.retain(|l| ids.contains(&l.id));
         }
-        for chunk in letters.chunks(self.batch_size.max(1)) {
-            let keys: Vec<String> = chunk.iter().map(|l| l.payload.key.clone()).collect();
-            let current = self.state.customers(&keys).await?;
-            let leads: Vec<CustomerLead> = chunk
+        for letter in letters.iter().filter(|l| self.outlet(&l.sink).is_none()) {
+            report.pending.push((
+                letter.id.clone(),
+                format!("sink \"{}\" is not configured any more", letter.sink),
+            ));
+        }
+        for outlet in &self.sinks {
+            let mine: Vec<&DeadLetter> = letters
                 .iter()
-                .zip(&current)
-                .map(|(l, c)| {
-                    c.as_ref()
-                        .map_or_else(|| l.payload.clone(), |c| c.lead.clone())
-                })
+                .filter(|l| self.outlet(&l.sink).is_some_and(|o| o.name == outlet.name))
                 .collect();
-            let outcomes = self.deliver(&leads).await;
-            let mut batch = SettleBatch::default();
-            for ((letter, customer), outcome) in chunk.iter().zip(current).zip(outcomes) {
-                match outcome {
-                    // A converted lead's follow-up settles its dead letter too.
-                    Outcome::Delivered | Outcome::FollowedUp { .. } => {
-                        report.delivered.push(letter.id.clone());
-                        batch.resolved.push(letter.id.clone());
-                        if let Some(mut c) = customer {
-                            c.delivered = true;
-                            batch.customers.push(c);
-                        }
-                    }
-                    Outcome::Rejected { reason } => {
-                        report.rejected.push((letter.id.clone(), reason.clone()));
-                        let mut again = letter.clone();
-                        again.reason = reason;
-                        again.attempts += 1;
-                        again.at = OffsetDateTime::now_utc();
-                        batch.dead_letters.push(again);
-                    }
-                    Outcome::RetryLater { reason, .. } | Outcome::EndpointFailed { reason } => {
-                        report.pending.push((letter.id.clone(), reason))
-                    }
-                }
+            for chunk in mine.chunks(outlet.batch_size) {
+                self.retry_chunk(outlet, chunk, &mut report).await?;
             }
-            self.sink.sync().await?;
-            self.state.settle(&batch).await?;
         }
         Ok(report)
     }
+
+    /// The sink a dead letter names: by name; a lone sink also takes the letters of
+    /// its kind (written before sinks had names of their own).
+    fn outlet(&self, sink: &str) -> Option<&Outlet> {
+        self.sinks
+            .iter()
+            .find(|o| o.name == sink)
+            .or_else(|| match &self.sinks[..] {
+                [only] if only.sink.name() == sink => Some(only),
+                _ => None,
+            })
+    }
+
+    async fn retry_chunk(
+        &self,
+        outlet: &Outlet,
+        chunk: &[&DeadLetter],
+        report: &mut DeadLetterReport,
+    ) -> Result<(), PollError> {
+        let keys: Vec<String> = chunk.iter().map(|l| l.payload.key.clone()).collect();
+        let current = self.state.customers(&keys).await?;
+        let leads: Vec<CustomerLead> = chunk
+            .iter()
+            .zip(&current)
+            .map(|(l, c)| {
+                c.as_ref()
+                    .map_or_else(|| l.payload.clone(), |c| c.lead.clone())
+            })
+            .collect();
+        let outcomes = self.deliver(outlet, &leads).await;
+        let mut batch = SettleBatch::default();
+        for ((letter, customer), outcome) in chunk.iter().zip(current).zip(outcomes) {
+            match outcome {
+                // A converted lead's follow-up settles its dead letter too.
+                Outcome::Delivered | Outcome::FollowedUp { .. } => {
+                    report.delivered.push(letter.id.clone());
+                    batch.resolved.push(letter.id.clone());
+                    if let Some(mut c) = customer {
+                        if !c.acked.contains(&outlet.name) {
+                            c.acked.push(outlet.name.clone());
+                        }
+                        if self.sinks.iter().all(|o| c.acked.contains(&o.name)) {
+                            c.delivered = true;
+                            c.acked.clear();
+                        }
+                        batch.customers.push(c);
+                    }
+                }
+                Outcome::Rejected { reason } => {
+                    report.rejected.push((letter.id.clone(), reason.clone()));
+                    let mut again = (*letter).clone();
+                    again.reason = reason;
+                    again.attempts += 1;
+                    again.at = OffsetDateTime::now_utc();
+                    batch.dead_letters.push(again);
+                }
+                Outcome::RetryLater { reason, .. } | Outcome::EndpointFailed { reason } => {
+                    report.pending.push((letter.id.clone(), reason))
+                }
+            }
+        }
+        outlet.sink.sync().await?;
+        self.state.settle(&batch).await?;
+        Ok(())
+    }
+}
+
+/// Makes what every sink took durable (a JSONL file synced), each in turn.
+async fn sync_all(sinks: &[Arc<dyn LeadSink>]) -> Result<(), crate::sink::SinkError> {
+    for sink in sinks {
+        sink.sync().await?;
+    }
+    Ok(())
 }
 
 /// The summary line of a poll, fields first.

@@ -107,6 +107,10 @@ pub enum SinkKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkSettings {
+    /// This sink's name in state, logs, metrics and commands (`--sink`): required and
+    /// unique in each `[[sinks]]` entry; the kind (`"salesforce"`) for a lone `[sink]`.
+    #[serde(default)]
+    pub name: Option<String>,
     /// Which sink receives leads.
     #[serde(default = "default_sink_kind")]
     pub kind: SinkKind,
@@ -153,6 +157,7 @@ impl SinkSettings {
 impl Default for SinkSettings {
     fn default() -> Self {
         Self {
+            name: None,
             kind: default_sink_kind(),
             batch_size: None,
             jsonl: JsonlSettings::default(),
@@ -190,7 +195,30 @@ fn default_jsonl_path() -> PathBuf {
     PathBuf::from("-")
 }
 
+impl SinkKind {
+    /// The kind as the config spells it (`"salesforce"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::Jsonl => "jsonl",
+            SinkKind::Salesforce => "salesforce",
+            SinkKind::Dynamics => "dynamics",
+            SinkKind::Webhook => "webhook",
+            SinkKind::Teams => "teams",
+            SinkKind::Slack => "slack",
+            SinkKind::Hubspot => "hubspot",
+            SinkKind::Marketo => "marketo",
+        }
+    }
+}
+
 impl SinkSettings {
+    /// The sink's name: `name`, or its kind.
+    pub fn name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.kind.as_str().to_owned())
+    }
+
     /// Checks the `sink.*` keys: `Err((key, why))` for the first one that is wrong.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if self.batch_size == Some(0) {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use crate::identity::{CustomerState, SummaryForm};
+use crate::identity::{CustomerState, EarlierCustomerState, SummaryForm};
 use crate::source::row::RowId;
 use crate::state::personal::{Forgotten, Person, Pruned, Walk};
 use crate::timestamp::serde_ticks;
@@ -1114,7 +1114,7 @@ fn decode_customer(key: &str, bytes: &[u8]) -> Result<CustomerState, StateError>
     let form = match bytes.first() {
         Some(&SUMMARY_HASHED) => SummaryForm::Hash,
         Some(&STORED) => SummaryForm::Text,
-        _ => return decode_compact(key, bytes),
+        _ => return decode_compact::<EarlierCustomerState>(key, bytes).map(Into::into),
     };
     CustomerState::read_stored(key, &bytes[1..], form).map_err(|message| StateError::Corrupt {
         key: key.to_owned(),

@@ -299,7 +299,7 @@ impl World {
         sink: std::sync::Arc<dyn leadsync::sink::LeadSink>,
     ) -> leadsync::pipeline::PollSummary {
         let built = leadsync::build_pipeline(settings).expect("pipeline");
-        let pipeline = leadsync::pipeline::Pipeline { sink, ..built };
+        let pipeline = built.with_sink(sink);
         pipeline
             .poll(&tokio_util::sync::CancellationToken::new())
             .await

@@ -463,3 +463,32 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_sinks_that_have_a_version_are_stored_with_it_and_forgotten_when_it_changes() {
+    let (e, mut state) = ana_merged();
+    let plain = state.write_stored(Vec::new());
+    state.acked = vec!["crm".into(), "sales-channel".into()];
+    let bytes = state.write_stored(Vec::new());
+
+    let read = CustomerState::read_stored(&state.lead.key, &bytes, SummaryForm::Hash).unwrap();
+    let without = CustomerState::read_stored(&state.lead.key, &plain, SummaryForm::Hash).unwrap();
+
+    assert_eq!(read.acked, ["crm", "sales-channel"]);
+    assert!(
+        without.acked.is_empty(),
+        "a record written without them has none"
+    );
+    let mut replayed = read.clone();
+    assert!(!replayed.apply([&e], &settings()));
+    assert_eq!(replayed.acked, read.acked, "a replay is the same version");
+    let mut newer = e.clone();
+    newer.row = RowId::new("p1", "r2");
+    newer.timestamp += time::Duration::seconds(1);
+    let mut changed = read;
+    assert!(changed.apply([&newer], &settings()));
+    assert!(
+        changed.acked.is_empty(),
+        "a new version: no sink has it yet"
+    );
+}
