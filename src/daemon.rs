@@ -72,6 +72,9 @@ impl RunReport {
         t.unchanged += s.unchanged;
         t.followed_up += s.followed_up;
         t.records_sent += s.records_sent;
+        for (sink, sent) in &s.sent_by_sink {
+            *t.sent_by_sink.entry(sink.clone()).or_default() += sent;
+        }
         t.overdue = s.overdue;
         t.oldest_pending_age = s.oldest_pending_age;
         t.pages += s.pages;

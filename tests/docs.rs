@@ -361,6 +361,11 @@ fn every_example_config_key_is_in_the_configuration_reference() {
     for example in examples {
         let name = example.strip_prefix(&root).unwrap().display().to_string();
         for key in example_keys(&fs::read_to_string(&example).unwrap()) {
+            // A `[[sinks]]` entry takes every key of `[sink]`.
+            let key = match key.strip_prefix("[sinks.") {
+                Some(rest) => format!("[sink.{rest}"),
+                None => key,
+            };
             if let Some(table) = key.strip_prefix('[').and_then(|k| k.strip_suffix(']')) {
                 // A table header: some key must live in it.
                 let prefix = format!("{table}.");

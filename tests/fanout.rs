@@ -214,7 +214,7 @@ async fn the_crm_down_delays_no_alert_and_repeats_none_and_the_checkpoint_waits_
 
     assert_eq!(down.exit_code(), 2, "the CRM's lead is pending: {down:?}");
     assert_eq!(still_down.exit_code(), 2, "{still_down:?}");
-    assert_eq!(down.totals.pending, 1);
+    assert_eq!(down.pending, 1, "{down:?}");
     assert_eq!(
         d.teams.accepted().len(),
         1,
@@ -350,6 +350,18 @@ async fn replay_to_one_sink_sends_it_the_leads_and_leaves_the_other_alone() {
     );
     assert_eq!(replay.sent_by_sink.get("crm"), None);
     assert_eq!(d.crm.accepted().len(), 2, "the CRM got nothing more");
+}
+
+#[test]
+fn the_example_config_loads_with_its_two_named_sinks() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/several-sinks.example.toml");
+
+    let settings = leadsync::config::Settings::load_with_env(&path, &Default::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+
+    let names: Vec<String> = settings.sink_list().iter().map(|s| s.name()).collect();
+    assert_eq!(names, ["crm", "sales-channel"]);
 }
 
 #[test]
