@@ -250,13 +250,6 @@ impl fmt::Debug for MarketoSink {
     }
 }
 
-fn sink_error(message: impl Into<String>) -> SinkError {
-    SinkError {
-        sink: SINK.into(),
-        message: message.into(),
-    }
-}
-
 /// Why a call failed, as the retry loop sees it.
 enum Auth {
     Token(Token),
@@ -269,18 +262,18 @@ impl MarketoSink {
     pub fn new(settings: &MarketoSettings) -> Result<Self, SinkError> {
         settings
             .validate()
-            .map_err(|(key, why)| sink_error(format!("config key `{key}`: {why}")))?;
+            .map_err(|(key, why)| SinkError::new(SINK, format!("config key `{key}`: {why}")))?;
         let client_secret = settings
             .client_secret
             .resolve("sink.marketo.client_secret")
-            .map_err(|e| sink_error(e.to_string()))?;
+            .map_err(|e| SinkError::new(SINK, e.to_string()))?;
         let base = settings.base_url.trim_end_matches('/').to_owned();
         let identity = settings
             .identity_url
             .clone()
             .unwrap_or_else(|| format!("{base}/identity"));
         Ok(Self {
-            http: client(settings.request_timeout).map_err(sink_error)?,
+            http: client(settings.request_timeout).map_err(|e| SinkError::new(SINK, e))?,
             leads_url: format!("{base}/rest/v1/leads.json"),
             token_url: format!("{}/oauth/token", identity.trim_end_matches('/')),
             client_id: settings.client_id.trim().to_owned(),
@@ -625,7 +618,7 @@ impl LeadSink for MarketoSink {
     async fn healthcheck(&self) -> Result<(), SinkError> {
         match self.fetch_token().await {
             Auth::Token(_) => Ok(()),
-            Auth::Retry(reason) | Auth::Refused(reason) => Err(sink_error(reason)),
+            Auth::Retry(reason) | Auth::Refused(reason) => Err(SinkError::new(SINK, reason)),
         }
     }
 }

@@ -70,6 +70,16 @@ pub struct SinkError {
     pub message: String,
 }
 
+impl SinkError {
+    /// A failure of the sink named `sink` (`SINK` of its module).
+    pub fn new(sink: impl Into<String>, message: impl Into<String>) -> Self {
+        SinkError {
+            sink: sink.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// One destination for leads.
 #[async_trait::async_trait]
 pub trait LeadSink: Send + Sync {

@@ -398,27 +398,25 @@ impl fmt::Debug for WebhookSink {
     }
 }
 
-fn sink_error(message: impl Into<String>) -> SinkError {
-    SinkError {
-        sink: SINK.into(),
-        message: message.into(),
-    }
-}
-
 impl WebhookSink {
     /// Validates the settings and reads the secrets; no I/O beyond that.
     pub fn new(settings: &WebhookSettings) -> Result<Self, SinkError> {
-        settings
-            .validate()
-            .map_err(|(key, message)| sink_error(format!("config key `{key}`: {message}")))?;
-        let url = http::check_url("sink.webhook.url", &settings.url, settings.allow_http)
-            .map_err(|(key, message)| sink_error(format!("config key `{key}`: {message}")))?;
+        settings.validate().map_err(|(key, message)| {
+            SinkError::new(SINK, format!("config key `{key}`: {message}"))
+        })?;
+        let url = http::check_url("sink.webhook.url", &settings.url, settings.allow_http).map_err(
+            |(key, message)| SinkError::new(SINK, format!("config key `{key}`: {message}")),
+        )?;
         let mut headers = HeaderMap::new();
         for (name, value) in &settings.headers {
-            let name = HeaderName::from_bytes(name.trim().as_bytes())
-                .map_err(|_| sink_error(format!("{name:?} is not a valid header name")))?;
+            let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+                SinkError::new(SINK, format!("{name:?} is not a valid header name"))
+            })?;
             let mut value = HeaderValue::from_str(value).map_err(|_| {
-                sink_error(format!("the value of {name} is not a valid header value"))
+                SinkError::new(
+                    SINK,
+                    format!("the value of {name} is not a valid header value"),
+                )
             })?;
             // Plain values may still be keys; keep them out of Debug output.
             value.set_sensitive(true);
@@ -428,10 +426,10 @@ impl WebhookSink {
         if let Some(source) = &settings.bearer_token {
             let token = source
                 .resolve("sink.webhook.bearer_token")
-                .map_err(|e| sink_error(e.to_string()))?;
+                .map_err(|e| SinkError::new(SINK, e.to_string()))?;
             let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
                 .map_err(|_| {
-                    sink_error("config key `sink.webhook.bearer_token`: the token is not valid in an HTTP header")
+                    SinkError::new(SINK, "config key `sink.webhook.bearer_token`: the token is not valid in an HTTP header")
                 })?;
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
@@ -441,7 +439,7 @@ impl WebhookSink {
             Some(source) => {
                 let secret = source
                     .resolve("sink.webhook.hmac_secret")
-                    .map_err(|e| sink_error(e.to_string()))?;
+                    .map_err(|e| SinkError::new(SINK, e.to_string()))?;
                 secrets.push(secret.clone());
                 Some(secret)
             }
@@ -449,10 +447,13 @@ impl WebhookSink {
         };
         let signature_header = HeaderName::from_bytes(settings.signature_header.trim().as_bytes())
             .map_err(|_| {
-                sink_error("config key `sink.webhook.signature_header`: not a header name")
+                SinkError::new(
+                    SINK,
+                    "config key `sink.webhook.signature_header`: not a header name",
+                )
             })?;
-        let client =
-            http::client_without_redirects(settings.request_timeout).map_err(sink_error)?;
+        let client = http::client_without_redirects(settings.request_timeout)
+            .map_err(|e| SinkError::new(SINK, e))?;
         Ok(Self {
             client,
             shown_url: shown_url(url.as_str()),
@@ -613,30 +614,32 @@ impl LeadSink for WebhookSink {
             .send()
             .await
             .map_err(|e| {
-                sink_error(format!(
-                    "cannot reach {}: {}",
-                    self.shown_url,
-                    self.scrub(http::transport_reason(
-                        e,
-                        self.request_timeout,
-                        "sink.webhook.request_timeout"
-                    ))
-                ))
+                SinkError::new(
+                    SINK,
+                    format!(
+                        "cannot reach {}: {}",
+                        self.shown_url,
+                        self.scrub(http::transport_reason(
+                            e,
+                            self.request_timeout,
+                            "sink.webhook.request_timeout"
+                        ))
+                    ),
+                )
             })?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(sink_error(format!(
+            return Err(SinkError::new(SINK, format!(
                 "{} refused our credentials ({}): check sink.webhook.bearer_token, headers and hmac_secret",
                 self.shown_url,
                 status_text(status)
             )));
         }
         if status.is_server_error() {
-            return Err(sink_error(format!(
-                "{} answered {}",
-                self.shown_url,
-                status_text(status)
-            )));
+            return Err(SinkError::new(
+                SINK,
+                format!("{} answered {}", self.shown_url, status_text(status)),
+            ));
         }
         Ok(())
     }
