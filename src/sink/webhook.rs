@@ -130,6 +130,10 @@ impl fmt::Debug for WebhookSettings {
     }
 }
 
+fn bad<T>(key: &str, message: String) -> Result<T, (String, String)> {
+    Err((format!("sink.webhook.{key}"), message))
+}
+
 fn is_ours(name: &str) -> bool {
     name.starts_with("x-leadsync-")
 }
@@ -137,7 +141,6 @@ fn is_ours(name: &str) -> bool {
 impl WebhookSettings {
     /// Checks what types cannot express; returns the offending key and why.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        let bad = |key: &str, message: String| Err((format!("sink.webhook.{key}"), message));
         let url = http::check_url("sink.webhook.url", &self.url, self.allow_http)?;
         let has_authorization = self.bearer_token.is_some()
             || self
@@ -154,6 +157,20 @@ impl WebhookSettings {
                     .into(),
             );
         }
+        let signature = self.validate_signature_header()?;
+        self.validate_headers(&signature)?;
+        if self.parallelism == 0 {
+            return bad("parallelism", "must be at least 1".into());
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request_timeout", "must be greater than zero".into());
+        }
+        self.retry.validate("sink.webhook.retry")?;
+        Ok(())
+    }
+
+    /// `signature_header`: a header name leadsync does not set already.
+    fn validate_signature_header(&self) -> Result<HeaderName, (String, String)> {
         let signature = match HeaderName::from_bytes(self.signature_header.trim().as_bytes()) {
             Ok(name) => name,
             Err(_) => {
@@ -181,6 +198,11 @@ impl WebhookSettings {
                 format!("{signature} is a header leadsync sets itself; choose another name"),
             );
         }
+        Ok(signature)
+    }
+
+    /// `headers`: valid, none leadsync sets itself, none twice.
+    fn validate_headers(&self, signature: &HeaderName) -> Result<(), (String, String)> {
         let mut seen = std::collections::HashSet::new();
         for (name, value) in &self.headers {
             let Ok(parsed) = HeaderName::from_bytes(name.trim().as_bytes()) else {
@@ -212,13 +234,6 @@ impl WebhookSettings {
                 );
             }
         }
-        if self.parallelism == 0 {
-            return bad("parallelism", "must be at least 1".into());
-        }
-        if self.request_timeout.is_zero() {
-            return bad("request_timeout", "must be greater than zero".into());
-        }
-        self.retry.validate("sink.webhook.retry")?;
         Ok(())
     }
 }
