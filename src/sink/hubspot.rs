@@ -412,7 +412,7 @@ impl HubspotSink {
     pub fn new(settings: &HubspotSettings) -> Result<Self, SinkError> {
         settings
             .validate()
-            .map_err(|(key, why)| SinkError::new(SINK, format!("config key `{key}`: {why}")))?;
+            .map_err(|e| SinkError::config(SINK, e))?;
         let token = settings
             .access_token
             .resolve("sink.hubspot.access_token")

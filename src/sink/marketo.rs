@@ -262,7 +262,7 @@ impl MarketoSink {
     pub fn new(settings: &MarketoSettings) -> Result<Self, SinkError> {
         settings
             .validate()
-            .map_err(|(key, why)| SinkError::new(SINK, format!("config key `{key}`: {why}")))?;
+            .map_err(|e| SinkError::config(SINK, e))?;
         let client_secret = settings
             .client_secret
             .resolve("sink.marketo.client_secret")

@@ -78,6 +78,11 @@ impl SinkError {
             message: message.into(),
         }
     }
+
+    /// A setting of the sink that cannot be used, as `validate` names it: `(key, why)`.
+    pub fn config(sink: impl Into<String>, (key, why): (String, String)) -> Self {
+        Self::new(sink, format!("config key `{key}`: {why}"))
+    }
 }
 
 /// One destination for leads.

@@ -416,12 +416,11 @@ impl fmt::Debug for WebhookSink {
 impl WebhookSink {
     /// Validates the settings and reads the secrets; no I/O beyond that.
     pub fn new(settings: &WebhookSettings) -> Result<Self, SinkError> {
-        settings.validate().map_err(|(key, message)| {
-            SinkError::new(SINK, format!("config key `{key}`: {message}"))
-        })?;
-        let url = http::check_url("sink.webhook.url", &settings.url, settings.allow_http).map_err(
-            |(key, message)| SinkError::new(SINK, format!("config key `{key}`: {message}")),
-        )?;
+        settings
+            .validate()
+            .map_err(|e| SinkError::config(SINK, e))?;
+        let url = http::check_url("sink.webhook.url", &settings.url, settings.allow_http)
+            .map_err(|e| SinkError::config(SINK, e))?;
         let mut headers = HeaderMap::new();
         for (name, value) in &settings.headers {
             let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {

@@ -128,9 +128,9 @@ impl fmt::Debug for DynamicsSink {
 impl DynamicsSink {
     /// Builds the sink and reads the client secret; no request is sent.
     pub fn new(settings: &DynamicsSettings) -> Result<Self, SinkError> {
-        settings.validate().map_err(|(key, message)| {
-            SinkError::new(SINK, format!("config key `{key}`: {message}"))
-        })?;
+        settings
+            .validate()
+            .map_err(|e| SinkError::config(SINK, e))?;
         let client_secret = settings
             .client_secret
             .resolve("sink.dynamics.client_secret")
@@ -140,7 +140,7 @@ impl DynamicsSink {
             &settings.environment_url,
             settings.allow_http,
         )
-        .map_err(|(key, message)| SinkError::new(SINK, format!("config key `{key}`: {message}")))?;
+        .map_err(|e| SinkError::config(SINK, e))?;
         let origin = environment.origin().ascii_serialization();
         let mut max_lengths = default_max_lengths();
         max_lengths.extend(settings.max_lengths.clone());

@@ -125,13 +125,13 @@ impl SalesforceSink {
     pub fn new(settings: &SalesforceSettings) -> Result<Self, SinkError> {
         settings
             .validate()
-            .map_err(|(key, why)| SinkError::new(SINK, format!("config key `{key}`: {why}")))?;
+            .map_err(|e| SinkError::config(SINK, e))?;
         let login = check_url(
             "sink.salesforce.login_url",
             &settings.login_url,
             settings.allow_http,
         )
-        .map_err(|(key, why)| SinkError::new(SINK, format!("config key `{key}`: {why}")))?;
+        .map_err(|e| SinkError::config(SINK, e))?;
         let credentials = Credentials::from_settings(settings, &login)?;
         let mut placeholders = BTreeMap::new();
         for (field, value) in default_placeholders()
