@@ -15,6 +15,15 @@ use crate::sink::http::{self, Finished, Step};
 use crate::sink::mapping;
 use crate::sink::Outcome;
 
+/// A response read to its end.
+pub(super) struct Read {
+    /// Its Retry-After.
+    pub(super) after: Option<Duration>,
+    /// The value of the one header asked for (`""` without it).
+    pub(super) header: String,
+    pub(super) text: String,
+}
+
 impl DynamicsSink {
     pub(super) fn odata(
         &self,
@@ -107,21 +116,16 @@ impl DynamicsSink {
         attempt: u32,
     ) -> Step<Answer> {
         let status = response.status();
-        let after = http::retry_after(response.headers());
-        let entity = response
-            .headers()
-            .get("OData-EntityId")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let text = match response.text().await {
-            Ok(text) => text,
-            Err(e) => {
-                return Step::Retry {
-                    after,
-                    reason: self.transport_reason("reading the Dataverse response", e),
-                }
-            }
+        let Read {
+            after,
+            header: entity,
+            text,
+        } = match self
+            .read_to_end(response, "OData-EntityId", "reading the Dataverse response")
+            .await
+        {
+            Ok(read) => read,
+            Err(step) => return step,
         };
         if let Some((code, limit)) = service_protection(&text) {
             tracing::warn!(
@@ -142,6 +146,34 @@ impl DynamicsSink {
                 status,
                 text: self.redact(text),
                 entity,
+            }),
+        }
+    }
+
+    /// Reads `response` to its end, keeping its Retry-After and the value of
+    /// `header`; a connection that breaks while `doing` so is worth a retry.
+    pub(super) async fn read_to_end<T>(
+        &self,
+        response: reqwest::Response,
+        header: impl reqwest::header::AsHeaderName,
+        doing: &str,
+    ) -> Result<Read, Step<T>> {
+        let after = http::retry_after(response.headers());
+        let header = response
+            .headers()
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        match response.text().await {
+            Ok(text) => Ok(Read {
+                after,
+                header,
+                text,
+            }),
+            Err(e) => Err(Step::Retry {
+                after,
+                reason: self.transport_reason(doing, e),
             }),
         }
     }
