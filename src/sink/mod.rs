@@ -70,6 +70,21 @@ pub struct SinkError {
     pub message: String,
 }
 
+impl SinkError {
+    /// A failure of the sink named `sink` (`SINK` of its module).
+    pub fn new(sink: impl Into<String>, message: impl Into<String>) -> Self {
+        SinkError {
+            sink: sink.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A setting of the sink that cannot be used, as `validate` names it: `(key, why)`.
+    pub fn config(sink: impl Into<String>, (key, why): (String, String)) -> Self {
+        Self::new(sink, format!("config key `{key}`: {why}"))
+    }
+}
+
 /// One destination for leads.
 #[async_trait::async_trait]
 pub trait LeadSink: Send + Sync {
