@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::sink::alert::{SlackSettings, TeamsSettings, Vendor};
 use crate::sink::dynamics::DynamicsSettings;
+use crate::sink::email::EmailSettings;
 use crate::sink::hubspot::HubspotSettings;
 use crate::sink::marketo::MarketoSettings;
 use crate::sink::salesforce::SalesforceSettings;
@@ -260,6 +261,8 @@ pub enum SinkKind {
     Slack,
     Hubspot,
     Marketo,
+    /// An alert by email (SMTP) per stage reached, or a digest of them.
+    Email,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -287,6 +290,8 @@ pub struct SinkSettings {
     pub hubspot: Option<HubspotSettings>,
     /// Required when `kind = "marketo"`.
     pub marketo: Option<MarketoSettings>,
+    /// Required when `kind = "email"`.
+    pub email: Option<EmailSettings>,
 }
 
 impl SinkSettings {
@@ -299,7 +304,7 @@ impl SinkSettings {
             SinkKind::Jsonl => 1000,
             SinkKind::Salesforce | SinkKind::Dynamics | SinkKind::Webhook => 200,
             // A batch is posted one message at a time, paced: keep it short.
-            SinkKind::Teams | SinkKind::Slack => 50,
+            SinkKind::Teams | SinkKind::Slack | SinkKind::Email => 50,
             // A HubSpot batch holds at most 100 inputs.
             SinkKind::Hubspot => 100,
             // A Marketo leads.json call holds at most 300 leads.
@@ -321,6 +326,7 @@ impl Default for SinkSettings {
             slack: None,
             hubspot: None,
             marketo: None,
+            email: None,
         }
     }
 }
@@ -802,6 +808,17 @@ impl Settings {
             SinkKind::Marketo => match &self.sink.marketo {
                 Some(s) => s.validate()?,
                 None => return missing("marketo"),
+            },
+            SinkKind::Email => match &self.sink.email {
+                // The digest queue is a file next to the state: a table backend has no disk to keep it on.
+                Some(s) if s.digest.is_some() && self.state.backend == StateBackend::Table => {
+                    return bad(
+                        "sink.email.digest",
+                        "needs state.backend = \"file\": the digest queue is a file in state.dir",
+                    )
+                }
+                Some(s) => s.validate()?,
+                None => return missing("email"),
             },
         }
         if self.sink.jsonl.path.as_os_str().is_empty() {

@@ -133,6 +133,10 @@ pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
         SinkKind::Marketo => Arc::new(crate::sink::MarketoSink::new(
             s.marketo.as_ref().ok_or_else(|| missing("marketo"))?,
         )?),
+        SinkKind::Email => Arc::new(crate::sink::EmailSink::new(
+            s.email.as_ref().ok_or_else(|| missing("email"))?,
+            &settings.state.dir,
+        )?),
     })
 }
 
@@ -426,6 +430,10 @@ pub async fn run_pipeline(
                     false => now,
                 };
             }
+        }
+        // Work on the sink's own schedule (the email digest), while the lease is held.
+        if !poll_cancel.is_cancelled() {
+            pipeline.sink.tick().await;
         }
         metrics.set_polling(false);
         renewer.0.abort();

@@ -7,6 +7,7 @@ pub use crate::identity::CustomerLead;
 
 pub mod alert;
 pub mod dynamics;
+pub mod email;
 pub mod http;
 pub mod hubspot;
 mod json_line;
@@ -20,6 +21,7 @@ pub mod webhook;
 
 pub use alert::AlertSink;
 pub use dynamics::DynamicsSink;
+pub use email::EmailSink;
 pub use hubspot::HubspotSink;
 pub use jsonl::JsonlSink;
 pub use marketo::MarketoSink;
@@ -78,4 +80,7 @@ pub trait LeadSink: Send + Sync {
     }
     /// Checks that the sink is reachable and authorised, without writing a lead.
     async fn healthcheck(&self) -> Result<(), SinkError>;
+    /// Work on the sink's own schedule rather than a batch's (the email digest),
+    /// called by the daemon after every poll while it holds the processing lease.
+    async fn tick(&self) {}
 }
