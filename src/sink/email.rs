@@ -275,8 +275,8 @@ fn enhanced_status(reply: &str) -> Option<(u8, u16, u16)> {
 struct Entry {
     /// [`Alert::id`]: one event alerted twice is listed once in a digest.
     id: u64,
-    /// Unix seconds when it was queued (the digest is due `digest` after the oldest).
-    queued_at: u64,
+    /// Unix milliseconds when it was queued (the digest is due `digest` after the oldest).
+    queued_at_ms: u64,
     title: String,
     facts: Vec<(String, String)>,
     next_step: String,
@@ -284,10 +284,10 @@ struct Entry {
     footer: String,
 }
 
-fn now_secs() -> u64 {
+fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Entry {
@@ -295,7 +295,7 @@ impl Entry {
         let message = alert.message();
         Entry {
             id: alert.id(),
-            queued_at: now_secs(),
+            queued_at_ms: now_ms(),
             title: message.title,
             facts: message
                 .facts
@@ -680,9 +680,20 @@ impl EmailSink {
         http::retrying(&self.retry, NAME, |_| {
             let mail = mail.clone();
             async move {
-                match self.transport.send(mail).await {
-                    Ok(_) => Step::Done(Ok(())),
-                    Err(e) => self.verdict(&e).step(),
+                // lettre's timeout bounds the connection; this bounds the whole
+                // conversation (a server that stops answering mid-way).
+                let whole = self.timeout.saturating_mul(4);
+                match tokio::time::timeout(whole, self.transport.send(mail)).await {
+                    Ok(Ok(_)) => Step::Done(Ok(())),
+                    Ok(Err(e)) => self.verdict(&e).step(),
+                    Err(_) => Step::Retry {
+                        after: None,
+                        reason: format!(
+                            "{} did not finish the message within {} (4 × sink.email.timeout)",
+                            self.shown,
+                            humantime::format_duration(whole)
+                        ),
+                    },
                 }
             }
         })
@@ -733,10 +744,10 @@ impl EmailSink {
                 return;
             }
         };
-        let Some(oldest) = entries.iter().map(|e| e.queued_at).min() else {
+        let Some(oldest) = entries.iter().map(|e| e.queued_at_ms).min() else {
             return;
         };
-        if now_secs() < oldest.saturating_add(digest.every.as_secs()) {
+        if now_ms() < oldest.saturating_add(digest.every.as_millis() as u64) {
             return;
         }
         let finished = self.send(&entries, false).await;
@@ -767,7 +778,7 @@ impl EmailSink {
     pub async fn send_test_message(&self) -> Result<String, SinkError> {
         let entry = Entry {
             id: 0,
-            queued_at: now_secs(),
+            queued_at_ms: now_ms(),
             title: "leadsync check: a test message (no customer)".into(),
             facts: vec![
                 (
@@ -941,7 +952,7 @@ mod tests {
     fn entry(id: u64, title: &str) -> Entry {
         Entry {
             id,
-            queued_at: 1,
+            queued_at_ms: 1,
             title: title.into(),
             facts: vec![("Customer".into(), "Ana <script>".into())],
             next_step: "call".into(),
@@ -979,7 +990,7 @@ mod tests {
             .append(true)
             .open(&path)
             .unwrap();
-        file.write_all(b"{\"id\":2,\"queued_at\"").unwrap();
+        file.write_all(b"{\"id\":2,\"queued_at_ms\"").unwrap();
         drop(file);
 
         let mut queue = Queue {
