@@ -200,6 +200,15 @@ impl Settings {
             return bad("identity.summary_template", "must not be empty");
         }
         self.sink.validate()?;
+        let digest = self.sink.email.as_ref().is_some_and(|e| e.digest.is_some());
+        if self.sink.kind == SinkKind::Email && digest && self.state.backend == StateBackend::Table
+        {
+            // The digest queue is a file next to the state: a table backend has no disk to keep it on.
+            return bad(
+                "sink.email.digest",
+                "needs state.backend = \"file\": the digest queue is a file in state.dir",
+            );
+        }
         if self.run.poll_interval.is_zero() {
             return bad("run.poll_interval", "must be greater than zero");
         }

@@ -110,6 +110,10 @@ pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
         SinkKind::Marketo => Arc::new(crate::sink::MarketoSink::new(
             s.marketo.as_ref().ok_or_else(|| missing("marketo"))?,
         )?),
+        SinkKind::Email => Arc::new(crate::sink::EmailSink::new(
+            s.email.as_ref().ok_or_else(|| missing("email"))?,
+            &settings.state.dir,
+        )?),
     })
 }
 
@@ -490,6 +494,10 @@ async fn poll_holding_lease(
     // state.retention: a bounded step per poll, while the lease is held.
     if let (Ok(summary), false) = (&result, poll_cancel.is_cancelled()) {
         retention.step(pipeline, settings, summary.checkpoint).await;
+    }
+    // Work on the sink's own schedule (the email digest), while the lease is held.
+    if !poll_cancel.is_cancelled() {
+        pipeline.sink.tick().await;
     }
     metrics.set_polling(false);
     renewer.0.abort();

@@ -93,6 +93,13 @@ pub async fn check(settings: &Settings, send_test_lead: bool, wait: Duration) ->
     report.push(ok, "state", detail);
     check_sink(settings, &mut report).await;
 
+    if let (true, Some(email)) = (send_test_lead, email_sink(settings)) {
+        match email.send_test_message().await {
+            Ok(detail) => report.push(true, "test mail", detail),
+            Err(e) => report.push(false, "test mail", e.to_string()),
+        }
+    }
+
     if send_test_lead {
         match &source {
             Some(source) => send_and_wait(settings, source, wait, &mut report).await,
@@ -184,6 +191,16 @@ async fn check_sink(settings: &Settings, report: &mut Report) {
             Err(e) => report.push(false, "sink", e.to_string()),
         },
         Err(e) => report.push(false, "sink", e.to_string()),
+    }
+}
+
+/// The email sink, when it is the configured one (it can send a test message itself).
+fn email_sink(settings: &Settings) -> Option<crate::sink::EmailSink> {
+    match (&settings.sink.kind, &settings.sink.email) {
+        (crate::config::SinkKind::Email, Some(email)) => {
+            crate::sink::EmailSink::new(email, &settings.state.dir).ok()
+        }
+        _ => None,
     }
 }
 
