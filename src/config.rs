@@ -262,6 +262,16 @@ impl Settings {
             self.sink.validate()?;
         }
         self.validate_sinks()?;
+        for sink in self.sink_list() {
+            let digest = sink.email.as_ref().is_some_and(|e| e.digest.is_some());
+            if sink.kind == SinkKind::Email && digest && self.state.backend == StateBackend::Table {
+                // The digest queue is a file next to the state: a table backend has no disk to keep it on.
+                return bad(
+                    "sink.email.digest",
+                    "needs state.backend = \"file\": the digest queue is a file in state.dir",
+                );
+            }
+        }
         if self.run.poll_interval.is_zero() {
             return bad("run.poll_interval", "must be greater than zero");
         }

@@ -86,7 +86,7 @@ impl RunReport {
 
 /// Builds the sink `[sink]` names (the first of `[[sinks]]`), for `check` and tests.
 pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
-    build_sink_of(settings.sink_list()[0])
+    build_sink_of(settings.sink_list()[0], &settings.state.dir)
 }
 
 /// Builds every sink of the deployment, each with its name and batch size.
@@ -94,12 +94,19 @@ pub fn build_outlets(settings: &Settings) -> Result<Vec<Outlet>, SinkError> {
     settings
         .sink_list()
         .into_iter()
-        .map(|s| Ok(Outlet::new(s.name(), build_sink_of(s)?, s.batch_size())))
+        .map(|s| {
+            let sink = build_sink_of(s, &settings.state.dir)?;
+            Ok(Outlet::new(s.name(), sink, s.batch_size()))
+        })
         .collect()
 }
 
-/// Builds the sink one `[sink]` (or `[[sinks]]` entry) names.
-pub fn build_sink_of(s: &SinkSettings) -> Result<Arc<dyn LeadSink>, SinkError> {
+/// Builds the sink one `[sink]` (or `[[sinks]]` entry) names; `state_dir` is where
+/// a sink keeps its own files (the email digest queue).
+pub fn build_sink_of(
+    s: &SinkSettings,
+    state_dir: &std::path::Path,
+) -> Result<Arc<dyn LeadSink>, SinkError> {
     let missing = |sink: &str| SinkError {
         sink: sink.into(),
         message: format!("no [sink.{sink}] section"),
@@ -126,6 +133,10 @@ pub fn build_sink_of(s: &SinkSettings) -> Result<Arc<dyn LeadSink>, SinkError> {
         )?),
         SinkKind::Marketo => Arc::new(crate::sink::MarketoSink::new(
             s.marketo.as_ref().ok_or_else(|| missing("marketo"))?,
+        )?),
+        SinkKind::Email => Arc::new(crate::sink::EmailSink::new(
+            s.email.as_ref().ok_or_else(|| missing("email"))?,
+            state_dir,
         )?),
     })
 }
@@ -506,6 +517,12 @@ async fn poll_holding_lease(
     // state.retention: a bounded step per poll, while the lease is held.
     if let (Ok(summary), false) = (&result, poll_cancel.is_cancelled()) {
         retention.step(pipeline, settings, summary.checkpoint).await;
+    }
+    // Work on the sink's own schedule (the email digest), while the lease is held.
+    if !poll_cancel.is_cancelled() {
+        for outlet in &pipeline.sinks {
+            outlet.sink.tick().await;
+        }
     }
     metrics.set_polling(false);
     renewer.0.abort();

@@ -79,3 +79,63 @@ async fn a_test_lead_sent_by_check_is_handled_by_the_running_daemon() {
         "a test lead is not delivered by default"
     );
 }
+
+#[tokio::test]
+async fn check_logs_in_to_the_smtp_server_without_sending_and_sends_one_test_message_when_asked() {
+    use leadsync_testkit::smtp::{Security, SmtpServer};
+    let server = SmtpServer::start(
+        Security::StartTls,
+        Some(("leads@contoso.com", "SMTPSECRET99")),
+    )
+    .await;
+    let world = World::new().await;
+    let ca = world.dir.path().join("ca.pem");
+    std::fs::write(&ca, &server.cert_pem).unwrap();
+    let sink = |password: &str| {
+        format!(
+            "[sink]\nkind = \"email\"\n[sink.email]\nhost = \"127.0.0.1\"\nport = {}\nca_file = \"{}\"\nusername = \"leads@contoso.com\"\npassword = {{ value = \"{password}\" }}\nfrom = \"leads@contoso.com\"\nto = [\"sales@contoso.com\"]\nretry = {{ max_attempts = 1 }}\n",
+            server.port,
+            ca.display()
+        )
+    };
+
+    let healthy = leadsync::cli::check::check(
+        &world.settings_with_sink(&sink("SMTPSECRET99")),
+        false,
+        Duration::from_secs(1),
+    )
+    .await;
+    let sent_before_test = server.received().len();
+    let refused = leadsync::cli::check::check(
+        &world.settings_with_sink(&sink("WRONGSECRET77")),
+        false,
+        Duration::from_secs(1),
+    )
+    .await;
+    let with_test = leadsync::cli::check::check(
+        &world.settings_with_sink(&sink("SMTPSECRET99")),
+        true,
+        Duration::from_millis(100),
+    )
+    .await;
+
+    let text = healthy.render();
+    assert!(
+        text.contains("ok   sink       email: reachable and authorised"),
+        "{text}"
+    );
+    assert_eq!(sent_before_test, 0, "check sends nothing by default");
+    let text = refused.render();
+    assert!(!refused.ok(), "{text}");
+    assert!(text.contains("FAIL sink") && text.contains("535"), "{text}");
+    assert!(!text.contains("WRONGSECRET77"), "{text}");
+    let text = with_test.render();
+    assert!(text.contains("ok   test mail"), "{text}");
+    let received = server.received();
+    assert_eq!(received.len(), 1, "{text}");
+    assert!(
+        received[0].data.contains("Subject: [TEST] leadsync check"),
+        "{}",
+        received[0].data
+    );
+}

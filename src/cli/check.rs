@@ -87,35 +87,63 @@ pub async fn check(settings: &Settings, send_test_lead: bool, wait: Duration) ->
         }
     };
     if let Some(source) = &source {
-        let cancel = Default::default();
-        match source.fetch_page(None, None, &cancel).await {
-            Ok(page) if page.rows.is_empty() && page.next.is_none() => report.push(
-                true,
-                "table",
-                format!("{} is reachable but empty: the marketplace has not written a lead yet", source.table_name()),
-            ),
-            Ok(page) => {
-                let newest = page.rows.iter().map(|r| r.timestamp).max();
-                report.push(
-                    true,
-                    "table",
-                    format!(
-                        "{} is reachable and the marketplace has written to it (newest row on the first page: {})",
-                        source.table_name(),
-                        newest.map(crate::timestamp::format).unwrap_or_else(|| "-".into())
-                    ),
-                )
-            }
-            Err(SourceError::TableNotFound { table }) => report.push(
-                false,
-                "table",
-                format!("{table} does not exist yet: the marketplace creates it with its first lead (publish the offer or press \"validate\" in Partner Center), or source.table is wrong"),
-            ),
-            Err(e) => report.push(false, "table", e.to_string()),
+        check_table(source, &mut report).await;
+    }
+    let (ok, detail) = check_state(settings).await;
+    report.push(ok, "state", detail);
+    check_sink(settings, &mut report).await;
+
+    if let (true, Some(email)) = (send_test_lead, email_sink(settings)) {
+        match email.send_test_message().await {
+            Ok(detail) => report.push(true, "test mail", detail),
+            Err(e) => report.push(false, "test mail", e.to_string()),
         }
     }
 
-    let state_detail = match settings.state.backend {
+    if send_test_lead {
+        match &source {
+            Some(source) => send_and_wait(settings, source, wait, &mut report).await,
+            None => report.push(false, "test lead", "not sent: the table is not reachable"),
+        }
+    }
+    report
+}
+
+/// Reads the first page of the lead table: reachable, and whether the marketplace
+/// has written to it.
+async fn check_table(source: &TableSource, report: &mut Report) {
+    let cancel = Default::default();
+    match source.fetch_page(None, None, &cancel).await {
+        Ok(page) if page.rows.is_empty() && page.next.is_none() => report.push(
+            true,
+            "table",
+            format!("{} is reachable but empty: the marketplace has not written a lead yet", source.table_name()),
+        ),
+        Ok(page) => {
+            let newest = page.rows.iter().map(|r| r.timestamp).max();
+            report.push(
+                true,
+                "table",
+                format!(
+                    "{} is reachable and the marketplace has written to it (newest row on the first page: {})",
+                    source.table_name(),
+                    newest.map(crate::timestamp::format).unwrap_or_else(|| "-".into())
+                ),
+            )
+        }
+        Err(SourceError::TableNotFound { table }) => report.push(
+            false,
+            "table",
+            format!("{table} does not exist yet: the marketplace creates it with its first lead (publish the offer or press \"validate\" in Partner Center), or source.table is wrong"),
+        ),
+        Err(e) => report.push(false, "table", e.to_string()),
+    }
+}
+
+/// Opens the state file and reads its checkpoint (a file in use by the daemon
+/// passes); a state table is not opened here.
+async fn check_state(settings: &Settings) -> (bool, String) {
+    match settings.state.backend {
         StateBackend::File => match RedbStore::open(&settings.state.dir) {
             Ok(store) => match store.checkpoint().await {
                 Ok(Some(t)) => (
@@ -145,17 +173,19 @@ pub async fn check(settings: &Settings, send_test_lead: bool, wait: Duration) ->
             true,
             format!("table {} (backend \"table\")", settings.state.table),
         ),
-    };
-    report.push(state_detail.0, "state", state_detail.1);
+    }
+}
 
-    // Every sink of the deployment; with several, each line names its sink.
+/// Builds each sink and runs its healthcheck, which writes nothing; with several
+/// sinks, each line names its sink.
+async fn check_sink(settings: &Settings, report: &mut Report) {
     let several = settings.sink_list().len() > 1;
     for sink_settings in settings.sink_list() {
         let named = |detail: String| match several {
             true => format!("{}: {detail}", sink_settings.name()),
             false => detail,
         };
-        match crate::daemon::build_sink_of(sink_settings) {
+        match crate::daemon::build_sink_of(sink_settings, &settings.state.dir) {
             Ok(sink) => match sink.healthcheck().await {
                 Ok(()) => report.push(
                     true,
@@ -170,14 +200,15 @@ pub async fn check(settings: &Settings, send_test_lead: bool, wait: Duration) ->
             Err(e) => report.push(false, "sink", named(e.to_string())),
         }
     }
+}
 
-    if send_test_lead {
-        match &source {
-            Some(source) => send_and_wait(settings, source, wait, &mut report).await,
-            None => report.push(false, "test lead", "not sent: the table is not reachable"),
-        }
-    }
-    report
+/// The email sink, when it is one of the deployment's (it can send a test message itself).
+fn email_sink(settings: &Settings) -> Option<crate::sink::EmailSink> {
+    let s = settings
+        .sink_list()
+        .into_iter()
+        .find(|s| s.kind == crate::config::SinkKind::Email)?;
+    crate::sink::EmailSink::new(s.email.as_ref()?, &settings.state.dir).ok()
 }
 
 async fn send_and_wait(

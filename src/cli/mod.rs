@@ -317,62 +317,103 @@ async fn forget(settings: &Settings, mut person: Person, table_rows: bool) -> Ex
         false => None,
     };
     let forgotten = match settings.state.backend {
-        crate::config::StateBackend::File => {
-            let store = match crate::state::RedbStore::open(&settings.state.dir) {
-                Ok(store) => store.with_summary_template(&settings.identity.summary_template),
-                Err(e) => {
-                    eprintln!("leadsync: {e}");
-                    return ExitCode::from(state_failed(&e));
-                }
-            };
-            let forgotten = forget_in(&store, &mut person).await;
-            // The removed records' pages are given back, so the file keeps no copy of them.
-            if forgotten.is_ok() {
-                if let Err(e) = store.compact() {
-                    eprintln!("leadsync: the person is forgotten, but the state file could not be compacted: {e}");
-                }
-            }
-            forgotten
-        }
-        crate::config::StateBackend::Table => {
-            let store = match crate::daemon::open_state(settings) {
-                Ok(store) => store,
-                Err(e) => {
-                    eprintln!("leadsync: {e}");
-                    return ExitCode::from(state_failed(&e));
-                }
-            };
-            let hold = match crate::daemon::LeaseHold::take(store.clone(), settings.state.lease_ttl)
-                .await
-            {
-                Ok(crate::daemon::Holding::Held(hold)) => hold,
-                Ok(crate::daemon::Holding::HeldBy { owner, until }) => {
-                    eprintln!("leadsync: {}", lease_held(&owner, until));
-                    return ExitCode::from(EXIT_LEASE_HELD);
-                }
-                Err(e) => {
-                    eprintln!("leadsync: {e}");
-                    return ExitCode::from(EXIT_START_FAILED);
-                }
-            };
-            let forgotten = tokio::select! {
-                f = forget_in(store.as_ref(), &mut person) => f,
-                () = hold.lost.cancelled() => {
-                    eprintln!("leadsync: the processing lease was lost or could not be renewed in time; stopped part way: run forget again");
-                    return ExitCode::from(3);
-                }
-            };
-            hold.release().await;
-            forgotten
-        }
+        crate::config::StateBackend::File => forget_in_file(settings, &mut person).await,
+        crate::config::StateBackend::Table => forget_under_lease(settings, &mut person).await,
     };
     let forgotten = match forgotten {
         Ok(f) => f,
+        Err(code) => return code,
+    };
+    print_forgotten(&forgotten);
+    let code = match &source {
+        Some(source) => delete_table_rows(source, &forgotten.source_rows).await,
+        None if !forgotten.source_rows.is_empty() => {
+            println!(
+                "kept {} rows of this person in the lead table {} (--table-rows deletes them; a replay over them would bring the person back)",
+                forgotten.source_rows.len(),
+                settings.source.table
+            );
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::SUCCESS,
+    };
+    println!("the CRM was not touched: erase the person there with the CRM's own erasure process");
+    code
+}
+
+/// Forgets the person in the state file (locked for the time), then compacts it;
+/// `Err`: the exit code, with the reason printed.
+async fn forget_in_file(
+    settings: &Settings,
+    person: &mut Person,
+) -> Result<crate::state::personal::Forgotten, ExitCode> {
+    let store = match crate::state::RedbStore::open(&settings.state.dir) {
+        Ok(store) => store.with_summary_template(&settings.identity.summary_template),
         Err(e) => {
-            eprintln!("leadsync: forget failed part way ({e}); run it again to finish");
-            return ExitCode::from(EXIT_START_FAILED);
+            eprintln!("leadsync: {e}");
+            return Err(ExitCode::from(state_failed(&e)));
         }
     };
+    let forgotten = forget_in(&store, person).await;
+    // The removed records' pages are given back, so the file keeps no copy of them.
+    if forgotten.is_ok() {
+        if let Err(e) = store.compact() {
+            eprintln!(
+                "leadsync: the person is forgotten, but the state file could not be compacted: {e}"
+            );
+        }
+    }
+    forget_finished(forgotten)
+}
+
+/// Forgets the person in the state table, holding the processing lease for the
+/// time; `Err`: the exit code, with the reason printed.
+async fn forget_under_lease(
+    settings: &Settings,
+    person: &mut Person,
+) -> Result<crate::state::personal::Forgotten, ExitCode> {
+    let store = match crate::daemon::open_state(settings) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("leadsync: {e}");
+            return Err(ExitCode::from(state_failed(&e)));
+        }
+    };
+    let hold = match crate::daemon::LeaseHold::take(store.clone(), settings.state.lease_ttl).await {
+        Ok(crate::daemon::Holding::Held(hold)) => hold,
+        Ok(crate::daemon::Holding::HeldBy { owner, until }) => {
+            eprintln!("leadsync: {}", lease_held(&owner, until));
+            return Err(ExitCode::from(EXIT_LEASE_HELD));
+        }
+        Err(e) => {
+            eprintln!("leadsync: {e}");
+            return Err(ExitCode::from(EXIT_START_FAILED));
+        }
+    };
+    let forgotten = tokio::select! {
+        f = forget_in(store.as_ref(), person) => f,
+        () = hold.lost.cancelled() => {
+            eprintln!("leadsync: the processing lease was lost or could not be renewed in time; stopped part way: run forget again");
+            return Err(ExitCode::from(3));
+        }
+    };
+    hold.release().await;
+    forget_finished(forgotten)
+}
+
+/// What the state removed, or, where it failed part way, the exit code with the
+/// reason printed.
+fn forget_finished(
+    forgotten: Result<crate::state::personal::Forgotten, crate::state::StateError>,
+) -> Result<crate::state::personal::Forgotten, ExitCode> {
+    forgotten.map_err(|e| {
+        eprintln!("leadsync: forget failed part way ({e}); run it again to finish");
+        ExitCode::from(EXIT_START_FAILED)
+    })
+}
+
+/// Prints each record removed from the state, or that there was none.
+fn print_forgotten(forgotten: &crate::state::personal::Forgotten) {
     for key in &forgotten.customers {
         println!("removed customer        {key}");
     }
@@ -391,31 +432,28 @@ async fn forget(settings: &Settings, mut person: Person, table_rows: bool) -> Ex
     if forgotten.is_empty() {
         println!("nothing about this person in leadsync's state");
     }
+}
+
+/// Deletes the person's rows from the lead table, printing each; a row that
+/// cannot be deleted makes the exit code [`EXIT_START_FAILED`].
+async fn delete_table_rows(
+    source: &crate::source::TableSource,
+    rows: &[crate::source::row::RowId],
+) -> ExitCode {
     let mut code = ExitCode::SUCCESS;
-    match &source {
-        Some(source) => {
-            for row in &forgotten.source_rows {
-                match source.delete_row(row).await {
-                    Ok(true) => println!("deleted table row       {row}"),
-                    Ok(false) => println!("table row already gone  {row}"),
-                    Err(e) => {
-                        eprintln!("leadsync: cannot delete table row {row}: {e}");
-                        code = ExitCode::from(EXIT_START_FAILED);
-                    }
-                }
-            }
-            if forgotten.source_rows.is_empty() {
-                println!("no rows of this person known in the lead table");
+    for row in rows {
+        match source.delete_row(row).await {
+            Ok(true) => println!("deleted table row       {row}"),
+            Ok(false) => println!("table row already gone  {row}"),
+            Err(e) => {
+                eprintln!("leadsync: cannot delete table row {row}: {e}");
+                code = ExitCode::from(EXIT_START_FAILED);
             }
         }
-        None if !forgotten.source_rows.is_empty() => println!(
-            "kept {} rows of this person in the lead table {} (--table-rows deletes them; a replay over them would bring the person back)",
-            forgotten.source_rows.len(),
-            settings.source.table
-        ),
-        None => {}
     }
-    println!("the CRM was not touched: erase the person there with the CRM's own erasure process");
+    if rows.is_empty() {
+        println!("no rows of this person known in the lead table");
+    }
     code
 }
 
@@ -638,87 +676,103 @@ async fn dlq(settings: &Settings, action: DlqAction) -> ExitCode {
 
 async fn dlq_action(pipeline: &crate::pipeline::Pipeline, action: DlqAction) -> ExitCode {
     let result = match action {
-        DlqAction::List { json } => pipeline
-            .state
-            .dead_letters()
-            .await
-            .map_err(PollError::from)
-            .map(|letters| {
-                if letters.is_empty() {
-                    eprintln!("leadsync: no dead letters");
-                }
-                for l in letters {
-                    if json {
-                        match serde_json::to_string(&l) {
-                            Ok(line) => println!("{line}"),
-                            Err(e) => eprintln!("leadsync: cannot print {}: {e}", l.id),
-                        }
-                    } else {
-                        println!(
-                            "{}  {}  sink={} attempts={} rows={} email={}\n    reason: {}",
-                            l.id,
-                            crate::timestamp::format(l.at),
-                            l.sink,
-                            l.attempts,
-                            l.rows.len(),
-                            l.payload
-                                .customer
-                                .email
-                                .as_ref()
-                                .map_or("-", |e| e.original.as_str()),
-                            l.reason
-                        );
-                    }
-                }
-                ExitCode::SUCCESS
-            }),
+        DlqAction::List { json } => list_dead_letters(pipeline, json).await,
         DlqAction::Retry { ids, all } => {
             let ids = (!all).then_some(ids);
-            pipeline.retry_dead_letters(ids.as_deref()).await.map(|r| {
-                for id in &r.delivered {
-                    println!("delivered  {id}");
-                }
-                for (id, reason) in &r.rejected {
-                    println!("rejected   {id}: {reason}");
-                }
-                for (id, reason) in &r.pending {
-                    println!("pending    {id}: {reason}");
-                }
-                for id in &r.missing {
-                    println!("not found  {id}");
-                }
-                if r.rejected.is_empty() && r.pending.is_empty() && r.missing.is_empty() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(2)
-                }
-            })
+            retry_dead_letters(pipeline, ids.as_deref()).await
         }
-        DlqAction::Drop { id } => match pipeline.state.dead_letters().await {
-            Ok(letters) if letters.iter().any(|l| l.id == id) => pipeline
-                .state
-                .settle(&crate::state::SettleBatch {
-                    resolved: vec![id.clone()],
-                    ..Default::default()
-                })
-                .await
-                .map_err(PollError::from)
-                .map(|()| {
-                    tracing::warn!(dead_letter = %id, "Dead letter dropped by an operator.");
-                    println!("dropped {id}");
-                    ExitCode::SUCCESS
-                }),
-            Ok(_) => {
-                eprintln!("leadsync: no dead letter {id}");
-                return ExitCode::from(2);
-            }
-            Err(e) => Err(e.into()),
-        },
+        DlqAction::Drop { id } => drop_dead_letter(pipeline, id).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("leadsync: {e}");
         ExitCode::from(EXIT_START_FAILED)
     })
+}
+
+/// `dlq list`: one line (or JSON line) per dead letter.
+async fn list_dead_letters(
+    pipeline: &crate::pipeline::Pipeline,
+    json: bool,
+) -> Result<ExitCode, PollError> {
+    let letters = pipeline.state.dead_letters().await?;
+    if letters.is_empty() {
+        eprintln!("leadsync: no dead letters");
+    }
+    for l in letters {
+        if json {
+            match serde_json::to_string(&l) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("leadsync: cannot print {}: {e}", l.id),
+            }
+        } else {
+            println!(
+                "{}  {}  sink={} attempts={} rows={} email={}\n    reason: {}",
+                l.id,
+                crate::timestamp::format(l.at),
+                l.sink,
+                l.attempts,
+                l.rows.len(),
+                l.payload
+                    .customer
+                    .email
+                    .as_ref()
+                    .map_or("-", |e| e.original.as_str()),
+                l.reason
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dlq retry`: delivers the dead letters again (`ids`, or all) and prints each
+/// one's result; exit 2 unless every one was delivered.
+async fn retry_dead_letters(
+    pipeline: &crate::pipeline::Pipeline,
+    ids: Option<&[String]>,
+) -> Result<ExitCode, PollError> {
+    let r = pipeline.retry_dead_letters(ids).await?;
+    for id in &r.delivered {
+        println!("delivered  {id}");
+    }
+    for (id, reason) in &r.rejected {
+        println!("rejected   {id}: {reason}");
+    }
+    for (id, reason) in &r.pending {
+        println!("pending    {id}: {reason}");
+    }
+    for id in &r.missing {
+        println!("not found  {id}");
+    }
+    Ok(
+        if r.rejected.is_empty() && r.pending.is_empty() && r.missing.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(2)
+        },
+    )
+}
+
+/// `dlq drop`: settles the dead letter `id` as resolved without delivering it;
+/// exit 2 when there is none.
+async fn drop_dead_letter(
+    pipeline: &crate::pipeline::Pipeline,
+    id: String,
+) -> Result<ExitCode, PollError> {
+    let letters = pipeline.state.dead_letters().await?;
+    if !letters.iter().any(|l| l.id == id) {
+        eprintln!("leadsync: no dead letter {id}");
+        return Ok(ExitCode::from(2));
+    }
+    pipeline
+        .state
+        .settle(&crate::state::SettleBatch {
+            resolved: vec![id.clone()],
+            ..Default::default()
+        })
+        .await?;
+    tracing::warn!(dead_letter = %id, "Dead letter dropped by an operator.");
+    println!("dropped {id}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn replay(

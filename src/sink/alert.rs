@@ -55,6 +55,8 @@ use crate::secret::SecretSource;
 const BODY_SNIPPET_CHARS: usize = 300;
 /// How many alerted events a sink remembers before it starts over.
 const REMEMBERED: usize = 100_000;
+/// The marketplace asks publishers to follow up on a lead within 24 hours.
+pub const FOLLOW_UP_WITHIN: Duration = Duration::from_secs(24 * 3600);
 
 /// `[sink.teams]` and `[sink.slack]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -87,8 +89,32 @@ pub type TeamsSettings = AlertSettings;
 /// `[sink.slack]`.
 pub type SlackSettings = AlertSettings;
 
-fn default_stages() -> Vec<Stage> {
+/// The stages that alert unless `stages` says otherwise: a trial and a purchase.
+pub fn default_stages() -> Vec<Stage> {
     vec![Stage::Trial, Stage::Active]
+}
+
+/// Checks an alert sink's `stages` (`key` names it in the error).
+pub fn validate_stages(key: &str, stages: &[Stage]) -> Result<(), (String, String)> {
+    if stages.is_empty() {
+        return Err((
+            key.to_owned(),
+            "must name at least one stage (\"initial_interest\", \"trial\", \"active\")".into(),
+        ));
+    }
+    if let Some(bad) = stages
+        .iter()
+        .find(|s| matches!(s, Stage::Unknown | Stage::DoNotContact))
+    {
+        return Err((
+            key.to_owned(),
+            format!(
+                "{:?} is not a stage worth an alert (use \"initial_interest\", \"trial\", \"active\")",
+                bad.as_str()
+            ),
+        ));
+    }
+    Ok(())
 }
 fn default_request_timeout() -> Duration {
     Duration::from_secs(30)
@@ -123,25 +149,7 @@ impl AlertSettings {
     /// The URL itself is a secret, checked when the sink is built (see [`check_alert_url`]).
     pub fn validate(&self, vendor: Vendor) -> Result<(), (String, String)> {
         let key = |k: &str| format!("sink.{}.{k}", vendor.name());
-        if self.stages.is_empty() {
-            return Err((
-                key("stages"),
-                "must name at least one stage (\"initial_interest\", \"trial\", \"active\")".into(),
-            ));
-        }
-        if let Some(bad) = self
-            .stages
-            .iter()
-            .find(|s| matches!(s, Stage::Unknown | Stage::DoNotContact))
-        {
-            return Err((
-                key("stages"),
-                format!(
-                    "{:?} is not a stage worth an alert (use \"initial_interest\", \"trial\", \"active\")",
-                    bad.as_str()
-                ),
-            ));
-        }
+        validate_stages(&key("stages"), &self.stages)?;
         if self.request_timeout.is_zero() {
             return Err((key("request_timeout"), "must be greater than zero".into()));
         }
@@ -275,6 +283,9 @@ pub struct Message {
     pub facts: Vec<(&'static str, String)>,
     /// The next step of the record's summary.
     pub next_step: String,
+    /// When the marketplace's 24 hours to follow up end (`2024-05-03 10:00 UTC`):
+    /// the event's Timestamp plus [`FOLLOW_UP_WITHIN`].
+    pub deadline: String,
     /// A line naming the record (its hashed key) for the reader who looks it up.
     pub footer: String,
 }
@@ -326,13 +337,7 @@ impl Alert<'_> {
             Some(source) => format!("{} via {source}", action_label(&self.event.action)),
             None => action_label(&self.event.action).to_owned(),
         };
-        // `2024-05-02 10:00 UTC`, from the event's RFC 3339 stamp.
-        let mut stamp = String::new();
-        crate::timestamp::write(self.event.timestamp, &mut stamp);
-        let when = match (stamp.get(..10), stamp.get(11..16)) {
-            (Some(date), Some(time)) => format!("{date} {time} UTC"),
-            _ => stamp,
-        };
+        let when = minutes(self.event.timestamp);
         let mut stage = stage_label(self.stage).to_owned();
         if self.lead.test_lead {
             stage.push_str(" (marketplace test lead)");
@@ -362,9 +367,76 @@ impl Alert<'_> {
             title,
             facts,
             next_step: next_step(&self.lead.summary),
+            deadline: minutes(self.event.timestamp + FOLLOW_UP_WITHIN),
             footer: format!("leadsync · {}", self.lead.log_key()),
         }
     }
+
+    /// Identifies the alerted event (customer, row version, stage) for [`Alerted`].
+    pub fn id(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.lead.key.hash(&mut h);
+        self.event.row.partition_key.hash(&mut h);
+        self.event.row.row_key.hash(&mut h);
+        self.event.etag.hash(&mut h);
+        self.stage.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// `2024-05-02 10:00 UTC`, from a Timestamp's RFC 3339 form.
+fn minutes(at: time::OffsetDateTime) -> String {
+    let mut stamp = String::new();
+    crate::timestamp::write(at, &mut stamp);
+    match (stamp.get(..10), stamp.get(11..16)) {
+        (Some(date), Some(time)) => format!("{date} {time} UTC"),
+        _ => stamp,
+    }
+}
+
+/// The events an alert sink of this process has alerted (see the module
+/// documentation): a record that changed but still ends in one of them alerts nothing.
+#[derive(Debug, Default)]
+pub struct Alerted(Mutex<HashSet<u64>>);
+
+impl Alerted {
+    /// Whether `alert`'s event was alerted already.
+    pub fn contains(&self, alert: &Alert<'_>) -> bool {
+        self.0.lock().expect("not poisoned").contains(&alert.id())
+    }
+
+    /// Remembers `alert`'s event as alerted.
+    pub fn remember(&self, alert: &Alert<'_>) {
+        let mut alerted = self.0.lock().expect("not poisoned");
+        if alerted.len() >= REMEMBERED {
+            alerted.clear();
+        }
+        alerted.insert(alert.id());
+    }
+
+    /// Forgets an event remembered by [`Alerted::remember`] (its alert was not kept).
+    pub fn forget(&self, id: u64) {
+        self.0.lock().expect("not poisoned").remove(&id);
+    }
+}
+
+/// The alert `lead` calls for that this process has not alerted yet, logging why not
+/// when there is none; every alert sink decides with it.
+pub fn due<'a>(
+    sink: &str,
+    lead: &'a CustomerLead,
+    stages: &[Stage],
+    alerted: &Alerted,
+) -> Option<Alert<'a>> {
+    let Some(alert) = trigger(lead, stages) else {
+        tracing::trace!(sink, customer = %lead.log_key(), "No alert: the record reached no new stage.");
+        return None;
+    };
+    if alerted.contains(&alert) {
+        tracing::debug!(sink, customer = %lead.log_key(), "No alert: this event was alerted already.");
+        return None;
+    }
+    Some(alert)
 }
 
 /// What a status means. Slack's incoming webhooks answer `200 ok`, or an error string
@@ -445,8 +517,7 @@ pub struct AlertSink {
     /// When the last message was sent; held while waiting for the next slot, so
     /// messages leave at most one per `min_interval`.
     last_sent: tokio::sync::Mutex<Option<tokio::time::Instant>>,
-    /// Hashes of the events alerted by this process (see the module documentation).
-    alerted: Mutex<HashSet<u64>>,
+    alerted: Alerted,
     request_timeout: Duration,
     retry: RetrySettings,
 }
@@ -511,7 +582,7 @@ impl AlertSink {
                 .min_interval
                 .unwrap_or_else(|| vendor.default_interval()),
             last_sent: tokio::sync::Mutex::new(None),
-            alerted: Mutex::new(HashSet::new()),
+            alerted: Alerted::default(),
             request_timeout: settings.request_timeout,
             retry: settings.retry.clone(),
         })
@@ -584,37 +655,17 @@ impl AlertSink {
         classify(self.vendor, status, after, &self.scrub(text)).step()
     }
 
-    fn event_hash(alert: &Alert<'_>) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        alert.lead.key.hash(&mut h);
-        alert.event.row.partition_key.hash(&mut h);
-        alert.event.row.row_key.hash(&mut h);
-        alert.event.etag.hash(&mut h);
-        alert.stage.hash(&mut h);
-        h.finish()
-    }
-
     async fn deliver_one(&self, lead: &CustomerLead) -> Outcome {
-        let Some(alert) = trigger(lead, &self.stages) else {
-            tracing::trace!(sink = self.vendor.name(), customer = %lead.log_key(), "No alert: the record reached no new stage.");
+        let Some(alert) = due(self.vendor.name(), lead, &self.stages, &self.alerted) else {
             return Outcome::Delivered;
         };
-        let id = Self::event_hash(&alert);
-        if self.alerted.lock().expect("not poisoned").contains(&id) {
-            tracing::debug!(sink = self.vendor.name(), customer = %lead.log_key(), "No alert: this event was alerted already.");
-            return Outcome::Delivered;
-        }
         // Strings and arrays only: serialising cannot fail.
         let body = serde_json::to_vec(&self.body(&alert.message())).expect("JSON");
         let finished =
             http::retrying(&self.retry, self.vendor.name(), |_| self.attempt(&body)).await;
         match finished {
             Finished::Done(Ok(())) => {
-                let mut alerted = self.alerted.lock().expect("not poisoned");
-                if alerted.len() >= REMEMBERED {
-                    alerted.clear();
-                }
-                alerted.insert(id);
+                self.alerted.remember(&alert);
                 tracing::info!(sink = self.vendor.name(), customer = %lead.log_key(), stage = alert.stage.as_str(), "Alert posted.");
                 Outcome::Delivered
             }

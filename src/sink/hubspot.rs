@@ -381,13 +381,6 @@ impl fmt::Debug for HubspotSink {
     }
 }
 
-fn sink_error(message: impl Into<String>) -> SinkError {
-    SinkError {
-        sink: SINK.into(),
-        message: message.into(),
-    }
-}
-
 fn stage_key(stage: Stage) -> Option<&'static str> {
     match stage {
         Stage::InitialInterest => Some("initial_interest"),
@@ -419,11 +412,11 @@ impl HubspotSink {
     pub fn new(settings: &HubspotSettings) -> Result<Self, SinkError> {
         settings
             .validate()
-            .map_err(|(key, why)| sink_error(format!("config key `{key}`: {why}")))?;
+            .map_err(|e| SinkError::config(SINK, e))?;
         let token = settings
             .access_token
             .resolve("sink.hubspot.access_token")
-            .map_err(|e| sink_error(e.to_string()))?;
+            .map_err(|e| SinkError::new(SINK, e.to_string()))?;
         let ownership: BTreeMap<String, WriteMode> = settings
             .ownership
             .iter()
@@ -444,7 +437,7 @@ impl HubspotSink {
             }
         }
         Ok(Self {
-            http: client(settings.request_timeout).map_err(sink_error)?,
+            http: client(settings.request_timeout).map_err(|e| SinkError::new(SINK, e))?,
             base_url: settings.base_url.trim_end_matches('/').to_owned(),
             token,
             id_property: settings.id_property.clone(),
@@ -724,152 +717,173 @@ impl HubspotSink {
         while let Some(group) = queue.pop() {
             let body =
                 json!({ "inputs": group.iter().map(|&k| inputs[k].clone()).collect::<Vec<_>>() });
+            let sent = Sent {
+                indexes,
+                ids,
+                group: &group,
+            };
             match self.post(UPSERT_PATH, &body).await {
                 Finished::Done(Answer::Ok(text)) => {
-                    let answer = match serde_json::from_str::<BatchAnswer>(&text) {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // Idempotent upsert: safe to send again later.
-                            fail_rest(
-                                outcomes,
-                                indexes,
-                                &group,
-                                &mut queue,
-                                Outcome::RetryLater {
-                                    after: None,
-                                    reason: format!("HubSpot upsert answer unreadable ({e})"),
-                                },
-                            );
-                            continue;
-                        }
-                    };
-                    let index_of = |trace: Option<&str>, id: Option<&str>| -> Option<usize> {
-                        if let Some(i) = trace.and_then(|t| t.parse::<usize>().ok()) {
-                            if group.iter().any(|&k| indexes[k] == i) {
-                                return Some(i);
-                            }
-                        }
-                        let id = id?.to_ascii_lowercase();
-                        group.iter().map(|&k| indexes[k]).find(|&i| {
-                            ids[i].as_deref().map(str::to_ascii_lowercase) == Some(id.clone())
-                        })
-                    };
-                    for result in &answer.results {
-                        let id = result
-                            .properties
-                            .get(&self.id_property)
-                            .and_then(Value::as_str);
-                        if let Some(i) = index_of(result.trace.as_deref(), id) {
-                            outcomes[i] = Some(Outcome::Delivered);
-                        }
-                    }
-                    for error in &answer.errors {
-                        let outcome = if error.category == "RATE_LIMITS" {
+                    match serde_json::from_str::<BatchAnswer>(&text) {
+                        Ok(answer) => self.settle_answer(&answer, &sent, outcomes),
+                        // Idempotent upsert: safe to send again later.
+                        Err(e) => sent.fail_rest(
+                            outcomes,
+                            &mut queue,
                             Outcome::RetryLater {
                                 after: None,
-                                reason: format!("HubSpot: {}", error.text()),
-                            }
-                        } else if error.is_endpoint_fault() {
-                            Outcome::EndpointFailed {
-                                reason: format!(
-                                    "HubSpot refused a property of the mapping: {}",
-                                    error.text()
-                                ),
-                            }
-                        } else {
-                            Outcome::Rejected {
-                                reason: format!("HubSpot refused the contact: {}", error.text()),
-                            }
-                        };
-                        let named: Vec<usize> = match index_of(error.trace.as_deref(), None) {
-                            Some(i) => vec![i],
-                            None => error
-                                .ids()
-                                .iter()
-                                .filter_map(|id| index_of(None, Some(id.as_str())))
-                                .collect(),
-                        };
-                        for i in named {
-                            outcomes[i] = Some(outcome.clone());
-                        }
+                                reason: format!("HubSpot upsert answer unreadable ({e})"),
+                            },
+                        ),
                     }
                 }
                 Finished::Done(Answer::BadRequest(error)) => {
-                    if error.is_endpoint_fault() {
-                        fail_rest(
-                                outcomes,
-                                indexes,
-                                &group,
-                                &mut queue,
-                            Outcome::EndpointFailed {
-                                reason: format!("HubSpot refused the batch upsert (HTTP 400): {} (check sink.hubspot.id_property and fields)", error.text()),
-                            },
-                        );
-                        continue;
-                    }
-                    if group.len() == 1 {
-                        outcomes[indexes[group[0]]] = Some(Outcome::Rejected {
-                            reason: format!(
-                                "HubSpot refused the contact (HTTP 400): {}",
-                                error.text()
-                            ),
-                        });
-                        continue;
-                    }
-                    let named: Vec<String> = error.ids();
-                    let (bad, good): (Vec<usize>, Vec<usize>) =
-                        group.iter().copied().partition(|&k| {
-                            ids[indexes[k]]
-                                .as_deref()
-                                .is_some_and(|id| named.contains(&id.to_ascii_lowercase()))
-                        });
-                    if !bad.is_empty() && !good.is_empty() {
-                        for k in bad {
-                            outcomes[indexes[k]] = Some(Outcome::Rejected {
-                                reason: format!(
-                                    "HubSpot refused the contact (HTTP 400): {}",
-                                    error.text()
-                                ),
-                            });
-                        }
-                        queue.push(good);
-                    } else {
-                        let (a, b) = group.split_at(group.len() / 2);
-                        queue.push(b.to_vec());
-                        queue.push(a.to_vec());
-                    }
+                    sent.split_bad_request(&error, outcomes, &mut queue);
                 }
-                Finished::GaveUp { after, reason } => fail_rest(
-                    outcomes,
-                    indexes,
-                    &group,
-                    &mut queue,
-                    Outcome::RetryLater { after, reason },
-                ),
-                Finished::Failed { reason } => fail_rest(
-                    outcomes,
-                    indexes,
-                    &group,
-                    &mut queue,
-                    Outcome::EndpointFailed { reason },
-                ),
+                Finished::GaveUp { after, reason } => {
+                    sent.fail_rest(outcomes, &mut queue, Outcome::RetryLater { after, reason });
+                }
+                Finished::Failed { reason } => {
+                    sent.fail_rest(outcomes, &mut queue, Outcome::EndpointFailed { reason });
+                }
+            }
+        }
+    }
+
+    /// Gives each lead a result or an error of `answer` names its outcome.
+    fn settle_answer(
+        &self,
+        answer: &BatchAnswer,
+        sent: &Sent<'_>,
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        for result in &answer.results {
+            let id = result
+                .properties
+                .get(&self.id_property)
+                .and_then(Value::as_str);
+            if let Some(i) = sent.lead_named(result.trace.as_deref(), id) {
+                outcomes[i] = Some(Outcome::Delivered);
+            }
+        }
+        for error in &answer.errors {
+            let outcome = record_error_outcome(error);
+            let named: Vec<usize> = match sent.lead_named(error.trace.as_deref(), None) {
+                Some(i) => vec![i],
+                None => error
+                    .ids()
+                    .iter()
+                    .filter_map(|id| sent.lead_named(None, Some(id.as_str())))
+                    .collect(),
+            };
+            for i in named {
+                outcomes[i] = Some(outcome.clone());
             }
         }
     }
 }
 
-/// Gives `outcome` to the leads of `group` and of every group still queued.
-fn fail_rest(
-    outcomes: &mut [Option<Outcome>],
-    indexes: &[usize],
-    group: &[usize],
-    queue: &mut Vec<Vec<usize>>,
-    outcome: Outcome,
-) {
-    for k in group.iter().chain(queue.iter().flatten()) {
-        outcomes[indexes[*k]] = Some(outcome.clone());
+/// What a per-record error of a batch upsert means for its contact.
+fn record_error_outcome(error: &ApiError) -> Outcome {
+    if error.category == "RATE_LIMITS" {
+        Outcome::RetryLater {
+            after: None,
+            reason: format!("HubSpot: {}", error.text()),
+        }
+    } else if error.is_endpoint_fault() {
+        Outcome::EndpointFailed {
+            reason: format!(
+                "HubSpot refused a property of the mapping: {}",
+                error.text()
+            ),
+        }
+    } else {
+        Outcome::Rejected {
+            reason: format!("HubSpot refused the contact: {}", error.text()),
+        }
     }
-    queue.clear();
+}
+
+/// One upsert request: `group` holds positions in the inputs, `indexes` maps a
+/// position to its lead, `ids` holds each lead's id.
+struct Sent<'a> {
+    indexes: &'a [usize],
+    ids: &'a [Option<String>],
+    group: &'a [usize],
+}
+
+impl Sent<'_> {
+    /// The lead of this request a result or error names: by its trace id (the
+    /// lead's index), else by its id, compared without case.
+    fn lead_named(&self, trace: Option<&str>, id: Option<&str>) -> Option<usize> {
+        if let Some(i) = trace.and_then(|t| t.parse::<usize>().ok()) {
+            if self.group.iter().any(|&k| self.indexes[k] == i) {
+                return Some(i);
+            }
+        }
+        let id = id?.to_ascii_lowercase();
+        self.group
+            .iter()
+            .map(|&k| self.indexes[k])
+            .find(|&i| self.ids[i].as_deref().map(str::to_ascii_lowercase) == Some(id.clone()))
+    }
+
+    /// After a 400: the whole rest fails on a fault of the mapping; a lone contact
+    /// is refused; otherwise the contacts the error names are refused and the
+    /// others sent again, or, where it names none (or all), the group is halved.
+    fn split_bad_request(
+        &self,
+        error: &ApiError,
+        outcomes: &mut [Option<Outcome>],
+        queue: &mut Vec<Vec<usize>>,
+    ) {
+        if error.is_endpoint_fault() {
+            self.fail_rest(
+                outcomes,
+                queue,
+                Outcome::EndpointFailed {
+                    reason: format!("HubSpot refused the batch upsert (HTTP 400): {} (check sink.hubspot.id_property and fields)", error.text()),
+                },
+            );
+            return;
+        }
+        let refused = || Outcome::Rejected {
+            reason: format!("HubSpot refused the contact (HTTP 400): {}", error.text()),
+        };
+        if self.group.len() == 1 {
+            outcomes[self.indexes[self.group[0]]] = Some(refused());
+            return;
+        }
+        let named: Vec<String> = error.ids();
+        let (bad, good): (Vec<usize>, Vec<usize>) = self.group.iter().copied().partition(|&k| {
+            self.ids[self.indexes[k]]
+                .as_deref()
+                .is_some_and(|id| named.contains(&id.to_ascii_lowercase()))
+        });
+        if !bad.is_empty() && !good.is_empty() {
+            for k in bad {
+                outcomes[self.indexes[k]] = Some(refused());
+            }
+            queue.push(good);
+        } else {
+            let (a, b) = self.group.split_at(self.group.len() / 2);
+            queue.push(b.to_vec());
+            queue.push(a.to_vec());
+        }
+    }
+
+    /// Gives `outcome` to the leads of this group and of every group still queued.
+    fn fail_rest(
+        &self,
+        outcomes: &mut [Option<Outcome>],
+        queue: &mut Vec<Vec<usize>>,
+        outcome: Outcome,
+    ) {
+        for k in self.group.iter().chain(queue.iter().flatten()) {
+            outcomes[self.indexes[*k]] = Some(outcome.clone());
+        }
+        queue.clear();
+    }
 }
 
 #[async_trait::async_trait]
@@ -894,13 +908,14 @@ impl LeadSink for HubspotSink {
             .await
         {
             Ok(_) => Ok(()),
-            Err(Outcome::RetryLater { reason, .. }) => Err(sink_error(format!(
-                "HubSpot is not reachable now: {reason}"
-            ))),
+            Err(Outcome::RetryLater { reason, .. }) => Err(SinkError::new(
+                SINK,
+                format!("HubSpot is not reachable now: {reason}"),
+            )),
             Err(Outcome::EndpointFailed { reason } | Outcome::Rejected { reason }) => {
-                Err(sink_error(reason))
+                Err(SinkError::new(SINK, reason))
             }
-            Err(other) => Err(sink_error(format!("{other:?}"))),
+            Err(other) => Err(SinkError::new(SINK, format!("{other:?}"))),
         }
     }
 }

@@ -215,16 +215,12 @@ impl LeadSink for JsonlSink {
             .await
             .map_err(std::io::Error::other)
             .and_then(|synced| synced)
-            .map_err(|e| SinkError {
-                sink: "jsonl".into(),
-                message: format!("cannot sync {}: {e}", self.describe()),
-            })
+            .map_err(|e| SinkError::new("jsonl", format!("cannot sync {}: {e}", self.describe())))
     }
 
     async fn healthcheck(&self) -> Result<(), SinkError> {
-        self.write(Vec::new()).await.map_err(|e| SinkError {
-            sink: "jsonl".into(),
-            message: format!("cannot write to {}: {e}", self.describe()),
+        self.write(Vec::new()).await.map_err(|e| {
+            SinkError::new("jsonl", format!("cannot write to {}: {e}", self.describe()))
         })
     }
 }

@@ -250,13 +250,6 @@ impl fmt::Debug for MarketoSink {
     }
 }
 
-fn sink_error(message: impl Into<String>) -> SinkError {
-    SinkError {
-        sink: SINK.into(),
-        message: message.into(),
-    }
-}
-
 /// Why a call failed, as the retry loop sees it.
 enum Auth {
     Token(Token),
@@ -269,18 +262,18 @@ impl MarketoSink {
     pub fn new(settings: &MarketoSettings) -> Result<Self, SinkError> {
         settings
             .validate()
-            .map_err(|(key, why)| sink_error(format!("config key `{key}`: {why}")))?;
+            .map_err(|e| SinkError::config(SINK, e))?;
         let client_secret = settings
             .client_secret
             .resolve("sink.marketo.client_secret")
-            .map_err(|e| sink_error(e.to_string()))?;
+            .map_err(|e| SinkError::new(SINK, e.to_string()))?;
         let base = settings.base_url.trim_end_matches('/').to_owned();
         let identity = settings
             .identity_url
             .clone()
             .unwrap_or_else(|| format!("{base}/identity"));
         Ok(Self {
-            http: client(settings.request_timeout).map_err(sink_error)?,
+            http: client(settings.request_timeout).map_err(|e| SinkError::new(SINK, e))?,
             leads_url: format!("{base}/rest/v1/leads.json"),
             token_url: format!("{}/oauth/token", identity.trim_end_matches('/')),
             client_id: settings.client_id.trim().to_owned(),
@@ -410,59 +403,9 @@ impl MarketoSink {
             async move {
                 let mut refreshed = false;
                 loop {
-                    let token = match self.token().await {
-                        Auth::Token(t) => t,
-                        Auth::Retry(reason) => {
-                            return Step::Retry {
-                                after: None,
-                                reason,
-                            }
-                        }
-                        Auth::Refused(reason) => return Step::Fail { reason },
-                    };
-                    let response = match self
-                        .http
-                        .post(&self.leads_url)
-                        .bearer_auth(token.value.expose_secret())
-                        .json(body)
-                        .send()
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(e) => {
-                            return Step::Retry {
-                                after: None,
-                                reason: self
-                                    .scrub(format!("Marketo request failed: {e}"), Some(&token)),
-                            }
-                        }
-                    };
-                    let status = response.status();
-                    let headers = response.headers().clone();
-                    let text = self.scrub(response.text().await.unwrap_or_default(), Some(&token));
-                    if !status.is_success() {
-                        let reason = format!(
-                            "Marketo answered HTTP {}: {}",
-                            status.as_u16(),
-                            truncate(text.trim(), 300).0
-                        );
-                        return if is_transient_status(status) {
-                            Step::Retry {
-                                after: retry_after(&headers),
-                                reason,
-                            }
-                        } else {
-                            Step::Fail { reason }
-                        };
-                    }
-                    let answer: Answer = match serde_json::from_str(&text) {
-                        Ok(a) => a,
-                        Err(e) => {
-                            return Step::Retry {
-                                after: None,
-                                reason: format!("Marketo answer unreadable ({e})"),
-                            }
-                        }
+                    let (token, answer) = match self.post_leads(body).await {
+                        Ok(sent) => sent,
+                        Err(step) => return step,
                     };
                     if answer.success {
                         if answer.result.len() != n {
@@ -475,42 +418,112 @@ impl MarketoSink {
                         }
                         return Step::Done(answer.result);
                     }
-                    let codes: Vec<&str> = answer.errors.iter().map(|e| e.code.as_str()).collect();
-                    let reason = format!("Marketo refused the call: {}", describe(&answer.errors));
-                    if codes.iter().any(|c| matches!(*c, "601" | "602")) {
-                        self.forget(&token).await;
-                        if !refreshed {
-                            tracing::info!(
-                                sink = SINK,
-                                "Marketo access token invalid or expired; authenticating again."
-                            );
-                            refreshed = true;
-                            continue;
-                        }
-                        return Step::Fail {
-                            reason: format!("{reason} (with a fresh token)"),
-                        };
+                    match self.refused(&token, &answer.errors, refreshed).await {
+                        Some(step) => return step,
+                        None => refreshed = true,
                     }
-                    if codes.contains(&"607") {
-                        return Step::Retry {
-                            after: Some(DAILY_QUOTA_WAIT),
-                            reason,
-                        };
-                    }
-                    if codes
-                        .iter()
-                        .any(|c| matches!(*c, "604" | "606" | "608" | "611" | "615" | "713"))
-                    {
-                        return Step::Retry {
-                            after: None,
-                            reason,
-                        };
-                    }
-                    return Step::Fail { reason };
                 }
             }
         })
         .await
+    }
+
+    /// Sends `body` to leads.json once: the token it went with and Marketo's answer,
+    /// or the step a failure before the answer (token, transport, HTTP status, an
+    /// unreadable body) means.
+    async fn post_leads(&self, body: &Value) -> Result<(Token, Answer), Step<Vec<LeadResult>>> {
+        let token = match self.token().await {
+            Auth::Token(t) => t,
+            Auth::Retry(reason) => {
+                return Err(Step::Retry {
+                    after: None,
+                    reason,
+                })
+            }
+            Auth::Refused(reason) => return Err(Step::Fail { reason }),
+        };
+        let response = match self
+            .http
+            .post(&self.leads_url)
+            .bearer_auth(token.value.expose_secret())
+            .json(body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Step::Retry {
+                    after: None,
+                    reason: self.scrub(format!("Marketo request failed: {e}"), Some(&token)),
+                })
+            }
+        };
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = self.scrub(response.text().await.unwrap_or_default(), Some(&token));
+        if !status.is_success() {
+            let reason = format!(
+                "Marketo answered HTTP {}: {}",
+                status.as_u16(),
+                truncate(text.trim(), 300).0
+            );
+            return Err(if is_transient_status(status) {
+                Step::Retry {
+                    after: retry_after(&headers),
+                    reason,
+                }
+            } else {
+                Step::Fail { reason }
+            });
+        }
+        match serde_json::from_str(&text) {
+            Ok(answer) => Ok((token, answer)),
+            Err(e) => Err(Step::Retry {
+                after: None,
+                reason: format!("Marketo answer unreadable ({e})"),
+            }),
+        }
+    }
+
+    /// What a refused call (`success: false`) means; `None`: send it once more, as
+    /// the token was invalid or expired (601, 602) and has not been `refreshed` yet.
+    async fn refused(
+        &self,
+        token: &Token,
+        errors: &[Reason],
+        refreshed: bool,
+    ) -> Option<Step<Vec<LeadResult>>> {
+        let codes: Vec<&str> = errors.iter().map(|e| e.code.as_str()).collect();
+        let reason = format!("Marketo refused the call: {}", describe(errors));
+        if codes.iter().any(|c| matches!(*c, "601" | "602")) {
+            self.forget(token).await;
+            if !refreshed {
+                tracing::info!(
+                    sink = SINK,
+                    "Marketo access token invalid or expired; authenticating again."
+                );
+                return None;
+            }
+            return Some(Step::Fail {
+                reason: format!("{reason} (with a fresh token)"),
+            });
+        }
+        if codes.contains(&"607") {
+            return Some(Step::Retry {
+                after: Some(DAILY_QUOTA_WAIT),
+                reason,
+            });
+        }
+        if codes
+            .iter()
+            .any(|c| matches!(*c, "604" | "606" | "608" | "611" | "615" | "713"))
+        {
+            return Some(Step::Retry {
+                after: None,
+                reason,
+            });
+        }
+        Some(Step::Fail { reason })
     }
 
     async fn deliver_chunk(&self, leads: &[CustomerLead]) -> Vec<Outcome> {
@@ -625,7 +638,7 @@ impl LeadSink for MarketoSink {
     async fn healthcheck(&self) -> Result<(), SinkError> {
         match self.fetch_token().await {
             Auth::Token(_) => Ok(()),
-            Auth::Retry(reason) | Auth::Refused(reason) => Err(sink_error(reason)),
+            Auth::Retry(reason) | Auth::Refused(reason) => Err(SinkError::new(SINK, reason)),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::sink::alert::{SlackSettings, TeamsSettings, Vendor};
 use crate::sink::dynamics::DynamicsSettings;
+use crate::sink::email::EmailSettings;
 use crate::sink::hubspot::HubspotSettings;
 use crate::sink::marketo::MarketoSettings;
 use crate::sink::salesforce::SalesforceSettings;
@@ -16,6 +17,7 @@ pub use crate::identity::CustomerLead;
 
 pub mod alert;
 pub mod dynamics;
+pub mod email;
 pub mod http;
 pub mod hubspot;
 mod json_line;
@@ -29,6 +31,7 @@ pub mod webhook;
 
 pub use alert::AlertSink;
 pub use dynamics::DynamicsSink;
+pub use email::EmailSink;
 pub use hubspot::HubspotSink;
 pub use jsonl::JsonlSink;
 pub use marketo::MarketoSink;
@@ -70,6 +73,21 @@ pub struct SinkError {
     pub message: String,
 }
 
+impl SinkError {
+    /// A failure of the sink named `sink` (`SINK` of its module).
+    pub fn new(sink: impl Into<String>, message: impl Into<String>) -> Self {
+        SinkError {
+            sink: sink.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A setting of the sink that cannot be used, as `validate` names it: `(key, why)`.
+    pub fn config(sink: impl Into<String>, (key, why): (String, String)) -> Self {
+        Self::new(sink, format!("config key `{key}`: {why}"))
+    }
+}
+
 /// One destination for leads.
 #[async_trait::async_trait]
 pub trait LeadSink: Send + Sync {
@@ -87,6 +105,9 @@ pub trait LeadSink: Send + Sync {
     }
     /// Checks that the sink is reachable and authorised, without writing a lead.
     async fn healthcheck(&self) -> Result<(), SinkError>;
+    /// Work on the sink's own schedule rather than a batch's (the email digest),
+    /// called by the daemon after every poll while it holds the processing lease.
+    async fn tick(&self) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -102,6 +123,8 @@ pub enum SinkKind {
     Slack,
     Hubspot,
     Marketo,
+    /// An alert by email (SMTP) per stage reached, or a digest of them.
+    Email,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,6 +156,8 @@ pub struct SinkSettings {
     pub hubspot: Option<HubspotSettings>,
     /// Required when `kind = "marketo"`.
     pub marketo: Option<MarketoSettings>,
+    /// Required when `kind = "email"`.
+    pub email: Option<EmailSettings>,
 }
 
 impl SinkSettings {
@@ -145,7 +170,7 @@ impl SinkSettings {
             SinkKind::Jsonl => 1000,
             SinkKind::Salesforce | SinkKind::Dynamics | SinkKind::Webhook => 200,
             // A batch is posted one message at a time, paced: keep it short.
-            SinkKind::Teams | SinkKind::Slack => 50,
+            SinkKind::Teams | SinkKind::Slack | SinkKind::Email => 50,
             // A HubSpot batch holds at most 100 inputs.
             SinkKind::Hubspot => 100,
             // A Marketo leads.json call holds at most 300 leads.
@@ -168,6 +193,7 @@ impl Default for SinkSettings {
             slack: None,
             hubspot: None,
             marketo: None,
+            email: None,
         }
     }
 }
@@ -207,6 +233,7 @@ impl SinkKind {
             SinkKind::Slack => "slack",
             SinkKind::Hubspot => "hubspot",
             SinkKind::Marketo => "marketo",
+            SinkKind::Email => "email",
         }
     }
 }
@@ -259,6 +286,10 @@ impl SinkSettings {
             SinkKind::Marketo => match &self.marketo {
                 Some(s) => s.validate()?,
                 None => return missing("marketo"),
+            },
+            SinkKind::Email => match &self.email {
+                Some(s) => s.validate()?,
+                None => return missing("email"),
             },
         }
         if self.jsonl.path.as_os_str().is_empty() {

@@ -130,6 +130,10 @@ impl fmt::Debug for WebhookSettings {
     }
 }
 
+fn bad<T>(key: &str, message: String) -> Result<T, (String, String)> {
+    Err((format!("sink.webhook.{key}"), message))
+}
+
 fn is_ours(name: &str) -> bool {
     name.starts_with("x-leadsync-")
 }
@@ -137,7 +141,6 @@ fn is_ours(name: &str) -> bool {
 impl WebhookSettings {
     /// Checks what types cannot express; returns the offending key and why.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        let bad = |key: &str, message: String| Err((format!("sink.webhook.{key}"), message));
         let url = http::check_url("sink.webhook.url", &self.url, self.allow_http)?;
         let has_authorization = self.bearer_token.is_some()
             || self
@@ -154,6 +157,20 @@ impl WebhookSettings {
                     .into(),
             );
         }
+        let signature = self.validate_signature_header()?;
+        self.validate_headers(&signature)?;
+        if self.parallelism == 0 {
+            return bad("parallelism", "must be at least 1".into());
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request_timeout", "must be greater than zero".into());
+        }
+        self.retry.validate("sink.webhook.retry")?;
+        Ok(())
+    }
+
+    /// `signature_header`: a header name leadsync does not set already.
+    fn validate_signature_header(&self) -> Result<HeaderName, (String, String)> {
         let signature = match HeaderName::from_bytes(self.signature_header.trim().as_bytes()) {
             Ok(name) => name,
             Err(_) => {
@@ -181,6 +198,11 @@ impl WebhookSettings {
                 format!("{signature} is a header leadsync sets itself; choose another name"),
             );
         }
+        Ok(signature)
+    }
+
+    /// `headers`: valid, none leadsync sets itself, none twice.
+    fn validate_headers(&self, signature: &HeaderName) -> Result<(), (String, String)> {
         let mut seen = std::collections::HashSet::new();
         for (name, value) in &self.headers {
             let Ok(parsed) = HeaderName::from_bytes(name.trim().as_bytes()) else {
@@ -212,13 +234,6 @@ impl WebhookSettings {
                 );
             }
         }
-        if self.parallelism == 0 {
-            return bad("parallelism", "must be at least 1".into());
-        }
-        if self.request_timeout.is_zero() {
-            return bad("request_timeout", "must be greater than zero".into());
-        }
-        self.retry.validate("sink.webhook.retry")?;
         Ok(())
     }
 }
@@ -398,27 +413,24 @@ impl fmt::Debug for WebhookSink {
     }
 }
 
-fn sink_error(message: impl Into<String>) -> SinkError {
-    SinkError {
-        sink: SINK.into(),
-        message: message.into(),
-    }
-}
-
 impl WebhookSink {
     /// Validates the settings and reads the secrets; no I/O beyond that.
     pub fn new(settings: &WebhookSettings) -> Result<Self, SinkError> {
         settings
             .validate()
-            .map_err(|(key, message)| sink_error(format!("config key `{key}`: {message}")))?;
+            .map_err(|e| SinkError::config(SINK, e))?;
         let url = http::check_url("sink.webhook.url", &settings.url, settings.allow_http)
-            .map_err(|(key, message)| sink_error(format!("config key `{key}`: {message}")))?;
+            .map_err(|e| SinkError::config(SINK, e))?;
         let mut headers = HeaderMap::new();
         for (name, value) in &settings.headers {
-            let name = HeaderName::from_bytes(name.trim().as_bytes())
-                .map_err(|_| sink_error(format!("{name:?} is not a valid header name")))?;
+            let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+                SinkError::new(SINK, format!("{name:?} is not a valid header name"))
+            })?;
             let mut value = HeaderValue::from_str(value).map_err(|_| {
-                sink_error(format!("the value of {name} is not a valid header value"))
+                SinkError::new(
+                    SINK,
+                    format!("the value of {name} is not a valid header value"),
+                )
             })?;
             // Plain values may still be keys; keep them out of Debug output.
             value.set_sensitive(true);
@@ -428,10 +440,10 @@ impl WebhookSink {
         if let Some(source) = &settings.bearer_token {
             let token = source
                 .resolve("sink.webhook.bearer_token")
-                .map_err(|e| sink_error(e.to_string()))?;
+                .map_err(|e| SinkError::new(SINK, e.to_string()))?;
             let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
                 .map_err(|_| {
-                    sink_error("config key `sink.webhook.bearer_token`: the token is not valid in an HTTP header")
+                    SinkError::new(SINK, "config key `sink.webhook.bearer_token`: the token is not valid in an HTTP header")
                 })?;
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
@@ -441,7 +453,7 @@ impl WebhookSink {
             Some(source) => {
                 let secret = source
                     .resolve("sink.webhook.hmac_secret")
-                    .map_err(|e| sink_error(e.to_string()))?;
+                    .map_err(|e| SinkError::new(SINK, e.to_string()))?;
                 secrets.push(secret.clone());
                 Some(secret)
             }
@@ -449,10 +461,13 @@ impl WebhookSink {
         };
         let signature_header = HeaderName::from_bytes(settings.signature_header.trim().as_bytes())
             .map_err(|_| {
-                sink_error("config key `sink.webhook.signature_header`: not a header name")
+                SinkError::new(
+                    SINK,
+                    "config key `sink.webhook.signature_header`: not a header name",
+                )
             })?;
-        let client =
-            http::client_without_redirects(settings.request_timeout).map_err(sink_error)?;
+        let client = http::client_without_redirects(settings.request_timeout)
+            .map_err(|e| SinkError::new(SINK, e))?;
         Ok(Self {
             client,
             shown_url: shown_url(url.as_str()),
@@ -613,30 +628,32 @@ impl LeadSink for WebhookSink {
             .send()
             .await
             .map_err(|e| {
-                sink_error(format!(
-                    "cannot reach {}: {}",
-                    self.shown_url,
-                    self.scrub(http::transport_reason(
-                        e,
-                        self.request_timeout,
-                        "sink.webhook.request_timeout"
-                    ))
-                ))
+                SinkError::new(
+                    SINK,
+                    format!(
+                        "cannot reach {}: {}",
+                        self.shown_url,
+                        self.scrub(http::transport_reason(
+                            e,
+                            self.request_timeout,
+                            "sink.webhook.request_timeout"
+                        ))
+                    ),
+                )
             })?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(sink_error(format!(
+            return Err(SinkError::new(SINK, format!(
                 "{} refused our credentials ({}): check sink.webhook.bearer_token, headers and hmac_secret",
                 self.shown_url,
                 status_text(status)
             )));
         }
         if status.is_server_error() {
-            return Err(sink_error(format!(
-                "{} answered {}",
-                self.shown_url,
-                status_text(status)
-            )));
+            return Err(SinkError::new(
+                SINK,
+                format!("{} answered {}", self.shown_url, status_text(status)),
+            ));
         }
         Ok(())
     }

@@ -642,62 +642,78 @@ fn raw_row_of_json(text: &str) -> Result<RawRow, (String, String)> {
         .into_row()
 }
 
+/// Where the table is and how to sign in to it: from the connection string, or
+/// else from the account and its key, identity or SAS.
 fn location_and_credentials(
     s: &SourceSettings,
 ) -> Result<(CloudLocation, StorageCredentials), SourceError> {
-    let setup = |key: &'static str, message: String| SourceError::Setup { key, message };
-    if let Some(secret) = &s.connection_string {
-        let secret = secret
-            .resolve("source.connection_string")
-            .map_err(|e| setup("source.connection_string", e.to_string()))?;
-        let cs = ConnectionString::new(secret.expose_secret()).map_err(|_| {
-            setup(
-                "source.connection_string",
-                "not a valid storage connection string (expected Key=Value pairs separated by ';')"
-                    .into(),
-            )
-        })?;
-        if cs.use_development_storage == Some(true) {
-            return Ok((
-                CloudLocation::Emulator {
-                    address: "127.0.0.1".into(),
-                    port: 10002,
-                },
-                StorageCredentials::emulator(),
-            ));
-        }
-        let account = cs
-            .account_name
-            .map(str::to_owned)
-            .or_else(|| s.account.clone())
-            .ok_or_else(|| {
-                setup(
-                    "source.connection_string",
-                    "the connection string has no AccountName".into(),
-                )
-            })?;
-        let credentials = cs.storage_credentials().map_err(|_| {
-            setup(
-                "source.connection_string",
-                "the connection string has neither AccountKey nor SharedAccessSignature".into(),
-            )
-        })?;
-        let endpoint = s.endpoint.as_deref().or(cs.table_endpoint);
-        let location = match endpoint {
-            Some(endpoint) => CloudLocation::Custom {
-                account,
-                uri: endpoint.trim_end_matches('/').to_owned(),
-            },
-            None => match cs.endpoint_suffix {
-                Some(suffix) => CloudLocation::Custom {
-                    uri: format!("https://{account}.table.{suffix}"),
-                    account,
-                },
-                None => CloudLocation::Public { account },
-            },
-        };
-        return Ok((location, credentials));
+    match &s.connection_string {
+        Some(secret) => from_connection_string(s, secret),
+        None => from_account(s),
     }
+}
+
+/// The connection string decides; `source.account` and `source.endpoint` fill in
+/// what it leaves out.
+fn from_connection_string(
+    s: &SourceSettings,
+    secret: &SecretSource,
+) -> Result<(CloudLocation, StorageCredentials), SourceError> {
+    let secret = secret
+        .resolve("source.connection_string")
+        .map_err(|e| setup("source.connection_string", e.to_string()))?;
+    let cs = ConnectionString::new(secret.expose_secret()).map_err(|_| {
+        setup(
+            "source.connection_string",
+            "not a valid storage connection string (expected Key=Value pairs separated by ';')"
+                .into(),
+        )
+    })?;
+    if cs.use_development_storage == Some(true) {
+        return Ok((
+            CloudLocation::Emulator {
+                address: "127.0.0.1".into(),
+                port: 10002,
+            },
+            StorageCredentials::emulator(),
+        ));
+    }
+    let account = cs
+        .account_name
+        .map(str::to_owned)
+        .or_else(|| s.account.clone())
+        .ok_or_else(|| {
+            setup(
+                "source.connection_string",
+                "the connection string has no AccountName".into(),
+            )
+        })?;
+    let credentials = cs.storage_credentials().map_err(|_| {
+        setup(
+            "source.connection_string",
+            "the connection string has neither AccountKey nor SharedAccessSignature".into(),
+        )
+    })?;
+    let endpoint = s.endpoint.as_deref().or(cs.table_endpoint);
+    let location = match endpoint {
+        Some(endpoint) => CloudLocation::Custom {
+            account,
+            uri: endpoint.trim_end_matches('/').to_owned(),
+        },
+        None => match cs.endpoint_suffix {
+            Some(suffix) => CloudLocation::Custom {
+                uri: format!("https://{account}.table.{suffix}"),
+                account,
+            },
+            None => CloudLocation::Public { account },
+        },
+    };
+    Ok((location, credentials))
+}
+
+/// `source.account` with its key, managed or workload identity, or SAS (the first
+/// set), at `source.endpoint` or the public cloud.
+fn from_account(s: &SourceSettings) -> Result<(CloudLocation, StorageCredentials), SourceError> {
     let account = s.account.clone().unwrap_or_default();
     let credentials = if let Some(key) = &s.account_key {
         let key = key
@@ -739,6 +755,11 @@ fn location_and_credentials(
         None => CloudLocation::Public { account },
     };
     Ok((location, credentials))
+}
+
+/// A setting that cannot be used to reach the table.
+fn setup(key: &'static str, message: String) -> SourceError {
+    SourceError::Setup { key, message }
 }
 
 #[derive(Debug, Clone, Deserialize)]

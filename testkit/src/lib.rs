@@ -1,7 +1,11 @@
 //! What leadsync's tests (`tests/common`) and benchmarks (`bench/`) share: the pinned
 //! Azurite table service, started on a free loopback port with its data in a temp dir.
 //! Nothing on the storage side is mocked: this is the real emulator, installed by
-//! `npm ci --prefix tools/azurite` (`scripts/test.sh` and `bench/run.sh` do it).
+//! `npm ci --prefix tools/azurite` (`scripts/test.sh` and `bench/run.sh` do it). With the
+//! feature `smtp`, [`smtp`] is an SMTP server in process for the email sink.
+
+#[cfg(feature = "smtp")]
+pub mod smtp;
 
 use std::collections::BTreeSet;
 use std::net::{TcpListener, TcpStream};

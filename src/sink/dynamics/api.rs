@@ -15,6 +15,15 @@ use crate::sink::http::{self, Finished, Step};
 use crate::sink::mapping;
 use crate::sink::Outcome;
 
+/// A response read to its end.
+pub(super) struct Read {
+    /// Its Retry-After.
+    pub(super) after: Option<Duration>,
+    /// The value of the one header asked for (`""` without it).
+    pub(super) header: String,
+    pub(super) text: String,
+}
+
 impl DynamicsSink {
     pub(super) fn odata(
         &self,
@@ -48,15 +57,7 @@ impl DynamicsSink {
                         Ok(token) => token,
                         Err(error) => return error.into_step(),
                     };
-                    let mut request = self.odata(self.client.request(method.clone(), url), &token);
-                    for (name, value) in extra {
-                        request = request.header(*name, *value);
-                    }
-                    if let Some(body) = body {
-                        request = request
-                            .header(CONTENT_TYPE, "application/json; charset=utf-8")
-                            .body(body.to_vec());
-                    }
+                    let request = self.web_api_request(method.clone(), url, &token, body, extra);
                     let response = match request.send().await {
                         Ok(response) => response,
                         Err(e) => {
@@ -66,8 +67,7 @@ impl DynamicsSink {
                             }
                         }
                     };
-                    let status = response.status();
-                    if status == StatusCode::UNAUTHORIZED && !refreshed {
+                    if response.status() == StatusCode::UNAUTHORIZED && !refreshed {
                         tracing::info!(
                             customer,
                             attempt,
@@ -77,48 +77,105 @@ impl DynamicsSink {
                         refreshed = true;
                         continue;
                     }
-                    let after = http::retry_after(response.headers());
-                    let entity = response
-                        .headers()
-                        .get("OData-EntityId")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned();
-                    let text = match response.text().await {
-                        Ok(text) => text,
-                        Err(e) => {
-                            return Step::Retry {
-                                after,
-                                reason: self.transport_reason("reading the Dataverse response", e),
-                            }
-                        }
-                    };
-                    if let Some((code, limit)) = service_protection(&text) {
-                        tracing::warn!(
-                            customer,
-                            attempt,
-                            code = %code,
-                            limit,
-                            retry_after_ms = after.map(|a| a.as_millis() as u64),
-                            "Dataverse service protection limit reached; waiting as told."
-                        );
-                    }
-                    return match classify(status, after, &text) {
-                        Step::Retry { after, reason } => Step::Retry {
-                            after,
-                            reason: self.redact(reason),
-                        },
-                        _ => Step::Done(Answer {
-                            status,
-                            text: self.redact(text),
-                            entity,
-                        }),
-                    };
+                    return self.answer(response, customer, attempt).await;
                 }
             }
         })
         .instrument(span)
         .await
+    }
+
+    /// The request with the OData headers, the token, the `extra` headers and the
+    /// JSON `body`, if any.
+    fn web_api_request(
+        &self,
+        method: Method,
+        url: &str,
+        token: &SecretString,
+        body: Option<&[u8]>,
+        extra: &[(&'static str, &'static str)],
+    ) -> reqwest::RequestBuilder {
+        let mut request = self.odata(self.client.request(method, url), token);
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request
+                .header(CONTENT_TYPE, "application/json; charset=utf-8")
+                .body(body.to_vec());
+        }
+        request
+    }
+
+    /// Reads a response: a retry where `classify` says so, else the answer, both
+    /// redacted; a service protection limit is logged.
+    async fn answer(
+        &self,
+        response: reqwest::Response,
+        customer: &str,
+        attempt: u32,
+    ) -> Step<Answer> {
+        let status = response.status();
+        let Read {
+            after,
+            header: entity,
+            text,
+        } = match self
+            .read_to_end(response, "OData-EntityId", "reading the Dataverse response")
+            .await
+        {
+            Ok(read) => read,
+            Err(step) => return step,
+        };
+        if let Some((code, limit)) = service_protection(&text) {
+            tracing::warn!(
+                customer,
+                attempt,
+                code = %code,
+                limit,
+                retry_after_ms = after.map(|a| a.as_millis() as u64),
+                "Dataverse service protection limit reached; waiting as told."
+            );
+        }
+        match classify(status, after, &text) {
+            Step::Retry { after, reason } => Step::Retry {
+                after,
+                reason: self.redact(reason),
+            },
+            _ => Step::Done(Answer {
+                status,
+                text: self.redact(text),
+                entity,
+            }),
+        }
+    }
+
+    /// Reads `response` to its end, keeping its Retry-After and the value of
+    /// `header`; a connection that breaks while `doing` so is worth a retry.
+    pub(super) async fn read_to_end<T>(
+        &self,
+        response: reqwest::Response,
+        header: impl reqwest::header::AsHeaderName,
+        doing: &str,
+    ) -> Result<Read, Step<T>> {
+        let after = http::retry_after(response.headers());
+        let header = response
+            .headers()
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        match response.text().await {
+            Ok(text) => Ok(Read {
+                after,
+                header,
+                text,
+            }),
+            Err(e) => Err(Step::Retry {
+                after,
+                reason: self.transport_reason(doing, e),
+            }),
+        }
     }
 
     /// Why a final answer that is not a success refused `what`: the endpoint's fault

@@ -10,7 +10,7 @@ use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use reqwest::StatusCode;
 use secrecy::SecretString;
 
-use super::api::{classify, error_text, is_endpoint_refusal, Answer};
+use super::api::{classify, error_text, is_endpoint_refusal, Answer, Read};
 use super::{DynamicsSink, SINK};
 use crate::sink::http::{self, Finished, Step};
 use crate::sink::Outcome;
@@ -103,21 +103,20 @@ impl DynamicsSink {
                 refreshed = true;
                 continue;
             }
-            let after = http::retry_after(response.headers());
-            let content_type = response
-                .headers()
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            let text = match response.text().await {
-                Ok(text) => text,
-                Err(e) => {
-                    return Step::Retry {
-                        after,
-                        reason: self.transport_reason("reading the Dataverse $batch response", e),
-                    }
-                }
+            let Read {
+                after,
+                header: content_type,
+                text,
+            } = match self
+                .read_to_end(
+                    response,
+                    CONTENT_TYPE,
+                    "reading the Dataverse $batch response",
+                )
+                .await
+            {
+                Ok(read) => read,
+                Err(step) => return step,
             };
             if !status.is_success() {
                 return self.batch_refused(&parts, status, after, text, pending, finished);

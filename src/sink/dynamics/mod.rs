@@ -125,34 +125,27 @@ impl fmt::Debug for DynamicsSink {
     }
 }
 
-fn sink_error(message: impl Into<String>) -> SinkError {
-    SinkError {
-        sink: SINK.into(),
-        message: message.into(),
-    }
-}
-
 impl DynamicsSink {
     /// Builds the sink and reads the client secret; no request is sent.
     pub fn new(settings: &DynamicsSettings) -> Result<Self, SinkError> {
         settings
             .validate()
-            .map_err(|(key, message)| sink_error(format!("config key `{key}`: {message}")))?;
+            .map_err(|e| SinkError::config(SINK, e))?;
         let client_secret = settings
             .client_secret
             .resolve("sink.dynamics.client_secret")
-            .map_err(|e| sink_error(e.to_string()))?;
+            .map_err(|e| SinkError::new(SINK, e.to_string()))?;
         let environment = http::check_url(
             "sink.dynamics.environment_url",
             &settings.environment_url,
             settings.allow_http,
         )
-        .map_err(|(key, message)| sink_error(format!("config key `{key}`: {message}")))?;
+        .map_err(|e| SinkError::config(SINK, e))?;
         let origin = environment.origin().ascii_serialization();
         let mut max_lengths = default_max_lengths();
         max_lengths.extend(settings.max_lengths.clone());
         Ok(Self {
-            client: http::client(settings.request_timeout).map_err(sink_error)?,
+            client: http::client(settings.request_timeout).map_err(|e| SinkError::new(SINK, e))?,
             api_base: format!("{origin}/api/data/{}", settings.api_version),
             api_path: format!("/api/data/{}", settings.api_version),
             token_url: format!(
@@ -309,12 +302,12 @@ impl LeadSink for DynamicsSink {
             let token = self
                 .bearer()
                 .await
-                .map_err(|e| sink_error(e.reason().to_owned()))?;
+                .map_err(|e| SinkError::new(SINK, e.reason().to_owned()))?;
             let response = self
                 .odata(self.client.get(&url), &token)
                 .send()
                 .await
-                .map_err(|e| sink_error(self.transport_reason("WhoAmI request", e)))?;
+                .map_err(|e| SinkError::new(SINK, self.transport_reason("WhoAmI request", e)))?;
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED && !refreshed {
                 self.forget(&token).await;
@@ -323,11 +316,14 @@ impl LeadSink for DynamicsSink {
             }
             let text = response.text().await.unwrap_or_default();
             if !status.is_success() {
-                return Err(sink_error(self.redact(format!(
-                    "WhoAmI answered {status}: {}{}",
-                    error_text(&text),
-                    hint(status)
-                ))));
+                return Err(SinkError::new(
+                    SINK,
+                    self.redact(format!(
+                        "WhoAmI answered {status}: {}{}",
+                        error_text(&text),
+                        hint(status)
+                    )),
+                ));
             }
             let user = serde_json::from_str::<Value>(&text)
                 .ok()
@@ -350,18 +346,22 @@ impl DynamicsSink {
         let answer = match self.request(Method::GET, &url, None, &[], "").await {
             Finished::Done(answer) => answer,
             Finished::GaveUp { reason, .. } | Finished::Failed { reason } => {
-                return Err(sink_error(format!(
-                    "reading the lead table's alternate keys failed: {reason}"
-                )))
+                return Err(SinkError::new(
+                    SINK,
+                    format!("reading the lead table's alternate keys failed: {reason}"),
+                ))
             }
         };
         if !answer.status.is_success() {
-            return Err(sink_error(format!(
-                "reading the lead table's alternate keys answered {}: {}{}",
-                answer.status,
-                error_text(&answer.text),
-                hint(answer.status)
-            )));
+            return Err(SinkError::new(
+                SINK,
+                format!(
+                    "reading the lead table's alternate keys answered {}: {}{}",
+                    answer.status,
+                    error_text(&answer.text),
+                    hint(answer.status)
+                ),
+            ));
         }
         let keys: Vec<Value> = serde_json::from_str::<Value>(&answer.text)
             .ok()
@@ -374,11 +374,11 @@ impl DynamicsSink {
         });
         match ours.and_then(|k| k.get("EntityKeyIndexStatus")).and_then(Value::as_str) {
             Some("Active") => Ok(()),
-            Some(status) => Err(sink_error(format!(
+            Some(status) => Err(SinkError::new(SINK, format!(
                 "the lead table's alternate key on {} is {status}, not Active (sink.dynamics.key_attribute); upserts by it fail until it is",
                 self.key_attribute
             ))),
-            None => Err(sink_error(format!(
+            None => Err(SinkError::new(SINK, format!(
                 "the lead table has no alternate key made of {} alone (sink.dynamics.key_attribute); create one, or upserts by it fail",
                 self.key_attribute
             ))),

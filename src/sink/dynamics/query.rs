@@ -61,65 +61,79 @@ impl DynamicsSink {
         }
         let mut found = HashMap::new();
         for chunk in chunks {
-            let mut url = url_of(&chunk);
-            loop {
-                let answer = match self
-                    .request(
-                        Method::GET,
-                        &url,
-                        None,
-                        &[("Prefer", "odata.include-annotations=\"Microsoft.Dynamics.CRM.lookuplogicalname\"")],
-                        "",
-                    )
-                    .await
-                {
-                    Finished::Done(answer) => answer,
-                    Finished::GaveUp { after, reason } => {
-                        return Err(Outcome::RetryLater { after, reason })
-                    }
-                    Finished::Failed { reason } => return Err(Outcome::EndpointFailed { reason }),
-                };
-                if !answer.status.is_success() {
-                    return Err(Outcome::EndpointFailed {
-                        reason: format!(
-                            "Dataverse refused the query of the batch's leads by sink.dynamics.key_attribute = {} ({}): {}{}",
-                            self.key_attribute,
-                            answer.status,
-                            error_text(&answer.text),
-                            hint(answer.status)
-                        ),
-                    });
-                }
-                #[derive(Deserialize)]
-                struct Page {
-                    #[serde(default)]
-                    value: Vec<Map<String, Value>>,
-                    #[serde(rename = "@odata.nextLink", default)]
-                    next: Option<String>,
-                }
-                let page: Page = match serde_json::from_str(&answer.text) {
-                    Ok(page) => page,
-                    Err(e) => {
-                        return Err(Outcome::RetryLater {
-                            after: None,
-                            reason: format!(
-                                "Dataverse query answer unreadable ({e}): {}",
-                                error_text(&answer.text)
-                            ),
-                        })
-                    }
-                };
-                for record in page.value {
-                    if let Some(key) = record.get(&self.key_attribute).and_then(Value::as_str) {
-                        found.insert(key.to_lowercase(), record.clone());
-                    }
-                }
-                match page.next {
-                    Some(next) if next.starts_with(&self.api_base) => url = next,
-                    _ => break,
-                }
-            }
+            self.read_pages(url_of(&chunk), &mut found).await?;
         }
         Ok(found)
     }
+
+    /// Reads the query at `url` and every page it links to (`@odata.nextLink` on
+    /// the same API base) into `found`, by lower-cased key value.
+    async fn read_pages(
+        &self,
+        mut url: String,
+        found: &mut HashMap<String, Map<String, Value>>,
+    ) -> Result<(), Outcome> {
+        loop {
+            let answer = match self
+                .request(
+                    Method::GET,
+                    &url,
+                    None,
+                    &[(
+                        "Prefer",
+                        "odata.include-annotations=\"Microsoft.Dynamics.CRM.lookuplogicalname\"",
+                    )],
+                    "",
+                )
+                .await
+            {
+                Finished::Done(answer) => answer,
+                Finished::GaveUp { after, reason } => {
+                    return Err(Outcome::RetryLater { after, reason })
+                }
+                Finished::Failed { reason } => return Err(Outcome::EndpointFailed { reason }),
+            };
+            if !answer.status.is_success() {
+                return Err(Outcome::EndpointFailed {
+                    reason: format!(
+                        "Dataverse refused the query of the batch's leads by sink.dynamics.key_attribute = {} ({}): {}{}",
+                        self.key_attribute,
+                        answer.status,
+                        error_text(&answer.text),
+                        hint(answer.status)
+                    ),
+                });
+            }
+            let page: Page = match serde_json::from_str(&answer.text) {
+                Ok(page) => page,
+                Err(e) => {
+                    return Err(Outcome::RetryLater {
+                        after: None,
+                        reason: format!(
+                            "Dataverse query answer unreadable ({e}): {}",
+                            error_text(&answer.text)
+                        ),
+                    })
+                }
+            };
+            for record in page.value {
+                if let Some(key) = record.get(&self.key_attribute).and_then(Value::as_str) {
+                    found.insert(key.to_lowercase(), record.clone());
+                }
+            }
+            match page.next {
+                Some(next) if next.starts_with(&self.api_base) => url = next,
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
+/// One page of a query's answer.
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    value: Vec<Map<String, Value>>,
+    #[serde(rename = "@odata.nextLink", default)]
+    next: Option<String>,
 }

@@ -140,7 +140,51 @@ pub(super) fn is_logical_name(name: &str) -> bool {
 impl DynamicsSettings {
     /// Checks what types cannot express; returns the offending key and why.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        let bad = |key: &str, message: String| Err((format!("sink.dynamics.{key}"), message));
+        self.validate_auth()?;
+        let version = self.api_version.strip_prefix('v').unwrap_or_default();
+        if version.is_empty()
+            || !version
+                .split('.')
+                .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_digit()))
+        {
+            return bad(
+                "api_version",
+                format!("must look like v9.2, not {:?}", self.api_version),
+            );
+        }
+        if !is_logical_name(&self.key_attribute) {
+            return bad(
+                "key_attribute",
+                format!(
+                    "must be the logical name of a lead column (lower-case letters, digits, _), not {:?}",
+                    self.key_attribute
+                ),
+            );
+        }
+        if self.parallelism == 0 || self.parallelism > MAX_PARALLELISM {
+            return bad(
+                "parallelism",
+                format!("must be between 1 and {MAX_PARALLELISM} (Dataverse's limit of concurrent requests per user)"),
+            );
+        }
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
+            return bad(
+                "batch_size",
+                format!("must be between 1 and {MAX_BATCH_SIZE} (requests per Dataverse $batch)"),
+            );
+        }
+        self.validate_field_names()?;
+        self.validate_max_lengths()?;
+        if self.request_timeout.is_zero() {
+            return bad("request_timeout", "must be greater than zero".into());
+        }
+        self.retry.validate("sink.dynamics.retry")?;
+        Ok(())
+    }
+
+    /// Where to sign in and as whom: the environment and authority URLs, the
+    /// tenant, the app registration.
+    fn validate_auth(&self) -> Result<(), (String, String)> {
         let environment = http::check_url(
             "sink.dynamics.environment_url",
             &self.environment_url,
@@ -178,38 +222,11 @@ impl DynamicsSettings {
                 "must be the application (client) id of the app registration".into(),
             );
         }
-        let version = self.api_version.strip_prefix('v').unwrap_or_default();
-        if version.is_empty()
-            || !version
-                .split('.')
-                .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_digit()))
-        {
-            return bad(
-                "api_version",
-                format!("must look like v9.2, not {:?}", self.api_version),
-            );
-        }
-        if !is_logical_name(&self.key_attribute) {
-            return bad(
-                "key_attribute",
-                format!(
-                    "must be the logical name of a lead column (lower-case letters, digits, _), not {:?}",
-                    self.key_attribute
-                ),
-            );
-        }
-        if self.parallelism == 0 || self.parallelism > MAX_PARALLELISM {
-            return bad(
-                "parallelism",
-                format!("must be between 1 and {MAX_PARALLELISM} (Dataverse's limit of concurrent requests per user)"),
-            );
-        }
-        if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
-            return bad(
-                "batch_size",
-                format!("must be between 1 and {MAX_BATCH_SIZE} (requests per Dataverse $batch)"),
-            );
-        }
+        Ok(())
+    }
+
+    /// The columns `fields` and `ownership` write are logical names.
+    fn validate_field_names(&self) -> Result<(), (String, String)> {
         if let Some(column) = self.fields.keys().find(|c| !is_logical_name(c)) {
             return bad(
                 &format!("fields.{column}"),
@@ -222,6 +239,11 @@ impl DynamicsSettings {
                 "is not a column logical name (lower-case letters, digits, _)".into(),
             );
         }
+        Ok(())
+    }
+
+    /// Each `max_lengths` entry, its column name then its size, in key order.
+    fn validate_max_lengths(&self) -> Result<(), (String, String)> {
         for (column, max) in &self.max_lengths {
             if !is_logical_name(column) {
                 return bad(
@@ -236,10 +258,10 @@ impl DynamicsSettings {
                 );
             }
         }
-        if self.request_timeout.is_zero() {
-            return bad("request_timeout", "must be greater than zero".into());
-        }
-        self.retry.validate("sink.dynamics.retry")?;
         Ok(())
     }
+}
+
+fn bad<T>(key: &str, message: String) -> Result<T, (String, String)> {
+    Err((format!("sink.dynamics.{key}"), message))
 }

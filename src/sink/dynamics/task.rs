@@ -17,13 +17,7 @@ impl DynamicsSink {
         lead: &CustomerLead,
         record: &Map<String, Value>,
     ) -> (String, Map<String, Value>, String) {
-        let text = |c: &str| {
-            record
-                .get(c)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-        };
+        let text = |c: &str| column_text(record, c);
         let state = record
             .get("statecode")
             .and_then(Value::as_i64)
@@ -34,26 +28,7 @@ impl DynamicsSink {
             "disqualified"
         };
         let lead_id = text("leadid").unwrap_or_default();
-        let (regarding_set, regarding_nav, regarding_id, regarding_what) =
-            if let Some(id) = text("_qualifyingopportunityid_value") {
-                (
-                    "opportunities",
-                    "regardingobjectid_opportunity_task",
-                    id,
-                    "opportunity",
-                )
-            } else if let Some(id) = text("_parentcontactid_value") {
-                ("contacts", "regardingobjectid_contact_task", id, "contact")
-            } else if let Some(id) = text("_parentaccountid_value") {
-                ("accounts", "regardingobjectid_account_task", id, "account")
-            } else {
-                (
-                    "leads",
-                    "regardingobjectid_lead_task",
-                    lead_id.clone(),
-                    "lead",
-                )
-            };
+        let regarding = Regarding::of(record, &lead_id);
         let event = format!(
             "{}|{}",
             lead.external_key,
@@ -86,8 +61,8 @@ impl DynamicsSink {
             )),
         );
         task.insert(
-            format!("{regarding_nav}@odata.bind"),
-            Value::String(format!("/{regarding_set}({regarding_id})")),
+            format!("{}@odata.bind", regarding.nav),
+            Value::String(format!("/{}({})", regarding.set, regarding.id)),
         );
         let mut owner_note = String::new();
         if let Some(owner) = text("_ownerid_value") {
@@ -105,10 +80,58 @@ impl DynamicsSink {
             owner_note = format!(", owned by {kind} {owner}");
         }
         let note = format!(
-            "task {id} regarding {regarding_what} {regarding_id} for {state_name} lead {lead_id}{owner_note}"
+            "task {id} regarding {} {} for {state_name} lead {lead_id}{owner_note}",
+            regarding.what, regarding.id
         );
         (id, task, note)
     }
+}
+
+/// What a follow-up task is regarding: the opportunity the lead was qualified
+/// into, else its contact, its account, or the lead itself.
+struct Regarding {
+    /// The entity set (`opportunities`).
+    set: &'static str,
+    /// The task's navigation property to it (`regardingobjectid_opportunity_task`).
+    nav: &'static str,
+    id: String,
+    /// What the note calls it (`opportunity`).
+    what: &'static str,
+}
+
+impl Regarding {
+    fn of(record: &Map<String, Value>, lead_id: &str) -> Self {
+        let (set, nav, id, what) =
+            if let Some(id) = column_text(record, "_qualifyingopportunityid_value") {
+                (
+                    "opportunities",
+                    "regardingobjectid_opportunity_task",
+                    id,
+                    "opportunity",
+                )
+            } else if let Some(id) = column_text(record, "_parentcontactid_value") {
+                ("contacts", "regardingobjectid_contact_task", id, "contact")
+            } else if let Some(id) = column_text(record, "_parentaccountid_value") {
+                ("accounts", "regardingobjectid_account_task", id, "account")
+            } else {
+                (
+                    "leads",
+                    "regardingobjectid_lead_task",
+                    lead_id.to_owned(),
+                    "lead",
+                )
+            };
+        Regarding { set, nav, id, what }
+    }
+}
+
+/// A column of the lead record as text, where it holds a non-empty string.
+fn column_text(record: &Map<String, Value>, column: &str) -> Option<String> {
+    record
+        .get(column)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
 }
 
 /// A task id derived from the event: the same event always names the same task.

@@ -10,9 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::api::snippet;
 use super::settings::{default_audience, AuthFlow, SalesforceSettings};
-use super::{
-    sink_error, transport_reason, SalesforceSink, ASSERTION_LIFETIME, JWT_GRANT, REDACTED, SINK,
-};
+use super::{transport_reason, SalesforceSink, ASSERTION_LIFETIME, JWT_GRANT, REDACTED, SINK};
 use crate::sink::http::{check_url, is_transient_status};
 use crate::sink::SinkError;
 
@@ -34,23 +32,26 @@ impl Credentials {
         Ok(match settings.auth {
             AuthFlow::ClientCredentials => {
                 let source = settings.client_secret.as_ref().ok_or_else(|| {
-                    sink_error("config key `sink.salesforce.client_secret` is missing")
+                    SinkError::new(
+                        SINK,
+                        "config key `sink.salesforce.client_secret` is missing",
+                    )
                 })?;
                 Credentials::ClientSecret(
                     source
                         .resolve("sink.salesforce.client_secret")
-                        .map_err(|e| sink_error(e.to_string()))?,
+                        .map_err(|e| SinkError::new(SINK, e.to_string()))?,
                 )
             }
             AuthFlow::JwtBearer => {
                 let source = settings.private_key.as_ref().ok_or_else(|| {
-                    sink_error("config key `sink.salesforce.private_key` is missing")
+                    SinkError::new(SINK, "config key `sink.salesforce.private_key` is missing")
                 })?;
                 let pem = source
                     .resolve("sink.salesforce.private_key")
-                    .map_err(|e| sink_error(e.to_string()))?;
+                    .map_err(|e| SinkError::new(SINK, e.to_string()))?;
                 let key = EncodingKey::from_rsa_pem(pem.expose_secret().as_bytes()).map_err(|_| {
-                sink_error(
+                SinkError::new(SINK,
                     "config key `sink.salesforce.private_key`: not an RSA private key in PEM form (PKCS#8 or PKCS#1)",
                 )
             })?;

@@ -120,25 +120,18 @@ impl fmt::Debug for SalesforceSink {
     }
 }
 
-fn sink_error(message: impl Into<String>) -> SinkError {
-    SinkError {
-        sink: SINK.into(),
-        message: message.into(),
-    }
-}
-
 impl SalesforceSink {
     /// Reads the secrets and builds the client; no network I/O.
     pub fn new(settings: &SalesforceSettings) -> Result<Self, SinkError> {
         settings
             .validate()
-            .map_err(|(key, why)| sink_error(format!("config key `{key}`: {why}")))?;
+            .map_err(|e| SinkError::config(SINK, e))?;
         let login = check_url(
             "sink.salesforce.login_url",
             &settings.login_url,
             settings.allow_http,
         )
-        .map_err(|(key, why)| sink_error(format!("config key `{key}`: {why}")))?;
+        .map_err(|e| SinkError::config(SINK, e))?;
         let credentials = Credentials::from_settings(settings, &login)?;
         let mut placeholders = BTreeMap::new();
         for (field, value) in default_placeholders()
@@ -173,7 +166,7 @@ impl SalesforceSink {
             max_lengths.insert(field.to_ascii_lowercase(), max);
         }
         Ok(Self {
-            http: client(settings.request_timeout).map_err(sink_error)?,
+            http: client(settings.request_timeout).map_err(|e| SinkError::new(SINK, e))?,
             flow: settings.auth,
             token_url: format!(
                 "{}/services/oauth2/token",
@@ -280,11 +273,12 @@ impl LeadSink for SalesforceSink {
         let text = match self.call(Method::GET, &path, None, false).await {
             Finished::Done(text) => text,
             Finished::GaveUp { reason, .. } => {
-                return Err(sink_error(format!(
-                    "Salesforce is not reachable now: {reason}"
-                )))
+                return Err(SinkError::new(
+                    SINK,
+                    format!("Salesforce is not reachable now: {reason}"),
+                ))
             }
-            Finished::Failed { reason } => return Err(sink_error(reason)),
+            Finished::Failed { reason } => return Err(SinkError::new(SINK, reason)),
         };
         #[derive(Deserialize)]
         struct Describe {
@@ -297,7 +291,7 @@ impl LeadSink for SalesforceSink {
             external_id: bool,
         }
         let describe: Describe = serde_json::from_str(&text)
-            .map_err(|e| sink_error(format!("Lead describe answer unreadable: {e}")))?;
+            .map_err(|e| SinkError::new(SINK, format!("Lead describe answer unreadable: {e}")))?;
         let find = |name: &str| {
             describe
                 .fields
@@ -306,13 +300,13 @@ impl LeadSink for SalesforceSink {
         };
         match find(&self.external_id_field) {
             None => {
-                return Err(sink_error(format!(
+                return Err(SinkError::new(SINK, format!(
                     "the Lead object has no field {} visible to the integration user (sink.salesforce.external_id_field); create it as a unique External ID text field",
                     self.external_id_field
                 )))
             }
             Some(f) if !f.external_id => {
-                return Err(sink_error(format!(
+                return Err(SinkError::new(SINK, format!(
                     "Lead.{} is not marked External ID (sink.salesforce.external_id_field)",
                     f.name
                 )))
@@ -327,7 +321,7 @@ impl LeadSink for SalesforceSink {
             .map(String::as_str)
             .collect();
         if !missing.is_empty() {
-            return Err(sink_error(format!(
+            return Err(SinkError::new(SINK, format!(
                 "the Lead object has no field(s) {} visible to the integration user (sink.salesforce.fields / placeholders)",
                 missing.join(", ")
             )));
