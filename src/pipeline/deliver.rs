@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use super::page::Merged;
 use super::{settle_all, DeadLetterReport, Pipeline, PollError, PollSummary};
-use crate::identity::{CustomerLead, CustomerState};
+use crate::identity::{CustomerLead, CustomerState, MergeState};
 use crate::sink::Outcome;
 use crate::state::{DeadLetter, RowVersion, SettleBatch, Settled};
 
@@ -26,18 +26,24 @@ impl Pipeline {
         summary: &mut PollSummary,
     ) -> (SettleBatch, Option<OffsetDateTime>, Option<OffsetDateTime>) {
         let Merged {
-            mut settlements,
-            mut to_store,
+            settlements,
+            to_store,
             deliveries,
             mut newest_settled,
         } = merged;
         let mut oldest_open: Option<OffsetDateTime> = None;
-        let mut dead_letters = Vec::new();
-        // Room for what the deliveries add, so that neither the records nor the rows are
-        // copied as these vectors grow.
-        let mut resolved = Vec::with_capacity(deliveries.len());
-        to_store.reserve(deliveries.len());
-        settlements.reserve(deliveries.iter().map(|d| d.rows.len()).sum());
+        let mut batch = SettleBatch {
+            rows: settlements,
+            customers: to_store,
+            // Room for what the deliveries add, so that neither the records nor the rows
+            // are copied as these vectors grow.
+            resolved: Vec::with_capacity(deliveries.len()),
+            dead_letters: Vec::new(),
+        };
+        batch.customers.reserve(deliveries.len());
+        batch
+            .rows
+            .reserve(deliveries.iter().map(|d| d.rows.len()).sum());
         let mut deliveries = deliveries.into_iter().peekable();
         while deliveries.peek().is_some() {
             // The records are lent to the sink, not copied: they go back to state after.
@@ -53,82 +59,90 @@ impl Pipeline {
             // Each batch is progress for the watchdog: a page of a thousand customers to
             // a slow CRM can take longer than its period.
             self.memory.metrics.touch();
-            for ((lead, (mut merge, rows)), outcome) in leads.into_iter().zip(rest).zip(outcomes) {
-                let customer = &lead.external_key;
-                let settled = match outcome {
-                    Outcome::Delivered => {
-                        summary.delivered += rows.len() as u64;
-                        summary.records_sent += 1;
-                        resolved.push(customer.clone());
-                        merge.delivered = true;
-                        to_store.push(CustomerState::from_parts(lead, merge));
-                        self.delivered()
-                    }
-                    Outcome::Rejected { reason } => {
-                        tracing::warn!(customer = %lead.log_key(), sink = self.sink.name(), %reason, "Sink rejected the lead; kept as a dead letter (leadsync dlq list).");
-                        summary.rejected += rows.len() as u64;
-                        let settled = Settled::Rejected {
-                            reason: format!(
-                                "{} rejected customer {customer}: {reason}",
-                                self.sink.name()
-                            ),
-                        };
-                        dead_letters.push(DeadLetter {
-                            id: customer.clone(),
-                            sink: self.sink.name().into(),
-                            reason,
-                            payload: lead.clone(),
-                            rows: rows.clone(),
-                            at: OffsetDateTime::now_utc(),
-                            attempts: 1,
-                        });
-                        to_store.push(CustomerState::from_parts(lead, merge));
-                        settled
-                    }
-                    Outcome::FollowedUp { note } => {
-                        tracing::info!(customer = %lead.log_key(), sink = self.sink.name(), %note, "The CRM record is sales' now; not updated, the people working it were told.");
-                        summary.followed_up += rows.len() as u64;
-                        summary.records_sent += 1;
-                        resolved.push(customer.clone());
-                        merge.delivered = true;
-                        to_store.push(CustomerState::from_parts(lead, merge));
-                        Settled::Skipped {
-                            policy: format!("followed_up: {note}"),
-                        }
-                    }
-                    Outcome::RetryLater { reason, .. } | Outcome::EndpointFailed { reason } => {
-                        summary.pending += rows.len() as u64;
-                        for row in &rows {
-                            oldest_open =
-                                Some(oldest_open.map_or(row.timestamp, |t| t.min(row.timestamp)));
-                            self.follow_up_clock(row, &reason, summary);
-                        }
-                        continue;
-                    }
-                };
-                {
-                    let mut warned = self.memory.warned_overdue.lock().expect("not poisoned");
-                    if !warned.is_empty() {
-                        // Settled: forget the overdue warning, so the set stays as small as the backlog.
-                        for row in &rows {
-                            warned.remove(&row.id);
-                        }
-                    }
-                }
-                settle_all(rows.into_iter(), settled, &mut settlements);
+            for ((lead, (merge, rows)), outcome) in leads.into_iter().zip(rest).zip(outcomes) {
+                let delivered = (lead, merge, rows);
+                self.record_outcome(delivered, outcome, &mut batch, &mut oldest_open, summary);
             }
         }
-
-        for s in &settlements {
+        for s in &batch.rows {
             newest_settled = newest_settled.max(Some(s.row.timestamp));
         }
-        let batch = SettleBatch {
-            rows: settlements,
-            customers: to_store,
-            dead_letters,
-            resolved,
-        };
         (batch, newest_settled, oldest_open)
+    }
+
+    /// Adds one customer's outcome at the sink to the batch: its rows settled, its
+    /// record stored, its dead letter written or resolved; or, for an outcome still open,
+    /// nothing but the oldest open Timestamp.
+    fn record_outcome(
+        &self,
+        (lead, mut merge, rows): (CustomerLead, MergeState, Vec<RowVersion>),
+        outcome: Outcome,
+        batch: &mut SettleBatch,
+        oldest_open: &mut Option<OffsetDateTime>,
+        summary: &mut PollSummary,
+    ) {
+        let customer = &lead.external_key;
+        let settled = match outcome {
+            Outcome::Delivered => {
+                summary.delivered += rows.len() as u64;
+                summary.records_sent += 1;
+                batch.resolved.push(customer.clone());
+                merge.delivered = true;
+                batch.customers.push(CustomerState::from_parts(lead, merge));
+                self.delivered()
+            }
+            Outcome::Rejected { reason } => {
+                tracing::warn!(customer = %lead.log_key(), sink = self.sink.name(), %reason, "Sink rejected the lead; kept as a dead letter (leadsync dlq list).");
+                summary.rejected += rows.len() as u64;
+                let settled = Settled::Rejected {
+                    reason: format!(
+                        "{} rejected customer {customer}: {reason}",
+                        self.sink.name()
+                    ),
+                };
+                batch.dead_letters.push(DeadLetter {
+                    id: customer.clone(),
+                    sink: self.sink.name().into(),
+                    reason,
+                    payload: lead.clone(),
+                    rows: rows.clone(),
+                    at: OffsetDateTime::now_utc(),
+                    attempts: 1,
+                });
+                batch.customers.push(CustomerState::from_parts(lead, merge));
+                settled
+            }
+            Outcome::FollowedUp { note } => {
+                tracing::info!(customer = %lead.log_key(), sink = self.sink.name(), %note, "The CRM record is sales' now; not updated, the people working it were told.");
+                summary.followed_up += rows.len() as u64;
+                summary.records_sent += 1;
+                batch.resolved.push(customer.clone());
+                merge.delivered = true;
+                batch.customers.push(CustomerState::from_parts(lead, merge));
+                Settled::Skipped {
+                    policy: format!("followed_up: {note}"),
+                }
+            }
+            Outcome::RetryLater { reason, .. } | Outcome::EndpointFailed { reason } => {
+                summary.pending += rows.len() as u64;
+                for row in &rows {
+                    *oldest_open =
+                        Some(oldest_open.map_or(row.timestamp, |t| t.min(row.timestamp)));
+                    self.follow_up_clock(row, &reason, summary);
+                }
+                return;
+            }
+        };
+        {
+            let mut warned = self.memory.warned_overdue.lock().expect("not poisoned");
+            if !warned.is_empty() {
+                // Settled: forget the overdue warning, so the set stays as small as the backlog.
+                for row in &rows {
+                    warned.remove(&row.id);
+                }
+            }
+        }
+        settle_all(rows.into_iter(), settled, &mut batch.rows);
     }
 
     /// The outcome of a row whose customer this pipeline's sink has.

@@ -47,36 +47,25 @@ impl Pipeline {
         summary: &mut PollSummary,
     ) -> Result<Prepared, PollError> {
         let mut versions: Vec<RowVersion> = rows.iter().map(version).collect();
-        let mut malformed = self.malformed_versions(malformed)?;
+        let malformed = self.malformed_versions(malformed)?;
         versions.extend(malformed.iter().map(|(v, _)| v.clone()));
         let mut handled = if mode.ignore_handled {
             vec![false; versions.len()]
         } else {
             self.state.handled(&versions).await?
         };
-        let mut newest_settled = None;
-        let mut settlements = Vec::new();
-        // Entities that cannot be read as rows are rejected rows, by their keys: the
-        // poll goes on, and `leadsync rows rejected` shows them with the entity's text.
         let malformed_handled = handled.split_off(rows.len());
         versions.truncate(rows.len());
-        for ((version, entity), done) in malformed.drain(..).zip(malformed_handled) {
-            if done {
-                summary.already_handled += 1;
-                newest_settled = newest_settled.max(Some(version.timestamp));
-                continue;
+        let mut newest_settled = None;
+        let mut settlements = Vec::new();
+        for ((version, entity), done) in malformed.into_iter().zip(malformed_handled) {
+            match done {
+                true => {
+                    summary.already_handled += 1;
+                    newest_settled = newest_settled.max(Some(version.timestamp));
+                }
+                false => settlements.push(reject_malformed(version, entity, summary)),
             }
-            tracing::warn!(row = %version.id, reason = %entity.message, "Row rejected: the table returned an entity that cannot be read.");
-            summary.rejected += 1;
-            let mut columns = serde_json::Map::new();
-            columns.insert("entity".into(), serde_json::Value::String(entity.text));
-            settlements.push(Settlement {
-                row: version,
-                outcome: Settled::Rejected {
-                    reason: format!("malformed entity: {}", entity.message),
-                },
-                columns: Some(columns),
-            });
         }
         let mut by_customer: BTreeMap<CustomerKey, Vec<(RowVersion, LeadEvent)>> = BTreeMap::new();
 
@@ -191,27 +180,7 @@ impl Pipeline {
             mut newest_settled,
         } = prepared;
         let keys: Vec<String> = by_customer.keys().map(CustomerKey::as_string).collect();
-        let mut stored = self.state.customers(&keys).await?;
-        if let Some(batch) = committing.filter(|b| !b.customers.is_empty()) {
-            let newer: std::collections::HashMap<&str, &CustomerState> = batch
-                .customers
-                .iter()
-                .map(|c| (c.lead.key.as_str(), c))
-                .collect();
-            for (key, stored) in keys.iter().zip(stored.iter_mut()) {
-                if let Some(c) = newer.get(key.as_str()) {
-                    *stored = Some((*c).clone());
-                }
-            }
-        }
-        // Customers of the delivery window are newer still: merged, not yet sent.
-        let mut windowed = vec![false; keys.len()];
-        for ((key, stored), windowed) in keys.iter().zip(stored.iter_mut()).zip(&mut windowed) {
-            if let Some(c) = window.customer(key) {
-                *stored = Some(c.clone());
-                *windowed = true;
-            }
-        }
+        let (stored, windowed) = self.newest_records(&keys, committing, window).await?;
         let mut to_store = Vec::new();
         // A page's customers are almost all delivered: their records (a kilobyte each)
         // are not copied again and again as the vector grows.
@@ -276,5 +245,58 @@ impl Pipeline {
             deliveries,
             newest_settled,
         })
+    }
+
+    /// The newest record of each customer (`None`: new), in the order of `keys`, and
+    /// whether it is the delivery window's: the window's records are newer than the
+    /// committing batch's (`committing`, the last flush, whose commit may still be
+    /// running), which are newer than the store's.
+    async fn newest_records(
+        &self,
+        keys: &[String],
+        committing: Option<&SettleBatch>,
+        window: &Window,
+    ) -> Result<(Vec<Option<CustomerState>>, Vec<bool>), PollError> {
+        let mut stored = self.state.customers(keys).await?;
+        if let Some(batch) = committing.filter(|b| !b.customers.is_empty()) {
+            let newer: std::collections::HashMap<&str, &CustomerState> = batch
+                .customers
+                .iter()
+                .map(|c| (c.lead.key.as_str(), c))
+                .collect();
+            for (key, stored) in keys.iter().zip(stored.iter_mut()) {
+                if let Some(c) = newer.get(key.as_str()) {
+                    *stored = Some((*c).clone());
+                }
+            }
+        }
+        let mut windowed = vec![false; keys.len()];
+        for ((key, stored), windowed) in keys.iter().zip(stored.iter_mut()).zip(&mut windowed) {
+            if let Some(c) = window.customer(key) {
+                *stored = Some(c.clone());
+                *windowed = true;
+            }
+        }
+        Ok((stored, windowed))
+    }
+}
+
+/// An entity that cannot be read as a row is a rejected row, by its keys: the poll goes
+/// on, and `leadsync rows rejected` shows it with the entity's text.
+fn reject_malformed(
+    version: RowVersion,
+    entity: MalformedEntity,
+    summary: &mut PollSummary,
+) -> Settlement {
+    tracing::warn!(row = %version.id, reason = %entity.message, "Row rejected: the table returned an entity that cannot be read.");
+    summary.rejected += 1;
+    let mut columns = serde_json::Map::new();
+    columns.insert("entity".into(), serde_json::Value::String(entity.text));
+    Settlement {
+        row: version,
+        outcome: Settled::Rejected {
+            reason: format!("malformed entity: {}", entity.message),
+        },
+        columns: Some(columns),
     }
 }

@@ -166,11 +166,14 @@ pub trait StateStore: Send + Sync {
     /// past settled rows). Durable when it returns, with every settle before it.
     async fn set_checkpoint(&self, timestamp: OffsetDateTime) -> Result<(), StateError>;
     /// For each row version, in order, whether it was handled already: `true` when this
-    /// row (PartitionKey, RowKey) was settled at this ETag with an outcome other than
-    /// [`Settled::Delivered`] and its marker was not pruned since. For a delivered row a
-    /// store may answer either way (the file store says `false`, the table store `true`):
-    /// the delivered row's version is in its customer's history, where the pipeline's
-    /// merge recognises it. A different ETag of a handled row is never handled.
+    /// row (PartitionKey, RowKey) was last settled at this ETag with an outcome other
+    /// than [`Settled::Delivered`], and its marker was not pruned since; `false` for a
+    /// version never settled, and for one a later settle of the row at another version
+    /// replaced with an outcome other than delivered. A store remembers one version per
+    /// row. For a delivered row a store may answer either way (the file store keeps no
+    /// marker for it, and leaves the one of an earlier version; the table store marks
+    /// it): a delivered row's version is in its customer's history, where the pipeline's
+    /// merge recognises it.
     async fn handled(&self, rows: &[RowVersion]) -> Result<Vec<bool>, StateError>;
     /// Records a batch's outcomes, called once the sink has made the batch's deliveries
     /// durable: each row's outcome (a row not delivered is remembered as handled, see
