@@ -224,8 +224,9 @@ pub trait StateStore: Send + Sync {
     /// dead letters, rejected, skipped, unidentifiable rows), resuming after the last
     /// call's, and removes customers last seen before `before`, dead letters refused
     /// before it and recorded rows stamped before it; `complete` once every list went
-    /// round since the step that began the round. Handled markers and the checkpoint
-    /// are not touched. Callers hold the processing lease and keep `before` before the
+    /// round since the step that began the round. A store may also keep what it wrote
+    /// at or after `before` by its own clock (the table store filters on the service's
+    /// `Timestamp`). Handled markers and the checkpoint are not touched. Callers hold the processing lease and keep `before` before the
     /// overlap window ([`crate::state::personal::retention_cutoff`]).
     async fn prune_older_than(
         &self,
