@@ -98,7 +98,7 @@ pub struct Pipeline {
     pub identity: IdentitySettings,
     pub overlap: Duration,
     pub batch_size: usize,
-    /// Pages merged before their customers go to the sink (see [`Window`]): a customer
+    /// Pages merged before their customers go to the sink (see the delivery window, `window::Window`): a customer
     /// whose rows span them is sent once. [`WINDOW_PAGES`] unless a test says.
     pub window_pages: u32,
     /// A lead still undelivered this long after its table Timestamp is logged as overdue.

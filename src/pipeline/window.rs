@@ -11,7 +11,7 @@ use crate::identity::CustomerState;
 use crate::state::{Settled, Settlement};
 
 /// Pages merged into the delivery window before a flush: at most this many (the
-/// default of [`Pipeline::window_pages`]). A 10,000-row backfill (ten pages) is one
+/// default of [`Pipeline::window_pages`](super::Pipeline::window_pages)). A 10,000-row backfill (ten pages) is one
 /// window.
 pub const WINDOW_PAGES: u32 = 16;
 /// ... and at most about this many bytes of customer records (estimated): a 16-page

@@ -84,7 +84,7 @@ impl RedbStore {
 const LISTS: [TableDefinition<(&str, &str), &[u8]>; 3] = [REJECTED, SKIPPED, UNIDENTIFIABLE];
 
 impl RedbStore {
-    /// [`StateStore::forget`], in one transaction.
+    /// [`StateStore::forget`](crate::state::StateStore::forget), in one transaction.
     pub(super) fn forget_now(&self, person: &Person) -> Result<Forgotten, StateError> {
         let txn = self.db.begin_write().map_err(io(FORGET))?;
         let mut forgotten = Forgotten::default();
@@ -132,7 +132,7 @@ impl RedbStore {
         Ok(pruned)
     }
 
-    /// Compacts the file (after [`StateStore::forget`]): the pages the removed records
+    /// Compacts the file (after [`StateStore::forget`](crate::state::StateStore::forget)): the pages the removed records
     /// were on are given back, and the file shrinks.
     pub fn compact(mut self) -> Result<bool, StateError> {
         self.db.compact().map_err(io("compact the state file"))

@@ -44,6 +44,10 @@
 //! it (the merge then drops it as already handled), its dead letter and its list
 //! entry are written already. A marker is never written before the customer holding
 //! its row, whose record the next delivery of that customer starts from.
+//!
+//! Here: the client, reads, and the [`StateStore`] implementation; a settle's writes
+//! in `settle`, the lease in `lease`, pruning, retention and `forget` in `personal`,
+//! and how keys and properties are built in `entity`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
