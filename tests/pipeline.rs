@@ -493,8 +493,15 @@ impl StateStore for SlowCommits {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         self.0.settle(batch).await
     }
-    async fn commit_held(&self) -> Result<(), leadsync::state::StateError> {
-        self.0.commit_held().await
+    async fn acquire_lease(
+        &self,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<leadsync::state::Lease, leadsync::state::StateError> {
+        self.0.acquire_lease(owner, ttl).await
+    }
+    async fn release_lease(&self, owner: &str) -> Result<(), leadsync::state::StateError> {
+        self.0.release_lease(owner).await
     }
     async fn dead_letters(
         &self,
@@ -535,6 +542,19 @@ impl StateStore for SlowCommits {
         &self,
     ) -> Result<Vec<leadsync::state::RecordedRow>, leadsync::state::StateError> {
         self.0.skipped().await
+    }
+    async fn forget(
+        &self,
+        person: &leadsync::state::personal::Person,
+    ) -> Result<leadsync::state::personal::Forgotten, leadsync::state::StateError> {
+        self.0.forget(person).await
+    }
+    async fn prune_older_than(
+        &self,
+        before: time::OffsetDateTime,
+        step: usize,
+    ) -> Result<leadsync::state::personal::Pruned, leadsync::state::StateError> {
+        self.0.prune_older_than(before, step).await
     }
 }
 

@@ -66,9 +66,8 @@ pub struct CustomerState {
     /// `Some` when read from the stored form, which keeps only a hash of the summary
     /// ([`StoredCustomer`]): `lead.summary` is empty until [`CustomerState::apply`]
     /// rebuilds it (comparing the new text with this hash, so a replay still sends
-    /// nothing) or [`CustomerState::complete_summary`] does. Only the merge sees a record
-    /// in that state ([`crate::state::StateStore::customers_to_merge`]); every other read
-    /// completes it.
+    /// nothing) or [`CustomerState::complete_summary`] does; the file store completes it
+    /// on every read ([`crate::state::StateStore::customers`]).
     #[serde(skip)]
     summary_hash: Option<u64>,
 }
