@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use super::page::Merged;
 use super::{settle_all, DeadLetterReport, Outlet, Pipeline, PollError, PollMode, PollSummary};
-use crate::identity::{CustomerLead, CustomerState};
+use crate::identity::{CustomerLead, CustomerState, MergeState};
 use crate::sink::{LeadSink, Outcome};
 use crate::state::{DeadLetter, RowVersion, SettleBatch, Settled};
 
@@ -47,16 +47,24 @@ impl Pipeline {
         summary: &mut PollSummary,
     ) -> (SettleBatch, Option<OffsetDateTime>, Option<OffsetDateTime>) {
         let Merged {
-            mut settlements,
-            mut to_store,
+            settlements,
+            to_store,
             deliveries,
             mut newest_settled,
         } = merged;
         let mut oldest_open: Option<OffsetDateTime> = None;
-        let mut dead_letters = Vec::new();
-        let mut resolved = Vec::new();
-        to_store.reserve(deliveries.len());
-        settlements.reserve(deliveries.iter().map(|d| d.rows.len()).sum());
+        let mut batch = SettleBatch {
+            rows: settlements,
+            customers: to_store,
+            resolved: Vec::new(),
+            dead_letters: Vec::new(),
+        };
+        // Room for what the deliveries add, so that neither the records nor the rows are
+        // copied as these vectors grow.
+        batch.customers.reserve(deliveries.len());
+        batch
+            .rows
+            .reserve(deliveries.iter().map(|d| d.rows.len()).sum());
         // The records are lent to the sinks, not copied: they go back to state after.
         let (leads, rest): (Vec<CustomerLead>, Vec<_>) = deliveries
             .into_iter()
@@ -81,91 +89,102 @@ impl Pipeline {
                 outcomes[i][s] = Some(outcome);
             }
         }
-        for ((lead, (mut merge, rows)), outcomes) in leads.into_iter().zip(rest).zip(outcomes) {
-            let mut fate = Fate::default();
-            for (outlet, outcome) in self.sinks.iter().zip(outcomes) {
-                let Some(outcome) = outcome else { continue };
-                self.judge(
-                    outlet,
-                    &lead,
-                    &rows,
-                    outcome,
-                    &mut fate,
-                    &mut dead_letters,
-                    summary,
-                );
+        for ((lead, (merge, rows)), outcomes) in leads.into_iter().zip(rest).zip(outcomes) {
+            let record = (lead, merge, rows);
+            self.settle_record(record, outcomes, &mut batch, &mut oldest_open, summary);
+        }
+        for s in &batch.rows {
+            newest_settled = newest_settled.max(Some(s.row.timestamp));
+        }
+        (batch, newest_settled, oldest_open)
+    }
+
+    /// Adds what the sinks answered for one record to the batch: its rows settled when
+    /// every sink has settled it, its record stored (with the sinks that have it while
+    /// another does not), its dead letters written or resolved; or, while a sink could
+    /// not take it, only the oldest open Timestamp.
+    fn settle_record(
+        &self,
+        (lead, mut merge, rows): (CustomerLead, MergeState, Vec<RowVersion>),
+        outcomes: Vec<Option<Outcome>>,
+        batch: &mut SettleBatch,
+        oldest_open: &mut Option<OffsetDateTime>,
+        summary: &mut PollSummary,
+    ) {
+        let mut fate = Fate::default();
+        for (outlet, outcome) in self.sinks.iter().zip(outcomes) {
+            let Some(outcome) = outcome else { continue };
+            self.judge(
+                outlet,
+                &lead,
+                &rows,
+                outcome,
+                &mut fate,
+                &mut batch.dead_letters,
+                summary,
+            );
+        }
+        for name in &fate.acked {
+            batch
+                .resolved
+                .push(self.dead_letter_id(name, &lead.external_key));
+            if !merge.acked.contains(name) {
+                merge.acked.push(name.clone());
             }
-            for name in &fate.acked {
-                resolved.push(self.dead_letter_id(name, &lead.external_key));
+        }
+        if let Some((sink, reason)) = fate.pending {
+            // Open until every sink settled it; the sinks that have it (or dead-lettered
+            // it) are kept, and not asked again for this version.
+            for name in &fate.refused {
                 if !merge.acked.contains(name) {
                     merge.acked.push(name.clone());
                 }
             }
-            if let Some((sink, reason)) = fate.pending {
-                // Open until every sink settled it; the sinks that have it (or
-                // dead-lettered it) are kept, and not asked again for this version.
-                for name in &fate.refused {
-                    if !merge.acked.contains(name) {
-                        merge.acked.push(name.clone());
-                    }
-                }
-                summary.pending += rows.len() as u64;
-                for row in &rows {
-                    oldest_open = Some(oldest_open.map_or(row.timestamp, |t| t.min(row.timestamp)));
-                    self.follow_up_clock(row, sink, &reason, summary);
-                }
-                if !fate.acked.is_empty() || !fate.refused.is_empty() {
-                    to_store.push(CustomerState::from_parts(lead, merge));
-                }
-                continue;
+            summary.pending += rows.len() as u64;
+            for row in &rows {
+                *oldest_open = Some(oldest_open.map_or(row.timestamp, |t| t.min(row.timestamp)));
+                self.follow_up_clock(row, sink, &reason, summary);
             }
-            let settled = match (fate.rejected, fate.followed_up) {
-                (Some(reason), _) => {
-                    summary.rejected += rows.len() as u64;
-                    Settled::Rejected { reason }
-                }
-                (None, Some(note)) => {
-                    summary.followed_up += rows.len() as u64;
-                    Settled::Skipped {
-                        policy: format!("followed_up: {note}"),
-                    }
-                }
-                (None, None) => {
-                    summary.delivered += rows.len() as u64;
-                    self.delivered()
-                }
-            };
-            if fate.refused.is_empty() {
-                // Every sink has this version now.
-                merge.delivered = true;
-                merge.acked.clear();
-            } else {
-                // Kept for `dlq retry`: it completes the record when the last one takes it.
-                merge.acked.retain(|name| !fate.refused.contains(name));
+            if !fate.acked.is_empty() || !fate.refused.is_empty() {
+                batch.customers.push(CustomerState::from_parts(lead, merge));
             }
-            to_store.push(CustomerState::from_parts(lead, merge));
-            {
-                let mut warned = self.memory.warned_overdue.lock().expect("not poisoned");
-                if !warned.is_empty() {
-                    // Settled: forget the overdue warning, so the set stays as small as the backlog.
-                    for row in &rows {
-                        warned.remove(&row.id);
-                    }
-                }
-            }
-            settle_all(rows.into_iter(), settled, &mut settlements);
+            return;
         }
-
-        for s in &settlements {
-            newest_settled = newest_settled.max(Some(s.row.timestamp));
-        }
-        let batch = SettleBatch {
-            rows: settlements,
-            customers: to_store,
-            dead_letters,
-            resolved,
+        let settled = match (fate.rejected, fate.followed_up) {
+            (Some(reason), _) => {
+                summary.rejected += rows.len() as u64;
+                Settled::Rejected { reason }
+            }
+            (None, Some(note)) => {
+                summary.followed_up += rows.len() as u64;
+                Settled::Skipped {
+                    policy: format!("followed_up: {note}"),
+                }
+            }
+            (None, None) => {
+                summary.delivered += rows.len() as u64;
+                self.delivered()
+            }
         };
-        (batch, newest_settled, oldest_open)
+        if fate.refused.is_empty() {
+            // Every sink has this version now.
+            merge.delivered = true;
+            merge.acked.clear();
+        } else {
+            // Kept for `dlq retry`: it completes the record when the last one takes it.
+            merge.acked.retain(|name| !fate.refused.contains(name));
+        }
+        batch.customers.push(CustomerState::from_parts(lead, merge));
+        {
+            let mut warned = self.memory.warned_overdue.lock().expect("not poisoned");
+            if !warned.is_empty() {
+                // Settled: forget the overdue warning, so the set stays as small as the backlog.
+                for row in &rows {
+                    warned.remove(&row.id);
+                }
+            }
+        }
+        settle_all(rows.into_iter(), settled, &mut batch.rows);
     }
 
     /// Sends the records `wanted` says to sink `s`, in its batches; each answer with the
