@@ -77,50 +77,11 @@ impl Pipeline {
                 newest_settled = newest_settled.max(Some(version.timestamp));
                 continue;
             }
-            let event = match event {
-                Ok(event) => event,
-                Err(rejection) => {
-                    tracing::warn!(row = %row.id, reason = %rejection.reason, "Row rejected: it cannot become a lead.");
-                    summary.rejected += 1;
-                    settlements.push(Settlement {
-                        row: version,
-                        outcome: Settled::Rejected {
-                            reason: rejection.to_string(),
-                        },
-                        columns: Some(row.columns),
-                    });
-                    continue;
+            match self.sort_row(row, event, version, summary) {
+                Ok((key, version, event)) => {
+                    by_customer.entry(key).or_default().push((version, event))
                 }
-            };
-            if event.test_lead {
-                self.memory.metrics.saw_test_lead(&event.row);
-            }
-            if event.test_lead && self.policy.test_leads == TestLeadPolicy::Skip {
-                tracing::info!(
-                    row = %event.row,
-                    "Marketplace test lead received: the marketplace can write to this table. Not delivered (policy.test_leads = \"skip\")."
-                );
-                summary.skipped += 1;
-                settlements.push(Settlement {
-                    row: version,
-                    outcome: Settled::Skipped {
-                        policy: "test_lead".into(),
-                    },
-                    columns: Some(row.columns),
-                });
-                continue;
-            }
-            match customer_key(&event.customer, self.identity.fallback) {
-                Ok(key) => by_customer.entry(key).or_default().push((version, event)),
-                Err(Unidentifiable(reason)) => {
-                    tracing::warn!(row = %event.row, %reason, "Lead held: it cannot be attributed to a customer.");
-                    summary.unidentifiable += 1;
-                    settlements.push(Settlement {
-                        row: version,
-                        outcome: Settled::Unidentifiable { reason },
-                        columns: as_map(&event),
-                    });
-                }
+                Err(settlement) => settlements.push(settlement),
             }
         }
 
@@ -129,6 +90,60 @@ impl Pipeline {
             by_customer,
             newest_settled,
         })
+    }
+
+    /// One row not handled before: its customer and event, or its settlement by a row
+    /// policy (cannot become a lead, a marketplace test lead, no customer key).
+    fn sort_row(
+        &self,
+        row: RawRow,
+        event: Result<LeadEvent, Rejection>,
+        version: RowVersion,
+        summary: &mut PollSummary,
+    ) -> Result<(CustomerKey, RowVersion, LeadEvent), Settlement> {
+        let event = match event {
+            Ok(event) => event,
+            Err(rejection) => {
+                tracing::warn!(row = %row.id, reason = %rejection.reason, "Row rejected: it cannot become a lead.");
+                summary.rejected += 1;
+                return Err(Settlement {
+                    row: version,
+                    outcome: Settled::Rejected {
+                        reason: rejection.to_string(),
+                    },
+                    columns: Some(row.columns),
+                });
+            }
+        };
+        if event.test_lead {
+            self.memory.metrics.saw_test_lead(&event.row);
+        }
+        if event.test_lead && self.policy.test_leads == TestLeadPolicy::Skip {
+            tracing::info!(
+                row = %event.row,
+                "Marketplace test lead received: the marketplace can write to this table. Not delivered (policy.test_leads = \"skip\")."
+            );
+            summary.skipped += 1;
+            return Err(Settlement {
+                row: version,
+                outcome: Settled::Skipped {
+                    policy: "test_lead".into(),
+                },
+                columns: Some(row.columns),
+            });
+        }
+        match customer_key(&event.customer, self.identity.fallback) {
+            Ok(key) => Ok((key, version, event)),
+            Err(Unidentifiable(reason)) => {
+                tracing::warn!(row = %event.row, %reason, "Lead held: it cannot be attributed to a customer.");
+                summary.unidentifiable += 1;
+                Err(Settlement {
+                    row: version,
+                    outcome: Settled::Unidentifiable { reason },
+                    columns: as_map(&event),
+                })
+            }
+        }
     }
 
     /// The version each malformed entity is settled at. An entity without its keys
@@ -191,22 +206,12 @@ impl Pipeline {
             let mut customer = stored.unwrap_or_else(|| CustomerState::new(&key, &self.identity));
             // A record some sinks have and others not yet (`acked`) is pending: its rows
             // read again are what the other sinks still need, not handled ones.
-            if customer.delivered && customer.acked.is_empty() && !mode.ignore_handled {
-                // Rows read again (the overlap window, or after a crash) whose version the
-                // store did not remember as handled: the file store leaves delivered rows to
-                // their customers' histories. They are already handled, as a remembered
-                // row would be: not merged, not counted, not settled again.
-                items.retain(|(version, event)| {
-                    let seen = customer.has_version(event);
-                    if seen {
-                        summary.already_handled += 1;
-                        newest_settled = newest_settled.max(Some(version.timestamp));
-                    }
-                    !seen
-                });
-                if items.is_empty() {
-                    continue;
-                }
+            if customer.delivered
+                && customer.acked.is_empty()
+                && !mode.ignore_handled
+                && !keep_unseen(&customer, &mut items, &mut newest_settled, summary)
+            {
+                continue;
             }
             let changed = customer.apply(items.iter().map(|(_, e)| e), &self.identity);
             let rows = items.into_iter().map(|(v, _)| v);
@@ -306,4 +311,25 @@ fn reject_malformed(
         },
         columns: Some(columns),
     }
+}
+
+/// Rows read again (the overlap window, or after a crash) whose version the store did
+/// not remember as handled: the file store leaves delivered rows to their customers'
+/// histories. They are already handled, as a remembered row would be: dropped from
+/// `items`, not merged, not counted, not settled again. Whether any row is left.
+fn keep_unseen(
+    customer: &CustomerState,
+    items: &mut Vec<(RowVersion, LeadEvent)>,
+    newest_settled: &mut Option<OffsetDateTime>,
+    summary: &mut PollSummary,
+) -> bool {
+    items.retain(|(version, event)| {
+        let seen = customer.has_version(event);
+        if seen {
+            summary.already_handled += 1;
+            *newest_settled = (*newest_settled).max(Some(version.timestamp));
+        }
+        !seen
+    });
+    !items.is_empty()
 }
