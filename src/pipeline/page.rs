@@ -33,6 +33,14 @@ pub(super) struct Merged {
     pub(super) newest_settled: Option<OffsetDateTime>,
 }
 
+/// A row not handled before, sorted: a lead of a customer, or settled by a row policy.
+// Short-lived: each value is moved into its list at once; boxing would allocate per row.
+#[allow(clippy::large_enum_variant)]
+enum Sorted {
+    Lead(CustomerKey, RowVersion, LeadEvent),
+    Settled(Settlement),
+}
+
 impl Pipeline {
     /// First half of a page: drops rows already handled, takes each row's normalised
     /// event (`events`, one per row, made by the fetch task), applies the row policies
@@ -78,10 +86,10 @@ impl Pipeline {
                 continue;
             }
             match self.sort_row(row, event, version, summary) {
-                Ok((key, version, event)) => {
+                Sorted::Lead(key, version, event) => {
                     by_customer.entry(key).or_default().push((version, event))
                 }
-                Err(settlement) => settlements.push(settlement),
+                Sorted::Settled(settlement) => settlements.push(settlement),
             }
         }
 
@@ -100,13 +108,13 @@ impl Pipeline {
         event: Result<LeadEvent, Rejection>,
         version: RowVersion,
         summary: &mut PollSummary,
-    ) -> Result<(CustomerKey, RowVersion, LeadEvent), Settlement> {
+    ) -> Sorted {
         let event = match event {
             Ok(event) => event,
             Err(rejection) => {
                 tracing::warn!(row = %row.id, reason = %rejection.reason, "Row rejected: it cannot become a lead.");
                 summary.rejected += 1;
-                return Err(Settlement {
+                return Sorted::Settled(Settlement {
                     row: version,
                     outcome: Settled::Rejected {
                         reason: rejection.to_string(),
@@ -124,7 +132,7 @@ impl Pipeline {
                 "Marketplace test lead received: the marketplace can write to this table. Not delivered (policy.test_leads = \"skip\")."
             );
             summary.skipped += 1;
-            return Err(Settlement {
+            return Sorted::Settled(Settlement {
                 row: version,
                 outcome: Settled::Skipped {
                     policy: "test_lead".into(),
@@ -133,11 +141,11 @@ impl Pipeline {
             });
         }
         match customer_key(&event.customer, self.identity.fallback) {
-            Ok(key) => Ok((key, version, event)),
+            Ok(key) => Sorted::Lead(key, version, event),
             Err(Unidentifiable(reason)) => {
                 tracing::warn!(row = %event.row, %reason, "Lead held: it cannot be attributed to a customer.");
                 summary.unidentifiable += 1;
-                Err(Settlement {
+                Sorted::Settled(Settlement {
                     row: version,
                     outcome: Settled::Unidentifiable { reason },
                     columns: as_map(&event),
