@@ -5,20 +5,19 @@
 
 mod common;
 
+use common::merged_lead as lead;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use common::{capture_logs, customer, lead_row, World};
-use leadsync::config::{IdentitySettings, Settings};
-use leadsync::identity::{CustomerKey, CustomerState};
-use leadsync::lead::normalise;
+use leadsync::config::Settings;
 use leadsync::sink::email::{EmailSettings, EmailSink, DIGEST_FILE};
-use leadsync::sink::{CustomerLead, LeadSink, Outcome};
-use leadsync::source::row::{RawRow, RowId};
+use leadsync::sink::{LeadSink, Outcome};
 use leadsync::RunOptions;
 use leadsync_testkit::smtp::{At, Received, Security, SmtpServer};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const USER: &str = "leads@contoso.com";
@@ -64,36 +63,6 @@ impl Setup {
         )
         .expect("the sink builds")
     }
-}
-
-/// A merged customer from one marketplace row per `lead_sources` entry, a day apart.
-fn lead(customer_info: Value, lead_sources: &[&str]) -> CustomerLead {
-    let identity = IdentitySettings::default();
-    let events: Vec<_> = lead_sources
-        .iter()
-        .enumerate()
-        .map(|(i, ls)| {
-            let Value::Object(columns) = json!({
-                "LeadSource": ls,
-                "CustomerInfo": customer_info.to_string(),
-                "OfferDisplayName": "Contoso Analytics",
-            }) else {
-                unreachable!()
-            };
-            normalise(&RawRow {
-                id: RowId::new("p", format!("r{i}")),
-                etag: format!("W/{i}"),
-                timestamp: leadsync::timestamp::parse(&format!("2024-05-0{}T10:00:00Z", i + 1))
-                    .unwrap(),
-                columns,
-            })
-            .unwrap()
-        })
-        .collect();
-    let email = customer_info["Email"].as_str().unwrap();
-    let mut state = CustomerState::new(&CustomerKey::Email(email.to_lowercase()), &identity);
-    state.apply(&events, &identity);
-    state.lead
 }
 
 const CONTACT: &str = "AppSource (SPZA)-PLT | contoso.analytics";

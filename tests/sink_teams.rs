@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::merged_lead as lead;
+
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -18,12 +20,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use common::{capture_logs, customer, lead_row, serve, World};
-use leadsync::config::{IdentitySettings, Settings};
-use leadsync::identity::{CustomerKey, CustomerState};
-use leadsync::lead::normalise;
+use leadsync::config::Settings;
 use leadsync::sink::alert::{AlertSink, TeamsSettings};
-use leadsync::sink::{CustomerLead, LeadSink, Outcome};
-use leadsync::source::row::{RawRow, RowId};
+use leadsync::sink::{LeadSink, Outcome};
 use leadsync::RunOptions;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -166,36 +165,6 @@ fn settings(base: &str, sig: &str, extra: &str) -> TeamsSettings {
 
 fn sink(base: &str) -> AlertSink {
     AlertSink::teams(&settings(base, SIG, "")).expect("the sink builds")
-}
-
-/// A merged customer from one marketplace row per `lead_sources` entry, a day apart.
-fn lead(customer_info: Value, lead_sources: &[&str]) -> CustomerLead {
-    let identity = IdentitySettings::default();
-    let events: Vec<_> = lead_sources
-        .iter()
-        .enumerate()
-        .map(|(i, ls)| {
-            let Value::Object(columns) = json!({
-                "LeadSource": ls,
-                "CustomerInfo": customer_info.to_string(),
-                "OfferDisplayName": "Contoso Analytics",
-            }) else {
-                unreachable!()
-            };
-            normalise(&RawRow {
-                id: RowId::new("p", format!("r{i}")),
-                etag: format!("W/{i}"),
-                timestamp: leadsync::timestamp::parse(&format!("2024-05-0{}T10:00:00Z", i + 1))
-                    .unwrap(),
-                columns,
-            })
-            .unwrap()
-        })
-        .collect();
-    let email = customer_info["Email"].as_str().unwrap();
-    let mut state = CustomerState::new(&CustomerKey::Email(email.to_lowercase()), &identity);
-    state.apply(&events, &identity);
-    state.lead
 }
 
 const CONTACT: &str = "AppSource (SPZA)-PLT | contoso.analytics";

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::merged_lead as lead;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,12 +22,9 @@ use axum::routing::any;
 use axum::Router;
 use common::{customer, lead_row, serve, World};
 use hmac::{Hmac, Mac};
-use leadsync::config::{IdentitySettings, Settings};
-use leadsync::identity::{CustomerKey, CustomerState};
-use leadsync::lead::normalise;
+use leadsync::config::Settings;
 use leadsync::sink::webhook::{WebhookSettings, WebhookSink};
 use leadsync::sink::{CustomerLead, LeadSink, Outcome};
-use leadsync::source::row::{RawRow, RowId};
 use leadsync::RunOptions;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
@@ -398,38 +397,6 @@ fn settings(base: &str, extra: &str) -> WebhookSettings {
 
 fn sink(base: &str, extra: &str) -> WebhookSink {
     WebhookSink::new(&settings(base, extra)).expect("the sink builds")
-}
-
-/// A merged customer lead from marketplace rows, one per `lead_sources` entry, oldest first.
-fn lead(customer_info: Value, lead_sources: &[&str]) -> CustomerLead {
-    let identity = IdentitySettings::default();
-    let events: Vec<_> = lead_sources
-        .iter()
-        .enumerate()
-        .map(|(i, ls)| {
-            let Value::Object(columns) = json!({
-                "LeadSource": ls,
-                "CustomerInfo": customer_info.to_string(),
-                "OfferDisplayName": "Contoso Analytics",
-            }) else {
-                unreachable!()
-            };
-            normalise(&RawRow {
-                id: RowId::new("p", format!("r{i}")),
-                etag: format!("W/{i}"),
-                timestamp: leadsync::timestamp::parse(&format!("2024-05-0{}T10:00:00Z", i + 1))
-                    .unwrap(),
-                columns,
-            })
-            .unwrap()
-        })
-        .collect();
-    let email = customer_info["Email"]
-        .as_str()
-        .unwrap_or("nobody@example.com");
-    let mut state = CustomerState::new(&CustomerKey::Email(email.to_lowercase()), &identity);
-    state.apply(&events, &identity);
-    state.lead
 }
 
 fn ordinary(n: usize) -> CustomerLead {

@@ -341,3 +341,38 @@ pub fn capture_logs(
         .finish();
     (logs, tracing::subscriber::set_default(subscriber))
 }
+
+/// A merged customer lead from marketplace rows, one per `lead_sources` entry, a day
+/// apart, oldest first (the sinks' tests: what the pipeline would hand them).
+pub fn merged_lead(customer_info: Value, lead_sources: &[&str]) -> leadsync::sink::CustomerLead {
+    use leadsync::identity::{CustomerKey, CustomerState, IdentitySettings};
+    use leadsync::source::row::{RawRow, RowId};
+    let identity = IdentitySettings::default();
+    let events: Vec<_> = lead_sources
+        .iter()
+        .enumerate()
+        .map(|(i, ls)| {
+            let Value::Object(columns) = json!({
+                "LeadSource": ls,
+                "CustomerInfo": customer_info.to_string(),
+                "OfferDisplayName": "Contoso Analytics",
+            }) else {
+                unreachable!()
+            };
+            leadsync::lead::normalise(&RawRow {
+                id: RowId::new("p", format!("r{i}")),
+                etag: format!("W/{i}"),
+                timestamp: leadsync::timestamp::parse(&format!("2024-05-0{}T10:00:00Z", i + 1))
+                    .unwrap(),
+                columns,
+            })
+            .unwrap()
+        })
+        .collect();
+    let email = customer_info["Email"]
+        .as_str()
+        .unwrap_or("nobody@example.com");
+    let mut state = CustomerState::new(&CustomerKey::Email(email.to_lowercase()), &identity);
+    state.apply(&events, &identity);
+    state.lead
+}
