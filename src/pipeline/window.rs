@@ -14,15 +14,19 @@ use crate::state::{Settled, Settlement};
 /// default of [`Pipeline::window_pages`](super::Pipeline::window_pages)). A 10,000-row backfill (ten pages) is one
 /// window.
 pub const WINDOW_PAGES: u32 = 16;
-/// ... and at most about this many bytes of customer records (estimated): a 16-page
-/// window of marketplace rows (about 5,000 customers) is about 3 MiB.
-pub(super) const WINDOW_BYTES: usize = 8 << 20;
+/// ... and at most about this many bytes of customer records
+/// ([`CustomerState::memory_bytes`]; the page that crosses it is in): the bench's
+/// 10,000-row backfill (3,333 customers of three events, about 3.4 KB each, 10.5 MiB) is
+/// still one window, and the bench's 100k rows go five pages (about 5,000 customers) to
+/// a window instead of sixteen. The process holds about four times a window's records
+/// at its peak: the window's rows and index beside them, and the last window's batch
+/// and its write transaction while they are committed (bench/results/history.md,
+/// *Delivery window memory*).
+pub(super) const WINDOW_BYTES: usize = 12 << 20;
 
-/// What a customer record in the window is estimated to take in memory: a 10,000-row
-/// backfill's 3,333 records of three events each held 1.8 MB (BENCHMARKS), about 550
-/// bytes a record.
+/// What a customer record in the window takes in memory.
 fn record_bytes(customer: &CustomerState) -> usize {
-    256 + 96 * customer.lead.history.len()
+    customer.memory_bytes()
 }
 
 /// The delivery window of a poll: the merged pages whose customers have not gone to

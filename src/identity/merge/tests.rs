@@ -492,3 +492,134 @@ fn the_sinks_that_have_a_version_are_stored_with_it_and_forgotten_when_it_change
         "a new version: no sink has it yet"
     );
 }
+
+/// What a customer record holds on the heap as the allocator sized each buffer
+/// (`malloc_usable_size`), plus the struct: what [`CustomerState::memory_bytes`] estimates.
+#[cfg(not(target_env = "msvc"))]
+fn measured_bytes(c: &CustomerState) -> usize {
+    fn usable(ptr: *const u8, capacity: usize) -> usize {
+        match capacity {
+            0 => 0,
+            // SAFETY: a live buffer of the global allocator (jemalloc, crate::alloc).
+            _ => unsafe { tikv_jemalloc_sys::malloc_usable_size(ptr.cast()) },
+        }
+    }
+    let s = |s: &String| usable(s.as_ptr(), s.capacity());
+    let opt = |o: &Option<String>| o.as_ref().map_or(0, s);
+    let compact = |c: &CompactString| match c.is_heap_allocated() {
+        true => usable(c.as_ptr(), c.capacity()),
+        false => 0,
+    };
+    let (lead, c) = (&c.lead, c);
+    let customer = &lead.customer;
+    let mut bytes = std::mem::size_of::<CustomerState>()
+        + s(&lead.key)
+        + s(&lead.external_key)
+        + s(&lead.summary)
+        + [
+            &customer.first_name,
+            &customer.last_name,
+            &customer.phone,
+            &customer.country,
+            &customer.company,
+            &customer.title,
+        ]
+        .into_iter()
+        .map(opt)
+        .sum::<usize>()
+        + customer
+            .email
+            .as_ref()
+            .map_or(0, |e| s(&e.original) + s(&e.normalized))
+        + usable(lead.offers.as_ptr().cast(), lead.offers.capacity())
+        + usable(lead.history.as_ptr().cast(), lead.history.capacity());
+    for o in &lead.offers {
+        bytes += s(&o.offer) + opt(&o.title);
+    }
+    for h in &lead.history {
+        bytes += s(&h.row.partition_key) + s(&h.row.row_key) + s(&h.etag) + s(&h.action);
+        bytes += opt(&h.source) + opt(&h.offer) + opt(&h.offer_title) + opt(&h.description);
+    }
+    for stamp in c.stamps.all().into_iter().flatten() {
+        bytes += compact(&stamp.1) + compact(&stamp.2);
+    }
+    bytes
+}
+
+/// A row as the bench seeds them (bench/src/seed.rs): row `i` of customer 4,242.
+fn bench_event(i: usize, action: &str, source: &str) -> LeadEvent {
+    let columns = json!({
+        "LeadSource": format!("{source}-{action} | contoso.contoso-analytics"),
+        "ActionCode": action,
+        "CustomerInfo": json!({
+            "FirstName": "First4242",
+            "LastName": "Last4242",
+            "Email": "customer4242@fabrikam42.com",
+            "Phone": "+1 425 555 4242",
+            "Country": "US",
+            "Company": "Fabrikam 4242",
+            "Title": "Head of Data",
+        }).to_string(),
+        "OfferDisplayName": "Contoso Analytics",
+        "Description": "Campaigns: ",
+        "CreatedTime": format!("2024-05-0{}T01:10:42Z", 1 + i % 8),
+    });
+    let serde_json::Value::Object(columns) = columns else {
+        unreachable!()
+    };
+    normalise(&RawRow {
+        id: RowId::new(format!("2024-05-0{}", 1 + i % 8), format!("{i:09}")),
+        etag: format!(
+            "W/\"datetime'2024-05-0{}T01%3A10%3A42.{i:07}Z'\"",
+            1 + i % 8
+        ),
+        timestamp: timestamp::parse(&format!("2024-05-0{}T01:10:42Z", 1 + i % 8)).unwrap(),
+        columns,
+    })
+    .unwrap()
+}
+
+/// The delivery window bounds its customer records by [`CustomerState::memory_bytes`]:
+/// the estimate must stay near what the allocator really holds for a record, merged
+/// fresh or read back from the store and merged again, as a backfill makes them (an
+/// estimate of 256 + 96 bytes an event, a sixth of the truth, let a 100k backfill's
+/// window hold 50 MB where it meant 8 MiB).
+#[cfg(not(target_env = "msvc"))]
+#[test]
+fn the_memory_estimate_is_near_what_the_allocator_holds() {
+    let events = [
+        bench_event(4242, "PLT", "AppSource (SPZA)"),
+        bench_event(37_575, "StartTestDrive", "TestDrive"),
+        bench_event(70_908, "INS", "AzureMarketplace"),
+    ];
+    let key = customer_key(&events[0].customer, FallbackKey::NameCompanyPhone).unwrap();
+    let mut fresh = CustomerState::new(&key, &settings());
+    let mut stored: Option<CustomerState> = None;
+    for (n, event) in events.iter().enumerate() {
+        fresh.apply([event], &settings());
+        // As a backfill makes it: read back from the stored form, then merged.
+        let mut read = match stored.take() {
+            Some(c) => {
+                let bytes = c.write_stored(Vec::new());
+                CustomerState::read_stored(&key.as_string(), &bytes, SummaryForm::Hash).unwrap()
+            }
+            None => CustomerState::new(&key, &settings()),
+        };
+        read.apply([event], &settings());
+        for (form, c) in [("fresh", &fresh), ("read back", &read)] {
+            let (estimate, measured) = (c.memory_bytes(), measured_bytes(c));
+            let ratio = estimate as f64 / measured as f64;
+            assert!(
+                (0.85..=1.15).contains(&ratio),
+                "{form}, {} events: estimated {estimate} bytes, the allocator holds {measured}",
+                n + 1
+            );
+            // The sizes the window's doc states (2.6 KB for one event, 3.4 KB for three).
+            assert!(
+                (2_000..4_500).contains(&measured),
+                "{form}: {measured} bytes"
+            );
+        }
+        stored = Some(read);
+    }
+}
