@@ -199,6 +199,12 @@ async fn a_crm_and_teams_in_one_deployment_get_every_lead_once_and_one_alert_per
         ]
     );
     assert_eq!(third.totals.records_sent, 0, "{:?}", third.totals);
+    // `leadsync config` prints the settings: the Teams URL's `sig` is a secret there too.
+    let shown = format!("{:#?}", d.settings());
+    assert!(
+        shown.contains("sales-channel") && !shown.contains(SIG),
+        "{shown}"
+    );
 }
 
 #[tokio::test]
