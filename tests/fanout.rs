@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use common::{customer, lead_row, serve, Backend, World};
-use leadsync::RunOptions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -149,13 +148,7 @@ impl Deployment {
     }
 
     async fn run_once(&self) -> leadsync::RunReport {
-        leadsync::run(
-            &self.settings(),
-            RunOptions { once: true },
-            CancellationToken::new(),
-        )
-        .await
-        .expect("leadsync starts")
+        common::run_once(&self.settings()).await
     }
 }
 

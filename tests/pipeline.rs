@@ -51,13 +51,7 @@ over_both_backends!(
 
 async fn run_once(world: &World) -> leadsync::RunReport {
     let settings = world.settings();
-    leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync starts")
+    common::run_once(&settings).await
 }
 
 fn assert_each_once(keys: &[(String, String)]) {

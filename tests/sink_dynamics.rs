@@ -31,9 +31,7 @@ use leadsync::lead::normalise;
 use leadsync::sink::dynamics::{default_fields, default_max_lengths, DynamicsSettings};
 use leadsync::sink::{DynamicsSink, LeadSink, Outcome};
 use leadsync::source::row::{RawRow, RowId};
-use leadsync::RunOptions;
 use serde_json::{json, Map, Value};
-use tokio_util::sync::CancellationToken;
 
 use common::{customer, lead_row, many_rows, serve, World};
 
@@ -1858,13 +1856,7 @@ async fn leads_from_the_table_are_upserted_once_per_customer_across_a_restart() 
     world.insert(&many_rows(5, 2)).await;
 
     // Act: two runs, with new rows in between (a restart: state persists in state_dir)
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("first run");
+    let first = common::run_once(&settings).await;
     let mut renamed = customer(2);
     renamed["Company"] = json!("Company 2 Renamed");
     renamed["Title"] = json!("CEO");
@@ -1890,13 +1882,7 @@ async fn leads_from_the_table_are_upserted_once_per_customer_across_a_restart() 
             ),
         ])
         .await;
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("second run");
+    let second = common::run_once(&settings).await;
 
     // Assert
     assert_eq!((first.exit_code(), second.exit_code()), (0, 0));

@@ -15,10 +15,8 @@ use common::{capture_logs, customer, lead_row, World};
 use leadsync::config::Settings;
 use leadsync::sink::email::{EmailSettings, EmailSink, DIGEST_FILE};
 use leadsync::sink::{LeadSink, Outcome};
-use leadsync::RunOptions;
 use leadsync_testkit::smtp::{At, Received, Security, SmtpServer};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 const USER: &str = "leads@contoso.com";
 const PASSWORD: &str = "SMTPPASSWORDSECRET42";
@@ -519,30 +517,12 @@ async fn leads_flow_from_the_table_to_email_once_per_stage_and_never_for_a_test_
         ])
         .await;
 
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync starts");
+    let first = common::run_once(&settings).await;
     world
         .insert(&[lead_row("p01", "r000004", BUY, customer(1))])
         .await;
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts");
-    let third = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts again");
+    let second = common::run_once(&settings).await;
+    let third = common::run_once(&settings).await;
 
     for report in [&first, &second, &third] {
         assert_eq!(report.exit_code(), 0, "{report:?}");
@@ -580,22 +560,10 @@ async fn a_digest_in_the_daemon_is_sent_by_a_later_run_after_a_restart() {
         ])
         .await;
 
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync starts");
+    let first = common::run_once(&settings).await;
     let after_first = setup.server.received().len();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts");
+    let second = common::run_once(&settings).await;
 
     assert_eq!(first.exit_code(), 0);
     assert_eq!(second.exit_code(), 0);

@@ -21,10 +21,8 @@ use common::{customer, lead_row, serve, World};
 use leadsync::lead::{Customer, Email, Stage};
 use leadsync::sink::hubspot::HubspotSettings;
 use leadsync::sink::{CustomerLead, HubspotSink, LeadSink, Outcome};
-use leadsync::RunOptions;
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "pat-na1-11111111-2222-3333-4444-555555555555";
 const ORDER: [&str; 8] = [
@@ -641,13 +639,7 @@ async fn leads_from_the_table_reach_hubspot_once_per_customer_across_a_restart()
         ])
         .await;
 
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync starts");
+    let first = common::run_once(&settings).await;
     let mut moved = customer(1);
     moved["Title"] = json!("VP Engineering");
     world
@@ -658,13 +650,7 @@ async fn leads_from_the_table_reach_hubspot_once_per_customer_across_a_restart()
             moved,
         )])
         .await;
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts");
+    let second = common::run_once(&settings).await;
 
     assert_eq!(first.exit_code(), 0, "{first:?}");
     assert_eq!(second.exit_code(), 0, "{second:?}");

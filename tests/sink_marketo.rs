@@ -20,10 +20,8 @@ use common::{customer, lead_row, serve, World};
 use leadsync::lead::{Customer, Email, Stage};
 use leadsync::sink::marketo::MarketoSettings;
 use leadsync::sink::{CustomerLead, LeadSink, MarketoSink, Outcome};
-use leadsync::RunOptions;
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 
 const CLIENT_ID: &str = "9f3c-leadsync-client";
 const SECRET: &str = "mkto-client-secret-51d7e2";
@@ -421,13 +419,7 @@ async fn leads_from_the_table_reach_marketo_once_per_customer_across_a_restart()
         ])
         .await;
 
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync starts");
+    let first = common::run_once(&settings).await;
     let mut moved = customer(1);
     moved["Title"] = json!("VP Engineering");
     world
@@ -438,13 +430,7 @@ async fn leads_from_the_table_reach_marketo_once_per_customer_across_a_restart()
             moved,
         )])
         .await;
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts");
+    let second = common::run_once(&settings).await;
 
     assert_eq!(first.exit_code(), 0, "{first:?}");
     assert_eq!(second.exit_code(), 0, "{second:?}");

@@ -24,7 +24,6 @@ use leadsync::config::Settings;
 use leadsync::lead::{Customer, Email, Stage};
 use leadsync::sink::salesforce::SalesforceSettings;
 use leadsync::sink::{CustomerLead, LeadSink, Outcome, SalesforceSink};
-use leadsync::RunOptions;
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -1800,13 +1799,7 @@ async fn leads_from_the_table_reach_salesforce_once_per_customer_across_a_restar
         ])
         .await;
 
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync starts");
+    let first = common::run_once(&settings).await;
     world
         .insert(&[
             lead_row(
@@ -1823,13 +1816,7 @@ async fn leads_from_the_table_reach_salesforce_once_per_customer_across_a_restar
             ),
         ])
         .await;
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts");
+    let second = common::run_once(&settings).await;
 
     assert_eq!(first.exit_code(), 0, "{first:?}");
     assert_eq!(second.exit_code(), 0, "{second:?}");
@@ -1887,13 +1874,7 @@ async fn the_crms_edits_survive_the_daemon_and_a_replay_resend_and_a_converted_c
             ),
         ])
         .await;
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync starts");
+    let first = common::run_once(&settings).await;
     assert_eq!(first.exit_code(), 0, "{first:?}");
     let by_email = |email: &str| {
         fake.with(|s| {
@@ -1929,13 +1910,7 @@ async fn the_crms_edits_survive_the_daemon_and_a_replay_resend_and_a_converted_c
         ])
         .await;
 
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts");
+    let second = common::run_once(&settings).await;
     let pipeline = leadsync::build_pipeline(&settings).expect("pipeline");
     let resend = pipeline
         .poll_with(

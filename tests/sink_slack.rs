@@ -26,9 +26,7 @@ use common::{capture_logs, customer, lead_row, serve, World};
 use leadsync::config::Settings;
 use leadsync::sink::alert::{AlertSink, SlackSettings};
 use leadsync::sink::{LeadSink, Outcome};
-use leadsync::RunOptions;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "SLACKTOKENSECRET42";
 
@@ -474,20 +472,8 @@ async fn leads_flow_from_the_table_to_a_slack_channel_once_per_stage_reached() {
         ])
         .await;
 
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync starts");
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts");
+    let first = common::run_once(&settings).await;
+    let second = common::run_once(&settings).await;
 
     assert_eq!(first.exit_code(), 0);
     assert_eq!(second.exit_code(), 0);

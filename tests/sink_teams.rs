@@ -23,9 +23,7 @@ use common::{capture_logs, customer, lead_row, serve, World};
 use leadsync::config::Settings;
 use leadsync::sink::alert::{AlertSink, TeamsSettings};
 use leadsync::sink::{LeadSink, Outcome};
-use leadsync::RunOptions;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 const PATH: &str = "/workflows/0f1e2d3c/triggers/manual/paths/invoke";
 const SIG: &str = "TEAMSSIGSECRET123";
@@ -459,31 +457,13 @@ async fn leads_flow_from_the_table_to_a_teams_channel_once_per_stage_reached() {
         ])
         .await;
 
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync starts");
+    let first = common::run_once(&settings).await;
     let after_first = fake.accepted().len();
     world
         .insert(&[lead_row("p01", "r000003", BUY, customer(1))])
         .await;
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts");
-    let third = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts again");
+    let second = common::run_once(&settings).await;
+    let third = common::run_once(&settings).await;
 
     assert_eq!(first.exit_code(), 0);
     assert_eq!(second.exit_code(), 0);

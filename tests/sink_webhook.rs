@@ -25,7 +25,6 @@ use hmac::{Hmac, Mac};
 use leadsync::config::Settings;
 use leadsync::sink::webhook::{WebhookSettings, WebhookSink};
 use leadsync::sink::{CustomerLead, LeadSink, Outcome};
-use leadsync::RunOptions;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -974,13 +973,7 @@ async fn leads_flow_from_the_table_to_the_receiver_and_a_restart_updates_each_cu
         .await;
 
     // Act: run, add a second event of customer 1 and a new customer, restart.
-    let first = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync starts");
+    let first = common::run_once(&settings).await;
     let after_first = fake.records();
     world
         .insert(&[
@@ -998,13 +991,7 @@ async fn leads_flow_from_the_table_to_the_receiver_and_a_restart_updates_each_cu
             ),
         ])
         .await;
-    let second = leadsync::run(
-        &settings,
-        RunOptions { once: true },
-        CancellationToken::new(),
-    )
-    .await
-    .expect("leadsync restarts");
+    let second = common::run_once(&settings).await;
 
     // Assert
     assert_eq!(first.exit_code(), 0);

@@ -376,3 +376,14 @@ pub fn merged_lead(customer_info: Value, lead_sources: &[&str]) -> leadsync::sin
     state.apply(&events, &identity);
     state.lead
 }
+
+/// `leadsync run --once` in process: drains what is new once and returns what it did.
+pub async fn run_once(settings: &Settings) -> leadsync::RunReport {
+    leadsync::run(
+        settings,
+        leadsync::RunOptions { once: true },
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("leadsync starts")
+}
