@@ -502,3 +502,27 @@ fn the_example_config_loads() {
     assert!(!alert.allow_http);
     assert!(format!("{:?}", alert.url).starts_with("Env("));
 }
+
+#[tokio::test]
+async fn check_send_test_lead_posts_one_card_marked_as_a_test() {
+    let fake = Fake::default();
+    let base = fake.start().await;
+    let world = World::new().await;
+    let sink_toml = format!(
+        "[sink]\nkind = \"teams\"\n[sink.teams]\nurl = {{ value = \"{base}{PATH}?sp=x&sig={SIG}\" }}\nallow_http = true\n"
+    );
+    let settings = world.settings_with_sink(&sink_toml);
+
+    let report = leadsync::cli::check::check(&settings, true, Duration::from_millis(200)).await;
+
+    let line = report
+        .lines
+        .iter()
+        .find(|l| l.what == "test alert")
+        .unwrap_or_else(|| panic!("no test alert line:\n{}", report.render()));
+    assert!(line.ok, "{}", report.render());
+    let accepted = fake.accepted();
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    let card_text = accepted[0].to_string();
+    assert!(card_text.contains("marketplace test lead"), "{card_text}");
+}

@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::config::{Settings, StateBackend};
+use crate::config::{Settings, SinkKind, StateBackend};
+use crate::identity::{CustomerKey, CustomerState, IdentitySettings};
+use crate::sink::{CustomerLead, Outcome};
+use crate::source::row::{RawRow, RowId};
 use crate::source::{SourceError, TableSource};
 use crate::state::{RedbStore, StateStore};
 
@@ -93,6 +96,9 @@ pub async fn check(settings: &Settings, send_test_lead: bool, wait: Duration) ->
     report.push(ok, "state", detail);
     check_sink(settings, &mut report).await;
 
+    if send_test_lead {
+        send_test_alerts(settings, &mut report).await;
+    }
     if let (true, Some(email)) = (send_test_lead, email_sink(settings)) {
         match email.send_test_message().await {
             Ok(detail) => report.push(true, "test mail", detail),
@@ -200,6 +206,63 @@ async fn check_sink(settings: &Settings, report: &mut Report) {
             Err(e) => report.push(false, "sink", named(e.to_string())),
         }
     }
+}
+
+/// With `--send-test-lead`: one message, marked as a marketplace test lead, through each
+/// Teams or Slack sink of the deployment, so the channel shows what sales will see (the
+/// test lead written to the table is skipped by `policy.test_leads`, as every test lead).
+async fn send_test_alerts(settings: &Settings, report: &mut Report) {
+    let alerts = settings
+        .sink_list()
+        .into_iter()
+        .filter(|s| matches!(s.kind, SinkKind::Teams | SinkKind::Slack));
+    for sink_settings in alerts {
+        let name = sink_settings.name();
+        let sink = match crate::daemon::build_sink_of(sink_settings, &settings.state.dir) {
+            Ok(sink) => sink,
+            Err(e) => {
+                report.push(false, "test alert", format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let lead = test_lead(&settings.identity);
+        match sink.deliver(std::slice::from_ref(&lead)).await.pop() {
+            Some(Outcome::Delivered) => report.push(
+                true,
+                "test alert",
+                format!("{name}: a message marked as a test posted"),
+            ),
+            Some(Outcome::RetryLater { reason, .. })
+            | Some(Outcome::Rejected { reason })
+            | Some(Outcome::EndpointFailed { reason }) => {
+                report.push(false, "test alert", format!("{name}: {reason}"))
+            }
+            Some(Outcome::FollowedUp { note }) => {
+                report.push(true, "test alert", format!("{name}: {note}"))
+            }
+            None => report.push(false, "test alert", format!("{name}: no answer")),
+        }
+    }
+}
+
+/// A merged customer from one test row (every field the marketplace's test marker).
+fn test_lead(identity: &IdentitySettings) -> CustomerLead {
+    let stamp = time::OffsetDateTime::now_utc();
+    let marker = format!("MSFT_TEST_{}", stamp.unix_timestamp());
+    let row = RawRow {
+        id: RowId::new(
+            "leadsync-check",
+            format!("check-alert-{}", stamp.unix_timestamp()),
+        ),
+        etag: crate::source::row::standard_etag(stamp),
+        timestamp: stamp,
+        columns: test_lead_row("check-alert", &marker),
+    };
+    let event = crate::lead::normalise(&row).expect("the test row is a lead");
+    let key = CustomerKey::Email(format!("{}@test.com", marker.to_lowercase()));
+    let mut state = CustomerState::new(&key, identity);
+    state.apply([&event], identity);
+    state.lead
 }
 
 /// The email sink, when it is one of the deployment's (it can send a test message itself).
