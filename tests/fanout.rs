@@ -38,6 +38,8 @@ struct Receiver {
     event_ids: Arc<Mutex<BTreeMap<String, u32>>>,
     status: Arc<AtomicU16>,
     down: Arc<AtomicBool>,
+    /// When each accepted POST arrived.
+    arrived: Arc<Mutex<Vec<std::time::Instant>>>,
 }
 
 impl Receiver {
@@ -103,6 +105,7 @@ async fn teams(State(r): State<Receiver>, RawQuery(query): RawQuery, body: Strin
         .unwrap_or_default()
         .to_owned();
     r.posts.lock().unwrap().push((title, body));
+    r.arrived.lock().unwrap().push(std::time::Instant::now());
     StatusCode::ACCEPTED.into_response()
 }
 
@@ -478,4 +481,86 @@ async fn sigkill_during_a_fan_out_loses_nothing_and_repeats_at_most_once_per_kil
             "{name}: a record posted {most} times in {kills} kills"
         );
     }
+}
+
+/// A CRM that answers after `delay` and knows a page for every record it took.
+struct LinkingCrm {
+    delay: Duration,
+    took: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl leadsync::sink::LeadSink for LinkingCrm {
+    fn name(&self) -> &str {
+        "crm"
+    }
+    async fn deliver(
+        &self,
+        batch: &[leadsync::sink::CustomerLead],
+    ) -> Vec<leadsync::sink::Outcome> {
+        tokio::time::sleep(self.delay).await;
+        let mut took = self.took.lock().unwrap();
+        took.extend(batch.iter().map(|l| l.external_key.clone()));
+        vec![leadsync::sink::Outcome::Delivered; batch.len()]
+    }
+    async fn healthcheck(&self) -> Result<(), leadsync::sink::SinkError> {
+        Ok(())
+    }
+    fn record_link(&self, external_key: &str) -> Option<String> {
+        let took = self.took.lock().unwrap();
+        took.iter()
+            .any(|k| k == external_key)
+            .then(|| format!("https://crm.example/lead/{external_key}"))
+    }
+}
+
+/// The card Teams got, when it got it and when the poll ended, from the poll's start.
+async fn alert_with_a_crm_answering_after(delay: Duration) -> (Value, Duration, Duration) {
+    let d = Deployment::start(Backend::File).await;
+    d.world
+        .insert(&[lead_row("p00", "r000001", TRIAL, customer(1))])
+        .await;
+    let mut pipeline = leadsync::build_pipeline(&d.settings()).unwrap();
+    let crm = Arc::new(LinkingCrm {
+        delay,
+        took: Mutex::default(),
+    });
+    pipeline.sinks[0] = leadsync::pipeline::Outlet::new("crm", crm, 20);
+    let started = std::time::Instant::now();
+
+    let summary = pipeline.poll(&CancellationToken::new()).await.unwrap();
+
+    assert_eq!(summary.delivered, 1, "{summary:?}");
+    let posts = d.teams.posts.lock().unwrap().clone();
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    let posted = d.teams.arrived.lock().unwrap()[0] - started;
+    (posts[0].1.clone(), posted, started.elapsed())
+}
+
+#[tokio::test]
+async fn an_alert_names_the_crm_record_the_crm_sink_just_upserted() {
+    let (card, _, _) = alert_with_a_crm_answering_after(Duration::from_millis(300)).await;
+
+    let action = &card["attachments"][0]["content"]["actions"][0];
+    assert_eq!(action["type"], "Action.OpenUrl", "{card}");
+    let url = action["url"].as_str().unwrap();
+    assert!(url.starts_with("https://crm.example/lead/ls-"), "{url}");
+}
+
+#[tokio::test]
+async fn a_crm_slower_than_the_link_wait_delays_the_alert_no_longer_and_it_goes_without_a_link() {
+    let (card, posted, took) = alert_with_a_crm_answering_after(Duration::from_secs(9)).await;
+
+    assert!(
+        card["attachments"][0]["content"]["actions"].is_null(),
+        "no link: the CRM had not answered: {card}"
+    );
+    assert!(
+        posted < Duration::from_secs(8),
+        "posted after the 5 s wait, not the CRM's 9 s: {posted:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(9),
+        "the poll waits for the CRM: {took:?}"
+    );
 }

@@ -1951,3 +1951,30 @@ async fn the_crms_edits_survive_the_daemon_and_a_replay_resend_and_a_converted_c
     );
     assert_eq!(fake.with(|s| s.creates), 2);
 }
+
+#[tokio::test]
+async fn a_delivered_lead_has_a_link_to_its_record_on_the_instance_for_the_alerts() {
+    let fake = Fake::start().await;
+    let sink = sink(&fake.section(""));
+    assert_eq!(sink.record_link(&key(1)), None, "no answer named it yet");
+
+    let delivered = sink.deliver(&[lead(1)]).await;
+
+    assert_eq!(delivered, vec![Outcome::Delivered]);
+    let id = fake.lead(&key(1)).unwrap()["Id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let link = sink
+        .record_link(&key(1))
+        .expect("a link once Salesforce named the Lead");
+    assert!(
+        link.starts_with("http://127.0.0.1:"),
+        "on the instance: {link}"
+    );
+    assert!(
+        link.ends_with(&format!("/lightning/r/Lead/{id}/view")),
+        "{link}"
+    );
+    assert_eq!(sink.record_link(&key(2)), None);
+}

@@ -510,3 +510,27 @@ fn the_example_config_loads() {
     assert!(!alert.allow_http);
     assert!(format!("{:?}", alert.url).starts_with("Env("));
 }
+
+#[tokio::test]
+async fn a_message_links_the_crm_record_when_another_sink_knows_it() {
+    let fake = Fake::default();
+    let base = fake.start().await;
+    let link = "https://contoso.crm.dynamics.com/main.aspx?etn=lead&id=7a1e&pagetype=entityrecord";
+
+    let outcomes = sink(&base)
+        .deliver_linked(&[lead(customer(1), &[TRIAL])], &[Some(link.into())])
+        .await;
+
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    let posted = fake.posted();
+    let blocks = posted[0]["blocks"].as_array().unwrap();
+    let types: Vec<&str> = blocks.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        ["header", "section", "section", "section", "context"]
+    );
+    assert_eq!(
+        blocks[3]["text"]["text"],
+        "<https://contoso.crm.dynamics.com/main.aspx?etn=lead&amp;id=7a1e&amp;pagetype=entityrecord|Open in the CRM>"
+    );
+}

@@ -526,3 +526,22 @@ async fn check_send_test_lead_posts_one_card_marked_as_a_test() {
     let card_text = accepted[0].to_string();
     assert!(card_text.contains("marketplace test lead"), "{card_text}");
 }
+
+#[tokio::test]
+async fn a_card_names_the_crm_record_when_another_sink_knows_it() {
+    let fake = Fake::default();
+    let base = fake.start().await;
+    let sink = sink(&base);
+    let link = "https://acme.my.salesforce.com/lightning/r/Lead/00Q000000000001/view";
+
+    let outcomes = sink
+        .deliver_linked(&[lead(customer(1), &[TRIAL])], &[Some(link.into())])
+        .await;
+
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    let accepted = fake.accepted();
+    assert_eq!(accepted.len(), 1);
+    let action = &card(&accepted[0])["actions"][0];
+    assert_eq!(action["type"], "Action.OpenUrl");
+    assert_eq!(action["url"], link);
+}

@@ -15,6 +15,8 @@ use crate::state::{DeadLetter, RowVersion, SettleBatch, Settled};
 
 /// The first pause after an endpoint-level failure; it doubles with each one in a row.
 const ENDPOINT_BACKOFF_FIRST: Duration = Duration::from_secs(30);
+/// How long the alert sinks wait for the record sinks' answer to name the CRM record.
+const LINK_WAIT: Duration = Duration::from_secs(5);
 /// The longest pause after endpoint-level failures.
 const ENDPOINT_BACKOFF_MAX: Duration = Duration::from_secs(15 * 60);
 
@@ -79,12 +81,38 @@ impl Pipeline {
         };
         let mut outcomes: Vec<Vec<Option<Outcome>>> =
             vec![vec![None; self.sinks.len()]; leads.len()];
-        let per_sink = futures::future::join_all((0..self.sinks.len()).map(|s| {
-            let wanted = &wanted;
-            self.deliver_to(s, &leads, move |i| wanted(s, i))
-        }))
-        .await;
-        for (s, answers) in per_sink.into_iter().enumerate() {
+        // The record sinks (CRMs, files, webhooks) first; the alert sinks once they have
+        // answered, so that an alert names the CRM record, or after LINK_WAIT at most,
+        // so that a slow or failing CRM delays no alert longer than that.
+        let (alerts, records): (Vec<usize>, Vec<usize>) =
+            (0..self.sinks.len()).partition(|&s| self.sinks[s].sink.is_alert());
+        let (answered, mut done) = tokio::sync::watch::channel(false);
+        let record_phase = async {
+            let answers = futures::future::join_all(records.iter().map(|&s| {
+                let wanted = &wanted;
+                self.deliver_to(s, &leads, move |i| wanted(s, i))
+            }))
+            .await;
+            let _ = answered.send(true);
+            answers
+        };
+        let alert_phase = async {
+            if !records.is_empty() {
+                let _ = tokio::time::timeout(LINK_WAIT, done.wait_for(|d| *d)).await;
+            }
+            futures::future::join_all(alerts.iter().map(|&s| {
+                let wanted = &wanted;
+                self.deliver_to(s, &leads, move |i| wanted(s, i))
+            }))
+            .await
+        };
+        let (record_answers, alert_answers) = tokio::join!(record_phase, alert_phase);
+        let per_sink = records
+            .iter()
+            .zip(record_answers)
+            .chain(alerts.iter().zip(alert_answers))
+            .map(|(&s, answers)| (s, answers));
+        for (s, answers) in per_sink {
             for (i, outcome) in answers {
                 outcomes[i][s] = Some(outcome);
             }
@@ -97,6 +125,23 @@ impl Pipeline {
             newest_settled = newest_settled.max(Some(s.row.timestamp));
         }
         (batch, newest_settled, oldest_open)
+    }
+
+    /// For an alert sink (`linked`), the link to each record a record sink of the
+    /// deployment knows (a CRM's record page); nothing for the others.
+    fn links(&self, linked: bool, leads: &[CustomerLead]) -> Vec<Option<String>> {
+        if !linked {
+            return Vec::new();
+        }
+        leads
+            .iter()
+            .map(|lead| {
+                self.sinks
+                    .iter()
+                    .filter(|o| !o.sink.is_alert())
+                    .find_map(|o| o.sink.record_link(&lead.external_key))
+            })
+            .collect()
     }
 
     /// Adds what the sinks answered for one record to the batch: its rows settled when
@@ -197,15 +242,18 @@ impl Pipeline {
         wanted: impl Fn(usize) -> bool,
     ) -> Vec<(usize, Outcome)> {
         let outlet = &self.sinks[s];
+        let linked = outlet.sink.is_alert();
         let todo: Vec<usize> = (0..leads.len()).filter(|&i| wanted(i)).collect();
         let mut answers = Vec::with_capacity(todo.len());
         for chunk in todo.chunks(outlet.batch_size) {
             let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
             let outcomes = if last - first + 1 == chunk.len() {
-                self.deliver(outlet, &leads[first..=last]).await
+                let links = self.links(linked, &leads[first..=last]);
+                self.deliver(outlet, &leads[first..=last], &links).await
             } else {
                 let gathered: Vec<CustomerLead> = chunk.iter().map(|&i| leads[i].clone()).collect();
-                self.deliver(outlet, &gathered).await
+                let links = self.links(linked, &gathered);
+                self.deliver(outlet, &gathered, &links).await
             };
             // Each batch is progress for the watchdog: a page of a thousand customers to
             // a slow CRM can take longer than its period.
@@ -273,7 +321,12 @@ impl Pipeline {
 
     /// Hands a batch to the sink, unless the sink asked for a pause (Retry-After), and
     /// checks the sink kept its contract of one outcome per lead.
-    async fn deliver(&self, outlet: &Outlet, leads: &[CustomerLead]) -> Vec<Outcome> {
+    async fn deliver(
+        &self,
+        outlet: &Outlet,
+        leads: &[CustomerLead],
+        links: &[Option<String>],
+    ) -> Vec<Outcome> {
         let paused = *outlet.paused_until.lock().expect("not poisoned");
         if let Some(until) = paused.filter(|u| *u > Instant::now()) {
             let wait = until - Instant::now();
@@ -286,7 +339,7 @@ impl Pipeline {
             ];
         }
         let started = Instant::now();
-        let outcomes = outlet.sink.deliver(leads).await;
+        let outcomes = outlet.sink.deliver_linked(leads, links).await;
         self.memory
             .metrics
             .observe_sink_call(&outlet.name, started.elapsed());
@@ -465,7 +518,8 @@ impl Pipeline {
                     .map_or_else(|| l.payload.clone(), |c| c.lead.clone())
             })
             .collect();
-        let outcomes = self.deliver(outlet, &leads).await;
+        let links = self.links(outlet.sink.is_alert(), &leads);
+        let outcomes = self.deliver(outlet, &leads, &links).await;
         let mut batch = SettleBatch::default();
         for ((letter, customer), outcome) in chunk.iter().zip(current).zip(outcomes) {
             match outcome {

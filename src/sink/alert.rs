@@ -288,6 +288,8 @@ pub struct Message {
     pub deadline: String,
     /// A line naming the record (its hashed key) for the reader who looks it up.
     pub footer: String,
+    /// The customer's record in the CRM, when another sink of the deployment knows it.
+    pub link: Option<String>,
 }
 
 fn headline(stage: Stage) -> &'static str {
@@ -369,6 +371,7 @@ impl Alert<'_> {
             next_step: next_step(&self.lead.summary),
             deadline: minutes(self.event.timestamp + FOLLOW_UP_WITHIN),
             footer: format!("leadsync · {}", self.lead.log_key()),
+            link: None,
         }
     }
 
@@ -655,12 +658,14 @@ impl AlertSink {
         classify(self.vendor, status, after, &self.scrub(text)).step()
     }
 
-    async fn deliver_one(&self, lead: &CustomerLead) -> Outcome {
+    async fn deliver_one(&self, lead: &CustomerLead, link: Option<&String>) -> Outcome {
         let Some(alert) = due(self.vendor.name(), lead, &self.stages, &self.alerted) else {
             return Outcome::Delivered;
         };
+        let mut message = alert.message();
+        message.link = link.cloned();
         // Strings and arrays only: serialising cannot fail.
-        let body = serde_json::to_vec(&self.body(&alert.message())).expect("JSON");
+        let body = serde_json::to_vec(&self.body(&message)).expect("JSON");
         let finished =
             http::retrying(&self.retry, self.vendor.name(), |_| self.attempt(&body)).await;
         match finished {
@@ -686,9 +691,22 @@ impl LeadSink for AlertSink {
     /// failed as an endpoint, the rest of the batch gets the same answer without a
     /// request: they wait with it.
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
+        self.deliver_linked(batch, &[]).await
+    }
+
+    fn is_alert(&self) -> bool {
+        true
+    }
+
+    /// As `deliver`; a message names the customer's CRM record when `links` has it.
+    async fn deliver_linked(
+        &self,
+        batch: &[CustomerLead],
+        links: &[Option<String>],
+    ) -> Vec<Outcome> {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut endpoint_failed: Option<String> = None;
-        for lead in batch {
+        for (i, lead) in batch.iter().enumerate() {
             if let Some(reason) = &endpoint_failed {
                 if trigger(lead, &self.stages).is_some() {
                     outcomes.push(Outcome::EndpointFailed {
@@ -697,7 +715,8 @@ impl LeadSink for AlertSink {
                     continue;
                 }
             }
-            let outcome = self.deliver_one(lead).await;
+            let link = links.get(i).and_then(Option::as_ref);
+            let outcome = self.deliver_one(lead, link).await;
             if let Outcome::EndpointFailed { reason } = &outcome {
                 endpoint_failed = Some(reason.clone());
             }

@@ -108,6 +108,27 @@ pub trait LeadSink: Send + Sync {
     /// Work on the sink's own schedule rather than a batch's (the email digest),
     /// called by the daemon after every poll while it holds the processing lease.
     async fn tick(&self) {}
+    /// A link to the customer's record (`external_key`) in this sink, a CRM record's
+    /// page, when an answer to this process named the record; the alert sinks of the
+    /// deployment put it in their messages.
+    fn record_link(&self, _external_key: &str) -> Option<String> {
+        None
+    }
+    /// Whether this sink tells people (Teams, Slack) rather than keeping records: the
+    /// pipeline hands it its batches after the other sinks' (waiting a few seconds at
+    /// most), with the record links they know.
+    fn is_alert(&self) -> bool {
+        false
+    }
+    /// [`LeadSink::deliver`], with the link to each record another sink knows
+    /// (`links[i]` for `batch[i]`, or none); a sink that shows no links ignores them.
+    async fn deliver_linked(
+        &self,
+        batch: &[CustomerLead],
+        _links: &[Option<String>],
+    ) -> Vec<Outcome> {
+        self.deliver(batch).await
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -36,7 +36,7 @@ pub fn payload(message: &Message) -> Value {
         Some((_, offer)) => format!("{} on {offer}", message.title),
         None => message.title.clone(),
     };
-    json!({
+    let mut payload = json!({
         "text": escape(&text),
         "blocks": [
             {
@@ -56,5 +56,14 @@ pub fn payload(message: &Message) -> Value {
                 "elements": [{ "type": "mrkdwn", "text": escape(&message.footer) }]
             }
         ]
-    })
+    });
+    if let (Some(link), Some(blocks)) = (&message.link, payload["blocks"].as_array_mut()) {
+        // Before the footer: `<url|label>`, the URL escaped as mrkdwn wants.
+        let open = json!({
+            "type": "section",
+            "text": { "type": "mrkdwn", "text": format!("<{}|Open in the CRM>", escape(link)) }
+        });
+        blocks.insert(blocks.len() - 1, open);
+    }
+    payload
 }

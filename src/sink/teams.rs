@@ -18,6 +18,15 @@ pub const CARD_VERSION: &str = "1.4";
 
 /// The request body for `message`.
 pub fn payload(message: &Message) -> Value {
+    let mut payload = card(message);
+    if let Some(link) = &message.link {
+        payload["attachments"][0]["content"]["actions"] =
+            json!([{ "type": "Action.OpenUrl", "title": "Open in the CRM", "url": link }]);
+    }
+    payload
+}
+
+fn card(message: &Message) -> Value {
     let facts: Vec<Value> = message
         .facts
         .iter()

@@ -815,6 +815,12 @@ impl LeadSink for EmailSink {
         NAME
     }
 
+    /// It tells people: its batches go after the record sinks' (the link it does not
+    /// show yet).
+    fn is_alert(&self) -> bool {
+        true
+    }
+
     /// One lead after the other; once the server failed as an endpoint, the rest of
     /// the batch that needs a message waits with it, without another connection.
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {

@@ -25,7 +25,7 @@
 //! new and open Leads (new ones get every field, open ones only what leadsync owns),
 //! and, only when some are converted, one query and one create of follow-up Tasks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -104,6 +104,9 @@ pub struct SalesforceSink {
     /// Until when `REQUEST_LIMIT_EXCEEDED` pauses the sink.
     limited_until: std::sync::Mutex<Option<Instant>>,
     session: Mutex<SessionSlot>,
+    /// The Lead Id of each customer (external key) an answer of this process named, and
+    /// the instance they live on: the links alert sinks put in their messages.
+    ids: std::sync::Mutex<(Option<String>, HashMap<String, String>)>,
 }
 
 impl fmt::Debug for SalesforceSink {
@@ -120,7 +123,21 @@ impl fmt::Debug for SalesforceSink {
     }
 }
 
+/// Lead Ids remembered for links at most; past it they are forgotten and relearnt.
+const IDS_KEPT: usize = 100_000;
+
 impl SalesforceSink {
+    /// Remembers the Lead Id of each customer (external key, Id) for its link.
+    pub(super) fn remember_ids(&self, ids: impl Iterator<Item = (String, String)>) {
+        let mut known = self.ids.lock().expect("not poisoned");
+        for (key, id) in ids {
+            if known.1.len() >= IDS_KEPT {
+                known.1.clear();
+            }
+            known.1.insert(key, id);
+        }
+    }
+
     /// Reads the secrets and builds the client; no network I/O.
     pub fn new(settings: &SalesforceSettings) -> Result<Self, SinkError> {
         settings
@@ -187,6 +204,7 @@ impl SalesforceSink {
             api_limit_pause: settings.api_limit_pause,
             limited_until: std::sync::Mutex::new(None),
             session: Mutex::new(SessionSlot::default()),
+            ids: Default::default(),
         })
     }
 
@@ -198,6 +216,10 @@ impl SalesforceSink {
             Ok(found) => found,
             Err(outcome) => return vec![outcome; leads.len()],
         };
+        self.remember_ids(existing.iter().map(|(key, e)| (key.clone(), e.id.clone())));
+        if let Ok(session) = self.session().await {
+            self.ids.lock().expect("not poisoned").0 = Some(session.instance_url);
+        }
         let mut outcomes: Vec<Option<Outcome>> = vec![None; leads.len()];
         let (converted, open): (Vec<usize>, Vec<usize>) = (0..leads.len()).partition(|&i| {
             existing
@@ -264,6 +286,12 @@ impl LeadSink for SalesforceSink {
             outcomes.extend(self.deliver_collection(collection).await);
         }
         outcomes
+    }
+
+    fn record_link(&self, external_key: &str) -> Option<String> {
+        let ids = self.ids.lock().expect("not poisoned");
+        let (instance, id) = (ids.0.as_ref()?, ids.1.get(external_key)?);
+        Some(format!("{instance}/lightning/r/Lead/{id}/view"))
     }
 
     /// Authenticates and reads the Lead description: the external id field must exist

@@ -204,6 +204,9 @@ impl SalesforceSink {
             let lead = &leads[i];
             let outcome = match record_verdict(result) {
                 RecordVerdict::Upserted { created } => {
+                    if let Some(id) = &result.id {
+                        self.remember_ids(std::iter::once((lead.external_key.clone(), id.clone())));
+                    }
                     tracing::debug!(customer = %lead.external_key, id = result.id.as_deref().unwrap_or(""), created, "Lead upserted into Salesforce.");
                     Outcome::Delivered
                 }
