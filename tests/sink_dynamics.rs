@@ -2149,3 +2149,36 @@ async fn a_batch_refused_as_too_large_is_sent_again_in_halves_and_no_lead_is_los
         10
     );
 }
+
+#[tokio::test]
+async fn a_delivered_lead_has_a_link_to_its_lead_in_the_environment_for_the_alerts() {
+    let fake = start(Fake::new("leadsync_key")).await;
+    let first_sink = sink(&fake, "");
+    let first = lead(7);
+    let none = first_sink.record_link(&first.external_key);
+    assert_eq!(none, None, "no answer named it yet");
+
+    let delivered = first_sink.deliver(std::slice::from_ref(&first)).await;
+
+    assert_eq!(delivered, vec![Outcome::Delivered]);
+    let id = {
+        let inner = fake.lock();
+        let record = inner
+            .records
+            .values()
+            .next()
+            .expect("the created lead")
+            .clone();
+        record["leadid"].as_str().unwrap().to_owned()
+    };
+    let link = first_sink.record_link(&first.external_key);
+    let expected = format!(
+        "{}/main.aspx?etn=lead&id={id}&pagetype=entityrecord",
+        fake.base()
+    );
+    assert_eq!(link.as_deref(), Some(expected.as_str()));
+    // A sink started afresh learns it from the batch's query of an existing lead.
+    let again = sink(&fake, "");
+    again.deliver(std::slice::from_ref(&first)).await;
+    assert_eq!(again.record_link(&first.external_key), link);
+}

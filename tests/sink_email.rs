@@ -615,3 +615,28 @@ fn the_example_config_loads() {
     assert!(email.digest.is_none());
     assert!(format!("{:?}", email.password).contains("Env("));
 }
+
+#[tokio::test]
+async fn a_message_links_the_crm_record_when_another_sink_knows_it() {
+    let setup = Setup::new(Security::StartTls).await;
+    let trial = lead(customer(1), &[TRIAL]);
+    let link = "https://contoso.crm.dynamics.com/main.aspx?etn=lead&id=7a1e&pagetype=entityrecord";
+
+    let outcomes = setup
+        .sink("")
+        .deliver_linked(std::slice::from_ref(&trial), &[Some(link.into())])
+        .await;
+
+    assert_eq!(outcomes, vec![Outcome::Delivered]);
+    let mail = parse(&setup.server.received()[0]);
+    assert!(
+        mail.text.contains(&format!("In the CRM: {link}")),
+        "{}",
+        mail.text
+    );
+    assert!(
+        mail.html.contains("<a href=\"https://contoso.crm.dynamics.com/main.aspx?etn=lead&amp;id=7a1e&amp;pagetype=entityrecord\">Open in the CRM</a>"),
+        "{}",
+        mail.html
+    );
+}

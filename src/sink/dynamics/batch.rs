@@ -296,6 +296,8 @@ pub(super) struct Part {
     pub(super) index: usize,
     /// The customer as log lines name them.
     pub(super) customer: String,
+    /// The record's external key, for the link to its lead.
+    pub(super) external_key: String,
     pub(super) kind: PartKind,
     /// The path from the host, e.g. `/api/data/v9.2/leads(leadsync_key='ls-1')`.
     pub(super) url: String,

@@ -34,7 +34,7 @@
 //! A `$batch` refused as a whole (400 malformed, 413 too large) is sent again in halves
 //! until the bad request is alone, so one bad record never takes the others down.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ use super::{CustomerLead, LeadSink, Outcome, SinkError};
 use crate::retry::RetrySettings;
 use api::{error_text, hint};
 use auth::CachedToken;
-use batch::Part;
+use batch::{lock, Part};
 
 mod api;
 mod auth;
@@ -89,6 +89,9 @@ const TASK_SUBJECT_MAX: usize = 200;
 
 /// The Dataverse sink.
 pub struct DynamicsSink {
+    /// The leadid of each customer (external key) an answer of this process named: the
+    /// links alert sinks put in their messages.
+    ids: std::sync::Mutex<HashMap<String, String>>,
     client: reqwest::Client,
     /// `{environment}/api/data/{version}`.
     api_base: String,
@@ -125,7 +128,19 @@ impl fmt::Debug for DynamicsSink {
     }
 }
 
+/// Lead ids remembered for links at most; past it they are forgotten and relearnt.
+const IDS_KEPT: usize = 100_000;
+
 impl DynamicsSink {
+    /// Remembers the leadid of a customer (external key) for its link.
+    pub(super) fn remember_id(&self, external_key: &str, id: &str) {
+        let mut ids = lock(&self.ids);
+        if ids.len() >= IDS_KEPT {
+            ids.clear();
+        }
+        ids.insert(external_key.to_owned(), id.to_owned());
+    }
+
     /// Builds the sink and reads the client secret; no request is sent.
     pub fn new(settings: &DynamicsSettings) -> Result<Self, SinkError> {
         settings
@@ -145,6 +160,7 @@ impl DynamicsSink {
         let mut max_lengths = default_max_lengths();
         max_lengths.extend(settings.max_lengths.clone());
         Ok(Self {
+            ids: Default::default(),
             client: http::client(settings.request_timeout).map_err(|e| SinkError::new(SINK, e))?,
             api_base: format!("{origin}/api/data/{}", settings.api_version),
             api_path: format!("/api/data/{}", settings.api_version),
@@ -222,6 +238,14 @@ impl LeadSink for DynamicsSink {
         SINK
     }
 
+    fn record_link(&self, external_key: &str) -> Option<String> {
+        let id = lock(&self.ids).get(external_key)?.clone();
+        let environment = self.api_base.split("/api/data/").next()?;
+        Some(format!(
+            "{environment}/main.aspx?etn=lead&id={id}&pagetype=entityrecord"
+        ))
+    }
+
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
         if batch.is_empty() {
             return Vec::new();
@@ -259,6 +283,15 @@ impl LeadSink for DynamicsSink {
                 return vec![outcome; batch.len()];
             }
         };
+        for lead in batch {
+            let found = self
+                .key_of(lead)
+                .ok()
+                .and_then(|key| existing.get(&key.to_lowercase()));
+            if let Some(id) = found.and_then(|record| record["leadid"].as_str()) {
+                self.remember_id(&lead.external_key, id);
+            }
+        }
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         let mut parts = Vec::new();
         for (index, lead) in batch.iter().enumerate() {

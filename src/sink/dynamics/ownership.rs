@@ -135,6 +135,7 @@ impl DynamicsSink {
             return Ok(Part {
                 index,
                 customer,
+                external_key: lead.external_key.clone(),
                 kind: PartKind::Task { note },
                 url: format!("{}/tasks({id})", self.api_path),
                 condition: ("If-None-Match", "*"),
@@ -158,6 +159,7 @@ impl DynamicsSink {
         Ok(Part {
             index,
             customer,
+            external_key: lead.external_key.clone(),
             kind,
             url: self.lead_path(&key),
             condition,
@@ -202,6 +204,9 @@ impl DynamicsSink {
                 match status {
                     s if s.is_success() => {
                         tracing::debug!(customer = %part.customer, status = s.as_u16(), entity = %answer.entity, created, "Lead upserted in Dataverse.");
+                        if let Some(id) = lead_id_of(&answer.entity) {
+                            self.remember_id(&part.external_key, id);
+                        }
                         Outcome::Delivered
                     }
                     // Created by someone else since the batch's query: next time it is updated.
@@ -224,4 +229,10 @@ impl DynamicsSink {
             }
         })
     }
+}
+
+/// The lead's id in an `OData-EntityId` (`https://org/api/data/v9.2/leads(<id>)`).
+fn lead_id_of(entity: &str) -> Option<&str> {
+    let id = entity.rsplit_once("leads(")?.1.strip_suffix(')')?;
+    (!id.is_empty() && !id.contains(['=', '\'', '/'])).then_some(id)
 }

@@ -69,6 +69,7 @@ fn a_quote_is_doubled_then_the_key_is_percent_encoded() {
 
 fn part(url: &str, condition: (&'static str, &'static str), body: &str) -> Part {
     Part {
+        external_key: "ls-1".into(),
         index: 0,
         customer: "ls-1".into(),
         kind: PartKind::Create,

@@ -283,6 +283,9 @@ struct Entry {
     next_step: String,
     deadline: String,
     footer: String,
+    /// The customer's record in the CRM, when another sink of the deployment knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    link: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -292,7 +295,7 @@ fn now_ms() -> u64 {
 }
 
 impl Entry {
-    fn of(alert: &Alert<'_>) -> Entry {
+    fn of(alert: &Alert<'_>, link: Option<&String>) -> Entry {
         let message = alert.message();
         Entry {
             id: alert.id(),
@@ -306,6 +309,7 @@ impl Entry {
             next_step: message.next_step,
             deadline: message.deadline,
             footer: message.footer,
+            link: link.cloned(),
         }
     }
 
@@ -315,6 +319,9 @@ impl Entry {
         let width = self.facts.iter().map(|(l, _)| l.len()).max().unwrap_or(0) + 1;
         for (label, value) in &self.facts {
             out.push_str(&format!("{:<width$} {value}\n", format!("{label}:")));
+        }
+        if let Some(link) = &self.link {
+            out.push_str(&format!("\nIn the CRM: {link}\n"));
         }
         out.push_str(&format!(
             "\nFollow up by: {} (the marketplace asks for a follow-up within 24 hours)\nNext step: {}\n\n{}\n",
@@ -332,6 +339,12 @@ impl Entry {
                 "<tr><th align=\"left\" valign=\"top\">{}</th><td>{}</td></tr>\n",
                 escape(label),
                 escape(value)
+            ));
+        }
+        if let Some(link) = &self.link {
+            out.push_str(&format!(
+                "</table>\n<p><a href=\"{}\">Open in the CRM</a></p>\n<table>\n",
+                escape(link)
             ));
         }
         out.push_str(&format!(
@@ -701,8 +714,8 @@ impl EmailSink {
         .await
     }
 
-    async fn deliver_now(&self, alert: &Alert<'_>) -> Outcome {
-        let entry = Entry::of(alert);
+    async fn deliver_now(&self, alert: &Alert<'_>, link: Option<&String>) -> Outcome {
+        let entry = Entry::of(alert, link);
         match self.send(std::slice::from_ref(&entry), false).await {
             Finished::Done(Ok(())) => {
                 self.alerted.remember(alert);
@@ -715,11 +728,11 @@ impl EmailSink {
         }
     }
 
-    async fn queue(&self, digest: &Digest, alert: &Alert<'_>) -> Outcome {
+    async fn queue(&self, digest: &Digest, alert: &Alert<'_>, link: Option<&String>) -> Outcome {
         if let Some(reason) = digest.failing.lock().expect("not poisoned").clone() {
             return Outcome::EndpointFailed { reason };
         }
-        let entry = Entry::of(alert);
+        let entry = Entry::of(alert, link);
         let mut queue = digest.queue.lock().await;
         match queue.append(&entry) {
             Ok(()) => {
@@ -778,6 +791,7 @@ impl EmailSink {
     /// `leadsync check --send-test-lead`: one message marked as a test, no customer in it.
     pub async fn send_test_message(&self) -> Result<String, SinkError> {
         let entry = Entry {
+            link: None,
             id: 0,
             queued_at_ms: now_ms(),
             title: "leadsync check: a test message (no customer)".into(),
@@ -824,9 +838,19 @@ impl LeadSink for EmailSink {
     /// One lead after the other; once the server failed as an endpoint, the rest of
     /// the batch that needs a message waits with it, without another connection.
     async fn deliver(&self, batch: &[CustomerLead]) -> Vec<Outcome> {
+        self.deliver_linked(batch, &[]).await
+    }
+
+    /// As `deliver`; a message links the customer's CRM record when `links` has it.
+    async fn deliver_linked(
+        &self,
+        batch: &[CustomerLead],
+        links: &[Option<String>],
+    ) -> Vec<Outcome> {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut endpoint_failed: Option<String> = None;
-        for lead in batch {
+        for (i, lead) in batch.iter().enumerate() {
+            let link = links.get(i).and_then(Option::as_ref);
             let Some(alert) = alert::due(NAME, lead, &self.stages, &self.alerted) else {
                 outcomes.push(Outcome::Delivered);
                 continue;
@@ -838,8 +862,8 @@ impl LeadSink for EmailSink {
                 continue;
             }
             let outcome = match &self.digest {
-                Some(digest) => self.queue(digest, &alert).await,
-                None => self.deliver_now(&alert).await,
+                Some(digest) => self.queue(digest, &alert, link).await,
+                None => self.deliver_now(&alert, link).await,
             };
             if let Outcome::EndpointFailed { reason } = &outcome {
                 endpoint_failed = Some(reason.clone());

@@ -59,6 +59,7 @@ fn html_escapes_every_special_character() {
 
 fn entry(id: u64, title: &str) -> Entry {
     Entry {
+        link: None,
         id,
         queued_at_ms: 1,
         title: title.into(),
