@@ -260,6 +260,10 @@ async fn a_purchase_posts_blocks_and_a_text_fallback_naming_the_customer_and_the
     let next = message["blocks"][2]["text"]["text"].as_str().unwrap();
     assert!(next.starts_with("*Next step*\n"), "{next}");
     assert!(next.contains("call within 24 hours"), "{next}");
+    assert!(
+        next.ends_with("*Follow up by* 2024-05-03 10:00 UTC"),
+        "{next}"
+    );
     assert!(message["blocks"][3]["elements"][0]["text"]
         .as_str()
         .unwrap()

@@ -227,6 +227,12 @@ async fn a_trial_posts_one_adaptive_card_naming_the_customer_the_offer_and_the_n
             .any(|t| t.contains("check in on the trial within 24 hours")),
         "{texts:?}"
     );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("**Follow up by:** 2024-05-03 10:00 UTC")),
+        "the marketplace's 24 hours from the event: {texts:?}"
+    );
     let facts = facts(message);
     assert_eq!(facts["Customer"], "First1 Last1");
     assert_eq!(facts["Company"], "Company 1");

@@ -48,7 +48,15 @@ pub fn payload(message: &Message) -> Value {
                 "type": "section",
                 "text": {
                     "type": "mrkdwn",
-                    "text": truncate(&format!("*Next step*\n{}", escape(&message.next_step)), 3000).0
+                    "text": truncate(
+                        &format!(
+                            "*Next step*\n{}\n*Follow up by* {}",
+                            escape(&message.next_step),
+                            escape(&message.deadline)
+                        ),
+                        3000,
+                    )
+                    .0
                 }
             },
             {

@@ -54,7 +54,10 @@ fn card(message: &Message) -> Value {
                     { "type": "FactSet", "facts": facts },
                     {
                         "type": "TextBlock",
-                        "text": format!("**Next step:** {}", message.next_step),
+                        "text": format!(
+                            "**Next step:** {}\n\n**Follow up by:** {}",
+                            message.next_step, message.deadline
+                        ),
                         "wrap": true
                     },
                     {
