@@ -91,14 +91,21 @@ pub fn build_sink(settings: &Settings) -> Result<Arc<dyn LeadSink>, SinkError> {
 
 /// Builds every sink of the deployment, each with its name and batch size.
 pub fn build_outlets(settings: &Settings) -> Result<Vec<Outlet>, SinkError> {
-    settings
+    let outlets = settings
         .sink_list()
         .into_iter()
         .map(|s| {
             let sink = build_sink_of(s, &settings.state.dir)?;
             Ok(Outlet::new(s.name(), sink, s.batch_size()))
         })
-        .collect()
+        .collect::<Result<Vec<_>, SinkError>>()?;
+    // Links to CRM records are kept only for an alert sink to show.
+    if outlets.iter().any(|o| o.sink.is_alert()) {
+        for outlet in outlets.iter().filter(|o| !o.sink.is_alert()) {
+            outlet.sink.want_links();
+        }
+    }
+    Ok(outlets)
 }
 
 /// Builds the sink one `[sink]` (or `[[sinks]]` entry) names; `state_dir` is where

@@ -2154,6 +2154,7 @@ async fn a_batch_refused_as_too_large_is_sent_again_in_halves_and_no_lead_is_los
 async fn a_delivered_lead_has_a_link_to_its_lead_in_the_environment_for_the_alerts() {
     let fake = start(Fake::new("leadsync_key")).await;
     let first_sink = sink(&fake, "");
+    first_sink.want_links();
     let first = lead(7);
     let none = first_sink.record_link(&first.external_key);
     assert_eq!(none, None, "no answer named it yet");
@@ -2179,6 +2180,7 @@ async fn a_delivered_lead_has_a_link_to_its_lead_in_the_environment_for_the_aler
     assert_eq!(link.as_deref(), Some(expected.as_str()));
     // A sink started afresh learns it from the batch's query of an existing lead.
     let again = sink(&fake, "");
+    again.want_links();
     again.deliver(std::slice::from_ref(&first)).await;
     assert_eq!(again.record_link(&first.external_key), link);
 }

@@ -46,12 +46,7 @@ impl Setup {
 
     fn settings(&self, tls: &str, password: &str, extra: &str) -> EmailSettings {
         let text = self.toml(tls, password, extra);
-        config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-            .build()
-            .unwrap()
-            .try_deserialize()
-            .unwrap_or_else(|e| panic!("{e}: {text}"))
+        common::section(&text)
     }
 
     fn sink(&self, extra: &str) -> EmailSink {
@@ -360,12 +355,7 @@ async fn a_server_that_refuses_connections_or_fails_tls_is_an_endpoint_failure()
 }
 
 fn toml_settings(text: &str) -> EmailSettings {
-    config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Toml))
-        .build()
-        .unwrap()
-        .try_deserialize()
-        .unwrap()
+    common::section(text)
 }
 
 #[tokio::test]

@@ -1956,6 +1956,7 @@ async fn the_crms_edits_survive_the_daemon_and_a_replay_resend_and_a_converted_c
 async fn a_delivered_lead_has_a_link_to_its_record_on_the_instance_for_the_alerts() {
     let fake = Fake::start().await;
     let sink = sink(&fake.section(""));
+    sink.want_links();
     assert_eq!(sink.record_link(&key(1)), None, "no answer named it yet");
 
     let delivered = sink.deliver(&[lead(1)]).await;
@@ -1977,4 +1978,11 @@ async fn a_delivered_lead_has_a_link_to_its_record_on_the_instance_for_the_alert
         "{link}"
     );
     assert_eq!(sink.record_link(&key(2)), None);
+    let plain = self::sink(&fake.section(""));
+    plain.deliver(&[lead(2)]).await;
+    assert_eq!(
+        plain.record_link(&key(2)),
+        None,
+        "no id kept unless an alert sink shows links"
+    );
 }

@@ -177,12 +177,7 @@ fn settings(base: &str, token: &str, extra: &str) -> SlackSettings {
     let text = format!(
         "url = {{ value = \"{base}/services/T0001/B0001/{token}\" }}\nallow_http = true\n{retry}{extra}"
     );
-    config::Config::builder()
-        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-        .build()
-        .unwrap()
-        .try_deserialize()
-        .unwrap_or_else(|e| panic!("{e}: {text}"))
+    common::section(&text)
 }
 
 fn sink(base: &str) -> AlertSink {

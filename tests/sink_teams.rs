@@ -153,12 +153,7 @@ fn settings(base: &str, sig: &str, extra: &str) -> TeamsSettings {
     let text = format!(
         "url = {{ value = \"{base}{PATH}?api-version=1&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0&sig={sig}\" }}\nallow_http = true\n{retry}{extra}"
     );
-    config::Config::builder()
-        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-        .build()
-        .unwrap()
-        .try_deserialize()
-        .unwrap_or_else(|e| panic!("{e}: {text}"))
+    common::section(&text)
 }
 
 fn sink(base: &str) -> AlertSink {

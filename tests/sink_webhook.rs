@@ -386,12 +386,7 @@ fn settings(base: &str, extra: &str) -> WebhookSettings {
     let text = format!(
         "url = \"{base}{HOOK_PATH}?api-version=2016-06-01&code=QUERYSIG\"\nallow_http = true\n{retry}{extra}"
     );
-    config::Config::builder()
-        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-        .build()
-        .unwrap()
-        .try_deserialize()
-        .unwrap_or_else(|e| panic!("{e}: {text}"))
+    common::section(&text)
 }
 
 fn sink(base: &str, extra: &str) -> WebhookSink {

@@ -252,10 +252,7 @@ impl Metrics {
                 .inc_by(n);
         }
         for name in sinks {
-            let sent = match sinks {
-                [_] => s.records_sent,
-                _ => s.sent_by_sink.get(*name).copied().unwrap_or(0),
-            };
+            let sent = s.sent_by_sink.get(*name).copied().unwrap_or(0);
             self.records_sent
                 .get_or_create(&SinkLabels {
                     sink: (*name).into(),

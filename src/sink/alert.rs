@@ -459,11 +459,7 @@ pub fn classify(
     body: &str,
 ) -> Verdict {
     let body = body.trim();
-    let quoted = if body.is_empty() {
-        String::new()
-    } else {
-        format!(": {}", mapping::truncate(body, BODY_SNIPPET_CHARS).0)
-    };
+    let quoted = http::quoted(body, BODY_SNIPPET_CHARS);
     let section = vendor.name();
     if status.is_success() {
         Verdict::Delivered

@@ -209,6 +209,15 @@ where
     }
 }
 
+/// `": <the body's first max characters>"` for a refusal's reason, or nothing for an
+/// empty body.
+pub fn quoted(body: &str, max: usize) -> String {
+    match body.trim() {
+        "" => String::new(),
+        body => format!(": {}", super::mapping::truncate(body, max).0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

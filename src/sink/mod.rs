@@ -114,6 +114,10 @@ pub trait LeadSink: Send + Sync {
     fn record_link(&self, _external_key: &str) -> Option<String> {
         None
     }
+    /// Asked once, at start, when the deployment has an alert sink: from now on, keep
+    /// what [`LeadSink::record_link`] needs. Without it a sink keeps nothing for links
+    /// (no map growing in a deployment that shows none).
+    fn want_links(&self) {}
     /// Whether this sink tells people (Teams, Slack) rather than keeping records: the
     /// pipeline hands it its batches after the other sinks' (waiting a few seconds at
     /// most), with the record links they know.

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::http::{self, status_text, Finished, Step, Verdict};
-use super::mapping::{self, LeadField};
+use super::mapping::LeadField;
 use super::{CustomerLead, LeadSink, Outcome, SinkError};
 use crate::identity::HistoryEntry;
 use crate::retry::RetrySettings;
@@ -343,11 +343,7 @@ fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
 
 /// The one place that says what a status means.
 fn classify(status: StatusCode, after: Option<Duration>, body: &str) -> Verdict {
-    let quoted = if body.trim().is_empty() {
-        String::new()
-    } else {
-        format!(": {}", mapping::truncate(body.trim(), BODY_SNIPPET_CHARS).0)
-    };
+    let quoted = http::quoted(body, BODY_SNIPPET_CHARS);
     if status.is_success() {
         Verdict::Delivered
     } else if http::is_transient_status(status) {

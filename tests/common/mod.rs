@@ -387,3 +387,13 @@ pub async fn run_once(settings: &Settings) -> leadsync::RunReport {
     .await
     .expect("leadsync starts")
 }
+
+/// A settings section (`[sink.<kind>]`'s keys) read from TOML text, as the config does.
+pub fn section<T: serde::de::DeserializeOwned>(text: &str) -> T {
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .unwrap()
+        .try_deserialize()
+        .unwrap_or_else(|e| panic!("{e}: {text}"))
+}

@@ -92,6 +92,8 @@ pub struct DynamicsSink {
     /// The leadid of each customer (external key) an answer of this process named: the
     /// links alert sinks put in their messages.
     ids: std::sync::Mutex<HashMap<String, String>>,
+    /// Whether an alert sink shows links ([`LeadSink::want_links`]): else no id is kept.
+    links_wanted: std::sync::atomic::AtomicBool,
     client: reqwest::Client,
     /// `{environment}/api/data/{version}`.
     api_base: String,
@@ -134,6 +136,9 @@ const IDS_KEPT: usize = 100_000;
 impl DynamicsSink {
     /// Remembers the leadid of a customer (external key) for its link.
     pub(super) fn remember_id(&self, external_key: &str, id: &str) {
+        if !self.links_wanted.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let mut ids = lock(&self.ids);
         if ids.len() >= IDS_KEPT {
             ids.clear();
@@ -161,6 +166,7 @@ impl DynamicsSink {
         max_lengths.extend(settings.max_lengths.clone());
         Ok(Self {
             ids: Default::default(),
+            links_wanted: Default::default(),
             client: http::client(settings.request_timeout).map_err(|e| SinkError::new(SINK, e))?,
             api_base: format!("{origin}/api/data/{}", settings.api_version),
             api_path: format!("/api/data/{}", settings.api_version),
@@ -238,6 +244,11 @@ impl LeadSink for DynamicsSink {
         SINK
     }
 
+    fn want_links(&self) {
+        self.links_wanted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn record_link(&self, external_key: &str) -> Option<String> {
         let id = lock(&self.ids).get(external_key)?.clone();
         let environment = self.api_base.split("/api/data/").next()?;
@@ -283,7 +294,8 @@ impl LeadSink for DynamicsSink {
                 return vec![outcome; batch.len()];
             }
         };
-        for lead in batch {
+        let links_wanted = self.links_wanted.load(std::sync::atomic::Ordering::Relaxed);
+        for lead in batch.iter().filter(|_| links_wanted) {
             let found = self
                 .key_of(lead)
                 .ok()

@@ -341,14 +341,15 @@ impl Entry {
                 escape(value)
             ));
         }
+        out.push_str("</table>\n");
         if let Some(link) = &self.link {
             out.push_str(&format!(
-                "</table>\n<p><a href=\"{}\">Open in the CRM</a></p>\n<table>\n",
+                "<p><a href=\"{}\">Open in the CRM</a></p>\n",
                 escape(link)
             ));
         }
         out.push_str(&format!(
-            "</table>\n<p><strong>Follow up by:</strong> {} (the marketplace asks for a follow-up within 24 hours)</p>\n<p><strong>Next step:</strong> {}</p>\n<p style=\"color:#666666;font-size:12px\">{}</p>\n",
+            "<p><strong>Follow up by:</strong> {} (the marketplace asks for a follow-up within 24 hours)</p>\n<p><strong>Next step:</strong> {}</p>\n<p style=\"color:#666666;font-size:12px\">{}</p>\n",
             escape(&self.deadline),
             escape(&self.next_step),
             escape(&self.footer)

@@ -107,6 +107,8 @@ pub struct SalesforceSink {
     /// The Lead Id of each customer (external key) an answer of this process named, and
     /// the instance they live on: the links alert sinks put in their messages.
     ids: std::sync::Mutex<(Option<String>, HashMap<String, String>)>,
+    /// Whether an alert sink shows links ([`LeadSink::want_links`]): else no id is kept.
+    links_wanted: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for SalesforceSink {
@@ -129,6 +131,9 @@ const IDS_KEPT: usize = 100_000;
 impl SalesforceSink {
     /// Remembers the Lead Id of each customer (external key, Id) for its link.
     pub(super) fn remember_ids(&self, ids: impl Iterator<Item = (String, String)>) {
+        if !self.links_wanted.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let mut known = self.ids.lock().expect("not poisoned");
         for (key, id) in ids {
             if known.1.len() >= IDS_KEPT {
@@ -205,6 +210,7 @@ impl SalesforceSink {
             limited_until: std::sync::Mutex::new(None),
             session: Mutex::new(SessionSlot::default()),
             ids: Default::default(),
+            links_wanted: Default::default(),
         })
     }
 
@@ -216,9 +222,11 @@ impl SalesforceSink {
             Ok(found) => found,
             Err(outcome) => return vec![outcome; leads.len()],
         };
-        self.remember_ids(existing.iter().map(|(key, e)| (key.clone(), e.id.clone())));
-        if let Ok(session) = self.session().await {
-            self.ids.lock().expect("not poisoned").0 = Some(session.instance_url);
+        if self.links_wanted.load(std::sync::atomic::Ordering::Relaxed) {
+            self.remember_ids(existing.iter().map(|(key, e)| (key.clone(), e.id.clone())));
+            if let Ok(session) = self.session().await {
+                self.ids.lock().expect("not poisoned").0 = Some(session.instance_url);
+            }
         }
         let mut outcomes: Vec<Option<Outcome>> = vec![None; leads.len()];
         let (converted, open): (Vec<usize>, Vec<usize>) = (0..leads.len()).partition(|&i| {
@@ -286,6 +294,11 @@ impl LeadSink for SalesforceSink {
             outcomes.extend(self.deliver_collection(collection).await);
         }
         outcomes
+    }
+
+    fn want_links(&self) {
+        self.links_wanted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn record_link(&self, external_key: &str) -> Option<String> {
